@@ -1,0 +1,57 @@
+//! `invaspread info`: what this binary and this machine offer.
+
+use invaspread::cuda::{self, kernels, Gpu};
+
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// Also print ptxas's per-kernel report (registers, spills, shared memory).
+    #[arg(long)]
+    kernels: bool,
+}
+
+pub fn run(args: InfoArgs) -> invaspread::Result<()> {
+    println!("invaspread {}", env!("CARGO_PKG_VERSION"));
+    println!("cpu threads:   {}", rayon::current_num_threads());
+    if kernels::BUILT {
+        let names: Vec<&str> = kernels::MODULES.iter().map(|(name, _)| *name).collect();
+        println!("cuda kernels:  built by nvcc ({})", kernels::NVCC_VERSION);
+        println!("  targets:     {}", kernels::GENCODE);
+        println!("  modules:     {}", names.join(", "));
+    } else {
+        println!("cuda kernels:  not built ({})", kernels::NOT_BUILT_REASON);
+    }
+    match cuda::driver_version() {
+        Some((major, minor)) => println!("cuda driver:   supports CUDA {major}.{minor}"),
+        None => println!("cuda driver:   not found (libcuda is not installed)"),
+    }
+    match cuda::device_count() {
+        Ok(0) => println!("cuda devices:  none"),
+        Ok(count) => {
+            for ordinal in 0..count {
+                match Gpu::try_new_ordinal(ordinal) {
+                    Ok(Some(gpu)) => {
+                        let (major, minor) = gpu.compute_capability()?;
+                        let mem = gpu.total_memory()? as f64 / (1u64 << 30) as f64;
+                        println!(
+                            "cuda device {ordinal}: {} (sm_{major}{minor}, {mem:.1} GiB)",
+                            gpu.name()?
+                        );
+                    }
+                    Ok(None) => println!("cuda device {ordinal}: unavailable"),
+                    Err(e) => println!("cuda device {ordinal}: error: {e}"),
+                }
+            }
+        }
+        Err(e) => println!("cuda devices:  error: {e}"),
+    }
+    if args.kernels {
+        println!();
+        if kernels::BUILT {
+            println!("ptxas report (-Xptxas -v):");
+            print!("{}", kernels::PTXAS_REPORT);
+        } else {
+            println!("no ptxas report: kernels were not built");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! Subcommands of `invaspread`, one module each.
+
+mod info;
+mod loss;
+mod random;
+
+use clap::{Parser, Subcommand};
+
+/// Unsupervised embedding learning with the instance loss of Ye et al. (CVPR 2019):
+/// fused CUDA and CPU kernels, training and evaluation.
+#[derive(Debug, Parser)]
+#[command(name = "invaspread", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// CPU worker threads (default: all cores).
+    #[arg(long, global = true, value_name = "T")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Version, CPU threads, the built kernels and their targets, the CUDA driver and devices.
+    Info(info::InfoArgs),
+    /// The instance loss (and optionally dL/dz) of an N x d .npy file of raw embeddings.
+    Loss(loss::LossArgs),
+    /// Seeded random N x d embeddings as .npy (an input for `loss` and the benchmarks).
+    Random(random::RandomArgs),
+}
+
+pub fn run(cli: Cli) -> invaspread::Result<()> {
+    if let Some(threads) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .map_err(|e| invaspread::Error::InvalidInput(format!("--threads {threads}: {e}")))?;
+    }
+    match cli.command {
+        Command::Info(args) => info::run(args),
+        Command::Loss(args) => loss::run(args),
+        Command::Random(args) => random::run(args),
+    }
+}
+
+/// Where a computation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}

@@ -1,0 +1,69 @@
+//! The crate's error type. Every message names what was wrong, the value, and what was expected.
+
+use std::path::{Path, PathBuf};
+
+/// Everything the library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A value outside what the operation accepts (a hyper-parameter, a shape, a non-finite entry).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// A file whose contents are not what was expected.
+    #[error("{}: {message}", path.display())]
+    BadFile { path: PathBuf, message: String },
+    /// The operating system refused a read or write.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A CUDA driver call failed.
+    #[error("CUDA: {0}")]
+    Cuda(String),
+    /// The binary was built without nvcc, so there is nothing to load.
+    #[error("CUDA kernels were not built into this binary ({0}); install the compiler with scripts/install-cuda-compiler and rebuild")]
+    KernelsNotBuilt(&'static str),
+    /// `--device cuda` on a machine without a usable GPU.
+    #[error("no CUDA device is available: {0}")]
+    NoDevice(String),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidInput(msg.into())
+    }
+
+    pub(crate) fn bad_file(path: &Path, msg: impl Into<String>) -> Self {
+        Error::BadFile {
+            path: path.to_path_buf(),
+            message: msg.into(),
+        }
+    }
+
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Attaches a file name to an input error found after the file was read.
+    pub fn in_file(self, path: &Path) -> Self {
+        match self {
+            Error::InvalidInput(message) => Error::BadFile {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Error::Cuda(e.to_string())
+    }
+}

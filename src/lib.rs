@@ -1,0 +1,28 @@
+//! # invaspread
+//!
+//! Unsupervised embedding learning by the method of Ye et al., CVPR 2019 ("Unsupervised
+//! Embedding Learning via Invariant and Spreading Instance Feature"): an instance-wise softmax
+//! over the real features of a batch, invariant to augmentation and spread across instances.
+//!
+//! ## Map of the crate
+//! | module | what it holds |
+//! |---|---|
+//! | [`loss`] | the instance loss: config and validation; [`loss::reference`], the float64 truth |
+//! | [`ops`] | operations with a CPU implementation and a CUDA launcher side by side ([`ops::normalize_rows`]) |
+//! | [`cuda`] | the GPU runtime: [`cuda::Gpu`] (never panics without CUDA) and the embedded kernel modules |
+//! | [`npy`] | `.npy` reading and writing with clear errors, atomic writes |
+//! | [`error`] | the crate's [`Error`] type |
+//! | [`testing`] | seeded inputs and the `SKIPPED (no GPU)` guard used by tests and benches |
+//!
+//! The CUDA sources live in `kernels/` (see `kernels/README.md` for the table of kernels and
+//! versions); `build.rs` compiles them with nvcc into fat binaries embedded in this crate.
+
+pub mod cuda;
+pub mod error;
+pub mod loss;
+pub mod npy;
+pub mod ops;
+pub mod testing;
+
+pub use error::{Error, Result};
+pub use loss::{GradSemantics, LossConfig};

@@ -1,0 +1,116 @@
+//! The instance loss of Ye et al. (CVPR 2019), exactly as `../shared/notes/loss.md` states it.
+//!
+//! - [`reference`]: float64, plain loops, the truth every other version is tested against.
+//!
+//! Batch layout: N = 2m rows; rows `0..m` are view A of images `0..m`, rows `m..2m` view B of
+//! the same images, so the partner of row `a` is `(a + m) mod N`.
+
+pub mod reference;
+
+use crate::error::{Error, Result};
+
+/// Which gradient the backward pass returns (loss.md, "Backward: two semantics").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum GradSemantics {
+    /// Keys are constants (`.data` in the authors' code): each row gets gradient only as a query.
+    #[default]
+    QueryOnly,
+    /// The paper's equations without stop-gradient: keys receive gradient too.
+    BothSides,
+}
+
+impl std::fmt::Display for GradSemantics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GradSemantics::QueryOnly => "query-only",
+            GradSemantics::BothSides => "both-sides",
+        })
+    }
+}
+
+/// The loss's hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossConfig {
+    /// Temperature; 0.1 in the paper.
+    pub tau: f64,
+    /// Weight of the negatives (`negM` in the authors' code); 1 in the paper. Must be >= 1.
+    pub mu: f64,
+    /// Which gradient the backward pass returns.
+    pub semantics: GradSemantics,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        LossConfig {
+            tau: 0.1,
+            mu: 1.0,
+            semantics: GradSemantics::QueryOnly,
+        }
+    }
+}
+
+impl LossConfig {
+    /// Checks tau and mu (loss.md, "Numerics").
+    pub fn validate(&self) -> Result<()> {
+        if !(self.tau.is_finite() && self.tau > 0.0) {
+            return Err(Error::invalid(format!(
+                "tau = {} is invalid: expected a finite tau > 0",
+                self.tau
+            )));
+        }
+        if !(self.mu.is_finite() && self.mu >= 1.0) {
+            return Err(Error::invalid(format!(
+                "mu = {} is invalid: expected a finite mu >= 1 (mu < 1 lets Q_ab exceed 1, and log(1 - Q_ab) is undefined)",
+                self.mu
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks an N x d input: the shape (N even and >= 4, d >= 1, `z.len() == N d`), every entry
+/// finite, and no row all zeros (its direction, and so the loss, would be undefined).
+pub fn validate_input<T: Copy + Into<f64>>(z: &[T], n: usize, d: usize) -> Result<()> {
+    if n < 4 || n % 2 != 0 {
+        return Err(Error::invalid(format!(
+            "N = {n} rows is invalid: expected an even N >= 4 (two views of m >= 2 images)"
+        )));
+    }
+    if d == 0 {
+        return Err(Error::invalid("d = 0 columns is invalid: expected d >= 1"));
+    }
+    if z.len() != n * d {
+        return Err(Error::invalid(format!(
+            "z has {} elements, expected N x d = {n} x {d} = {}",
+            z.len(),
+            n * d
+        )));
+    }
+    for (a, row) in z.chunks_exact(d).enumerate() {
+        let mut all_zero = true;
+        for (k, &x) in row.iter().enumerate() {
+            let x: f64 = x.into();
+            if !x.is_finite() {
+                return Err(Error::invalid(format!(
+                    "z[{a}, {k}] = {x} is not finite: expected finite values"
+                )));
+            }
+            all_zero &= x == 0.0;
+        }
+        if all_zero {
+            return Err(Error::invalid(format!(
+                "row {a} of z is all zeros: expected every row to have a non-zero norm"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The partner of row `a` in a batch of `n = 2m` rows.
+#[inline]
+pub fn partner(a: usize, n: usize) -> usize {
+    (a + n / 2) % n
+}
+
+/// F.normalize's clamp on the norm (loss.md): rows with a smaller norm are divided by this.
+pub const NORM_EPS: f64 = 1e-12;

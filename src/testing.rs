@@ -1,0 +1,82 @@
+//! Helpers for tests and benchmarks: seeded inputs and the GPU-test guard.
+//!
+//! GPU tests call [`gpu_or_skip`] first: without a GPU it prints `SKIPPED (no GPU): <name>`
+//! to the terminal (not to the captured test output) and the test returns; with
+//! `REQUIRE_GPU=1` the missing GPU fails the test instead.
+
+use std::io::Write;
+use std::sync::{Arc, OnceLock};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::cuda::{kernels, Gpu};
+
+/// Whether `REQUIRE_GPU=1` is set: GPU tests then fail instead of skipping.
+pub fn gpu_required() -> bool {
+    std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// The process-wide GPU for tests, or `None` after printing `SKIPPED (no GPU): name`.
+/// Panics (fails the test) when `REQUIRE_GPU=1` and no GPU or no kernels are available.
+pub fn gpu_or_skip(name: &str) -> Option<Arc<Gpu>> {
+    static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
+    let gpu = GPU.get_or_init(|| {
+        if !kernels::BUILT {
+            return Err(format!("kernels not built: {}", kernels::NOT_BUILT_REASON));
+        }
+        match Gpu::try_new() {
+            Ok(Some(gpu)) => Ok(Arc::new(gpu)),
+            Ok(None) => Err("no CUDA driver or device".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    match gpu {
+        Ok(gpu) => Some(gpu.clone()),
+        Err(reason) if gpu_required() => {
+            panic!("REQUIRE_GPU=1 but the GPU test {name} cannot run: {reason}")
+        }
+        Err(reason) => {
+            // Straight to the terminal: the test harness captures print! but not this handle.
+            let _ = writeln!(std::io::stderr(), "SKIPPED (no GPU): {name} ({reason})");
+            None
+        }
+    }
+}
+
+/// A seeded generator, so that a failing case can be replayed from its seed.
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// N x d standard-normal-ish entries (sum of uniforms; exact distribution does not matter).
+pub fn random_matrix(rng: &mut impl Rng, n: usize, d: usize) -> Vec<f32> {
+    (0..n * d)
+        .map(|_| (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * 1.7)
+        .collect()
+}
+
+/// Adversarial inputs for the loss: rows that are nearly equal to others, a row equal to its
+/// partner, and very large and very small row norms.
+pub fn adversarial_matrix(rng: &mut impl Rng, n: usize, d: usize) -> Vec<f32> {
+    let mut z = random_matrix(rng, n, d);
+    let m = n / 2;
+    // Row 0's partner is a copy of it: s_{0,p} = 1/tau exactly, P_0 close to 1.
+    for k in 0..d {
+        z[m * d + k] = z[k];
+    }
+    // Rows 1 and 2 are near-duplicates of row 3 (a negative almost as close as the partner).
+    if n > 4 {
+        for k in 0..d {
+            let base = z[3 * d + k];
+            z[d + k] = base + 1e-4 * (rng.random::<f32>() - 0.5);
+            z[2 * d + k] = base * (1.0 + 1e-5);
+        }
+    }
+    // Huge and tiny norms: the loss only sees directions, so these must change nothing.
+    for k in 0..d {
+        z[(n - 1) * d + k] *= 1e15;
+        z[(n - 2) * d + k] *= 1e-15;
+    }
+    z
+}

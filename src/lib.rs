@@ -7,9 +7,11 @@
 //! ## Map of the crate
 //! | module | what it holds |
 //! |---|---|
-//! | [`loss`] | the instance loss: config and validation; [`loss::reference`], the float64 truth |
+//! | [`loss`] | the instance loss: config and validation; [`loss::reference`], the float64 truth; [`loss::cpu`], the fused CPU path |
 //! | [`ops`] | operations with a CPU implementation and a CUDA launcher side by side ([`ops::normalize_rows`]) |
 //! | [`cuda`] | the GPU runtime: [`cuda::Gpu`] (never panics without CUDA) and the embedded kernel modules |
+//! | [`linalg`] | a bounds-checked front to the `gemm` crate's matrix product |
+//! | [`simd`] | f32/f64 SIMD vectors (`wide`) and row helpers for the CPU paths |
 //! | [`npy`] | `.npy` reading and writing with clear errors, atomic writes |
 //! | [`error`] | the crate's [`Error`] type |
 //! | [`testing`] | seeded inputs and the `SKIPPED (no GPU)` guard used by tests and benches |
@@ -19,9 +21,11 @@
 
 pub mod cuda;
 pub mod error;
+pub mod linalg;
 pub mod loss;
 pub mod npy;
 pub mod ops;
+pub mod simd;
 pub mod testing;
 
 pub use error::{Error, Result};

@@ -65,12 +65,17 @@ pub fn adversarial_matrix(rng: &mut impl Rng, n: usize, d: usize) -> Vec<f32> {
     for k in 0..d {
         z[m * d + k] = z[k];
     }
-    // Rows 1 and 2 are near-duplicates of row 3 (a negative almost as close as the partner).
+    // Two images whose four views are near-duplicates of one another (rows 1, 2 and their
+    // partners): every one of those rows has a negative almost as close as its partner.
+    // (A negative far closer than the partner at small tau makes 1 - Q_ab round to zero in
+    // float32: ill-conditioned in any float32 implementation, PyTorch's included.)
     if n > 4 {
-        for k in 0..d {
-            let base = z[3 * d + k];
-            z[d + k] = base + 1e-4 * (rng.random::<f32>() - 0.5);
-            z[2 * d + k] = base * (1.0 + 1e-5);
+        let base: Vec<f32> = z[d..2 * d].to_vec();
+        for row in [1, 2, 1 + m, 2 + m] {
+            for k in 0..d {
+                z[row * d + k] =
+                    base[k] * (1.0 + 1e-5 * row as f32) + 1e-4 * (rng.random::<f32>() - 0.5);
+            }
         }
     }
     // Huge and tiny norms: the loss only sees directions, so these must change nothing.

@@ -76,7 +76,11 @@ fn loss_and_gradient_agree_with_an_independent_float64_implementation() {
         }
         for tau in [0.1, 0.5] {
             for mu in [1.0, 2.0] {
-                for semantics in ["query-only", "both-sides"] {
+                for (semantics, implementation) in [
+                    ("query-only", "fused"),
+                    ("both-sides", "fused"),
+                    ("query-only", "reference"),
+                ] {
                     let ours_grad = dir.join("ours.npy");
                     let theirs_grad = dir.join("theirs.npy");
                     let out = invaspread(&[
@@ -103,7 +107,8 @@ fn loss_and_gradient_agree_with_an_independent_float64_implementation() {
                         .parse()
                         .unwrap();
                     let theirs = python_reference(&path, tau, mu, semantics, &theirs_grad);
-                    let case = format!("N={n} d={d} tau={tau} mu={mu} {semantics}");
+                    let case =
+                        format!("N={n} d={d} tau={tau} mu={mu} {semantics} {implementation}");
                     assert!(
                         (ours - theirs).abs() <= 1e-6 * theirs.abs(),
                         "{case}: loss {ours} vs {theirs}"
@@ -127,7 +132,7 @@ fn loss_and_gradient_agree_with_an_independent_float64_implementation() {
             }
         }
     }
-    assert_eq!(checked, 24);
+    assert_eq!(checked, 36);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

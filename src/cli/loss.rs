@@ -2,10 +2,26 @@
 
 use std::path::PathBuf;
 
-use invaspread::loss::{reference, GradSemantics, LossConfig};
+use invaspread::loss::{cpu, reference, GradSemantics, LossConfig};
 use invaspread::{npy, Error};
 
 use super::Device;
+
+/// Which implementation computes the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossImpl {
+    /// The float64 reference (stores the N x N gradient matrix; for checking small inputs).
+    Reference,
+    /// The fused path: never stores N x N (CPU: rayon row blocks and GEMM).
+    Fused,
+}
+
+/// Arithmetic precision of the CPU path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    F32,
+    F64,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct LossArgs {
@@ -27,6 +43,12 @@ pub struct LossArgs {
     /// Where to compute.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// Which implementation.
+    #[arg(long = "impl", value_enum, default_value_t = LossImpl::Fused)]
+    implementation: LossImpl,
+    /// Arithmetic of the fused CPU path (f64 prints the loss to full float64 accuracy).
+    #[arg(long, value_enum, default_value_t = Precision::F64)]
+    precision: Precision,
 }
 
 pub fn run(args: LossArgs) -> invaspread::Result<()> {
@@ -37,21 +59,41 @@ pub fn run(args: LossArgs) -> invaspread::Result<()> {
     };
     cfg.validate()?;
     let (n, d, array) = npy::read_matrix(&args.input)?;
-    let z = array.to_f64();
     let with_grad = args.grad_out.is_some();
-    let out = match args.device {
-        Device::Cpu => reference::instance_loss(&z, n, d, &cfg, with_grad)
-            .map_err(|e| e.in_file(&args.input))?,
-        Device::Cuda => {
-            return Err(Error::InvalidInput(
-                "--device cuda: the loss kernels are not implemented yet; use --device cpu".into(),
-            ))
-        }
-    };
-    println!("{}", out.loss);
-    if let (Some(path), Some(grad)) = (&args.grad_out, &out.grad_z) {
-        let grad32: Vec<f32> = grad.iter().map(|&x| x as f32).collect();
-        npy::write(path, &[n, d], &grad32)?;
+    let in_file = |e: Error| e.in_file(&args.input);
+    let (loss, grad): (f64, Option<Vec<f32>>) =
+        match (args.device, args.implementation, args.precision) {
+            (Device::Cpu, LossImpl::Reference, _) => {
+                let out = reference::instance_loss(&array.to_f64(), n, d, &cfg, with_grad)
+                    .map_err(in_file)?;
+                (
+                    out.loss,
+                    out.grad_z.map(|g| g.iter().map(|&x| x as f32).collect()),
+                )
+            }
+            (Device::Cpu, LossImpl::Fused, Precision::F64) => {
+                let out =
+                    cpu::instance_loss(&array.to_f64(), n, d, &cfg, with_grad).map_err(in_file)?;
+                (
+                    out.loss,
+                    out.grad_z.map(|g| g.iter().map(|&x| x as f32).collect()),
+                )
+            }
+            (Device::Cpu, LossImpl::Fused, Precision::F32) => {
+                let out =
+                    cpu::instance_loss(&array.to_f32(), n, d, &cfg, with_grad).map_err(in_file)?;
+                (out.loss, out.grad_z)
+            }
+            (Device::Cuda, _, _) => {
+                return Err(Error::InvalidInput(
+                    "--device cuda: the loss kernels are not implemented yet; use --device cpu"
+                        .into(),
+                ))
+            }
+        };
+    println!("{loss}");
+    if let (Some(path), Some(grad)) = (&args.grad_out, grad) {
+        npy::write(path, &[n, d], &grad)?;
     }
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! The instance loss of Ye et al. (CVPR 2019), exactly as `../shared/notes/loss.md` states it.
 //!
 //! - [`reference`]: float64, plain loops, the truth every other version is tested against.
+//! - [`cpu`]: the fast CPU path, fused per row block, f32 or f64, never storing N x N.
 //!
 //! Batch layout: N = 2m rows; rows `0..m` are view A of images `0..m`, rows `m..2m` view B of
 //! the same images, so the partner of row `a` is `(a + m) mod N`.
 
+pub mod cpu;
 pub mod reference;
 
 use crate::error::{Error, Result};

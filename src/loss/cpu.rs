@@ -1,0 +1,283 @@
+//! The fast CPU loss, fused in the CPU's own way; generic over f32 and f64.
+//!
+//! Rows are cut into blocks of [`ROW_BLOCK`]; rayon hands blocks to threads. For one block the
+//! thread forms the block's similarity rows S = F_blk F^T (a GEMM through the `gemm` crate)
+//! into a B x N buffer of its own, and while those rows are hot in cache it forms, row by
+//! row, the exponentials, D_a, the loss terms, R_a and then the gradient coefficients g_ab in
+//! place, and finishes with a second GEMM, dF_blk = G_blk F. The whole N x N matrix is never
+//! stored: memory is O(N d) plus one B x N buffer per thread.
+//!
+//! `both-sides` adds the key-side term (G^T F)_b = sum_a g_ab f_a with a second sweep over
+//! blocks of keys b: S is symmetric, so the same GEMM gives s_ab for all a, and g_ab is
+//! rebuilt from the per-row scalars (shift_a, 1/D_a, R_a) kept from the first sweep. Every
+//! output row is written by one thread in a fixed order, so results are deterministic.
+//!
+//! Numerics: each row is offset by its own maximum similarity (not the fixed 1/tau of the
+//! kernels), so the largest term is exp(0) = 1 and D_a >= 1 for every tau; exp and ln are the
+//! `wide` crate's SIMD versions; row sums accumulate in f64. 1 - Q_ab is formed as 1 - q in
+//! the working precision except for the row's largest negative b*: when one negative is far
+//! closer than the partner, Q_ab* -> 1 and 1 - q would cancel (PyTorch's float32 reference
+//! then returns garbage or inf); there it is (D_a - e_ab*) / D_a with D_a - e_ab* summed from
+//! the other terms. Every other negative has Q_ab <= 1/2 (mu >= 1), so 1 - q is safe.
+
+use rayon::prelude::*;
+
+use super::{partner, validate_input, GradSemantics, LossConfig};
+use crate::error::Result;
+use crate::linalg::{matmul, MatRef};
+use crate::ops::normalize_rows;
+use crate::simd::{map_row, map_row_with, row_max, sum_row, CpuFloat};
+
+/// Rows per block: big enough for an efficient GEMM, small enough that a block of similarity
+/// rows (B x N) stays in a core's cache for N up to a few thousand.
+pub const ROW_BLOCK: usize = 64;
+
+/// What the fused CPU loss returns.
+#[derive(Debug, Clone)]
+pub struct CpuLossOutput<T> {
+    /// L = (1/N) sum_a l_a, accumulated in f64.
+    pub loss: f64,
+    /// dL/dz (N x d) when asked for.
+    pub grad_z: Option<Vec<T>>,
+}
+
+/// Per-row scalars of the first sweep, kept for the key-side sweep of `both-sides`.
+#[derive(Debug, Clone, Copy, Default)]
+struct RowScalars<T> {
+    shift: T,
+    inv_denom: T,
+    r: T,
+    /// The row's largest negative b*, whose 1 - Q_ab* is formed without cancellation, and
+    /// its g_ab* (valid when a gradient was asked for).
+    dominant: usize,
+    dominant_g: T,
+}
+
+/// The loss of the raw embeddings `z` (N x d, row-major) and, when `with_grad`, dL/dz.
+pub fn instance_loss<T: CpuFloat>(
+    z: &[T],
+    n: usize,
+    d: usize,
+    cfg: &LossConfig,
+    with_grad: bool,
+) -> Result<CpuLossOutput<T>> {
+    cfg.validate()?;
+    validate_input(z, n, d)?;
+    let (f, norms) = normalize_rows::forward_cpu(z, n, d)?;
+
+    let mut grad_f = vec![T::ZERO; if with_grad { n * d } else { 0 }];
+    let mut row_loss = vec![0.0f64; n];
+    let mut scalars = vec![RowScalars::<T>::default(); n];
+    let grad_scale = T::of(1.0 / (n as f64 * cfg.tau));
+
+    // Sweep 1: queries. Each block owns its rows of grad_f, row_loss and scalars.
+    let grad_blocks: Vec<&mut [T]> = if with_grad {
+        grad_f.chunks_mut(ROW_BLOCK * d).collect()
+    } else {
+        (0..n.div_ceil(ROW_BLOCK)).map(|_| &mut [][..]).collect()
+    };
+    grad_blocks
+        .into_par_iter()
+        .zip(row_loss.par_chunks_mut(ROW_BLOCK))
+        .zip(scalars.par_chunks_mut(ROW_BLOCK))
+        .enumerate()
+        .try_for_each_init(
+            || vec![T::ZERO; ROW_BLOCK * n],
+            |buf, (block, ((grad_block, loss_block), scalar_block))| -> Result<()> {
+                let r0 = block * ROW_BLOCK;
+                let rows = loss_block.len();
+                let s = &mut buf[..rows * n];
+                matmul(
+                    MatRef::row_major(&f[r0 * d..(r0 + rows) * d], rows, d),
+                    MatRef::transposed(&f, n, d),
+                    s,
+                    n,
+                    T::ONE,
+                    false,
+                )?;
+                for (i, row) in s.chunks_exact_mut(n).enumerate() {
+                    let (loss, sc) = query_row(row, r0 + i, cfg, with_grad);
+                    loss_block[i] = loss;
+                    scalar_block[i] = sc;
+                }
+                if with_grad {
+                    matmul(
+                        MatRef::row_major(s, rows, n),
+                        MatRef::row_major(&f, n, d),
+                        grad_block,
+                        d,
+                        grad_scale,
+                        false,
+                    )?;
+                }
+                Ok(())
+            },
+        )?;
+    let loss = row_loss.iter().sum::<f64>() / n as f64;
+    if !with_grad {
+        return Ok(CpuLossOutput { loss, grad_z: None });
+    }
+
+    if cfg.semantics == GradSemantics::BothSides {
+        let shift: Vec<T> = scalars.iter().map(|s| s.shift).collect();
+        let inv_denom: Vec<T> = scalars.iter().map(|s| s.inv_denom).collect();
+        let r: Vec<T> = scalars.iter().map(|s| s.r).collect();
+        // (b*, a, g_ab*) sorted by key b*, so that each key block finds its exact entries.
+        let mut dominant: Vec<(usize, usize, T)> = scalars
+            .iter()
+            .enumerate()
+            .map(|(a, s)| (s.dominant, a, s.dominant_g))
+            .filter(|&(b, a, _)| b != a)
+            .collect();
+        dominant.sort_by_key(|&(b, a, _)| (b, a));
+        // Sweep 2: keys. Row b of the block buffer becomes (g_ab) over all queries a.
+        grad_f
+            .par_chunks_mut(ROW_BLOCK * d)
+            .enumerate()
+            .try_for_each_init(
+                || vec![T::ZERO; ROW_BLOCK * n],
+                |buf, (block, grad_block)| -> Result<()> {
+                    let r0 = block * ROW_BLOCK;
+                    let rows = grad_block.len() / d;
+                    let s = &mut buf[..rows * n];
+                    matmul(
+                        MatRef::row_major(&f[r0 * d..(r0 + rows) * d], rows, d),
+                        MatRef::transposed(&f, n, d),
+                        s,
+                        n,
+                        T::ONE,
+                        false,
+                    )?;
+                    for (i, row) in s.chunks_exact_mut(n).enumerate() {
+                        key_row(row, r0 + i, cfg, [&shift, &inv_denom, &r]);
+                    }
+                    let first = dominant.partition_point(|&(b, _, _)| b < r0);
+                    for &(b, a, g) in dominant[first..]
+                        .iter()
+                        .take_while(|&&(b, _, _)| b < r0 + rows)
+                    {
+                        s[(b - r0) * n + a] = g;
+                    }
+                    matmul(
+                        MatRef::row_major(s, rows, n),
+                        MatRef::row_major(&f, n, d),
+                        grad_block,
+                        d,
+                        grad_scale,
+                        true,
+                    )
+                },
+            )?;
+    }
+    let grad_z = normalize_rows::backward_cpu(&f, &norms, &grad_f, n, d)?;
+    Ok(CpuLossOutput {
+        loss,
+        grad_z: Some(grad_z),
+    })
+}
+
+/// Row `a` as a query. On entry `row` holds s_ab = f_a . f_b (b = 0..N); on exit, when
+/// `with_grad`, it holds g_ab (zero at b = a). Returns l_a and the row's scalars.
+fn query_row<T: CpuFloat>(
+    row: &mut [T],
+    a: usize,
+    cfg: &LossConfig,
+    with_grad: bool,
+) -> (f64, RowScalars<T>) {
+    let n = row.len();
+    let p = partner(a, n);
+    let mu = cfg.mu;
+    let inv_tau = T::of(1.0 / cfg.tau);
+    let s_ap: f64 = row[p].into();
+
+    // The diagonal never enters: put it below any cosine similarity for the maximum, then 0.
+    row[a] = T::of(-3.0);
+    let shift = row_max(row);
+    let (shift_v, inv_tau_v) = (T::splat(shift), T::splat(inv_tau));
+    map_row(row, T::ZERO, |s| T::exp((s - shift_v) * inv_tau_v));
+    row[a] = T::ZERO;
+
+    // D_a = e_ap + mu * (sum of the negatives). The partner and the largest negative b* are
+    // zeroed while the rest is summed, so nothing is subtracted: D_a - e_ab* is exact too.
+    let e_p = row[p];
+    row[p] = T::ZERO;
+    let e_max = row_max(row);
+    let dominant = row.iter().position(|&e| e == e_max).unwrap_or(a);
+    row[dominant] = T::ZERO;
+    let [rest] = sum_row(row, |e| [e]);
+    let (e_p64, e_max64): (f64, f64) = (e_p.into(), e_max.into());
+    let denom = e_p64 + mu * (rest + e_max64);
+    let inv_denom = T::of(1.0 / denom);
+
+    // log(1 - Q_ab) and Q_ab / (1 - Q_ab) over the other negatives; the zeroed diagonal,
+    // partner and b* give log(1) = 0 and 0, so the whole row can be swept.
+    let (one, inv_denom_v) = (T::splat(T::ONE), T::splat(inv_denom));
+    let [log_one_minus_q, r_rest] = sum_row(row, |e| {
+        let q = e * inv_denom_v;
+        let one_minus_q = one - q;
+        [T::ln(one_minus_q), q / one_minus_q]
+    });
+    // b*'s terms from 1 - Q_ab* = (e_ap + mu * rest + (mu - 1) e_ab*) / D_a.
+    let (q_max, one_minus_q_max) = if dominant == a {
+        (0.0, 1.0) // no negative (cannot happen for N >= 4; kept total)
+    } else {
+        (
+            e_max64 / denom,
+            (e_p64 + mu * rest + (mu - 1.0) * e_max64) / denom,
+        )
+    };
+    let r = r_rest + q_max / one_minus_q_max;
+    let shift64: f64 = shift.into();
+    let loss =
+        denom.ln() - (s_ap - shift64) / cfg.tau - mu * (log_one_minus_q + one_minus_q_max.ln());
+    let mut scalars = RowScalars {
+        shift,
+        inv_denom,
+        r: T::of(r),
+        dominant,
+        dominant_g: T::ZERO,
+    };
+
+    if with_grad {
+        // Negatives: g_ab = mu Q (1 + 1/(1 - Q) - mu R_a); the zeroed entries stay 0.
+        let (mu_v, mu_r) = (T::splat(T::of(mu)), T::splat(T::of(mu * r)));
+        map_row(row, T::ZERO, |e| {
+            let q = e * inv_denom_v;
+            mu_v * q * (one + one / (one - q) - mu_r)
+        });
+        if dominant != a {
+            scalars.dominant_g = T::of(mu * q_max * (1.0 + 1.0 / one_minus_q_max - mu * r));
+            row[dominant] = scalars.dominant_g;
+        }
+        // The partner: g_ap = -1 + P_a - mu P_a R_a.
+        let p_a = e_p64 / denom;
+        row[p] = T::of(-1.0 + p_a - mu * p_a * r);
+    } else {
+        row[p] = e_p;
+        row[dominant] = e_max;
+    }
+    (loss, scalars)
+}
+
+/// Row `b` as a key. On entry `row` holds s_ab over all queries a; on exit g_ab, rebuilt from
+/// each query's scalars (shift_a, 1/D_a, R_a). Entries where b is query a's largest negative
+/// are overwritten by the caller with the exact values of the first sweep.
+fn key_row<T: CpuFloat>(row: &mut [T], b: usize, cfg: &LossConfig, scalars: [&[T]; 3]) {
+    let n = row.len();
+    let a_partner = partner(b, n); // the one query whose partner is b
+    let s_partner: f64 = row[a_partner].into();
+    let mu = cfg.mu;
+    let (one, mu_v, inv_tau) = (
+        T::splat(T::ONE),
+        T::splat(T::of(mu)),
+        T::splat(T::of(1.0 / cfg.tau)),
+    );
+    map_row_with(row, scalars, |s, [shift, inv_denom, r]| {
+        let q = T::exp((s - shift) * inv_tau) * inv_denom;
+        mu_v * q * (one + one / (one - q) - mu_v * r)
+    });
+    row[b] = T::ZERO;
+    let [shift, inv_denom, r] = scalars.map(|v| v[a_partner].into());
+    let p = ((s_partner - shift) / cfg.tau).exp() * inv_denom;
+    row[a_partner] = T::of(-1.0 + p - mu * p * r);
+}

@@ -3,7 +3,7 @@
 
 use invaspread::loss::{cpu, reference, GradSemantics, LossConfig};
 use invaspread::simd::CpuFloat;
-use invaspread::testing::{adversarial_matrix, random_matrix, rng};
+use invaspread::testing::{adversarial_matrix, random_matrix, rng, scaled_grad_error};
 
 /// Tolerances: f64 agrees to rounding; f32 (SIMD exp/ln, f32 GEMM, f64 row sums) far under
 /// 1e-3. Adversarial f32 inputs get 1e-4: near-duplicate rows make dL/df_a almost parallel to
@@ -14,30 +14,6 @@ fn tolerance<T: CpuFloat>(adversarial: bool) -> f64 {
         (true, true) => 1e-4,
         (false, _) => 1e-10,
     }
-}
-
-/// Largest error of dL/dz rows scaled by ||z_a|| (which makes every row's gradient comparable:
-/// dz_a ||z_a|| is the projected dL/df_a), relative to the largest such reference entry.
-fn grad_error(got: &[f64], want: &[f64], z: &[f32], d: usize) -> f64 {
-    let mut worst = 0.0f64;
-    let mut scale = 0.0f64;
-    for (a, zr) in z.chunks_exact(d).enumerate() {
-        let norm = zr
-            .iter()
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt();
-        for k in 0..d {
-            let (g, w) = (got[a * d + k] * norm, want[a * d + k] * norm);
-            worst = worst.max(if g.is_nan() {
-                f64::INFINITY
-            } else {
-                (g - w).abs()
-            });
-            scale = scale.max(w.abs());
-        }
-    }
-    worst / scale
 }
 
 fn check<T: CpuFloat>(z: &[f32], n: usize, d: usize, cfg: LossConfig, case: &str) {
@@ -55,7 +31,7 @@ fn check<T: CpuFloat>(z: &[f32], n: usize, d: usize, cfg: LossConfig, case: &str
         reference.loss
     );
     let g: Vec<f64> = ours.grad_z.unwrap().iter().map(|&x| x.into()).collect();
-    let err = grad_error(&g, reference.grad_z.as_ref().unwrap(), z, d);
+    let err = scaled_grad_error(&g, reference.grad_z.as_ref().unwrap(), z, d);
     assert!(err < tol, "{} {case}: gradient error {err:e}", T::NAME);
     let no_grad = cpu::instance_loss(&zt, n, d, &cfg, false).unwrap();
     assert!(no_grad.grad_z.is_none());

@@ -2,6 +2,10 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
+use invaspread::cuda::Gpu;
+use invaspread::loss::cuda::{self, CudaLossVersion};
 use invaspread::loss::{cpu, reference, GradSemantics, LossConfig};
 use invaspread::{npy, Error};
 
@@ -46,6 +50,9 @@ pub struct LossArgs {
     /// Which implementation.
     #[arg(long = "impl", value_enum, default_value_t = LossImpl::Fused)]
     implementation: LossImpl,
+    /// Which CUDA kernel version, for --device cuda.
+    #[arg(long, value_enum, default_value_t = CudaLossVersion::FusedV2)]
+    kernel: CudaLossVersion,
     /// Arithmetic of the fused CPU path (f64 prints the loss to full float64 accuracy).
     #[arg(long, value_enum, default_value_t = Precision::F64)]
     precision: Precision,
@@ -84,11 +91,15 @@ pub fn run(args: LossArgs) -> invaspread::Result<()> {
                     cpu::instance_loss(&array.to_f32(), n, d, &cfg, with_grad).map_err(in_file)?;
                 (out.loss, out.grad_z)
             }
-            (Device::Cuda, _, _) => {
+            (Device::Cuda, LossImpl::Reference, _) => {
                 return Err(Error::InvalidInput(
-                    "--device cuda: the loss kernels are not implemented yet; use --device cpu"
-                        .into(),
+                    "--impl reference runs on the CPU; drop --device cuda".into(),
                 ))
+            }
+            (Device::Cuda, LossImpl::Fused, _) => {
+                let gpu = Arc::new(Gpu::require()?);
+                cuda::instance_loss(gpu, args.kernel, &array.to_f32(), n, d, &cfg, with_grad)
+                    .map_err(in_file)?
             }
         };
     println!("{loss}");

@@ -2,11 +2,13 @@
 //!
 //! - [`reference`]: float64, plain loops, the truth every other version is tested against.
 //! - [`cpu`]: the fast CPU path, fused per row block, f32 or f64, never storing N x N.
+//! - [`cuda`]: every GPU kernel version (unfused, fused v1, v2) behind one launcher.
 //!
 //! Batch layout: N = 2m rows; rows `0..m` are view A of images `0..m`, rows `m..2m` view B of
 //! the same images, so the partner of row `a` is `(a + m) mod N`.
 
 pub mod cpu;
+pub mod cuda;
 pub mod reference;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,345 @@
+// Fused v2: tiled, recomputed, O(N) extra memory, at most 3 launches, deterministic.
+//
+// Nothing N x N and not even the normalised F is stored: tiles of F are formed on load as
+// z * (1 / max(||z||, eps)). A block owns 64 rows and sweeps all keys in tiles of 64; the
+// 64 x 64 similarity tile is computed in shared memory chunks of 32 columns of d, each of the
+// 256 threads holding a 4 x 4 micro-tile (rows ty + 16 i, columns tx + 16 j; ty = tid / 16,
+// tx = tid % 16). Three sweeps per row block recompute the tiles: (1) D_a and the largest
+// negative, (2) the log terms and R_a, (3) the gradient tile G (64 x 64, shared memory) times
+// the key rows, accumulated in registers for 128 columns of d at a time (d > 128: sweep 3
+// repeats per 128 columns).
+//
+// Launches (src/loss/cuda.rs, `CudaLossVersion::FusedV2`):
+//   1. instance_loss_norms_v2   norms, 1/max(norms, eps)                 grid ceil(N/8), block 256
+//   2. instance_loss_query_v2   row scalars, the loss (last block sums the blocks' partial sums
+//                               in block order), dF_query into dz; query-only: then
+//                               dz = normalisation backward of dF in place   grid ceil(N/64), 256
+//   3. instance_loss_key_v2     both-sides only: dz_b += key-side term, then the normalisation
+//                               backward                                 grid ceil(N/64), 256
+// Extra memory: norms, 1/norms, five row scalars and one partial sum per block: O(N).
+// Shapes: z, dz N x d float32 row-major; any even N >= 4 and any d >= 1 (tails masked).
+// Math and numerics: loss_common.cuh.
+
+#include "loss_common.cuh"
+
+#define T2 64
+#define DK2 32
+#define DC2 128
+
+struct V2Smem {
+    float As[T2][DK2 + 1];
+    float Bs[T2][DK2 + 1];
+    float Gs[T2][T2 + 1];
+};
+
+extern "C" __global__ void __launch_bounds__(256)
+instance_loss_norms_v2(const float* __restrict__ z, int n, int d, float* __restrict__ norms, float* __restrict__ inv_norms) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (row >= n) return;
+    const float* zr = z + (size_t)row * d;
+    float s = 0.f;
+    for (int k = lane; k < d; k += 32) s = fmaf(zr[k], zr[k], s);
+    const float norm = sqrtf(warp_sum(s));
+    if (lane == 0) {
+        norms[row] = norm;
+        inv_norms[row] = 1.f / fmaxf(norm, INVASPREAD_NORM_EPS);
+    }
+}
+
+// acc[i][j] = f_{r0 + ty + 16 i} . f_{c0 + tx + 16 j}; rows past N read as zero.
+__device__ __forceinline__ void similarity_tile(const float* __restrict__ z, const float* __restrict__ inv_norms,
+                                                int n, int d, int r0, int c0, V2Smem& sm, float acc[4][4]) {
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    for (int k0 = 0; k0 < d; k0 += DK2) {
+        for (int e = tid; e < T2 * DK2; e += 256) {
+            const int row = e / DK2, k = e % DK2, gk = k0 + k;
+            const int ra = r0 + row, rb = c0 + row;
+            sm.As[row][k] = (ra < n && gk < d) ? z[(size_t)ra * d + gk] * inv_norms[ra] : 0.f;
+            sm.Bs[row][k] = (rb < n && gk < d) ? z[(size_t)rb * d + gk] * inv_norms[rb] : 0.f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int kk = 0; kk < DK2; ++kk) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = sm.As[ty + 16 * i][kk];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) b[j] = sm.Bs[tx + 16 * j][kk];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+}
+
+// dacc[i][2 sc + jj] += sum_kb Gs[ty + 16 i][kb] f_{k0 + kb}[c0 + 32 sc + tx + 16 jj].
+// Gs must be complete (a __syncthreads() before the call).
+__device__ __forceinline__ void accumulate_g_times_f(const float* __restrict__ z, const float* __restrict__ inv_norms,
+                                                     int n, int d, int k0, int c0, V2Smem& sm, float dacc[4][8]) {
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+#pragma unroll
+    for (int sc = 0; sc < DC2 / DK2; ++sc) {
+        const int cbase = c0 + sc * DK2;
+        if (cbase < d) {  // uniform over the block
+            for (int e = tid; e < T2 * DK2; e += 256) {
+                const int kb = e / DK2, k = e % DK2, rb = k0 + kb, gk = cbase + k;
+                sm.Bs[kb][k] = (rb < n && gk < d) ? z[(size_t)rb * d + gk] * inv_norms[rb] : 0.f;
+            }
+            __syncthreads();
+#pragma unroll 4
+            for (int kb = 0; kb < T2; ++kb) {
+                float g[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) g[i] = sm.Gs[ty + 16 * i][kb];
+                const float f0 = sm.Bs[kb][tx], f1 = sm.Bs[kb][tx + 16];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    dacc[i][2 * sc] = fmaf(g[i], f0, dacc[i][2 * sc]);
+                    dacc[i][2 * sc + 1] = fmaf(g[i], f1, dacc[i][2 * sc + 1]);
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// Writes (or adds) grad_scale * dacc into rows r0 + ty + 16 i, columns c0 .. c0 + 127 of out.
+__device__ __forceinline__ void store_dacc(float* __restrict__ out, int n, int d, int r0, int c0, float scale,
+                                           bool accumulate, const float dacc[4][8]) {
+    const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int r = r0 + ty + 16 * i;
+        if (r >= n) continue;
+#pragma unroll
+        for (int sc = 0; sc < DC2 / DK2; ++sc)
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+                const int col = c0 + sc * DK2 + tx + 16 * jj;
+                if (col >= d) continue;
+                float* o = out + (size_t)r * d + col;
+                *o = accumulate ? *o + scale * dacc[i][2 * sc + jj] : scale * dacc[i][2 * sc + jj];
+            }
+    }
+}
+
+// dz_r = (dF_r - f_r (f_r . dF_r)) / ||z_r|| (or dF_r / eps under the clamp), in place, for the
+// block's rows r0 .. r0 + 63; one warp per row. The block's own writes of dF are visible after
+// the caller's __syncthreads().
+__device__ __forceinline__ void normalize_backward_rows(const float* __restrict__ z, const float* __restrict__ norms,
+                                                        const float* __restrict__ inv_norms, int n, int d, int r0,
+                                                        float* dz) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int row = warp; row < T2; row += 8) {
+        const int r = r0 + row;
+        if (r >= n) break;
+        const float inv = inv_norms[r];
+        const float* zr = z + (size_t)r * d;
+        float* g = dz + (size_t)r * d;
+        if (norms[r] > INVASPREAD_NORM_EPS) {
+            float dot = 0.f;
+            for (int k = lane; k < d; k += 32) dot = fmaf(zr[k] * inv, g[k], dot);
+            dot = warp_sum(dot);
+            for (int k = lane; k < d; k += 32) g[k] = (g[k] - zr[k] * inv * dot) * inv;
+        } else {
+            for (int k = lane; k < d; k += 32) g[k] = g[k] * inv;
+        }
+    }
+}
+
+// One block per SM is enough registers (168) for the three sweeps without spilling.
+extern "C" __global__ void __launch_bounds__(256, 1)
+instance_loss_query_v2(const float* __restrict__ z, const float* __restrict__ norms, const float* __restrict__ inv_norms,
+                       LossParams p, float* __restrict__ inv_denom_out, float* __restrict__ r_out,
+                       int* __restrict__ dominant_out, float* __restrict__ g_partner_out,
+                       float* __restrict__ g_dominant_out, float* dz, double* __restrict__ block_loss,
+                       unsigned int* __restrict__ counter, double* __restrict__ loss_out) {
+    __shared__ V2Smem sm;
+    __shared__ float s_xp[T2], s_inv_d[T2], s_r[T2], s_gp[T2], s_gdom[T2];
+    __shared__ int s_dom[T2];
+    __shared__ RowDenominator s_den[T2];
+    __shared__ double s_loss[T2];
+    __shared__ bool s_last;
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+    const int n = p.n, d = p.d, q0 = blockIdx.x * T2;
+    float acc[4][4];
+
+    // Sweep 1: the partner's exponent, the largest negative and the sum of the others.
+    NegState st[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) st[i] = neg_empty();
+    for (int k0 = 0; k0 < n; k0 += T2) {
+        similarity_tile(z, inv_norms, n, d, q0, k0, sm, acc);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = q0 + ty + 16 * i;
+            if (r >= n) continue;
+            const int pr = partner_of(r, n);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int c = k0 + tx + 16 * j;
+                if (c >= n || c == r) continue;
+                const float x = (acc[i][j] - 1.f) * p.inv_tau;
+                if (c == pr) s_xp[ty + 16 * i] = x;
+                else neg_push(st[i], expf(x), c);
+            }
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const NegState all = neg_merge_lanes(st[i], 16);
+        const int row = ty + 16 * i;
+        if (tx == 0 && q0 + row < n) {
+            const RowDenominator den = row_denominator(s_xp[row], all, p.mu);
+            s_den[row] = den;
+            s_dom[row] = all.idx;
+            s_inv_d[row] = (float)(1.0 / den.denom);
+        }
+    }
+    __syncthreads();
+
+    // Sweep 2: log(1 - Q) and Q / (1 - Q) over the other negatives.
+    double log_sum[4] = {0.0, 0.0, 0.0, 0.0}, r_sum[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int k0 = 0; k0 < n; k0 += T2) {
+        similarity_tile(z, inv_norms, n, d, q0, k0, sm, acc);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = ty + 16 * i, r = q0 + row;
+            if (r >= n) continue;
+            const int pr = partner_of(r, n), dom = s_dom[row];
+            const float inv_d = s_inv_d[row];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int c = k0 + tx + 16 * j;
+                if (c >= n || c == r || c == pr || c == dom) continue;
+                const float q = expf((acc[i][j] - 1.f) * p.inv_tau) * inv_d, one_minus_q = 1.f - q;
+                log_sum[i] += (double)logf(one_minus_q);
+                r_sum[i] += (double)(q / one_minus_q);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const double ls = sum_lanes(log_sum[i], 16), rs = sum_lanes(r_sum[i], 16);
+        const int row = ty + 16 * i, r = q0 + row;
+        if (tx != 0) continue;
+        if (r >= n) {
+            s_loss[row] = 0.0;
+            continue;
+        }
+        const RowFinal fin = row_final(s_xp[row], s_den[row], ls, rs, p.mu);
+        s_loss[row] = fin.loss;
+        s_r[row] = fin.r;
+        s_gp[row] = fin.g_partner;
+        s_gdom[row] = fin.g_dominant;
+        inv_denom_out[r] = s_inv_d[row];
+        r_out[r] = fin.r;
+        dominant_out[r] = s_dom[row];
+        g_partner_out[r] = fin.g_partner;
+        g_dominant_out[r] = fin.g_dominant;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        double s = 0.0;
+        for (int row = 0; row < T2; ++row) s += s_loss[row];
+        block_loss[blockIdx.x] = s;
+    }
+
+    // Sweep 3: dF_query = (1/(N tau)) G F, 128 columns of d at a time.
+    if (p.with_grad) {
+        for (int c0 = 0; c0 < d; c0 += DC2) {
+            float dacc[4][8];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) dacc[i][j] = 0.f;
+            for (int k0 = 0; k0 < n; k0 += T2) {
+                similarity_tile(z, inv_norms, n, d, q0, k0, sm, acc);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int row = ty + 16 * i, r = q0 + row;
+                    const int pr = r < n ? partner_of(r, n) : -1;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int col = tx + 16 * j, c = k0 + col;
+                        float g = 0.f;
+                        if (r < n && c < n && c != r) {
+                            if (c == pr) g = s_gp[row];
+                            else if (c == s_dom[row]) g = s_gdom[row];
+                            else g = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * s_inv_d[row], p.mu, s_r[row]);
+                        }
+                        sm.Gs[row][col] = g;
+                    }
+                }
+                __syncthreads();
+                accumulate_g_times_f(z, inv_norms, n, d, k0, c0, sm, dacc);
+            }
+            store_dacc(dz, n, d, q0, c0, p.grad_scale, false, dacc);
+        }
+        if (!p.both_sides) {
+            __syncthreads();
+            normalize_backward_rows(z, norms, inv_norms, n, d, q0, dz);
+        }
+    }
+
+    // The last block to finish sums the blocks' partial losses in block order.
+    __threadfence();
+    if (tid == 0) s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (s_last && tid == 0) {
+        const volatile double* partial = block_loss;
+        double s = 0.0;
+        for (unsigned b = 0; b < gridDim.x; ++b) s += partial[b];
+        loss_out[0] = s / (double)n;
+        *counter = 0u;  // ready for the next launch
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+instance_loss_key_v2(const float* __restrict__ z, const float* __restrict__ norms, const float* __restrict__ inv_norms,
+                     LossParams p, const float* __restrict__ inv_denom, const float* __restrict__ r_row,
+                     const int* __restrict__ dominant, const float* __restrict__ g_partner,
+                     const float* __restrict__ g_dominant, float* dz) {
+    __shared__ V2Smem sm;
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+    const int n = p.n, d = p.d, b0 = blockIdx.x * T2;
+    float acc[4][4];
+    for (int c0 = 0; c0 < d; c0 += DC2) {
+        float dacc[4][8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) dacc[i][j] = 0.f;
+        for (int a0 = 0; a0 < n; a0 += T2) {
+            similarity_tile(z, inv_norms, n, d, b0, a0, sm, acc);  // acc[i][j] = s(b, a)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int row = ty + 16 * i, b = b0 + row;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int col = tx + 16 * j, a = a0 + col;
+                    float g = 0.f;
+                    if (b < n && a < n && a != b) {
+                        if (b == partner_of(a, n)) g = g_partner[a];
+                        else if (b == dominant[a]) g = g_dominant[a];
+                        else g = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * inv_denom[a], p.mu, r_row[a]);
+                    }
+                    sm.Gs[row][col] = g;
+                }
+            }
+            __syncthreads();
+            accumulate_g_times_f(z, inv_norms, n, d, a0, c0, sm, dacc);
+        }
+        store_dacc(dz, n, d, b0, c0, p.grad_scale, true, dacc);
+    }
+    __syncthreads();
+    normalize_backward_rows(z, norms, inv_norms, n, d, b0, dz);
+}

@@ -1,0 +1,117 @@
+// The unfused instance loss: the chain PyTorch eager runs, one kernel per step, storing N x N
+// matrices (that is what this version stands for: the baseline the fused versions beat).
+//
+// Launch order (src/loss/cuda.rs, `CudaLossVersion::Unfused` and `UnfusedCublas`):
+//   1. normalize_rows_fwd_v1          z -> F (N x d), norms
+//   2. matmul_v1 or cuBLAS SGEMM      S = F F^T                          (N x N)
+//   3. unfused_exp_v1                 E = exp((S - 1) / tau), diagonal 0 (N x N)
+//   4. unfused_row_sums_v1            D_a, b*, the partner's exponent   (one block per row)
+//   5. unfused_row_terms_v1           l_a, R_a, g_ap, g_ab*              (one block per row)
+//   6. unfused_grad_matrix_v1         G (N x N)
+//   7. matmul_v1                      dF = G F / (N tau)  (+ G^T F / (N tau) for both-sides)
+//   8. normalize_rows_bwd_v1          dz
+//   9. row_mean_v1                    L = mean_a l_a
+// Math and numerics: loss_common.cuh.
+
+#include "loss_common.cuh"
+
+// 3. E[a][b] = exp((S[a][b] - 1) / tau), E[a][a] = 0. Grid-stride over N x N.
+extern "C" __global__ void __launch_bounds__(256)
+unfused_exp_v1(const float* __restrict__ S, float* __restrict__ E, int n, float inv_tau) {
+    const size_t total = (size_t)n * n;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t a = i / n, b = i % n;
+        E[i] = a == b ? 0.f : expf((S[i] - 1.f) * inv_tau);
+    }
+}
+
+// 4. Per row a (one 256-thread block): the partner's exponent x_ap = (S_ap - 1)/tau, the
+//    largest negative b*, D_a, and 1 - Q_ab* without cancellation.
+extern "C" __global__ void __launch_bounds__(256)
+unfused_row_sums_v1(const float* __restrict__ S, const float* __restrict__ E, LossParams p,
+                    float* __restrict__ x_partner, int* __restrict__ dominant, double* __restrict__ denom,
+                    double* __restrict__ one_minus_q_max, double* __restrict__ q_max) {
+    __shared__ NegState warp_state[8];
+    const int a = blockIdx.x, n = p.n, pa = partner_of(a, n);
+    const float* e_row = E + (size_t)a * n;
+    NegState s = neg_empty();
+    for (int b = threadIdx.x; b < n; b += blockDim.x)
+        if (b != a && b != pa) neg_push(s, e_row[b], b);
+    s = neg_merge_lanes(s, 32);
+    if ((threadIdx.x & 31) == 0) warp_state[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        NegState all = warp_state[0];
+        for (int w = 1; w < 8; ++w) all = neg_merge(all, warp_state[w]);
+        const float xp = (S[(size_t)a * n + pa] - 1.f) * p.inv_tau;
+        const RowDenominator den = row_denominator(xp, all, p.mu);
+        x_partner[a] = xp;
+        dominant[a] = all.idx;
+        denom[a] = den.denom;
+        one_minus_q_max[a] = den.one_minus_q_max;
+        q_max[a] = den.q_max;
+    }
+}
+
+// 5. Per row a: sum over the other negatives of log(1 - Q) and Q/(1 - Q); then l_a, R_a,
+//    g_ap and g_ab*.
+extern "C" __global__ void __launch_bounds__(256)
+unfused_row_terms_v1(const float* __restrict__ E, LossParams p, const float* __restrict__ x_partner,
+                     const int* __restrict__ dominant, const double* __restrict__ denom,
+                     const double* __restrict__ one_minus_q_max, const double* __restrict__ q_max,
+                     double* __restrict__ row_loss, float* __restrict__ r_out, float* __restrict__ g_partner,
+                     float* __restrict__ g_dominant) {
+    __shared__ double warp_log[8], warp_r[8];
+    const int a = blockIdx.x, n = p.n, pa = partner_of(a, n), dom = dominant[a];
+    const float inv_d = (float)(1.0 / denom[a]);
+    const float* e_row = E + (size_t)a * n;
+    double log_sum = 0.0, r_sum = 0.0;
+    for (int b = threadIdx.x; b < n; b += blockDim.x) {
+        if (b == a || b == pa || b == dom) continue;
+        const float q = e_row[b] * inv_d, one_minus_q = 1.f - q;
+        log_sum += (double)logf(one_minus_q);
+        r_sum += (double)(q / one_minus_q);
+    }
+    log_sum = sum_lanes(log_sum, 32);
+    r_sum = sum_lanes(r_sum, 32);
+    if ((threadIdx.x & 31) == 0) {
+        warp_log[threadIdx.x >> 5] = log_sum;
+        warp_r[threadIdx.x >> 5] = r_sum;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double ls = 0.0, rs = 0.0;
+        for (int w = 0; w < 8; ++w) {
+            ls += warp_log[w];
+            rs += warp_r[w];
+        }
+        RowDenominator den;
+        den.denom = denom[a];
+        den.one_minus_q_max = one_minus_q_max[a];
+        den.q_max = q_max[a];
+        const RowFinal fin = row_final(x_partner[a], den, ls, rs, p.mu);
+        row_loss[a] = fin.loss;
+        r_out[a] = fin.r;
+        g_partner[a] = fin.g_partner;
+        g_dominant[a] = fin.g_dominant;
+    }
+}
+
+// 6. G[a][b] = g_ab (zero diagonal). Grid-stride over N x N.
+extern "C" __global__ void __launch_bounds__(256)
+unfused_grad_matrix_v1(const float* __restrict__ E, LossParams p, const double* __restrict__ denom,
+                       const int* __restrict__ dominant, const float* __restrict__ r,
+                       const float* __restrict__ g_partner, const float* __restrict__ g_dominant,
+                       float* __restrict__ G) {
+    const int n = p.n;
+    const size_t total = (size_t)n * n;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const int a = (int)(i / n), b = (int)(i % n);
+        float g;
+        if (b == a) g = 0.f;
+        else if (b == partner_of(a, n)) g = g_partner[a];
+        else if (b == dominant[a]) g = g_dominant[a];
+        else g = g_negative(E[i] * (float)(1.0 / denom[a]), p.mu, r[a]);
+        G[i] = g;
+    }
+}

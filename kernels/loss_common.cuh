@@ -1,0 +1,140 @@
+// Pieces shared by every instance-loss kernel version (math in ../shared/notes/loss.md).
+//
+// Conventions of all versions:
+// - N = 2m rows, partner p(a) = (a + m) mod N; the diagonal never enters any sum.
+// - Fixed offset: e_ab = exp((s_ab - 1) / tau), s_ab = f_a . f_b <= 1, so nothing overflows;
+//   with tau >= 0.025 (checked on the host) nothing underflows to 0 either.
+// - The row's largest negative b* is tracked with the sum of the other negatives, so that
+//   D_a - e_ab* = e_ap + mu * rest + (mu - 1) e_ab* is formed without cancellation: when one
+//   negative is far closer than the partner, Q_ab* -> 1 and 1 - Q would otherwise round to 0.
+//   Every other negative has Q_ab <= 1/2 (mu >= 1), where 1 - q is safe in float32.
+// - Row sums accumulate in double, in a fixed order: two runs give identical bits.
+#pragma once
+
+#include "common.cuh"
+
+// Shared with Rust: `LossParams` in src/loss/cuda.rs (#[repr(C)], the same fields in order).
+struct LossParams {
+    int n;             // rows, even, >= 4
+    int d;             // columns, >= 1
+    float inv_tau;     // 1 / tau
+    float mu;          // weight of the negatives, >= 1
+    float grad_scale;  // 1 / (N tau)
+    int with_grad;     // 0: loss only
+    int both_sides;    // 1: keys receive gradient too
+};
+
+__device__ __forceinline__ int partner_of(int a, int n) {
+    const int m = n >> 1;
+    return a < m ? a + m : a - m;
+}
+
+// The negatives of one row seen so far: the largest (value, index; ties to the lower index)
+// and the sum of all the others.
+struct NegState {
+    float max;
+    int idx;
+    double rest;
+};
+
+#define NEG_NONE 0x7fffffff
+
+__device__ __forceinline__ NegState neg_empty() {
+    NegState s;
+    s.max = -1.f;  // below every exp(.)
+    s.idx = NEG_NONE;
+    s.rest = 0.0;
+    return s;
+}
+
+__device__ __forceinline__ bool neg_beats(float e, int b, float max, int idx) {
+    return e > max || (e == max && b < idx);
+}
+
+__device__ __forceinline__ void neg_push(NegState& s, float e, int b) {
+    if (neg_beats(e, b, s.max, s.idx)) {
+        if (s.idx != NEG_NONE) s.rest += (double)s.max;
+        s.max = e;
+        s.idx = b;
+    } else {
+        s.rest += (double)e;
+    }
+}
+
+__device__ __forceinline__ NegState neg_merge(NegState a, NegState b) {
+    if (b.idx == NEG_NONE) return a;
+    if (a.idx == NEG_NONE) return b;
+    NegState r;
+    if (neg_beats(b.max, b.idx, a.max, a.idx)) {
+        r.max = b.max; r.idx = b.idx; r.rest = (a.rest + b.rest) + (double)a.max;
+    } else {
+        r.max = a.max; r.idx = a.idx; r.rest = (a.rest + b.rest) + (double)b.max;
+    }
+    return r;
+}
+
+// Merges the states of lanes that differ in the bits of `width - 1` (width a power of 2 <= 32),
+// in a fixed butterfly order; every lane of the group ends with the same state.
+__device__ __forceinline__ NegState neg_merge_lanes(NegState s, int width) {
+    for (int off = width >> 1; off > 0; off >>= 1) {
+        NegState o;
+        o.max = __shfl_xor_sync(0xffffffffu, s.max, off);
+        o.idx = __shfl_xor_sync(0xffffffffu, s.idx, off);
+        o.rest = __shfl_xor_sync(0xffffffffu, s.rest, off);
+        // Merge in lane order so that both partners compute the same sum.
+        const bool lower = (threadIdx.x & off) == 0;
+        s = lower ? neg_merge(s, o) : neg_merge(o, s);
+    }
+    return s;
+}
+
+__device__ __forceinline__ double sum_lanes(double v, int width) {
+    for (int off = width >> 1; off > 0; off >>= 1) {
+        const double o = __shfl_xor_sync(0xffffffffu, v, off);
+        v = ((threadIdx.x & off) == 0) ? v + o : o + v;
+    }
+    return v;
+}
+
+// A row's scalars once its negatives are summed (double, host-independent formulas).
+struct RowDenominator {
+    double denom;            // D_a
+    double one_minus_q_max;  // 1 - Q_ab* = (D_a - e_ab*) / D_a
+    double q_max;            // Q_ab*
+};
+
+__device__ __forceinline__ RowDenominator row_denominator(float x_partner, NegState s, float mu) {
+    RowDenominator r;
+    const double e_p = exp((double)x_partner);
+    const double e_max = s.idx == NEG_NONE ? 0.0 : (double)s.max;
+    r.denom = e_p + (double)mu * (s.rest + e_max);
+    r.one_minus_q_max = (e_p + (double)mu * s.rest + ((double)mu - 1.0) * e_max) / r.denom;
+    r.q_max = e_max / r.denom;
+    return r;
+}
+
+// g_ab for a negative b other than b*: mu Q (1 + 1/(1 - Q) - mu R_a).
+__device__ __forceinline__ float g_negative(float q, float mu, float r) {
+    return mu * q * (1.f + 1.f / (1.f - q) - mu * r);
+}
+
+// The row's remaining scalars once the log terms are summed.
+struct RowFinal {
+    double loss;        // l_a
+    float r;            // R_a
+    float g_partner;    // g_ap = -1 + P_a - mu P_a R_a
+    float g_dominant;   // g_ab* (exact 1 - Q)
+};
+
+__device__ __forceinline__ RowFinal row_final(float x_partner, RowDenominator den, double log_sum_rest,
+                                              double r_rest, float mu) {
+    RowFinal f;
+    const double r = r_rest + den.q_max / den.one_minus_q_max;
+    // -log P_a = log D_a - x_ap, with x_ap = (s_ap - 1) / tau the partner's exponent.
+    f.loss = log(den.denom) - (double)x_partner - (double)mu * (log_sum_rest + log(den.one_minus_q_max));
+    f.r = (float)r;
+    const double p = exp((double)x_partner) / den.denom;
+    f.g_partner = (float)(-1.0 + p - (double)mu * p * r);
+    f.g_dominant = (float)((double)mu * den.q_max * (1.0 + 1.0 / den.one_minus_q_max - (double)mu * r));
+    return f;
+}

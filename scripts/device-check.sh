@@ -5,8 +5,10 @@
 #   bash scripts/device-check.sh "$OUT"            # from the repository root
 #
 # Steps: nvidia-smi; every test binary with REQUIRE_GPU=1 (a missing GPU fails them);
-# compute-sanitizer memcheck and racecheck on the GPU test binaries; the benchmarks when present.
-# Exits non-zero when any test failed.
+# compute-sanitizer memcheck and racecheck on the GPU kernel tests (the sanitizer-sized cases);
+# `invaspread bench-loss --device cuda` and benches/torch_reference.py on the same card;
+# with NCU=1, an Nsight Compute profile of the fused kernels. Exits non-zero when a check failed.
+# SKIP_BENCH=1 leaves out the benchmarks.
 set -uo pipefail
 logs=${1:?usage: device-check.sh LOG_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +21,20 @@ summary="$logs/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
 
-note "commit: $(cat "$bundle/COMMIT" 2>/dev/null | tr '\n' ' ')"
+# cuBLAS and NVTX come with PyTorch's wheels there; cudarc opens them by name (libcublas.so.13,
+# libnvToolsExt.so.1), so their folders go on LD_LIBRARY_PATH.
+py_libs=$(python3 - <<'PY' 2>/dev/null
+import glob, os, site
+dirs = set()
+for base in site.getsitepackages():
+    for lib in glob.glob(os.path.join(base, "nvidia", "*", "lib")) + glob.glob(os.path.join(base, "nvidia", "cu*", "lib")):
+        dirs.add(lib)
+print(":".join(sorted(dirs)))
+PY
+)
+[[ -n "$py_libs" ]] && export LD_LIBRARY_PATH="$py_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+note "commit: $(tr '\n' ' ' < "$bundle/COMMIT" 2>/dev/null)"
 note "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 nvidia-smi > "$logs/nvidia-smi.txt" 2>&1 || note "nvidia-smi failed"
 head -n 15 "$logs/nvidia-smi.txt"
@@ -37,14 +52,15 @@ for t in "$bundle"/bin/test-* "$bundle"/bin/unit-lib-*; do
 done
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  for t in "$bundle"/bin/test-gpu_*; do
-    [[ -x "$t" ]] || continue
-    name=$(basename "$t")
+  for spec in "test-gpu_normalize:" "test-gpu_loss:sanitizer_sized_cases"; do
+    bin=${spec%%:*}; filter=${spec#*:}
+    [[ -x "$bundle/bin/$bin" ]] || continue
     for tool in memcheck racecheck; do
-      if compute-sanitizer --tool "$tool" --error-exitcode 3 "$t" --test-threads=1 > "$logs/sanitizer-$tool-$name.log" 2>&1; then
-        note "PASS compute-sanitizer $tool $name: $(grep -E 'ERROR SUMMARY' "$logs/sanitizer-$tool-$name.log" | tail -1)"
+      log="$logs/sanitizer-$tool-$bin.log"
+      if compute-sanitizer --tool "$tool" --error-exitcode 3 "$bundle/bin/$bin" --test-threads=1 $filter > "$log" 2>&1; then
+        note "PASS compute-sanitizer $tool $bin $filter: $(grep -E 'ERROR SUMMARY' "$log" | tail -1)"
       else
-        note "FAIL compute-sanitizer $tool $name"; status=1
+        note "FAIL compute-sanitizer $tool $bin $filter (see $(basename "$log"))"; status=1
       fi
     done
   done
@@ -52,10 +68,25 @@ else
   note "compute-sanitizer not found: sanitizer checks not run"; status=1
 fi
 
-for b in "$bundle"/bin/bench-*; do
-  [[ -x "$b" ]] || continue
-  name=$(basename "$b")
-  "$b" --bench > "$logs/$name.log" 2>&1 && note "ran $name" || { note "FAIL $name"; status=1; }
-done
+if [[ -z "${SKIP_BENCH:-}" ]]; then
+  if "$INVASPREAD_EXE" bench-loss --device cuda --min-seconds 0.2 > "$logs/bench-loss-cuda.md" 2> "$logs/bench-loss-cuda.err"; then
+    note "ran bench-loss --device cuda"; cat "$logs/bench-loss-cuda.md"
+  else
+    note "FAIL bench-loss --device cuda"; status=1; tail -5 "$logs/bench-loss-cuda.err"
+  fi
+  if python3 benches/torch_reference.py --device cuda --min-seconds 0.2 > "$logs/torch-reference-cuda.md" 2>&1; then
+    note "ran benches/torch_reference.py --device cuda"; grep '^|' "$logs/torch-reference-cuda.md"
+  else
+    note "FAIL benches/torch_reference.py"; status=1; tail -5 "$logs/torch-reference-cuda.md"
+  fi
+fi
+
+if [[ -n "${NCU:-}" ]] && command -v ncu >/dev/null 2>&1; then
+  "$INVASPREAD_EXE" random --n 4096 --d 128 --out "$logs/z4096.npy" 2>/dev/null
+  ncu --clock-control none -k regex:instance_loss_ --set basic "$INVASPREAD_EXE" loss --input "$logs/z4096.npy" \
+      --device cuda --kernel fused-v2 --grad-out "$logs/dz4096.npy" > "$logs/ncu-fused-v2.txt" 2>&1 \
+    && note "ncu profile: ncu-fused-v2.txt" || note "ncu failed (see ncu-fused-v2.txt)"
+  rm -f "$logs/z4096.npy" "$logs/dz4096.npy"
+fi
 note "device-check: exit $status"
 exit $status

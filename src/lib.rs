@@ -14,11 +14,13 @@
 //! | [`simd`] | f32/f64 SIMD vectors (`wide`) and row helpers for the CPU paths |
 //! | [`npy`] | `.npy` reading and writing with clear errors, atomic writes |
 //! | [`error`] | the crate's [`Error`] type |
+//! | [`bench`] | timing of the loss implementations for `bench-loss` and criterion |
 //! | [`testing`] | seeded inputs and the `SKIPPED (no GPU)` guard used by tests and benches |
 //!
 //! The CUDA sources live in `kernels/` (see `kernels/README.md` for the table of kernels and
 //! versions); `build.rs` compiles them with nvcc into fat binaries embedded in this crate.
 
+pub mod bench;
 pub mod cuda;
 pub mod error;
 pub mod linalg;

@@ -81,6 +81,26 @@ fn every_version_every_size_against_the_reference() {
     }
 }
 
+/// Small enough to run under compute-sanitizer (scripts/device-check.sh runs it there), and
+/// still covering N not a multiple of the tiles and d not a multiple of 4.
+#[test]
+fn sanitizer_sized_cases() {
+    let Some(gpu) = gpu_or_skip("sanitizer_sized_cases") else {
+        return;
+    };
+    for (seed, n, d) in [(980u64, 6usize, 3usize), (981, 130, 130)] {
+        let z = random_matrix(&mut rng(seed), n, d);
+        for semantics in SEMANTICS {
+            let cfg = LossConfig {
+                tau: 0.1,
+                mu: 2.0,
+                semantics,
+            };
+            check_all_versions(&gpu, &z, n, d, cfg, &format!("random N={n} d={d} {cfg:?}"));
+        }
+    }
+}
+
 #[test]
 fn every_hyper_parameter() {
     let Some(gpu) = gpu_or_skip("every_hyper_parameter") else {

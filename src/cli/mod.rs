@@ -1,5 +1,6 @@
 //! Subcommands of `invaspread`, one module each.
 
+mod bench_loss;
 mod info;
 mod loss;
 mod random;
@@ -24,6 +25,8 @@ enum Command {
     Info(info::InfoArgs),
     /// The instance loss (and optionally dL/dz) of an N x d .npy file of raw embeddings.
     Loss(loss::LossArgs),
+    /// Time every loss implementation on one device and print a markdown table.
+    BenchLoss(bench_loss::BenchLossArgs),
     /// Seeded random N x d embeddings as .npy (an input for `loss` and the benchmarks).
     Random(random::RandomArgs),
 }
@@ -39,6 +42,7 @@ pub fn run(cli: Cli) -> invaspread::Result<()> {
         Command::Info(args) => info::run(args),
         Command::Loss(args) => loss::run(args),
         Command::Random(args) => random::run(args),
+        Command::BenchLoss(args) => bench_loss::run(args),
     }
 }
 

@@ -1,0 +1,291 @@
+//! Timing of the loss implementations, shared by `invaspread bench-loss` and the criterion
+//! benchmark: medians over repeated runs, useful FLOP counts, extra memory, markdown tables.
+//!
+//! Useful FLOPs are the fewest an implementation must do, so that versions compare fairly:
+//! forward = one N x N x d product (2 N^2 d), query-only backward one more (G F), both-sides
+//! two more (G F and G^T F). Recomputation is not counted: a version that recomputes tiles
+//! shows it as a lower achieved rate.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::sys::CUevent_flags;
+
+use crate::cuda::Gpu;
+use crate::error::Result;
+use crate::loss::cuda::{CudaLoss, CudaLossVersion};
+use crate::loss::{cpu, reference, GradSemantics, LossConfig};
+use crate::testing::{random_matrix, rng};
+
+/// One measured configuration.
+#[derive(Debug, Clone)]
+pub struct BenchRow {
+    pub device: String,
+    pub version: String,
+    pub n: usize,
+    pub d: usize,
+    /// "fwd" or "fwd+bwd".
+    pub pass: &'static str,
+    pub median_s: f64,
+    pub runs: usize,
+    pub tflops: f64,
+    pub extra_bytes: usize,
+    /// Median of the baseline (reference on the CPU, unfused on the GPU) over this median.
+    pub speedup: Option<f64>,
+}
+
+/// Useful FLOPs of one call.
+pub fn useful_flops(n: usize, d: usize, with_grad: bool, semantics: GradSemantics) -> f64 {
+    let passes = match (with_grad, semantics) {
+        (false, _) => 1.0,
+        (true, GradSemantics::QueryOnly) => 2.0,
+        (true, GradSemantics::BothSides) => 3.0,
+    };
+    passes * 2.0 * (n as f64) * (n as f64) * d as f64
+}
+
+/// Runs `f` until `min_runs` runs and `min_seconds` have passed (at most `max_runs`) and
+/// returns the median of the per-run times `f` reports, and the count.
+pub fn median_time(
+    min_runs: usize,
+    max_runs: usize,
+    min_seconds: f64,
+    mut f: impl FnMut() -> Result<f64>,
+) -> Result<(f64, usize)> {
+    f()?; // warm-up: caches, lazily loaded modules, page faults
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < min_runs
+        || (start.elapsed().as_secs_f64() < min_seconds && times.len() < max_runs)
+    {
+        times.push(f()?);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times.len()))
+}
+
+/// Device memory (GPU) or heap (CPU) beyond z and dz that the fused CPU path needs: the
+/// normalised F, dF, one B x N buffer per thread and the row scalars.
+pub fn cpu_fused_extra_bytes(
+    n: usize,
+    d: usize,
+    elem: usize,
+    threads: usize,
+    with_grad: bool,
+) -> usize {
+    let rows = n * d * elem * if with_grad { 2 } else { 1 };
+    rows + threads * cpu::ROW_BLOCK * n * elem + n * (8 + 3 * elem + 16)
+}
+
+/// The float64 reference keeps N x N coefficients (f64) when a gradient is asked for, plus a
+/// row of similarities per thread.
+pub fn cpu_reference_extra_bytes(n: usize, d: usize, threads: usize, with_grad: bool) -> usize {
+    n * d * 8 * if with_grad { 3 } else { 2 }
+        + threads * n * 8
+        + if with_grad { n * n * 8 } else { 0 }
+}
+
+/// CPU implementations measured by `bench-loss --device cpu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuVersion {
+    Reference,
+    FusedF64,
+    FusedF32,
+}
+
+impl CpuVersion {
+    pub const ALL: [CpuVersion; 3] = [
+        CpuVersion::Reference,
+        CpuVersion::FusedF64,
+        CpuVersion::FusedF32,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuVersion::Reference => "reference-f64",
+            CpuVersion::FusedF64 => "fused-f64",
+            CpuVersion::FusedF32 => "fused-f32",
+        }
+    }
+}
+
+/// Times one CPU version on seeded random input; `None` when the size is past what that
+/// version is meant for (the reference stores N x N).
+pub fn bench_cpu(
+    version: CpuVersion,
+    n: usize,
+    d: usize,
+    cfg: &LossConfig,
+    with_grad: bool,
+    min_seconds: f64,
+) -> Result<Option<BenchRow>> {
+    if version == CpuVersion::Reference && n > 8192 {
+        return Ok(None);
+    }
+    let z = random_matrix(&mut rng(n as u64 * 31 + d as u64), n, d);
+    let z64: Vec<f64> = z.iter().map(|&x| f64::from(x)).collect();
+    let threads = rayon::current_num_threads();
+    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let t = Instant::now();
+        f()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let (median_s, runs) = match version {
+        CpuVersion::Reference => median_time(3, 50, min_seconds, || {
+            timed(&mut || reference::instance_loss(&z, n, d, cfg, with_grad).map(drop))
+        })?,
+        CpuVersion::FusedF64 => median_time(3, 50, min_seconds, || {
+            timed(&mut || cpu::instance_loss(&z64, n, d, cfg, with_grad).map(drop))
+        })?,
+        CpuVersion::FusedF32 => median_time(3, 50, min_seconds, || {
+            timed(&mut || cpu::instance_loss(&z, n, d, cfg, with_grad).map(drop))
+        })?,
+    };
+    let extra_bytes = match version {
+        CpuVersion::Reference => cpu_reference_extra_bytes(n, d, threads, with_grad),
+        CpuVersion::FusedF64 => cpu_fused_extra_bytes(n, d, 8, threads, with_grad),
+        CpuVersion::FusedF32 => cpu_fused_extra_bytes(n, d, 4, threads, with_grad),
+    };
+    Ok(Some(BenchRow {
+        device: format!("cpu ({threads} threads)"),
+        version: version.name().into(),
+        n,
+        d,
+        pass: if with_grad { "fwd+bwd" } else { "fwd" },
+        median_s,
+        runs,
+        tflops: useful_flops(n, d, with_grad, cfg.semantics) / median_s / 1e12,
+        extra_bytes,
+        speedup: None,
+    }))
+}
+
+/// Times one GPU version with CUDA events (after a warm-up), on seeded random input.
+/// `None` when the version cannot hold the size in device memory.
+pub fn bench_cuda(
+    gpu: &Arc<Gpu>,
+    version: CudaLossVersion,
+    n: usize,
+    d: usize,
+    cfg: &LossConfig,
+    with_grad: bool,
+    min_seconds: f64,
+) -> Result<Option<BenchRow>> {
+    let free = gpu.context().mem_get_info()?.0;
+    let nxn = if matches!(
+        version,
+        CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas
+    ) {
+        3 * n * n * 4
+    } else {
+        0
+    };
+    if nxn + 4 * n * d * 4 > free {
+        return Ok(None);
+    }
+    let stream = gpu.stream().clone();
+    let z = stream.clone_htod(&random_matrix(&mut rng(n as u64 * 31 + d as u64), n, d))?;
+    let mut dz = stream.alloc_zeros::<f32>(n * d)?;
+    let mut loss = CudaLoss::new(gpu.clone(), version, n, d)?;
+    let (median_s, runs) = median_time(5, 200, min_seconds, || {
+        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        loss.enqueue(&z, if with_grad { Some(&mut dz) } else { None }, cfg)?;
+        let stop = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        Ok(f64::from(start.elapsed_ms(&stop)?) / 1e3)
+    })?;
+    Ok(Some(BenchRow {
+        device: gpu.name()?,
+        version: version.name().into(),
+        n,
+        d,
+        pass: if with_grad { "fwd+bwd" } else { "fwd" },
+        median_s,
+        runs,
+        tflops: useful_flops(n, d, with_grad, cfg.semantics) / median_s / 1e12,
+        extra_bytes: loss.extra_bytes(),
+        speedup: None,
+    }))
+}
+
+/// Fills `speedup` of every row from the row of `baseline` with the same N, d and pass.
+pub fn fill_speedups(rows: &mut [BenchRow], baseline: &str) {
+    let base: Vec<(usize, usize, &'static str, f64)> = rows
+        .iter()
+        .filter(|r| r.version == baseline)
+        .map(|r| (r.n, r.d, r.pass, r.median_s))
+        .collect();
+    for row in rows.iter_mut() {
+        row.speedup = base
+            .iter()
+            .find(|b| (b.0, b.1, b.2) == (row.n, row.d, row.pass))
+            .map(|b| b.3 / row.median_s);
+    }
+}
+
+fn human_bytes(b: usize) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.1} kB", b / 1e3)
+    }
+}
+
+fn human_time(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.3} ms", s * 1e3)
+    } else {
+        format!("{:.1} us", s * 1e6)
+    }
+}
+
+/// The markdown table `bench-loss` prints (the same columns as benches/torch_reference.py).
+pub fn markdown_table(rows: &[BenchRow], baseline: &str) -> String {
+    let mut out = format!(
+        "| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs {baseline} |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for r in rows {
+        let speedup = r.speedup.map_or("-".to_string(), |s| format!("{s:.2}x"));
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} |\n",
+            r.device,
+            r.version,
+            r.n,
+            r.d,
+            r.pass,
+            human_time(r.median_s),
+            r.runs,
+            r.tflops,
+            human_bytes(r.extra_bytes),
+            speedup
+        ));
+    }
+    out
+}
+
+/// The rows as a JSON array (hand-written: flat records of numbers and plain strings).
+pub fn json(rows: &[BenchRow]) -> String {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"device\":{:?},\"version\":{:?},\"n\":{},\"d\":{},\"pass\":{:?},\"median_s\":{:e},\"runs\":{},\"tflops\":{:e},\"extra_bytes\":{},\"speedup\":{}}}",
+                r.device,
+                r.version,
+                r.n,
+                r.d,
+                r.pass,
+                r.median_s,
+                r.runs,
+                r.tflops,
+                r.extra_bytes,
+                r.speedup.map_or("null".to_string(), |s| format!("{s:e}"))
+            )
+        })
+        .collect();
+    format!("[\n  {}\n]", items.join(",\n  "))
+}

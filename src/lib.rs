@@ -12,6 +12,7 @@
 //! | [`cuda`] | the GPU runtime: [`cuda::Gpu`] (never panics without CUDA) and the embedded kernel modules |
 //! | [`linalg`] | a bounds-checked front to the `gemm` crate's matrix product |
 //! | [`simd`] | f32/f64 SIMD vectors (`wide`) and row helpers for the CPU paths |
+//! | [`nn`] | the encoder: autodiff tape, backend trait, CPU kernels, ResNet18/ConvNet, SGD, checkpoints |
 //! | [`npy`] | `.npy` reading and writing with clear errors, atomic writes |
 //! | [`error`] | the crate's [`Error`] type |
 //! | [`bench`] | timing of the loss implementations for `bench-loss` and criterion |
@@ -25,6 +26,7 @@ pub mod cuda;
 pub mod error;
 pub mod linalg;
 pub mod loss;
+pub mod nn;
 pub mod npy;
 pub mod ops;
 pub mod simd;

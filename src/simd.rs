@@ -9,7 +9,17 @@ use wide::{f32x8, f64x4};
 use crate::linalg::GemmScalar;
 
 /// f32 or f64 on the CPU: scalar conversions, a SIMD vector type and its math.
-pub trait CpuFloat: GemmScalar + Default + PartialOrd + Into<f64> + std::fmt::Debug {
+pub trait CpuFloat:
+    GemmScalar
+    + Default
+    + PartialOrd
+    + Into<f64>
+    + std::fmt::Debug
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+{
     /// The SIMD vector of this type.
     type V: Copy
         + Add<Output = Self::V>

@@ -1,0 +1,520 @@
+//! The tape: a Wengert list of ops in execution order, values and gradients by handle.
+//!
+//! Recording is the forward pass; [`Graph::backward`] walks the tape in reverse (execution
+//! order is already a topological order, as in micrograd). Nodes are kept between steps and
+//! their buffers reused: [`Graph::begin`] rewinds the tape, and the next step's ops overwrite
+//! the same nodes, so the training loop does not allocate once shapes are steady.
+
+use super::backend::Backend;
+use super::cpu_ops::{BnSaved, Conv, Shape4};
+use super::params::{BnId, ParamId, ParamStore};
+use crate::error::{Error, Result};
+use crate::loss::LossConfig;
+
+/// A value on the tape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Var(pub usize);
+
+#[derive(Debug, Clone)]
+enum Op {
+    Input,
+    Conv2d {
+        x: Var,
+        w: ParamId,
+        conv: Conv,
+    },
+    BatchNorm {
+        x: Var,
+        bn: BnId,
+        gamma: ParamId,
+        beta: ParamId,
+        training: bool,
+        saved: BnSaved,
+    },
+    Relu {
+        x: Var,
+    },
+    Add {
+        a: Var,
+        b: Var,
+    },
+    AvgPool {
+        x: Var,
+        k: usize,
+    },
+    Flatten {
+        x: Var,
+    },
+    Linear {
+        x: Var,
+        w: ParamId,
+        b: ParamId,
+        out: usize,
+    },
+    InstanceLoss {
+        z: Var,
+    },
+    WeightedSum {
+        x: Var,
+    },
+}
+
+struct Node<B: Backend> {
+    op: Op,
+    shape: Shape4,
+    value: B::Buffer,
+    grad: B::Buffer,
+    /// Op-specific: dL/dz of the loss, the weights of a weighted sum.
+    scratch: B::Buffer,
+}
+
+/// The nodes before `i` (an op's inputs) and node `i` itself.
+fn split<B: Backend>(nodes: &mut [Node<B>], i: usize) -> (&mut [Node<B>], &mut Node<B>) {
+    let (before, rest) = nodes.split_at_mut(i);
+    (before, &mut rest[0])
+}
+
+/// A model's parameters, its backend and the tape of the current step.
+pub struct Graph<B: Backend> {
+    pub backend: B,
+    pub params: ParamStore<B>,
+    /// Whether inputs receive gradients (off in training: nothing reads them).
+    pub input_grads: bool,
+    nodes: Vec<Node<B>>,
+    len: usize,
+}
+
+impl<B: Backend> Graph<B> {
+    pub fn new(backend: B, params: ParamStore<B>) -> Self {
+        Graph {
+            backend,
+            params,
+            input_grads: false,
+            nodes: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Rewinds the tape for a new step; node buffers are kept for reuse.
+    pub fn begin(&mut self) {
+        self.len = 0;
+    }
+
+    /// Ops recorded this step.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn shape(&self, v: Var) -> Shape4 {
+        self.nodes[v.0].shape
+    }
+
+    /// Appends (or reuses) the next node with an output of `shape`; returns its index.
+    fn push(&mut self, op: Op, shape: Shape4) -> Result<usize> {
+        let i = self.len;
+        if i == self.nodes.len() {
+            let b = &self.backend;
+            self.nodes.push(Node {
+                op: Op::Input,
+                shape,
+                value: b.zeros(0)?,
+                grad: b.zeros(0)?,
+                scratch: b.zeros(0)?,
+            });
+        }
+        let node = &mut self.nodes[i];
+        node.op = op;
+        node.shape = shape;
+        if self.backend.len(&node.value) != shape.len() {
+            self.backend.reset(&mut node.value, shape.len())?;
+        }
+        self.len += 1;
+        Ok(i)
+    }
+
+    /// A batch of inputs (host f32, NCHW or N x features with h = w = 1).
+    pub fn input(&mut self, host: &[f32], shape: Shape4) -> Result<Var> {
+        if host.len() != shape.len() {
+            return Err(Error::invalid(format!(
+                "input has {} values, shape {shape:?} needs {}",
+                host.len(),
+                shape.len()
+            )));
+        }
+        let i = self.push(Op::Input, shape)?;
+        self.backend.upload(host, &mut self.nodes[i].value)?;
+        Ok(Var(i))
+    }
+
+    pub fn conv2d(&mut self, x: Var, w: ParamId, conv: Conv) -> Result<Var> {
+        let xs = self.shape(x);
+        if xs.c != conv.c_in {
+            return Err(Error::invalid(format!(
+                "conv2d {}: input has {} channels, expected {}",
+                self.params.param(w).name,
+                xs.c,
+                conv.c_in
+            )));
+        }
+        let i = self.push(Op::Conv2d { x, w, conv }, conv.out_shape(xs))?;
+        let (before, node) = split(&mut self.nodes, i);
+        self.backend.conv2d_forward(
+            &before[x.0].value,
+            xs,
+            &self.params.params[w.0].value,
+            &conv,
+            &mut node.value,
+        )?;
+        Ok(Var(i))
+    }
+
+    pub fn batchnorm(
+        &mut self,
+        x: Var,
+        bn: BnId,
+        gamma: ParamId,
+        beta: ParamId,
+        training: bool,
+    ) -> Result<Var> {
+        let xs = self.shape(x);
+        let i = self.push(
+            Op::BatchNorm {
+                x,
+                bn,
+                gamma,
+                beta,
+                training,
+                saved: BnSaved::default(),
+            },
+            xs,
+        )?;
+        let (before, node) = split(&mut self.nodes, i);
+        let (params, bns) = (&self.params.params, &mut self.params.bns);
+        let buffers = &mut bns[bn.0];
+        let saved = self.backend.batchnorm_forward(
+            &before[x.0].value,
+            xs,
+            &params[gamma.0].value,
+            &params[beta.0].value,
+            &mut buffers.running_mean,
+            &mut buffers.running_var,
+            training,
+            &mut node.value,
+        )?;
+        if training {
+            buffers.num_batches_tracked += 1;
+        }
+        node.op = Op::BatchNorm {
+            x,
+            bn,
+            gamma,
+            beta,
+            training,
+            saved,
+        };
+        Ok(Var(i))
+    }
+
+    pub fn relu(&mut self, x: Var) -> Result<Var> {
+        let i = self.push(Op::Relu { x }, self.shape(x))?;
+        let (before, node) = split(&mut self.nodes, i);
+        self.backend
+            .relu_forward(&before[x.0].value, &mut node.value);
+        Ok(Var(i))
+    }
+
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        if self.shape(a) != self.shape(b) {
+            return Err(Error::invalid(format!(
+                "add: shapes {:?} and {:?} differ",
+                self.shape(a),
+                self.shape(b)
+            )));
+        }
+        let i = self.push(Op::Add { a, b }, self.shape(a))?;
+        let (before, node) = split(&mut self.nodes, i);
+        self.backend
+            .reset(&mut node.value, before[a.0].shape.len())?;
+        self.backend.add_into(&before[a.0].value, &mut node.value);
+        self.backend.add_into(&before[b.0].value, &mut node.value);
+        Ok(Var(i))
+    }
+
+    /// k x k average pooling with stride k; `k = H = W` is global pooling.
+    pub fn avgpool(&mut self, x: Var, k: usize) -> Result<Var> {
+        let xs = self.shape(x);
+        if k == 0 || xs.h % k != 0 || xs.w % k != 0 {
+            return Err(Error::invalid(format!(
+                "avgpool: {}x{} is not divisible into {k}x{k} windows",
+                xs.h, xs.w
+            )));
+        }
+        let ys = Shape4 {
+            n: xs.n,
+            c: xs.c,
+            h: xs.h / k,
+            w: xs.w / k,
+        };
+        let i = self.push(Op::AvgPool { x, k }, ys)?;
+        let (before, node) = split(&mut self.nodes, i);
+        self.backend
+            .avgpool_forward(&before[x.0].value, xs, k, &mut node.value);
+        Ok(Var(i))
+    }
+
+    /// N x C x H x W -> N x (C H W) (a copy; tiny next to the convolutions).
+    pub fn flatten(&mut self, x: Var) -> Result<Var> {
+        let xs = self.shape(x);
+        let i = self.push(
+            Op::Flatten { x },
+            Shape4 {
+                n: xs.n,
+                c: xs.image(),
+                h: 1,
+                w: 1,
+            },
+        )?;
+        let (before, node) = split(&mut self.nodes, i);
+        self.backend.reset(&mut node.value, xs.len())?;
+        self.backend.add_into(&before[x.0].value, &mut node.value);
+        Ok(Var(i))
+    }
+
+    pub fn linear(&mut self, x: Var, w: ParamId, b: ParamId) -> Result<Var> {
+        let xs = self.shape(x);
+        let shape = &self.params.param(w).shape;
+        let (out, inp) = (shape[0], shape[1]);
+        if xs.image() != inp {
+            return Err(Error::invalid(format!(
+                "linear {}: input has {} features, expected {inp}",
+                self.params.param(w).name,
+                xs.image()
+            )));
+        }
+        let i = self.push(
+            Op::Linear { x, w, b, out },
+            Shape4 {
+                n: xs.n,
+                c: out,
+                h: 1,
+                w: 1,
+            },
+        )?;
+        let (before, node) = split(&mut self.nodes, i);
+        let p = &self.params.params;
+        self.backend.linear_forward(
+            &before[x.0].value,
+            xs.n,
+            &p[w.0].value,
+            &p[b.0].value,
+            out,
+            &mut node.value,
+        )?;
+        Ok(Var(i))
+    }
+
+    /// The instance loss of `z` (N x d; normalised inside), a scalar node. Its gradient is
+    /// formed in the forward pass (the fused loss computes both) and applied in backward.
+    pub fn instance_loss(&mut self, z: Var, cfg: &LossConfig) -> Result<Var> {
+        let zs = self.shape(z);
+        let i = self.push(
+            Op::InstanceLoss { z },
+            Shape4 {
+                n: 1,
+                c: 1,
+                h: 1,
+                w: 1,
+            },
+        )?;
+        let (before, node) = split(&mut self.nodes, i);
+        let loss = self.backend.instance_loss(
+            &before[z.0].value,
+            zs.n,
+            zs.image(),
+            cfg,
+            &mut node.scratch,
+        )?;
+        self.backend.upload_f64(&[loss], &mut node.value)?;
+        Ok(Var(i))
+    }
+
+    /// sum_i weights_i x_i, a scalar node (used by gradient checks to reduce any output).
+    pub fn weighted_sum(&mut self, x: Var, weights: &[f32]) -> Result<Var> {
+        let xs = self.shape(x);
+        if weights.len() != xs.len() {
+            return Err(Error::invalid("weighted_sum: one weight per element"));
+        }
+        let i = self.push(
+            Op::WeightedSum { x },
+            Shape4 {
+                n: 1,
+                c: 1,
+                h: 1,
+                w: 1,
+            },
+        )?;
+        let (before, node) = split(&mut self.nodes, i);
+        self.backend.upload(weights, &mut node.scratch)?;
+        let w = self.backend.download_f64(&node.scratch)?;
+        let v = self.backend.download_f64(&before[x.0].value)?;
+        let s: f64 = w.iter().zip(&v).map(|(a, b)| a * b).sum();
+        self.backend.upload_f64(&[s], &mut node.value)?;
+        Ok(Var(i))
+    }
+
+    /// Overwrites a node's value (tests feed exact f64 inputs this way).
+    pub fn set_value_f64(&mut self, v: Var, values: &[f64]) -> Result<()> {
+        self.backend.upload_f64(values, &mut self.nodes[v.0].value)
+    }
+
+    /// A node's value on the host.
+    pub fn value(&self, v: Var) -> Result<Vec<f32>> {
+        self.backend.download(&self.nodes[v.0].value)
+    }
+
+    pub fn value_f64(&self, v: Var) -> Result<Vec<f64>> {
+        self.backend.download_f64(&self.nodes[v.0].value)
+    }
+
+    /// A node's gradient (after [`Graph::backward`]).
+    pub fn grad_f64(&self, v: Var) -> Result<Vec<f64>> {
+        self.backend.download_f64(&self.nodes[v.0].grad)
+    }
+
+    /// Back-propagates from the scalar `root` (dL/droot = 1) through this step's tape,
+    /// accumulating parameter gradients into `params` (zero them first with
+    /// `params.zero_grad`). Node gradients are never cleared: the first op to reach a value
+    /// writes its gradient, later ones add (so a value used twice gets both terms).
+    pub fn backward(&mut self, root: Var) -> Result<()> {
+        let mut ready = vec![false; self.len];
+        for i in 0..self.len {
+            let len = self.nodes[i].shape.len();
+            self.backend.ensure_len(&mut self.nodes[i].grad, len)?;
+        }
+        self.backend
+            .upload_f64(&[1.0], &mut self.nodes[root.0].grad)?;
+        ready[root.0] = true;
+        for i in (0..=root.0).rev() {
+            if !ready[i] {
+                continue; // nothing downstream used this value
+            }
+            let op = self.nodes[i].op.clone();
+            let (before, node) = split(&mut self.nodes, i);
+            let b = &self.backend;
+            let params = &mut self.params;
+            // Whether input x already holds a gradient (then add), and mark it as holding one.
+            let mut take = |x: Var| std::mem::replace(&mut ready[x.0], true);
+            match op {
+                Op::Input => {}
+                Op::Conv2d { x, w, conv } => {
+                    let xs = before[x.0].shape;
+                    let needs_dx = self.input_grads || !matches!(before[x.0].op, Op::Input);
+                    let acc = needs_dx && take(x);
+                    let p = &mut params.params[w.0];
+                    let xn = &mut before[x.0];
+                    let dx = if needs_dx { Some(&mut xn.grad) } else { None };
+                    b.conv2d_backward(
+                        &xn.value,
+                        xs,
+                        &p.value,
+                        &conv,
+                        &node.grad,
+                        dx,
+                        acc,
+                        &mut p.grad,
+                    )?;
+                }
+                Op::BatchNorm {
+                    x,
+                    bn,
+                    gamma,
+                    beta,
+                    training,
+                    saved,
+                } => {
+                    let xs = before[x.0].shape;
+                    let acc = take(x);
+                    let bufs = &params.bns[bn.0];
+                    // Take the two gradients out so that gamma's value can be borrowed beside them.
+                    let mut dgamma =
+                        std::mem::replace(&mut params.params[gamma.0].grad, b.zeros(0)?);
+                    let mut dbeta = std::mem::replace(&mut params.params[beta.0].grad, b.zeros(0)?);
+                    let xn = &mut before[x.0];
+                    let result = b.batchnorm_backward(
+                        &xn.value,
+                        xs,
+                        &params.params[gamma.0].value,
+                        &bufs.running_mean,
+                        &bufs.running_var,
+                        training,
+                        &saved,
+                        &node.grad,
+                        Some(&mut xn.grad),
+                        acc,
+                        &mut dgamma,
+                        &mut dbeta,
+                    );
+                    params.params[gamma.0].grad = dgamma;
+                    params.params[beta.0].grad = dbeta;
+                    result?;
+                }
+                Op::Relu { x } => {
+                    let acc = take(x);
+                    b.relu_backward(&node.value, &node.grad, &mut before[x.0].grad, acc);
+                }
+                Op::Add { a, b: other } => {
+                    let acc = take(a);
+                    b.copy_or_add(&node.grad, &mut before[a.0].grad, acc);
+                    let acc = take(other);
+                    b.copy_or_add(&node.grad, &mut before[other.0].grad, acc);
+                }
+                Op::AvgPool { x, k } => {
+                    let xs = before[x.0].shape;
+                    let acc = take(x);
+                    b.avgpool_backward(xs, k, &node.grad, &mut before[x.0].grad, acc);
+                }
+                Op::Flatten { x } => {
+                    let acc = take(x);
+                    b.copy_or_add(&node.grad, &mut before[x.0].grad, acc);
+                }
+                Op::Linear { x, w, b: bias, out } => {
+                    let xs = before[x.0].shape;
+                    let acc = take(x);
+                    // Taken out so that the weight's value can be borrowed beside them.
+                    let mut dw = std::mem::replace(&mut params.params[w.0].grad, b.zeros(0)?);
+                    let mut db = std::mem::replace(&mut params.params[bias.0].grad, b.zeros(0)?);
+                    let xn = &mut before[x.0];
+                    let result = b.linear_backward(
+                        &xn.value,
+                        xs.n,
+                        &params.params[w.0].value,
+                        out,
+                        &node.grad,
+                        Some(&mut xn.grad),
+                        acc,
+                        &mut dw,
+                        &mut db,
+                    );
+                    params.params[w.0].grad = dw;
+                    params.params[bias.0].grad = db;
+                    result?;
+                }
+                Op::InstanceLoss { z } => {
+                    let upstream = b.download_f64(&node.grad)?[0];
+                    let acc = take(z);
+                    b.axpy(upstream, &node.scratch, &mut before[z.0].grad, acc);
+                }
+                Op::WeightedSum { x } => {
+                    let upstream = b.download_f64(&node.grad)?[0];
+                    let acc = take(x);
+                    b.axpy(upstream, &node.scratch, &mut before[x.0].grad, acc);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,37 @@
+//! One training step: both views of m images as one batch of N = 2m (view A rows first, as
+//! the loss expects), forward, the instance loss, backward, SGD.
+
+use super::backend::Backend;
+use super::cpu_ops::Shape4;
+use super::graph::Graph;
+use super::models::Model;
+use super::optim::Sgd;
+use crate::error::{Error, Result};
+use crate::loss::LossConfig;
+
+/// Runs one step on `views` (N x 3 x H x W, N = 2m: rows 0..m view A, m..2m view B of the
+/// same images) and returns the loss before the update.
+pub fn train_step<B: Backend>(
+    graph: &mut Graph<B>,
+    model: &Model,
+    sgd: &mut Sgd,
+    views: &[f32],
+    shape: Shape4,
+    loss_cfg: &LossConfig,
+    lr: f64,
+) -> Result<f64> {
+    if shape.n % 2 != 0 || shape.c != 3 {
+        return Err(Error::invalid(format!(
+            "a training batch is 2m x 3 x H x W, got {shape:?}"
+        )));
+    }
+    graph.begin();
+    let x = graph.input(views, shape)?;
+    let z = model.forward(graph, x, true)?;
+    let loss = graph.instance_loss(z, loss_cfg)?;
+    let value = graph.value_f64(loss)?[0];
+    graph.params.zero_grad(&graph.backend)?;
+    graph.backward(loss)?;
+    sgd.update(&graph.backend, &mut graph.params, lr);
+    Ok(value)
+}

@@ -13,6 +13,9 @@
 //! | [`linalg`] | a bounds-checked front to the `gemm` crate's matrix product |
 //! | [`simd`] | f32/f64 SIMD vectors (`wide`) and row helpers for the CPU paths |
 //! | [`nn`] | the encoder: autodiff tape, backend trait, CPU kernels, ResNet18/ConvNet, SGD, checkpoints |
+//! | [`data`] | datasets (synthetic default, digits, CIFAR-10, STL-10, image folders) and the recipe's augmentation |
+//! | [`eval`] | weighted kNN, Recall@K, k-means NMI |
+//! | [`trainer`] | the training loop of `invaspread train`: metrics, checkpoints, resume |
 //! | [`npy`] | `.npy` reading and writing with clear errors, atomic writes |
 //! | [`error`] | the crate's [`Error`] type |
 //! | [`bench`] | timing of the loss implementations for `bench-loss` and criterion |
@@ -23,7 +26,9 @@
 
 pub mod bench;
 pub mod cuda;
+pub mod data;
 pub mod error;
+pub mod eval;
 pub mod linalg;
 pub mod loss;
 pub mod nn;
@@ -31,6 +36,7 @@ pub mod npy;
 pub mod ops;
 pub mod simd;
 pub mod testing;
+pub mod trainer;
 
 pub use error::{Error, Result};
 pub use loss::{GradSemantics, LossConfig};

@@ -4,6 +4,7 @@ mod bench_loss;
 mod info;
 mod loss;
 mod random;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,12 @@ enum Command {
     Info(info::InfoArgs),
     /// The instance loss (and optionally dL/dz) of an N x d .npy file of raw embeddings.
     Loss(loss::LossArgs),
+    /// Train an encoder with the instance loss (metrics, plot and checkpoints in --out).
+    Train(train::TrainArgs),
+    /// kNN top-1, Recall@1/2/4/8 and k-means NMI of a checkpoint on a dataset's test split.
+    Eval(train::EvalArgs),
+    /// Embeddings of a split as a float32 N x 128 .npy (labels beside it).
+    Embed(train::EmbedArgs),
     /// Time every loss implementation on one device and print a markdown table.
     BenchLoss(bench_loss::BenchLossArgs),
     /// Seeded random N x d embeddings as .npy (an input for `loss` and the benchmarks).
@@ -43,6 +50,9 @@ pub fn run(cli: Cli) -> invaspread::Result<()> {
         Command::Loss(args) => loss::run(args),
         Command::Random(args) => random::run(args),
         Command::BenchLoss(args) => bench_loss::run(args),
+        Command::Train(args) => train::train(args),
+        Command::Eval(args) => train::eval(args),
+        Command::Embed(args) => train::embed(args),
     }
 }
 

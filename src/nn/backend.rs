@@ -157,13 +157,27 @@ pub trait Backend: Send + Sync {
     );
 }
 
-/// The CPU backend, in f32 (training) or f64 (gradient checks).
+/// The CPU backend, in f32 (training) or f64 (gradient checks). The loss op runs the fused
+/// CPU loss, or the float64 reference when built with [`Cpu::with_reference_loss`].
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Cpu<T>(PhantomData<T>);
+pub struct Cpu<T> {
+    reference_loss: bool,
+    _elem: PhantomData<T>,
+}
 
 impl<T> Cpu<T> {
     pub fn new() -> Self {
-        Cpu(PhantomData)
+        Cpu {
+            reference_loss: false,
+            _elem: PhantomData,
+        }
+    }
+    /// The loss op runs `loss::reference` (float64, stores N x N; for checking).
+    pub fn with_reference_loss() -> Self {
+        Cpu {
+            reference_loss: true,
+            _elem: PhantomData,
+        }
     }
 }
 
@@ -390,6 +404,13 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         cfg: &LossConfig,
         dz: &mut Vec<T>,
     ) -> Result<f64> {
+        if self.reference_loss {
+            let out = crate::loss::reference::instance_loss(z, n, d, cfg, true)?;
+            if let Some(g) = out.grad_z {
+                *dz = g.into_iter().map(T::of).collect();
+            }
+            return Ok(out.loss);
+        }
         let out = cpu_loss::instance_loss(z, n, d, cfg, true)?;
         if let Some(g) = out.grad_z {
             *dz = g;

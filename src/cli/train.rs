@@ -1,0 +1,320 @@
+//! `invaspread train`, `eval` and `embed`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use invaspread::data::{self, DatasetKind, LoadOptions, OnBadImage};
+use invaspread::eval;
+use invaspread::loss::{GradSemantics, LossConfig};
+use invaspread::nn::backend::Cpu;
+use invaspread::nn::checkpoint;
+use invaspread::nn::graph::Graph;
+use invaspread::nn::models::{Model, ModelKind};
+use invaspread::nn::optim::{Schedule, SgdConfig};
+use invaspread::nn::params::ParamStore;
+use invaspread::trainer::{self, TrainConfig};
+use invaspread::{npy, Error};
+
+use super::Device;
+
+/// Where the images come from.
+#[derive(Debug, clap::Args)]
+pub struct DataArgs {
+    /// Which dataset; `synthetic` is generated and needs no file.
+    #[arg(long, value_enum, default_value_t = DatasetKind::Synthetic)]
+    dataset: DatasetKind,
+    /// The dataset's folder (or file: digits.csv.gz, or a .tar.gz of an image folder).
+    #[arg(long, value_name = "PATH")]
+    data_dir: Option<PathBuf>,
+    /// Resize every image to S x S.
+    #[arg(long, value_name = "S")]
+    image_size: Option<usize>,
+    /// What to do with an image file that cannot be decoded.
+    #[arg(long, value_enum, default_value_t = OnBadImage::Stop)]
+    on_bad_image: OnBadImage,
+}
+
+impl DataArgs {
+    fn load(&self, seed: u64) -> invaspread::Result<data::Dataset> {
+        let opts = LoadOptions {
+            data_dir: self.data_dir.clone(),
+            image_size: self.image_size,
+            on_bad_image: self.on_bad_image,
+            seed,
+        };
+        let ds = data::load(self.dataset, &opts)?;
+        eprintln!(
+            "dataset {}: {} train and {} test images of {}x{}, {} classes{}",
+            ds.name,
+            ds.train.len(),
+            ds.test.len(),
+            ds.size,
+            ds.size,
+            ds.classes.len(),
+            if ds.skipped > 0 {
+                format!(", {} unreadable files skipped", ds.skipped)
+            } else {
+                String::new()
+            }
+        );
+        Ok(ds)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScheduleArg {
+    /// x0.1 at epoch 120 and x0.01 at 160 (the paper's).
+    Step,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossArg {
+    /// The float64 reference (slow; stores N x N).
+    Reference,
+    /// The fused CPU loss.
+    Fused,
+    /// The unfused CUDA chain (needs --device cuda).
+    Unfused,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// The encoder.
+    #[arg(long, value_enum, default_value_t = ModelKind::ConvnetSmall)]
+    model: ModelKind,
+    /// Epochs (passes over the training split, the last incomplete batch dropped).
+    #[arg(long, conflicts_with = "steps")]
+    epochs: Option<usize>,
+    /// Steps instead of epochs; 0 writes the initialised network's checkpoint.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Images per step (2 x batch rows: two views each).
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    #[arg(long, default_value_t = 0.03)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    #[arg(long)]
+    nesterov: bool,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Step)]
+    schedule: ScheduleArg,
+    /// Linear learning-rate warm-up over this many steps.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 0.1)]
+    tau: f64,
+    #[arg(long, default_value_t = 1.0)]
+    mu: f64,
+    #[arg(long, value_enum, default_value_t = GradSemantics::QueryOnly)]
+    grad_semantics: GradSemantics,
+    #[arg(long, value_enum, default_value_t = LossArg::Fused)]
+    loss: LossArg,
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder: metrics, plot, checkpoints, configuration.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// kNN neighbours and temperature of the per-epoch evaluation.
+    #[arg(long, default_value_t = 200)]
+    k: usize,
+    #[arg(long, default_value_t = 0.1)]
+    sigma: f64,
+}
+
+pub fn train(args: TrainArgs) -> invaspread::Result<()> {
+    if args.device == Device::Cuda || args.loss == LossArg::Unfused {
+        return Err(Error::InvalidInput(
+            "training on CUDA (--device cuda, --loss unfused) is not implemented yet; train with --device cpu".into(),
+        ));
+    }
+    let flag = trainer::stop_flag();
+    ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
+        .map_err(|e| Error::InvalidInput(format!("cannot install the Ctrl-C handler: {e}")))?;
+    let ds = Arc::new(args.data.load(args.seed)?);
+    let cfg = TrainConfig {
+        model: args.model,
+        epochs: args.epochs,
+        steps: args.steps,
+        batch: args.batch,
+        sgd: SgdConfig {
+            lr: args.lr,
+            momentum: args.momentum,
+            weight_decay: args.weight_decay,
+            nesterov: args.nesterov,
+        },
+        schedule: match args.schedule {
+            ScheduleArg::Step => Schedule::paper_step(),
+            ScheduleArg::Cosine => Schedule::Cosine,
+        },
+        warmup_steps: args.warmup_steps,
+        loss: LossConfig {
+            tau: args.tau,
+            mu: args.mu,
+            semantics: args.grad_semantics,
+        },
+        reference_loss: args.loss == LossArg::Reference,
+        seed: args.seed,
+        out: args.out.clone(),
+        resume: args.resume,
+        knn_k: args.k,
+        knn_sigma: args.sigma,
+        progress: true,
+    };
+    let summary = trainer::train(&cfg, ds)?;
+    if let Some(last) = summary.metrics.last() {
+        eprintln!(
+            "done: epoch {} kNN top-1 {:.2}%; outputs in {}",
+            last.epoch,
+            100.0 * last.knn_top1,
+            args.out.display()
+        );
+    } else {
+        eprintln!("done: outputs in {}", args.out.display());
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// A model checkpoint written by `train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value_t = 200)]
+    k: usize,
+    #[arg(long, default_value_t = 0.1)]
+    sigma: f64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Builds the model a checkpoint names and loads it.
+fn load_checkpoint(path: &PathBuf) -> invaspread::Result<(Graph<Cpu<f32>>, Model)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Io {
+        path: path.clone(),
+        source: e,
+    })?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::BadFile {
+            path: path.clone(),
+            message: format!("not a safetensors file: {e}"),
+        })?;
+    let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
+    let kind = match meta.get("model").map(String::as_str) {
+        Some("resnet18-cifar") => ModelKind::Resnet18Cifar,
+        Some("convnet-small") => ModelKind::ConvnetSmall,
+        other => {
+            return Err(Error::BadFile {
+                path: path.clone(),
+                message: format!(
+                    "metadata names model {other:?}, expected resnet18-cifar or convnet-small"
+                ),
+            })
+        }
+    };
+    let backend = Cpu::new();
+    let mut store = ParamStore::default();
+    let model = Model::new(kind, &mut store, &backend, 0)?;
+    checkpoint::load_model(&mut store, &backend, path)?;
+    Ok((Graph::new(backend, store), model))
+}
+
+pub fn eval(args: EvalArgs) -> invaspread::Result<()> {
+    let ds = args.data.load(0)?;
+    let (mut graph, model) = load_checkpoint(&args.checkpoint)?;
+    let train = eval::embed(&mut graph, &model, &ds.train, ds.size, 256)?;
+    let test = eval::embed(&mut graph, &model, &ds.test, ds.size, 256)?;
+    let knn = eval::knn_top1(
+        &train,
+        &ds.train.labels,
+        &test,
+        &ds.test.labels,
+        ds.classes.len(),
+        args.k,
+        args.sigma,
+    )?;
+    let recall = eval::recall_at_k(&test, &ds.test.labels, &[1, 2, 4, 8])?;
+    let clusters = eval::kmeans(
+        &test,
+        invaspread::nn::models::EMBED_DIM,
+        ds.classes.len(),
+        0,
+    );
+    let labels: Vec<usize> = ds.test.labels.iter().map(|&l| l as usize).collect();
+    let nmi = eval::nmi(&clusters, &labels);
+    if args.json {
+        println!(
+            "{{\"knn_top1\":{knn},\"k\":{},\"sigma\":{},\"recall_at_1\":{},\"recall_at_2\":{},\"recall_at_4\":{},\"recall_at_8\":{},\"nmi\":{nmi}}}",
+            args.k, args.sigma, recall[0], recall[1], recall[2], recall[3]
+        );
+    } else {
+        println!(
+            "kNN top-1 (k={}, sigma={}): {:.2}%",
+            args.k,
+            args.sigma,
+            100.0 * knn
+        );
+        println!(
+            "Recall@1/2/4/8: {:.2}% {:.2}% {:.2}% {:.2}%",
+            100.0 * recall[0],
+            100.0 * recall[1],
+            100.0 * recall[2],
+            100.0 * recall[3]
+        );
+        println!("NMI (k-means, {} clusters): {:.4}", ds.classes.len(), nmi);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitArg {
+    Train,
+    Test,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EmbedArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, value_enum, default_value_t = SplitArg::Test)]
+    split: SplitArg,
+    /// Output: float32 N x 128; the labels go to a sibling .labels.npy (int64).
+    #[arg(long, value_name = "E.npy")]
+    out: PathBuf,
+}
+
+pub fn embed(args: EmbedArgs) -> invaspread::Result<()> {
+    let ds = args.data.load(0)?;
+    let (mut graph, model) = load_checkpoint(&args.checkpoint)?;
+    let split = if args.split == SplitArg::Train {
+        &ds.train
+    } else {
+        &ds.test
+    };
+    let emb = eval::embed(&mut graph, &model, split, ds.size, 256)?;
+    npy::write(
+        &args.out,
+        &[split.len(), invaspread::nn::models::EMBED_DIM],
+        &emb,
+    )?;
+    let labels_path = args.out.with_extension("labels.npy");
+    npy::write(&labels_path, &[split.len()], &split.labels)?;
+    eprintln!("wrote {} and {}", args.out.display(), labels_path.display());
+    Ok(())
+}

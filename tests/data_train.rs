@@ -1,0 +1,300 @@
+//! Datasets, augmentation statistics, and the training loop: reproducibility, bit-exact
+//! resume, the initialised checkpoint, and learning on real data (the CIFAR-10 JPEG copy in
+//! ../shared/data, skipped with a message when it is absent).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use invaspread::data::augment::{self, crop_params, draw, view_rng, AugmentConfig};
+use invaspread::data::{self, Dataset, OnBadImage};
+use invaspread::loss::LossConfig;
+use invaspread::nn::models::ModelKind;
+use invaspread::nn::optim::{Schedule, SgdConfig};
+use invaspread::trainer::{self, TrainConfig};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("invaspread-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn crop_parameters_stay_in_the_recipe_ranges() {
+    let cfg = AugmentConfig::recipe();
+    let (mut min_scale, mut max_scale, mut min_ratio, mut max_ratio) =
+        (f64::MAX, 0.0f64, f64::MAX, 0.0f64);
+    for i in 0..5000 {
+        let (top, left, h, w) =
+            crop_params(&mut view_rng(1, 0, i, 0), 32, 32, cfg.scale, cfg.ratio);
+        assert!(top + h <= 32 && left + w <= 32 && h > 0 && w > 0);
+        let scale = (h * w) as f64 / 1024.0;
+        let ratio = w as f64 / h as f64;
+        // Whole-pixel rounding of w and h moves the ratio by at most half a pixel each way.
+        let (hf, wf) = (h as f64, w as f64);
+        assert!(
+            (wf + 0.5) / (hf - 0.5) >= 0.75 && (wf - 0.5) / (hf + 0.5) <= 4.0 / 3.0,
+            "crop {w}x{h} is outside the ratio range"
+        );
+        (min_scale, max_scale) = (min_scale.min(scale), max_scale.max(scale));
+        (min_ratio, max_ratio) = (min_ratio.min(ratio), max_ratio.max(ratio));
+    }
+    // Rounding to whole pixels on a 32-pixel side moves the edges slightly.
+    assert!(
+        min_scale > 0.17 && min_scale < 0.25,
+        "smallest crop {min_scale}"
+    );
+    assert!(max_scale > 0.9, "largest crop {max_scale}");
+    assert!(
+        min_ratio < 0.8 && max_ratio > 1.25,
+        "ratios {min_ratio}..{max_ratio} do not span the range"
+    );
+}
+
+#[test]
+fn grayscale_flip_rates_and_jitter_ranges() {
+    let cfg = AugmentConfig::recipe();
+    let n = 20_000;
+    let (mut gray, mut flip) = (0, 0);
+    let mut orders = std::collections::HashSet::new();
+    for i in 0..n {
+        let d = draw(&mut view_rng(2, 0, i, 1), 32, &cfg);
+        gray += d.grayscale as usize;
+        flip += d.flip as usize;
+        orders.insert(d.order);
+        for k in 0..3 {
+            assert!(
+                (0.6..=1.4).contains(&d.factors[k]),
+                "factor {k} = {}",
+                d.factors[k]
+            );
+        }
+        assert!((-0.4..=0.4).contains(&d.factors[3]));
+    }
+    // Binomial standard deviations: 0.0028 and 0.0035; allow 5 of them.
+    let (g, f) = (gray as f64 / n as f64, flip as f64 / n as f64);
+    assert!((g - 0.2).abs() < 0.015, "grayscale rate {g}");
+    assert!((f - 0.5).abs() < 0.018, "flip rate {f}");
+    assert_eq!(
+        orders.len(),
+        24,
+        "all 24 orders of the four colour adjustments occur"
+    );
+}
+
+#[test]
+fn identity_settings_return_the_input_and_seeds_reproduce() {
+    let ds = data::synthetic(5, 2, 1);
+    let img = ds.train.image(3, ds.size);
+    let mut out = vec![0.0f32; 3 * 32 * 32];
+    augment::augment(
+        img,
+        32,
+        &AugmentConfig::identity(),
+        &mut view_rng(0, 0, 0, 0),
+        &mut out,
+    );
+    let mut want = vec![0.0f32; out.len()];
+    augment::test_transform(img, 32, &mut want);
+    for (a, b) in out.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    let a = augment::two_view_batch(&ds.train, 32, &[0, 5, 7], &AugmentConfig::recipe(), 42, 3);
+    let b = augment::two_view_batch(&ds.train, 32, &[0, 5, 7], &AugmentConfig::recipe(), 42, 3);
+    let c = augment::two_view_batch(&ds.train, 32, &[0, 5, 7], &AugmentConfig::recipe(), 43, 3);
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    // The two views of one image differ.
+    assert_ne!(a[..3072], a[3 * 3072..4 * 3072]);
+}
+
+#[test]
+fn image_folders_sort_classes_convert_grey_and_report_bad_files() {
+    let root = scratch("folder");
+    for (split, class, name, grey) in [
+        ("train", "b", "1.png", false),
+        ("train", "a", "1.png", true),
+        ("test", "a", "2.png", false),
+        ("test", "b", "3.png", false),
+    ] {
+        let dir = root.join(split).join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        if grey {
+            image::GrayImage::from_pixel(4, 4, image::Luma([77]))
+                .save(dir.join(name))
+                .unwrap();
+        } else {
+            image::RgbImage::from_pixel(4, 4, image::Rgb([10, 20, 30]))
+                .save(dir.join(name))
+                .unwrap();
+        }
+    }
+    let ds = data::folder(&root, None, OnBadImage::Stop).unwrap();
+    assert_eq!(ds.classes, vec!["a", "b"]);
+    assert_eq!((ds.train.len(), ds.test.len(), ds.size), (2, 2, 4));
+    assert_eq!(ds.train.labels, vec![0, 1]);
+    assert_eq!(
+        &ds.train.image(0, 4)[..3],
+        &[77, 77, 77],
+        "grey becomes three equal channels"
+    );
+
+    image::RgbImage::from_pixel(6, 6, image::Rgb([1, 2, 3]))
+        .save(root.join("test/b/4.png"))
+        .unwrap();
+    let err = data::folder(&root, None, OnBadImage::Stop)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("4.png is 6x6") && err.contains("--image-size"),
+        "{err}"
+    );
+    let resized = data::folder(&root, Some(8), OnBadImage::Stop).unwrap();
+    assert_eq!((resized.size, resized.test.len()), (8, 3));
+
+    std::fs::write(root.join("train/a/broken.png"), b"not an image").unwrap();
+    let err = data::folder(&root, Some(8), OnBadImage::Stop)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("broken.png") && err.contains("cannot decode"),
+        "{err}"
+    );
+    let skipped = data::folder(&root, Some(8), OnBadImage::Skip).unwrap();
+    assert_eq!(skipped.skipped, 1);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn digits_load_when_the_shared_data_is_there() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/sklearn-digits");
+    if !path.exists() {
+        eprintln!("SKIPPED (no ../shared/data): digits_load_when_the_shared_data_is_there");
+        return;
+    }
+    let ds = data::digits(&path).unwrap();
+    assert_eq!((ds.train.len(), ds.test.len(), ds.size), (1438, 359, 8));
+    assert_eq!(ds.train.labels[..3], [0, 1, 2]);
+}
+
+fn config(out: PathBuf, steps: usize) -> TrainConfig {
+    TrainConfig {
+        model: ModelKind::ConvnetSmall,
+        epochs: None,
+        steps: Some(steps),
+        batch: 16,
+        sgd: SgdConfig::default(),
+        schedule: Schedule::paper_step(),
+        warmup_steps: 2,
+        loss: LossConfig::default(),
+        reference_loss: false,
+        seed: 7,
+        out,
+        resume: false,
+        knn_k: 20,
+        knn_sigma: 0.1,
+        progress: false,
+    }
+}
+
+fn small() -> Arc<Dataset> {
+    Arc::new(data::synthetic(3, 8, 4)) // 80 train images: 5 steps an epoch at batch 16
+}
+
+#[test]
+fn same_seed_same_losses_and_resume_is_bit_exact() {
+    let ds = small();
+    let full = trainer::train(&config(scratch("full"), 12), ds.clone()).unwrap();
+    let again = trainer::train(&config(scratch("again"), 12), ds.clone()).unwrap();
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(&full.step_losses),
+        bits(&again.step_losses),
+        "same seed and threads, same losses"
+    );
+    assert_eq!(full.step_losses.len(), 12);
+
+    // Stop after 7 steps (mid-epoch), then resume to 12.
+    let dir = scratch("resume");
+    let first = trainer::train(&config(dir.clone(), 7), ds.clone()).unwrap();
+    let mut cfg = config(dir.clone(), 12);
+    cfg.resume = true;
+    let rest = trainer::train(&cfg, ds.clone()).unwrap();
+    let joined: Vec<f64> = first
+        .step_losses
+        .iter()
+        .chain(&rest.step_losses)
+        .copied()
+        .collect();
+    assert_eq!(
+        bits(&joined),
+        bits(&full.step_losses),
+        "resumed run differs from the uninterrupted one"
+    );
+    assert!(
+        dir.join("metrics.csv").exists()
+            && dir.join("metrics.json").exists()
+            && dir.join("metrics.png").exists()
+    );
+    assert!(dir.join("best.safetensors").exists() && dir.join("config.json").exists());
+
+    // A second run into the same folder without --resume is refused (nothing is overwritten).
+    let err = trainer::train(&config(dir.clone(), 12), ds)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already holds a run"), "{err}");
+}
+
+#[test]
+fn zero_steps_writes_the_initialised_checkpoint() {
+    let dir = scratch("init");
+    let summary = trainer::train(&config(dir.clone(), 0), small()).unwrap();
+    assert!(summary.knn_at_start.is_some());
+    assert!(dir.join("last.safetensors").exists());
+}
+
+/// Learning happens on real images: a few minutes of training on part of the CIFAR-10 JPEG
+/// copy lifts kNN top-1 clearly above the same network at initialisation.
+#[test]
+fn learning_on_cifar10_jpeg_copy_beats_initialisation() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/cifar10-jpg/cifar10-jpg.tar.gz");
+    if !path.exists() {
+        eprintln!("SKIPPED (no ../shared/data/cifar10-jpg): learning_on_cifar10_jpeg_copy_beats_initialisation");
+        return;
+    }
+    let mut ds = data::folder(&path, None, OnBadImage::Stop).unwrap();
+    // 10,000 training and 2,000 test images keep the run to a couple of minutes on 2 cores.
+    let keep = |split: &mut data::Split, n: usize, size: usize| {
+        let order: Vec<usize> = (0..split.len())
+            .filter(|i| i % (split.len() / n) == 0)
+            .take(n)
+            .collect();
+        let images: Vec<u8> = order
+            .iter()
+            .flat_map(|&i| split.image(i, size).to_vec())
+            .collect();
+        let labels = order.iter().map(|&i| split.labels[i]).collect();
+        *split = data::Split { images, labels };
+    };
+    let size = ds.size;
+    keep(&mut ds.train, 10_000, size);
+    keep(&mut ds.test, 2_000, size);
+    let mut cfg = config(scratch("cifar"), 0);
+    cfg.steps = None;
+    cfg.epochs = Some(3);
+    cfg.batch = 128;
+    cfg.knn_k = 200;
+    let summary = trainer::train(&cfg, Arc::new(ds)).unwrap();
+    let start = summary.knn_at_start.unwrap();
+    let end = summary.metrics.last().unwrap().knn_top1;
+    eprintln!(
+        "CIFAR-10 JPEG subset: kNN top-1 {:.2}% at initialisation, {:.2}% after 3 epochs",
+        100.0 * start,
+        100.0 * end
+    );
+    assert!(
+        end > start + 0.04,
+        "kNN top-1 rose only from {start} to {end} (expected +4 points)"
+    );
+}

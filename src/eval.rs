@@ -108,6 +108,7 @@ fn nearest(
                     if kk > 0 && kk < cand.len() {
                         cand.select_nth_unstable_by(kk - 1, by_sim);
                         cand.truncate(kk);
+                        cand.shrink_to_fit(); // else every query keeps a row-sized allocation
                     }
                     cand.sort_by(by_sim);
                     cand

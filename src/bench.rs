@@ -34,6 +34,35 @@ pub struct BenchRow {
     pub speedup: Option<f64>,
 }
 
+impl BenchRow {
+    /// A row from a measured (median, runs); the rate counts useful FLOPs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        device: String,
+        version: &str,
+        n: usize,
+        d: usize,
+        cfg: &LossConfig,
+        with_grad: bool,
+        timing: (f64, usize),
+        extra_bytes: usize,
+    ) -> Self {
+        let (median_s, runs) = timing;
+        BenchRow {
+            device,
+            version: version.into(),
+            n,
+            d,
+            pass: if with_grad { "fwd+bwd" } else { "fwd" },
+            median_s,
+            runs,
+            tflops: useful_flops(n, d, with_grad, cfg.semantics) / median_s / 1e12,
+            extra_bytes,
+            speedup: None,
+        }
+    }
+}
+
 /// Useful FLOPs of one call.
 pub fn useful_flops(n: usize, d: usize, with_grad: bool, semantics: GradSemantics) -> f64 {
     let passes = match (with_grad, semantics) {
@@ -146,18 +175,16 @@ pub fn bench_cpu(
         CpuVersion::FusedF64 => cpu_fused_extra_bytes(n, d, 8, threads, with_grad),
         CpuVersion::FusedF32 => cpu_fused_extra_bytes(n, d, 4, threads, with_grad),
     };
-    Ok(Some(BenchRow {
-        device: format!("cpu ({threads} threads)"),
-        version: version.name().into(),
+    Ok(Some(BenchRow::new(
+        format!("cpu ({threads} threads)"),
+        version.name(),
         n,
         d,
-        pass: if with_grad { "fwd+bwd" } else { "fwd" },
-        median_s,
-        runs,
-        tflops: useful_flops(n, d, with_grad, cfg.semantics) / median_s / 1e12,
+        cfg,
+        with_grad,
+        (median_s, runs),
         extra_bytes,
-        speedup: None,
-    }))
+    )))
 }
 
 /// Times one GPU version with CUDA events (after a warm-up), on seeded random input.
@@ -193,18 +220,16 @@ pub fn bench_cuda(
         let stop = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         Ok(f64::from(start.elapsed_ms(&stop)?) / 1e3)
     })?;
-    Ok(Some(BenchRow {
-        device: gpu.name()?,
-        version: version.name().into(),
+    Ok(Some(BenchRow::new(
+        gpu.name()?,
+        version.name(),
         n,
         d,
-        pass: if with_grad { "fwd+bwd" } else { "fwd" },
-        median_s,
-        runs,
-        tflops: useful_flops(n, d, with_grad, cfg.semantics) / median_s / 1e12,
-        extra_bytes: loss.extra_bytes(),
-        speedup: None,
-    }))
+        cfg,
+        with_grad,
+        (median_s, runs),
+        loss.extra_bytes(),
+    )))
 }
 
 /// Fills `speedup` of every row from the row of `baseline` with the same N, d and pass.

@@ -2,8 +2,12 @@
 //! (tests/independent_reference.py, the authors' operations back-propagated by hand), and clear
 //! errors for bad files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::{invaspread, repo};
 
 use invaspread::npy;
 use invaspread::testing::{random_matrix, rng};
@@ -12,24 +16,6 @@ fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("invaspread-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// The binary under test; `INVASPREAD_EXE` overrides the build path (scripts/device-check.sh
-/// runs these tests on a machine where the build folder does not exist).
-fn invaspread(args: &[&str]) -> std::process::Output {
-    let exe = std::env::var("INVASPREAD_EXE")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_invaspread").to_string());
-    Command::new(exe)
-        .args(args)
-        .output()
-        .expect("run invaspread")
-}
-
-/// The repository root; `INVASPREAD_REPO` overrides it for the same reason.
-fn repo() -> PathBuf {
-    std::env::var_os("INVASPREAD_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 fn python_reference(z: &Path, tau: f64, mu: f64, semantics: &str, grad: &Path) -> f64 {

@@ -1,15 +1,8 @@
 //! `invaspread train`, `eval` and `embed` end to end on the generated default dataset.
 
-use std::process::Command;
+mod common;
 
-fn invaspread(args: &[&str]) -> std::process::Output {
-    let exe = std::env::var("INVASPREAD_EXE")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_invaspread").to_string());
-    Command::new(exe)
-        .args(args)
-        .output()
-        .expect("run invaspread")
-}
+use common::invaspread;
 
 #[test]
 fn train_then_eval_and_embed_the_checkpoint() {

@@ -87,14 +87,7 @@ pub fn instance_loss<T: CpuFloat>(
                 let r0 = block * ROW_BLOCK;
                 let rows = loss_block.len();
                 let s = &mut buf[..rows * n];
-                matmul(
-                    MatRef::row_major(&f[r0 * d..(r0 + rows) * d], rows, d),
-                    MatRef::transposed(&f, n, d),
-                    s,
-                    n,
-                    T::ONE,
-                    false,
-                )?;
+                similarity_rows(&f, r0, rows, n, d, s)?;
                 for (i, row) in s.chunks_exact_mut(n).enumerate() {
                     let (loss, sc) = query_row(row, r0 + i, cfg, with_grad);
                     loss_block[i] = loss;
@@ -140,14 +133,7 @@ pub fn instance_loss<T: CpuFloat>(
                     let r0 = block * ROW_BLOCK;
                     let rows = grad_block.len() / d;
                     let s = &mut buf[..rows * n];
-                    matmul(
-                        MatRef::row_major(&f[r0 * d..(r0 + rows) * d], rows, d),
-                        MatRef::transposed(&f, n, d),
-                        s,
-                        n,
-                        T::ONE,
-                        false,
-                    )?;
+                    similarity_rows(&f, r0, rows, n, d, s)?;
                     for (i, row) in s.chunks_exact_mut(n).enumerate() {
                         key_row(row, r0 + i, cfg, [&shift, &inv_denom, &r]);
                     }
@@ -174,6 +160,25 @@ pub fn instance_loss<T: CpuFloat>(
         loss,
         grad_z: Some(grad_z),
     })
+}
+
+/// s = F[r0 .. r0 + rows] F^T: the block's similarity rows (rows x N).
+fn similarity_rows<T: CpuFloat>(
+    f: &[T],
+    r0: usize,
+    rows: usize,
+    n: usize,
+    d: usize,
+    s: &mut [T],
+) -> Result<()> {
+    matmul(
+        MatRef::row_major(&f[r0 * d..(r0 + rows) * d], rows, d),
+        MatRef::transposed(f, n, d),
+        s,
+        n,
+        T::ONE,
+        false,
+    )
 }
 
 /// Row `a` as a query. On entry `row` holds s_ab = f_a . f_b (b = 0..N); on exit, when

@@ -253,7 +253,7 @@ fn zero_steps_writes_the_initialised_checkpoint() {
     assert!(dir.join("last.safetensors").exists());
 }
 
-/// Learning happens on real images: a few minutes of training on part of the CIFAR-10 JPEG
+/// Learning happens on real images: a minute of training on part of the CIFAR-10 JPEG
 /// copy lifts kNN top-1 clearly above the same network at initialisation.
 #[test]
 fn learning_on_cifar10_jpeg_copy_beats_initialisation() {
@@ -294,7 +294,7 @@ fn learning_on_cifar10_jpeg_copy_beats_initialisation() {
         100.0 * end
     );
     assert!(
-        end > start + 0.04,
-        "kNN top-1 rose only from {start} to {end} (expected +4 points)"
+        end > start + 0.08,
+        "kNN top-1 rose only from {start} to {end} (expected +8 points)"
     );
 }

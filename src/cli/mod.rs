@@ -32,6 +32,8 @@ enum Command {
     Eval(train::EvalArgs),
     /// Embeddings of a split as a float32 N x 128 .npy (labels beside it).
     Embed(train::EmbedArgs),
+    /// One training step of a checkpoint on a given batch (to compare with another implementation).
+    Step(train::StepArgs),
     /// Time every loss implementation on one device and print a markdown table.
     BenchLoss(bench_loss::BenchLossArgs),
     /// Seeded random N x d embeddings as .npy (an input for `loss` and the benchmarks).
@@ -53,6 +55,7 @@ pub fn run(cli: Cli) -> invaspread::Result<()> {
         Command::Train(args) => train::train(args),
         Command::Eval(args) => train::eval(args),
         Command::Embed(args) => train::embed(args),
+        Command::Step(args) => train::step(args),
     }
 }
 

@@ -318,3 +318,60 @@ pub fn embed(args: EmbedArgs) -> invaspread::Result<()> {
     eprintln!("wrote {} and {}", args.out.display(), labels_path.display());
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct StepArgs {
+    /// The model before the step (a checkpoint written by `train`).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The batch: float32 N x 3 x H x W, already normalised; rows 0..N/2 view A, N/2..N view B.
+    #[arg(long, value_name = "X.npy")]
+    input: PathBuf,
+    /// Where to write the model after the step.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0.03)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.1)]
+    tau: f64,
+}
+
+/// One training step (fresh SGD state, the recipe's hyper-parameters) on a given batch: for
+/// comparing the whole step with another implementation.
+pub fn step(args: StepArgs) -> invaspread::Result<()> {
+    let (mut graph, model) = load_checkpoint(&args.checkpoint)?;
+    let array = npy::read(&args.input)?;
+    let shape = match array.shape[..] {
+        [n, 3, h, w] => invaspread::nn::cpu_ops::Shape4 { n, c: 3, h, w },
+        _ => {
+            return Err(Error::BadFile {
+                path: args.input.clone(),
+                message: format!("shape {:?}, expected N x 3 x H x W", array.shape),
+            })
+        }
+    };
+    let mut sgd = invaspread::nn::optim::Sgd::new(SgdConfig {
+        lr: args.lr,
+        ..SgdConfig::default()
+    });
+    let cfg = LossConfig {
+        tau: args.tau,
+        ..LossConfig::default()
+    };
+    let loss = invaspread::nn::train::train_step(
+        &mut graph,
+        &model,
+        &mut sgd,
+        &array.to_f32(),
+        shape,
+        &cfg,
+        args.lr,
+    )
+    .map_err(|e| e.in_file(&args.input))?;
+    println!("{loss}");
+    let meta = HashMap::from([
+        ("model".to_string(), model.kind.name().to_string()),
+        ("format".to_string(), "pt".to_string()),
+    ]);
+    checkpoint::save_model(&graph.params, &graph.backend, &args.out, meta)
+}

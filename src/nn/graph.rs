@@ -7,7 +7,7 @@
 
 use super::backend::Backend;
 use super::cpu_ops::{BnSaved, Conv, Shape4};
-use super::params::{BnId, ParamId, ParamStore};
+use super::params::{pair_mut, BnId, ParamId, ParamStore};
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 
@@ -439,15 +439,12 @@ impl<B: Backend> Graph<B> {
                     let xs = before[x.0].shape;
                     let acc = take(x);
                     let bufs = &params.bns[bn.0];
-                    // Take the two gradients out so that gamma's value can be borrowed beside them.
-                    let mut dgamma =
-                        std::mem::replace(&mut params.params[gamma.0].grad, b.zeros(0)?);
-                    let mut dbeta = std::mem::replace(&mut params.params[beta.0].grad, b.zeros(0)?);
+                    let (pg, pb) = pair_mut(&mut params.params, gamma, beta);
                     let xn = &mut before[x.0];
-                    let result = b.batchnorm_backward(
+                    b.batchnorm_backward(
                         &xn.value,
                         xs,
-                        &params.params[gamma.0].value,
+                        &pg.value,
                         &bufs.running_mean,
                         &bufs.running_var,
                         training,
@@ -455,12 +452,9 @@ impl<B: Backend> Graph<B> {
                         &node.grad,
                         Some(&mut xn.grad),
                         acc,
-                        &mut dgamma,
-                        &mut dbeta,
-                    );
-                    params.params[gamma.0].grad = dgamma;
-                    params.params[beta.0].grad = dbeta;
-                    result?;
+                        &mut pg.grad,
+                        &mut pb.grad,
+                    )?;
                 }
                 Op::Relu { x } => {
                     let acc = take(x);
@@ -484,24 +478,19 @@ impl<B: Backend> Graph<B> {
                 Op::Linear { x, w, b: bias, out } => {
                     let xs = before[x.0].shape;
                     let acc = take(x);
-                    // Taken out so that the weight's value can be borrowed beside them.
-                    let mut dw = std::mem::replace(&mut params.params[w.0].grad, b.zeros(0)?);
-                    let mut db = std::mem::replace(&mut params.params[bias.0].grad, b.zeros(0)?);
+                    let (pw, pb) = pair_mut(&mut params.params, w, bias);
                     let xn = &mut before[x.0];
-                    let result = b.linear_backward(
+                    b.linear_backward(
                         &xn.value,
                         xs.n,
-                        &params.params[w.0].value,
+                        &pw.value,
                         out,
                         &node.grad,
                         Some(&mut xn.grad),
                         acc,
-                        &mut dw,
-                        &mut db,
-                    );
-                    params.params[w.0].grad = dw;
-                    params.params[bias.0].grad = db;
-                    result?;
+                        &mut pw.grad,
+                        &mut pb.grad,
+                    )?;
                 }
                 Op::InstanceLoss { z } => {
                     let upstream = b.download_f64(&node.grad)?[0];

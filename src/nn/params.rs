@@ -32,6 +32,23 @@ pub struct BnBuffers<B: Backend> {
     pub num_batches_tracked: i64,
 }
 
+/// Two different parameters of `params`, both mutable (a layer's weight and bias); a free
+/// function so that the store's batchnorm buffers stay borrowable beside them.
+pub fn pair_mut<B: Backend>(
+    params: &mut [Param<B>],
+    a: ParamId,
+    b: ParamId,
+) -> (&mut Param<B>, &mut Param<B>) {
+    assert_ne!(a, b, "pair_mut needs two different parameters");
+    if a.0 < b.0 {
+        let (lo, hi) = params.split_at_mut(b.0);
+        (&mut lo[a.0], &mut hi[0])
+    } else {
+        let (lo, hi) = params.split_at_mut(a.0);
+        (&mut hi[0], &mut lo[b.0])
+    }
+}
+
 /// Every parameter and buffer of a model, in registration order.
 pub struct ParamStore<B: Backend> {
     pub params: Vec<Param<B>>,

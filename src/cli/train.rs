@@ -173,15 +173,19 @@ pub fn train(args: TrainArgs) -> invaspread::Result<()> {
         progress: true,
     };
     let summary = trainer::train(&cfg, ds)?;
-    if let Some(last) = summary.metrics.last() {
-        eprintln!(
-            "done: epoch {} kNN top-1 {:.2}%; outputs in {}",
+    let state = if summary.interrupted {
+        "stopped"
+    } else {
+        "done"
+    };
+    match summary.metrics.last() {
+        Some(last) => eprintln!(
+            "{state}: epoch {} kNN top-1 {:.2}%; outputs in {}",
             last.epoch,
             100.0 * last.knn_top1,
             args.out.display()
-        );
-    } else {
-        eprintln!("done: outputs in {}", args.out.display());
+        ),
+        None => eprintln!("{state}: outputs in {}", args.out.display()),
     }
     Ok(())
 }

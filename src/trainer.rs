@@ -352,7 +352,7 @@ pub fn train(cfg: &TrainConfig, ds: Arc<Dataset>) -> Result<TrainSummary> {
             cfg.batch
         )));
     }
-    let steps_per_epoch = ds.train.len() / cfg.batch;
+    let steps_per_epoch = ds.training_len() / cfg.batch;
     if steps_per_epoch == 0 {
         return Err(Error::invalid(format!(
             "--batch {} is larger than the {} training images",
@@ -450,12 +450,12 @@ pub fn train(cfg: &TrainConfig, ds: Arc<Dataset>) -> Result<TrainSummary> {
             for step in start..total_steps {
                 let epoch = step / steps_per_epoch;
                 if epoch != order_epoch {
-                    order = epoch_order(ds.train.len(), seed, epoch);
+                    order = epoch_order(ds.training_len(), seed, epoch);
                     order_epoch = epoch;
                 }
                 let i = step % steps_per_epoch;
                 let views = augment::two_view_batch(
-                    &ds.train,
+                    &[&ds.train, &ds.unlabeled],
                     ds.size,
                     &order[i * batch..(i + 1) * batch],
                     &aug,

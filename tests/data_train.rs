@@ -99,9 +99,30 @@ fn identity_settings_return_the_input_and_seeds_reproduce() {
     for (a, b) in out.iter().zip(&want) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
-    let a = augment::two_view_batch(&ds.train, 32, &[0, 5, 7], &AugmentConfig::recipe(), 42, 3);
-    let b = augment::two_view_batch(&ds.train, 32, &[0, 5, 7], &AugmentConfig::recipe(), 42, 3);
-    let c = augment::two_view_batch(&ds.train, 32, &[0, 5, 7], &AugmentConfig::recipe(), 43, 3);
+    let a = augment::two_view_batch(
+        &[&ds.train],
+        32,
+        &[0, 5, 7],
+        &AugmentConfig::recipe(),
+        42,
+        3,
+    );
+    let b = augment::two_view_batch(
+        &[&ds.train],
+        32,
+        &[0, 5, 7],
+        &AugmentConfig::recipe(),
+        42,
+        3,
+    );
+    let c = augment::two_view_batch(
+        &[&ds.train],
+        32,
+        &[0, 5, 7],
+        &AugmentConfig::recipe(),
+        43,
+        3,
+    );
     assert_eq!(a, b);
     assert_ne!(a, c);
     // The two views of one image differ.
@@ -297,4 +318,90 @@ fn learning_on_cifar10_jpeg_copy_beats_initialisation() {
         end > start + 0.08,
         "kNN top-1 rose only from {start} to {end} (expected +8 points)"
     );
+}
+
+#[test]
+fn binary_releases_are_read_in_their_pixel_order() {
+    // CIFAR-10: records of a label byte then R, G, B planes of 32 x 32.
+    let dir = scratch("cifar-bin");
+    let record = |label: u8, base: u8| {
+        let mut r = vec![label];
+        for c in 0..3u8 {
+            r.extend((0..1024).map(|p| base.wrapping_add(c * 50).wrapping_add((p % 7) as u8)));
+        }
+        r
+    };
+    for b in 1..=5 {
+        std::fs::write(
+            dir.join(format!("data_batch_{b}.bin")),
+            [record(b as u8, 10 * b as u8), record(9, 1)].concat(),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.join("test_batch.bin"), record(3, 100)).unwrap();
+    let ds = data::cifar10_binary(&dir).unwrap();
+    assert_eq!((ds.train.len(), ds.test.len(), ds.size), (10, 1, 32));
+    assert_eq!(ds.train.labels[..2], [1, 9]);
+    // Pixel 8 of the test image: HWC (R, G, B) = (100 + 1, 150 + 1, 200 + 1).
+    assert_eq!(&ds.test.image(0, 32)[8 * 3..8 * 3 + 3], &[101, 151, 201]);
+    std::fs::write(dir.join("test_batch.bin"), b"short").unwrap();
+    let err = data::cifar10_binary(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("test_batch.bin") && err.contains("3073-byte records"),
+        "{err}"
+    );
+
+    // STL-10: 96 x 96, each channel stored column-major; labels 1..10; unlabeled_X.bin.
+    let dir = scratch("stl-bin");
+    const S: usize = 96;
+    let image = |seed: usize| -> Vec<u8> {
+        let mut v = vec![0u8; 3 * S * S];
+        for c in 0..3 {
+            for x in 0..S {
+                for y in 0..S {
+                    v[c * S * S + x * S + y] = ((seed + 3 * c + 5 * x + 7 * y) % 251) as u8;
+                }
+            }
+        }
+        v
+    };
+    std::fs::write(dir.join("train_X.bin"), [image(1), image(2)].concat()).unwrap();
+    std::fs::write(dir.join("train_y.bin"), [1u8, 10]).unwrap();
+    std::fs::write(dir.join("test_X.bin"), image(3)).unwrap();
+    std::fs::write(dir.join("test_y.bin"), [4u8]).unwrap();
+    std::fs::write(
+        dir.join("unlabeled_X.bin"),
+        [image(4), image(5), image(6)].concat(),
+    )
+    .unwrap();
+    let ds = data::stl10_binary(&dir, true).unwrap();
+    assert_eq!(
+        (ds.train.len(), ds.test.len(), ds.unlabeled.len(), ds.size),
+        (2, 1, 3, 96)
+    );
+    assert_eq!(ds.train.labels, vec![0, 9]);
+    assert_eq!(ds.training_len(), 5);
+    // Row y = 2, column x = 5, channel 1 of test image 3: (3 + 3 + 25 + 14) % 251 = 45.
+    assert_eq!(ds.test.image(0, 96)[(2 * S + 5) * 3 + 1], 45);
+    assert_eq!(data::stl10_binary(&dir, false).unwrap().unlabeled.len(), 0);
+    std::fs::write(dir.join("test_y.bin"), [11u8]).unwrap();
+    let err = data::stl10_binary(&dir, false).unwrap_err().to_string();
+    assert!(
+        err.contains("test_y.bin") && err.contains("label 11"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unlabelled_images_join_training_but_not_the_knn_bank() {
+    let mut ds = data::synthetic(4, 8, 2);
+    let extra = data::synthetic(5, 8, 1).train;
+    ds.unlabeled = data::Split {
+        images: extra.images,
+        labels: vec![-1; extra.labels.len()],
+    };
+    let summary = trainer::train(&config(scratch("unlabelled"), 10), Arc::new(ds)).unwrap();
+    // 80 labelled + 80 unlabelled images at batch 16: 10 steps are one epoch.
+    assert_eq!(summary.metrics.len(), 1);
+    assert_eq!(summary.metrics[0].step, 10);
 }

@@ -33,6 +33,9 @@ pub struct DataArgs {
     /// What to do with an image file that cannot be decoded.
     #[arg(long, value_enum, default_value_t = OnBadImage::Stop)]
     on_bad_image: OnBadImage,
+    /// STL-10: also train on unlabeled_X.bin (the paper's "train + 100k unlabelled").
+    #[arg(long)]
+    stl10_unlabeled: bool,
 }
 
 impl DataArgs {
@@ -41,13 +44,19 @@ impl DataArgs {
             data_dir: self.data_dir.clone(),
             image_size: self.image_size,
             on_bad_image: self.on_bad_image,
+            stl10_unlabeled: self.stl10_unlabeled,
             seed,
         };
         let ds = data::load(self.dataset, &opts)?;
         eprintln!(
-            "dataset {}: {} train and {} test images of {}x{}, {} classes{}",
+            "dataset {}: {} train{} and {} test images of {}x{}, {} classes{}",
             ds.name,
             ds.train.len(),
+            if ds.unlabeled.is_empty() {
+                String::new()
+            } else {
+                format!(" (+{} unlabelled)", ds.unlabeled.len())
+            },
             ds.test.len(),
             ds.size,
             ds.size,

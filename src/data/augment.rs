@@ -293,9 +293,10 @@ pub fn test_transform(img: &[u8], size: usize, out: &mut [f32]) {
 }
 
 /// A training batch: view A of every image, then view B of every image (the loss's layout),
-/// N = 2 m images of 3 x size x size, built in parallel.
+/// N = 2 m images of 3 x size x size, built in parallel. `splits` form one index space, in
+/// order (the labelled training split, then any unlabelled images).
 pub fn two_view_batch(
-    split: &Split,
+    splits: &[&Split],
     size: usize,
     indices: &[usize],
     cfg: &AugmentConfig,
@@ -304,12 +305,21 @@ pub fn two_view_batch(
 ) -> Vec<f32> {
     let m = indices.len();
     let per = 3 * size * size;
+    let image = |mut i: usize| {
+        for s in splits {
+            if i < s.len() {
+                return s.image(i, size);
+            }
+            i -= s.len();
+        }
+        panic!("image index {i} past the {} splits", splits.len())
+    };
     let mut out = vec![0.0f32; 2 * m * per];
     out.par_chunks_mut(per).enumerate().for_each(|(slot, dst)| {
         let (view, i) = (slot / m, slot % m);
         let index = indices[i];
         let mut r = view_rng(seed, epoch, index as u64, view as u64);
-        augment(split.image(index, size), size, cfg, &mut r, dst);
+        augment(image(index), size, cfg, &mut r, dst);
     });
     out
 }

@@ -5,7 +5,7 @@
 //! | `synthetic` | generated from the seed, no file | the default: 10 classes of oriented stripes, 32 x 32 |
 //! | `digits` | `digits.csv.gz` (scikit-learn's 8 x 8 digits) | every 5th image is the test split |
 //! | `cifar10` | the binary release (`data_batch_{1..5}.bin`, `test_batch.bin`) | 32 x 32 |
-//! | `stl10` | the binary release (`train_X.bin`, `train_y.bin`, `test_X.bin`, `test_y.bin`) | 96 x 96 |
+//! | `stl10` | the binary release (`train_X.bin`, `train_y.bin`, `test_X.bin`, `test_y.bin`, optionally `unlabeled_X.bin`) | 96 x 96 |
 //! | `folder` | `ROOT/train/<class>/*`, `ROOT/test/<class>/*`, or a `.tar.gz` of such a tree | any format `image` decodes |
 
 pub mod augment;
@@ -49,8 +49,18 @@ pub struct Dataset {
     pub size: usize,
     pub train: Split,
     pub test: Split,
+    /// Extra training images without labels (STL-10's unlabeled_X.bin), used for training
+    /// batches only; kNN's memory bank is the labelled training split.
+    pub unlabeled: Split,
     /// Files that could not be decoded and were skipped.
     pub skipped: usize,
+}
+
+impl Dataset {
+    /// Images a training step draws from: the training split, then the unlabelled images.
+    pub fn training_len(&self) -> usize {
+        self.train.len() + self.unlabeled.len()
+    }
 }
 
 /// Which dataset to load.
@@ -77,6 +87,8 @@ pub enum OnBadImage {
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     pub data_dir: Option<PathBuf>,
+    /// STL-10: also train on unlabeled_X.bin (the paper's "train + 100k unlabelled").
+    pub stl10_unlabeled: bool,
     pub image_size: Option<usize>,
     pub on_bad_image: OnBadImage,
     pub seed: u64,
@@ -93,7 +105,7 @@ pub fn load(kind: DatasetKind, opts: &LoadOptions) -> Result<Dataset> {
         DatasetKind::Synthetic => synthetic(opts.seed, 200, 50),
         DatasetKind::Digits => digits(&need_dir("digits")?)?,
         DatasetKind::Cifar10 => cifar10_binary(&need_dir("cifar10")?)?,
-        DatasetKind::Stl10 => stl10_binary(&need_dir("stl10")?)?,
+        DatasetKind::Stl10 => stl10_binary(&need_dir("stl10")?, opts.stl10_unlabeled)?,
         DatasetKind::Folder => folder(&need_dir("folder")?, opts.image_size, opts.on_bad_image)?,
     };
     match opts.image_size {
@@ -137,6 +149,7 @@ pub fn synthetic(seed: u64, per_class: usize, test_per_class: usize) -> Dataset 
         size,
         train: make(per_class, 0x7472),
         test: make(test_per_class, 0x7465),
+        unlabeled: Split::default(),
         skipped: 0,
     }
 }
@@ -190,6 +203,7 @@ pub fn digits(dir: &Path) -> Result<Dataset> {
         size: 8,
         train,
         test,
+        unlabeled: Split::default(),
         skipped: 0,
     })
 }
@@ -248,14 +262,26 @@ pub fn cifar10_binary(dir: &Path) -> Result<Dataset> {
         size: 32,
         train,
         test,
+        unlabeled: Split::default(),
         skipped: 0,
     })
 }
 
 /// The STL-10 binary release: 96 x 96 images stored channel by channel in column-major order;
-/// labels 1..10.
-pub fn stl10_binary(dir: &Path) -> Result<Dataset> {
+/// labels 1..10. With `unlabeled`, unlabeled_X.bin is read too (labels -1).
+pub fn stl10_binary(dir: &Path, unlabeled: bool) -> Result<Dataset> {
     const S: usize = 96;
+    let read_images = |xb: &[u8], split: &mut Split| {
+        for img in xb.chunks_exact(S * S * 3) {
+            for yy in 0..S {
+                for xx in 0..S {
+                    for c in 0..3 {
+                        split.images.push(img[c * S * S + xx * S + yy]);
+                    }
+                }
+            }
+        }
+    };
     let read = |x: &str, y: &str| -> Result<Split> {
         let (xp, yp) = (dir.join(x), dir.join(y));
         let xb = std::fs::read(&xp).map_err(|e| Error::io(&xp, e))?;
@@ -281,17 +307,23 @@ pub fn stl10_binary(dir: &Path) -> Result<Dataset> {
                 ));
             }
             split.labels.push(i64::from(label) - 1);
-            let img = &xb[i * S * S * 3..(i + 1) * S * S * 3];
-            for yy in 0..S {
-                for xx in 0..S {
-                    for c in 0..3 {
-                        split.images.push(img[c * S * S + xx * S + yy]);
-                    }
-                }
-            }
         }
+        read_images(&xb, &mut split);
         Ok(split)
     };
+    let mut extra = Split::default();
+    if unlabeled {
+        let up = dir.join("unlabeled_X.bin");
+        let ub = std::fs::read(&up).map_err(|e| Error::io(&up, e))?;
+        if ub.len() % (S * S * 3) != 0 {
+            return Err(Error::bad_file(
+                &up,
+                format!("{} bytes is not a whole number of 96x96x3 images", ub.len()),
+            ));
+        }
+        read_images(&ub, &mut extra);
+        extra.labels = vec![-1; ub.len() / (S * S * 3)];
+    }
     let classes = [
         "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
     ];
@@ -301,6 +333,7 @@ pub fn stl10_binary(dir: &Path) -> Result<Dataset> {
         size: S,
         train: read("train_X.bin", "train_y.bin")?,
         test: read("test_X.bin", "test_y.bin")?,
+        unlabeled: extra,
         skipped: 0,
     })
 }
@@ -451,12 +484,13 @@ pub fn folder(root: &Path, image_size: Option<usize>, on_bad: OnBadImage) -> Res
         size,
         train,
         test,
+        unlabeled: Split::default(),
         skipped,
     })
 }
 
 fn resize_dataset(mut ds: Dataset, s: usize) -> Result<Dataset> {
-    for split in [&mut ds.train, &mut ds.test] {
+    for split in [&mut ds.train, &mut ds.test, &mut ds.unlabeled] {
         let mut out = Vec::with_capacity(split.len() * s * s * 3);
         for i in 0..split.len() {
             let img = image::RgbImage::from_raw(

@@ -29,7 +29,7 @@ fn max_n(default: usize) -> usize {
 fn cpu_benches(c: &mut Criterion) {
     let cfg = LossConfig::default();
     for with_grad in [false, true] {
-        let pass = if with_grad { "fwd+bwd" } else { "fwd" };
+        let pass = invaspread::bench::pass_name(with_grad);
         let mut group = c.benchmark_group(format!("cpu/{pass}"));
         group
             .sample_size(10)
@@ -74,7 +74,7 @@ fn cuda_benches(c: &mut Criterion) {
     let cfg = LossConfig::default();
     let stream = gpu.stream().clone();
     for with_grad in [false, true] {
-        let pass = if with_grad { "fwd+bwd" } else { "fwd" };
+        let pass = invaspread::bench::pass_name(with_grad);
         let mut group = c.benchmark_group(format!("cuda/{pass}"));
         group
             .sample_size(20)

@@ -53,13 +53,22 @@ impl BenchRow {
             version: version.into(),
             n,
             d,
-            pass: if with_grad { "fwd+bwd" } else { "fwd" },
+            pass: pass_name(with_grad),
             median_s,
             runs,
             tflops: useful_flops(n, d, with_grad, cfg.semantics) / median_s / 1e12,
             extra_bytes,
             speedup: None,
         }
+    }
+}
+
+/// The label of a measured pass: "fwd" or "fwd+bwd".
+pub fn pass_name(with_grad: bool) -> &'static str {
+    if with_grad {
+        "fwd+bwd"
+    } else {
+        "fwd"
     }
 }
 

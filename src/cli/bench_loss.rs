@@ -59,7 +59,7 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
                             "measuring {} N={n} d={} {}",
                             version.name(),
                             args.d,
-                            if with_grad { "fwd+bwd" } else { "fwd" }
+                            bench::pass_name(with_grad)
                         );
                         rows.extend(bench::bench_cpu(
                             version,
@@ -83,7 +83,7 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
                             "measuring {} N={n} d={} {}",
                             version.name(),
                             args.d,
-                            if with_grad { "fwd+bwd" } else { "fwd" }
+                            bench::pass_name(with_grad)
                         );
                         match bench::bench_cuda(
                             &gpu,

@@ -24,6 +24,14 @@ pub struct Shape4 {
 }
 
 impl Shape4 {
+    /// One element: the shape of a scalar node (a loss).
+    pub const SCALAR: Shape4 = Shape4 {
+        n: 1,
+        c: 1,
+        h: 1,
+        w: 1,
+    };
+
     pub fn len(&self) -> usize {
         self.n * self.c * self.h * self.w
     }

@@ -321,15 +321,7 @@ impl<B: Backend> Graph<B> {
     /// formed in the forward pass (the fused loss computes both) and applied in backward.
     pub fn instance_loss(&mut self, z: Var, cfg: &LossConfig) -> Result<Var> {
         let zs = self.shape(z);
-        let i = self.push(
-            Op::InstanceLoss { z },
-            Shape4 {
-                n: 1,
-                c: 1,
-                h: 1,
-                w: 1,
-            },
-        )?;
+        let i = self.push(Op::InstanceLoss { z }, Shape4::SCALAR)?;
         let (before, node) = split(&mut self.nodes, i);
         let loss = self.backend.instance_loss(
             &before[z.0].value,
@@ -348,15 +340,7 @@ impl<B: Backend> Graph<B> {
         if weights.len() != xs.len() {
             return Err(Error::invalid("weighted_sum: one weight per element"));
         }
-        let i = self.push(
-            Op::WeightedSum { x },
-            Shape4 {
-                n: 1,
-                c: 1,
-                h: 1,
-                w: 1,
-            },
-        )?;
+        let i = self.push(Op::WeightedSum { x }, Shape4::SCALAR)?;
         let (before, node) = split(&mut self.nodes, i);
         self.backend.upload(weights, &mut node.scratch)?;
         let w = self.backend.download_f64(&node.scratch)?;

@@ -67,7 +67,7 @@ type Neighbours = Vec<Vec<(f32, usize)>>;
 
 /// For each query row, the `k` most similar rows of `keys` as (similarity, index), best first;
 /// `exclude_self` drops key i for query i (queries and keys the same set).
-fn nearest(
+pub fn nearest(
     queries: &[f32],
     keys: &[f32],
     d: usize,

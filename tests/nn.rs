@@ -534,11 +534,11 @@ fn sgd_matches_pytorch_update_rule() {
         nesterov: false,
     });
     store.params[0].grad = vec![2.0];
-    sgd.update(&b, &mut store, 0.1);
+    sgd.update(&b, &mut store, 0.1).unwrap();
     // g' = 2.5, v = 2.5, w = 1 - 0.25 = 0.75
     assert!((store.params[0].value[0] - 0.75).abs() < 1e-15);
     store.params[0].grad = vec![1.0];
-    sgd.update(&b, &mut store, 0.1);
+    sgd.update(&b, &mut store, 0.1).unwrap();
     // g' = 1.375, v = 0.9 * 2.5 + 1.375 = 3.625, w = 0.75 - 0.3625
     assert!((store.params[0].value[0] - 0.3875).abs() < 1e-15);
 }

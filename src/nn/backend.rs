@@ -8,6 +8,7 @@
 use std::marker::PhantomData;
 
 use super::cpu_ops::{self, BnSaved, Conv, Shape4};
+use super::params::Param;
 use crate::error::Result;
 use crate::loss::{cpu as cpu_loss, LossConfig};
 use crate::simd::CpuFloat;
@@ -19,6 +20,8 @@ use crate::simd::CpuFloat;
 pub trait Backend: Send + Sync {
     /// A buffer of elements on the device.
     type Buffer: Send + Sync;
+    /// What batchnorm's forward keeps for its backward (per-channel statistics).
+    type BnSaved: Default + Send + Sync;
     /// The element type's name, for checkpoints and messages.
     const DTYPE: &'static str;
 
@@ -64,8 +67,9 @@ pub trait Backend: Send + Sync {
         running_mean: &mut Self::Buffer,
         running_var: &mut Self::Buffer,
         training: bool,
+        saved: &mut Self::BnSaved,
         y: &mut Self::Buffer,
-    ) -> Result<BnSaved>;
+    ) -> Result<()>;
     /// dgamma, dbeta += ...; dx (when given) written.
     fn batchnorm_backward(
         &self,
@@ -75,32 +79,33 @@ pub trait Backend: Send + Sync {
         running_mean: &Self::Buffer,
         running_var: &Self::Buffer,
         training: bool,
-        saved: &BnSaved,
+        saved: &mut Self::BnSaved,
         dy: &Self::Buffer,
         dx: Option<&mut Self::Buffer>,
         dx_accumulate: bool,
         dgamma: &mut Self::Buffer,
         dbeta: &mut Self::Buffer,
     ) -> Result<()>;
-    fn relu_forward(&self, x: &Self::Buffer, y: &mut Self::Buffer);
+    fn relu_forward(&self, x: &Self::Buffer, y: &mut Self::Buffer) -> Result<()>;
     fn relu_backward(
         &self,
         y: &Self::Buffer,
         dy: &Self::Buffer,
         dx: &mut Self::Buffer,
         accumulate: bool,
-    );
+    ) -> Result<()>;
     /// out += x.
-    fn add_into(&self, x: &Self::Buffer, out: &mut Self::Buffer);
+    fn add_into(&self, x: &Self::Buffer, out: &mut Self::Buffer) -> Result<()>;
     /// out = x, or out += x with `accumulate`.
-    fn copy_or_add(&self, x: &Self::Buffer, out: &mut Self::Buffer, accumulate: bool);
+    fn copy_or_add(&self, x: &Self::Buffer, out: &mut Self::Buffer, accumulate: bool)
+        -> Result<()>;
     fn avgpool_forward(
         &self,
         x: &Self::Buffer,
         xs: Shape4,
         k: usize,
         y: &mut Self::Buffer,
-    ) -> Shape4;
+    ) -> Result<Shape4>;
     fn avgpool_backward(
         &self,
         xs: Shape4,
@@ -108,7 +113,7 @@ pub trait Backend: Send + Sync {
         dy: &Self::Buffer,
         dx: &mut Self::Buffer,
         accumulate: bool,
-    );
+    ) -> Result<()>;
     fn linear_forward(
         &self,
         x: &Self::Buffer,
@@ -131,17 +136,27 @@ pub trait Backend: Send + Sync {
         dw: &mut Self::Buffer,
         db: &mut Self::Buffer,
     ) -> Result<()>;
-    /// The instance loss (with its normalisation) of z (N x d): returns L and writes dL/dz.
+    /// The instance loss (with its normalisation) of z (N x d): writes L into `loss` (one
+    /// element) and dL/dz into `dz`, without waiting for the device.
     fn instance_loss(
         &self,
         z: &Self::Buffer,
         n: usize,
         d: usize,
         cfg: &LossConfig,
+        loss: &mut Self::Buffer,
         dz: &mut Self::Buffer,
-    ) -> Result<f64>;
+    ) -> Result<()>;
     /// dst = (or += with `accumulate`) scale * src.
-    fn axpy(&self, scale: f64, src: &Self::Buffer, dst: &mut Self::Buffer, accumulate: bool);
+    fn axpy(
+        &self,
+        scale: f64,
+        src: &Self::Buffer,
+        dst: &mut Self::Buffer,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// dst[at] = src[0], on the device (a step's loss into a history read every few steps).
+    fn copy_scalar(&self, src: &Self::Buffer, dst: &mut Self::Buffer, at: usize) -> Result<()>;
     /// SGD with momentum and weight decay on one parameter (PyTorch's update):
     /// g' = g + wd w; v = m v + g' (v = g' on the first step); w -= lr (nesterov ? g' + m v : v).
     fn sgd_update(
@@ -154,7 +169,52 @@ pub trait Backend: Send + Sync {
         weight_decay: f64,
         nesterov: bool,
         first: bool,
-    );
+    ) -> Result<()>;
+
+    /// [`Backend::sgd_update`] on every parameter; a device may do it in one launch.
+    fn sgd_update_all(
+        &self,
+        params: &mut [Param<Self>],
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        nesterov: bool,
+        first: bool,
+    ) -> Result<()>
+    where
+        Self: Sized,
+    {
+        for p in params {
+            self.sgd_update(
+                &mut p.value,
+                &p.grad,
+                &mut p.momentum,
+                lr,
+                momentum,
+                weight_decay,
+                nesterov,
+                first,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// For each query row (host, L2-normalised, d wide), its `k` most similar rows of `keys`
+    /// as (similarity, index), best first (ties: lower index first). The CPU answers by default.
+    fn nearest(
+        &self,
+        queries: &[f32],
+        keys: &[f32],
+        d: usize,
+        k: usize,
+    ) -> Result<Vec<Vec<(f32, usize)>>> {
+        crate::eval::nearest(queries, keys, d, k, false)
+    }
+
+    /// Waits until the device has finished the queued work (timing; a no-op on the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The CPU backend, in f32 (training) or f64 (gradient checks). The loss op runs the fused
@@ -187,6 +247,7 @@ pub const BN_EPS: f64 = 1e-5;
 
 impl<T: CpuFloat> Backend for Cpu<T> {
     type Buffer = Vec<T>;
+    type BnSaved = BnSaved;
     const DTYPE: &'static str = T::NAME;
 
     fn zeros(&self, len: usize) -> Result<Vec<T>> {
@@ -263,10 +324,11 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         running_mean: &mut Vec<T>,
         running_var: &mut Vec<T>,
         training: bool,
+        saved: &mut BnSaved,
         y: &mut Vec<T>,
-    ) -> Result<BnSaved> {
+    ) -> Result<()> {
         if training {
-            Ok(cpu_ops::batchnorm_train_forward(
+            *saved = cpu_ops::batchnorm_train_forward(
                 x,
                 xs,
                 gamma,
@@ -276,7 +338,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
                 BN_MOMENTUM,
                 BN_EPS,
                 y,
-            ))
+            );
         } else {
             cpu_ops::batchnorm_eval_forward(
                 x,
@@ -288,8 +350,8 @@ impl<T: CpuFloat> Backend for Cpu<T> {
                 BN_EPS,
                 y,
             );
-            Ok(BnSaved::default())
         }
+        Ok(())
     }
     fn batchnorm_backward(
         &self,
@@ -299,7 +361,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         running_mean: &Vec<T>,
         running_var: &Vec<T>,
         training: bool,
-        saved: &BnSaved,
+        saved: &mut BnSaved,
         dy: &Vec<T>,
         dx: Option<&mut Vec<T>>,
         dx_accumulate: bool,
@@ -336,20 +398,30 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         }
         Ok(())
     }
-    fn relu_forward(&self, x: &Vec<T>, y: &mut Vec<T>) {
-        cpu_ops::relu_forward(x, y)
+    fn relu_forward(&self, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
+        cpu_ops::relu_forward(x, y);
+        Ok(())
     }
-    fn relu_backward(&self, y: &Vec<T>, dy: &Vec<T>, dx: &mut Vec<T>, accumulate: bool) {
-        cpu_ops::relu_backward(y, dy, dx, accumulate)
+    fn relu_backward(
+        &self,
+        y: &Vec<T>,
+        dy: &Vec<T>,
+        dx: &mut Vec<T>,
+        accumulate: bool,
+    ) -> Result<()> {
+        cpu_ops::relu_backward(y, dy, dx, accumulate);
+        Ok(())
     }
-    fn copy_or_add(&self, x: &Vec<T>, out: &mut Vec<T>, accumulate: bool) {
-        cpu_ops::copy_or_add(x, out, accumulate)
+    fn copy_or_add(&self, x: &Vec<T>, out: &mut Vec<T>, accumulate: bool) -> Result<()> {
+        cpu_ops::copy_or_add(x, out, accumulate);
+        Ok(())
     }
-    fn add_into(&self, x: &Vec<T>, out: &mut Vec<T>) {
-        cpu_ops::add_into(x, out)
+    fn add_into(&self, x: &Vec<T>, out: &mut Vec<T>) -> Result<()> {
+        cpu_ops::add_into(x, out);
+        Ok(())
     }
-    fn avgpool_forward(&self, x: &Vec<T>, xs: Shape4, k: usize, y: &mut Vec<T>) -> Shape4 {
-        cpu_ops::avgpool_forward(x, xs, k, y)
+    fn avgpool_forward(&self, x: &Vec<T>, xs: Shape4, k: usize, y: &mut Vec<T>) -> Result<Shape4> {
+        Ok(cpu_ops::avgpool_forward(x, xs, k, y))
     }
     fn avgpool_backward(
         &self,
@@ -358,8 +430,9 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         dy: &Vec<T>,
         dx: &mut Vec<T>,
         accumulate: bool,
-    ) {
-        cpu_ops::avgpool_backward(xs, k, dy, dx, accumulate)
+    ) -> Result<()> {
+        cpu_ops::avgpool_backward(xs, k, dy, dx, accumulate);
+        Ok(())
     }
     fn linear_forward(
         &self,
@@ -402,25 +475,42 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         n: usize,
         d: usize,
         cfg: &LossConfig,
+        loss: &mut Vec<T>,
         dz: &mut Vec<T>,
-    ) -> Result<f64> {
-        if self.reference_loss {
+    ) -> Result<()> {
+        let value = if self.reference_loss {
             let out = crate::loss::reference::instance_loss(z, n, d, cfg, true)?;
             if let Some(g) = out.grad_z {
                 *dz = g.into_iter().map(T::of).collect();
             }
-            return Ok(out.loss);
-        }
-        let out = cpu_loss::instance_loss(z, n, d, cfg, true)?;
-        if let Some(g) = out.grad_z {
-            *dz = g;
-        }
-        Ok(out.loss)
+            out.loss
+        } else {
+            let out = cpu_loss::instance_loss(z, n, d, cfg, true)?;
+            if let Some(g) = out.grad_z {
+                *dz = g;
+            }
+            out.loss
+        };
+        *loss = vec![T::of(value)];
+        Ok(())
     }
-    fn axpy(&self, scale: f64, src: &Vec<T>, dst: &mut Vec<T>, accumulate: bool) {
+    fn axpy(&self, scale: f64, src: &Vec<T>, dst: &mut Vec<T>, accumulate: bool) -> Result<()> {
         let s = T::of(scale);
         for (d, &x) in dst.iter_mut().zip(src) {
             *d = if accumulate { *d + s * x } else { s * x };
+        }
+        Ok(())
+    }
+    fn copy_scalar(&self, src: &Vec<T>, dst: &mut Vec<T>, at: usize) -> Result<()> {
+        match (src.first(), dst.get_mut(at)) {
+            (Some(&v), Some(slot)) => {
+                *slot = v;
+                Ok(())
+            }
+            _ => Err(crate::error::Error::invalid(format!(
+                "copy_scalar: element {at} of a buffer of {}",
+                dst.len()
+            ))),
         }
     }
     fn sgd_update(
@@ -433,7 +523,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         weight_decay: f64,
         nesterov: bool,
         first: bool,
-    ) {
+    ) -> Result<()> {
         let (lr, m, wd) = (T::of(lr), T::of(momentum), T::of(weight_decay));
         for ((wi, &gi), vi) in w.iter_mut().zip(g).zip(v.iter_mut()) {
             let grad = gi + wd * *wi;
@@ -441,5 +531,6 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             let step = if nesterov { grad + m * *vi } else { *vi };
             *wi = *wi - lr * step;
         }
+        Ok(())
     }
 }

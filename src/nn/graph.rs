@@ -6,7 +6,7 @@
 //! the same nodes, so the training loop does not allocate once shapes are steady.
 
 use super::backend::Backend;
-use super::cpu_ops::{BnSaved, Conv, Shape4};
+use super::cpu_ops::{Conv, Shape4};
 use super::params::{pair_mut, BnId, ParamId, ParamStore};
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
@@ -29,7 +29,6 @@ enum Op {
         gamma: ParamId,
         beta: ParamId,
         training: bool,
-        saved: BnSaved,
     },
     Relu {
         x: Var,
@@ -66,6 +65,8 @@ struct Node<B: Backend> {
     grad: B::Buffer,
     /// Op-specific: dL/dz of the loss, the weights of a weighted sum.
     scratch: B::Buffer,
+    /// A batchnorm node's statistics for its backward.
+    bn_saved: B::BnSaved,
 }
 
 /// The nodes before `i` (an op's inputs) and node `i` itself.
@@ -124,6 +125,7 @@ impl<B: Backend> Graph<B> {
                 value: b.zeros(0)?,
                 grad: b.zeros(0)?,
                 scratch: b.zeros(0)?,
+                bn_saved: B::BnSaved::default(),
             });
         }
         let node = &mut self.nodes[i];
@@ -188,14 +190,13 @@ impl<B: Backend> Graph<B> {
                 gamma,
                 beta,
                 training,
-                saved: BnSaved::default(),
             },
             xs,
         )?;
         let (before, node) = split(&mut self.nodes, i);
         let (params, bns) = (&self.params.params, &mut self.params.bns);
         let buffers = &mut bns[bn.0];
-        let saved = self.backend.batchnorm_forward(
+        self.backend.batchnorm_forward(
             &before[x.0].value,
             xs,
             &params[gamma.0].value,
@@ -203,19 +204,12 @@ impl<B: Backend> Graph<B> {
             &mut buffers.running_mean,
             &mut buffers.running_var,
             training,
+            &mut node.bn_saved,
             &mut node.value,
         )?;
         if training {
             buffers.num_batches_tracked += 1;
         }
-        node.op = Op::BatchNorm {
-            x,
-            bn,
-            gamma,
-            beta,
-            training,
-            saved,
-        };
         Ok(Var(i))
     }
 
@@ -223,7 +217,7 @@ impl<B: Backend> Graph<B> {
         let i = self.push(Op::Relu { x }, self.shape(x))?;
         let (before, node) = split(&mut self.nodes, i);
         self.backend
-            .relu_forward(&before[x.0].value, &mut node.value);
+            .relu_forward(&before[x.0].value, &mut node.value)?;
         Ok(Var(i))
     }
 
@@ -238,9 +232,8 @@ impl<B: Backend> Graph<B> {
         let i = self.push(Op::Add { a, b }, self.shape(a))?;
         let (before, node) = split(&mut self.nodes, i);
         self.backend
-            .reset(&mut node.value, before[a.0].shape.len())?;
-        self.backend.add_into(&before[a.0].value, &mut node.value);
-        self.backend.add_into(&before[b.0].value, &mut node.value);
+            .copy_or_add(&before[a.0].value, &mut node.value, false)?;
+        self.backend.add_into(&before[b.0].value, &mut node.value)?;
         Ok(Var(i))
     }
 
@@ -262,7 +255,7 @@ impl<B: Backend> Graph<B> {
         let i = self.push(Op::AvgPool { x, k }, ys)?;
         let (before, node) = split(&mut self.nodes, i);
         self.backend
-            .avgpool_forward(&before[x.0].value, xs, k, &mut node.value);
+            .avgpool_forward(&before[x.0].value, xs, k, &mut node.value)?;
         Ok(Var(i))
     }
 
@@ -279,8 +272,8 @@ impl<B: Backend> Graph<B> {
             },
         )?;
         let (before, node) = split(&mut self.nodes, i);
-        self.backend.reset(&mut node.value, xs.len())?;
-        self.backend.add_into(&before[x.0].value, &mut node.value);
+        self.backend
+            .copy_or_add(&before[x.0].value, &mut node.value, false)?;
         Ok(Var(i))
     }
 
@@ -323,14 +316,15 @@ impl<B: Backend> Graph<B> {
         let zs = self.shape(z);
         let i = self.push(Op::InstanceLoss { z }, Shape4::SCALAR)?;
         let (before, node) = split(&mut self.nodes, i);
-        let loss = self.backend.instance_loss(
+        self.backend.ensure_len(&mut node.scratch, zs.len())?;
+        self.backend.instance_loss(
             &before[z.0].value,
             zs.n,
             zs.image(),
             cfg,
+            &mut node.value,
             &mut node.scratch,
         )?;
-        self.backend.upload_f64(&[loss], &mut node.value)?;
         Ok(Var(i))
     }
 
@@ -353,6 +347,13 @@ impl<B: Backend> Graph<B> {
     /// Overwrites a node's value (tests feed exact f64 inputs this way).
     pub fn set_value_f64(&mut self, v: Var, values: &[f64]) -> Result<()> {
         self.backend.upload_f64(values, &mut self.nodes[v.0].value)
+    }
+
+    /// Copies scalar node `v` into element `at` of `history` on the device (no wait): a
+    /// training loop keeps the last steps' losses there and reads them every few steps.
+    pub fn record_scalar(&self, v: Var, history: &mut B::Buffer, at: usize) -> Result<()> {
+        self.backend
+            .copy_scalar(&self.nodes[v.0].value, history, at)
     }
 
     /// A node's value on the host.
@@ -379,8 +380,12 @@ impl<B: Backend> Graph<B> {
             let len = self.nodes[i].shape.len();
             self.backend.ensure_len(&mut self.nodes[i].grad, len)?;
         }
-        self.backend
-            .upload_f64(&[1.0], &mut self.nodes[root.0].grad)?;
+        // A loss root's dL/dL = 1 is applied directly (no upload, so nothing waits on the host).
+        let root_is_loss = matches!(self.nodes[root.0].op, Op::InstanceLoss { .. });
+        if !root_is_loss {
+            self.backend
+                .upload_f64(&[1.0], &mut self.nodes[root.0].grad)?;
+        }
         ready[root.0] = true;
         for i in (0..=root.0).rev() {
             if !ready[i] {
@@ -418,7 +423,6 @@ impl<B: Backend> Graph<B> {
                     gamma,
                     beta,
                     training,
-                    saved,
                 } => {
                     let xs = before[x.0].shape;
                     let acc = take(x);
@@ -432,7 +436,7 @@ impl<B: Backend> Graph<B> {
                         &bufs.running_mean,
                         &bufs.running_var,
                         training,
-                        &saved,
+                        &mut node.bn_saved,
                         &node.grad,
                         Some(&mut xn.grad),
                         acc,
@@ -442,22 +446,22 @@ impl<B: Backend> Graph<B> {
                 }
                 Op::Relu { x } => {
                     let acc = take(x);
-                    b.relu_backward(&node.value, &node.grad, &mut before[x.0].grad, acc);
+                    b.relu_backward(&node.value, &node.grad, &mut before[x.0].grad, acc)?;
                 }
                 Op::Add { a, b: other } => {
                     let acc = take(a);
-                    b.copy_or_add(&node.grad, &mut before[a.0].grad, acc);
+                    b.copy_or_add(&node.grad, &mut before[a.0].grad, acc)?;
                     let acc = take(other);
-                    b.copy_or_add(&node.grad, &mut before[other.0].grad, acc);
+                    b.copy_or_add(&node.grad, &mut before[other.0].grad, acc)?;
                 }
                 Op::AvgPool { x, k } => {
                     let xs = before[x.0].shape;
                     let acc = take(x);
-                    b.avgpool_backward(xs, k, &node.grad, &mut before[x.0].grad, acc);
+                    b.avgpool_backward(xs, k, &node.grad, &mut before[x.0].grad, acc)?;
                 }
                 Op::Flatten { x } => {
                     let acc = take(x);
-                    b.copy_or_add(&node.grad, &mut before[x.0].grad, acc);
+                    b.copy_or_add(&node.grad, &mut before[x.0].grad, acc)?;
                 }
                 Op::Linear { x, w, b: bias, out } => {
                     let xs = before[x.0].shape;
@@ -477,14 +481,18 @@ impl<B: Backend> Graph<B> {
                     )?;
                 }
                 Op::InstanceLoss { z } => {
-                    let upstream = b.download_f64(&node.grad)?[0];
+                    let upstream = if i == root.0 {
+                        1.0
+                    } else {
+                        b.download_f64(&node.grad)?[0]
+                    };
                     let acc = take(z);
-                    b.axpy(upstream, &node.scratch, &mut before[z.0].grad, acc);
+                    b.axpy(upstream, &node.scratch, &mut before[z.0].grad, acc)?;
                 }
                 Op::WeightedSum { x } => {
                     let upstream = b.download_f64(&node.grad)?[0];
                     let acc = take(x);
-                    b.axpy(upstream, &node.scratch, &mut before[x.0].grad, acc);
+                    b.axpy(upstream, &node.scratch, &mut before[x.0].grad, acc)?;
                 }
             }
         }

@@ -2,6 +2,7 @@
 
 use super::backend::Backend;
 use super::params::ParamStore;
+use crate::error::Result;
 
 /// SGD's hyper-parameters; the recipe's: lr 0.03, momentum 0.9, weight decay 5e-4 on every
 /// parameter (batchnorm and biases included), no Nesterov, dampening 0.
@@ -82,20 +83,21 @@ impl Sgd {
     }
 
     /// One update of every parameter with learning rate `lr`.
-    pub fn update<B: Backend>(&mut self, backend: &B, store: &mut ParamStore<B>, lr: f64) {
-        let first = self.step == 0;
-        for p in &mut store.params {
-            backend.sgd_update(
-                &mut p.value,
-                &p.grad,
-                &mut p.momentum,
-                lr,
-                self.cfg.momentum,
-                self.cfg.weight_decay,
-                self.cfg.nesterov,
-                first,
-            );
-        }
+    pub fn update<B: Backend>(
+        &mut self,
+        backend: &B,
+        store: &mut ParamStore<B>,
+        lr: f64,
+    ) -> Result<()> {
+        backend.sgd_update_all(
+            &mut store.params,
+            lr,
+            self.cfg.momentum,
+            self.cfg.weight_decay,
+            self.cfg.nesterov,
+            self.step == 0,
+        )?;
         self.step += 1;
+        Ok(())
     }
 }

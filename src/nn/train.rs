@@ -3,14 +3,14 @@
 
 use super::backend::Backend;
 use super::cpu_ops::Shape4;
-use super::graph::Graph;
+use super::graph::{Graph, Var};
 use super::models::Model;
 use super::optim::Sgd;
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 
 /// Runs one step on `views` (N x 3 x H x W, N = 2m: rows 0..m view A, m..2m view B of the
-/// same images) and returns the loss before the update.
+/// same images) and returns the loss before the update (waiting for the device to finish).
 pub fn train_step<B: Backend>(
     graph: &mut Graph<B>,
     model: &Model,
@@ -20,6 +20,21 @@ pub fn train_step<B: Backend>(
     loss_cfg: &LossConfig,
     lr: f64,
 ) -> Result<f64> {
+    let loss = queue_train_step(graph, model, sgd, views, shape, loss_cfg, lr)?;
+    Ok(graph.value_f64(loss)?[0])
+}
+
+/// [`train_step`] without reading the loss back: on a GPU every launch is only queued, and the
+/// returned node holds the loss until the graph's next step (see [`Graph::record_scalar`]).
+pub fn queue_train_step<B: Backend>(
+    graph: &mut Graph<B>,
+    model: &Model,
+    sgd: &mut Sgd,
+    views: &[f32],
+    shape: Shape4,
+    loss_cfg: &LossConfig,
+    lr: f64,
+) -> Result<Var> {
     if shape.n % 2 != 0 || shape.c != 3 {
         return Err(Error::invalid(format!(
             "a training batch is 2m x 3 x H x W, got {shape:?}"
@@ -29,9 +44,8 @@ pub fn train_step<B: Backend>(
     let x = graph.input(views, shape)?;
     let z = model.forward(graph, x, true)?;
     let loss = graph.instance_loss(z, loss_cfg)?;
-    let value = graph.value_f64(loss)?[0];
     graph.params.zero_grad(&graph.backend)?;
     graph.backward(loss)?;
-    sgd.update(&graph.backend, &mut graph.params, lr);
-    Ok(value)
+    sgd.update(&graph.backend, &mut graph.params, lr)?;
+    Ok(loss)
 }

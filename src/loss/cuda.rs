@@ -311,6 +311,11 @@ impl CudaLoss {
         }
     }
 
+    /// The device scalar (float64) the queued work writes the loss into.
+    pub fn loss_buffer(&self) -> &CudaSlice<f64> {
+        &self.loss
+    }
+
     /// Waits for the queued work and returns the loss.
     pub fn loss(&self) -> Result<f64> {
         let host = self.gpu.stream().clone_dtoh(&self.loss)?;

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`graph`] | the tape: ops recorded in execution order, backward in reverse, buffers reused |
 //! | [`backend`] | the `Backend` trait (buffers and kernels of a device) and its CPU implementation |
+//! | [`cuda_backend`] | the CUDA implementation of `Backend`: cuBLAS GEMMs and the kernels in kernels/ |
 //! | [`cpu_ops`] | the CPU kernels: conv2d (im2col + GEMM), batchnorm, relu, add, pooling, linear |
 //! | [`params`] | named parameters and batchnorm buffers (PyTorch's names and init) |
 //! | [`models`] | `resnet18-cifar` and `convnet-small` |
@@ -14,6 +15,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod cpu_ops;
+pub mod cuda_backend;
 pub mod graph;
 pub mod models;
 pub mod optim;

@@ -1,0 +1,1124 @@
+//! The CUDA backend: the graph's buffers live on one GPU and every op is a kernel launch on the
+//! GPU's stream, so a training step is queued without waiting (the host only reads the loss
+//! every few steps, see `trainer`). Kernels are in kernels/ (table in kernels/README.md):
+//!
+//! | op | how |
+//! |---|---|
+//! | conv2d forward / both backwards | `im2col_v1` per group of images + cuBLAS SGEMM, `bcp_to_cbp_v1` / `cbp_to_bcp_v1` between NCHW and the GEMM layout, `col2im_v1` (no atomics) |
+//! | batchnorm2d train / eval, forward / backward | `batchnorm.cu`: one block per channel for the statistics (float32, fixed-order reductions), elementwise apply and dx |
+//! | relu, add, copy, axpy | `elementwise.cu` |
+//! | average pooling | `pool.cu` |
+//! | linear | `bias_rows_v1` + SGEMM forward; SGEMMs and `column_sums_v1` backward |
+//! | instance loss | `loss::cuda::CudaLoss` (fused-v2 by default), the scalar copied into the node on the device |
+//! | SGD | `sgd_multi_tensor_v1`: every parameter in one launch from a table of device pointers |
+//! | kNN | an SGEMM per block of queries against the bank, then `topk_rows_v1` |
+//!
+//! Host-to-device copies go through page-locked (pinned) staging buffers, two per size used
+//! in turn, so an upload never waits for the GPU to drain: the host only waits for the copy
+//! made from the same staging buffer two uploads earlier.
+//!
+//! Everything is float32; the same op tests (`tests/gpu_nn.rs`) run every kernel against the
+//! CPU backend.
+
+// Kernels take their buffers and geometry explicitly, like the CPU ones.
+#![allow(clippy::too_many_arguments)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{
+    CudaEvent, CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
+};
+
+use super::backend::{Backend, BN_EPS, BN_MOMENTUM};
+use super::cpu_ops::{Conv, Shape4};
+use super::params::Param;
+use crate::cuda::{to_i32, Gpu};
+use crate::error::{Error, Result};
+use crate::loss::cuda::{validate_for_kernels, CudaLoss, CudaLossVersion};
+use crate::loss::LossConfig;
+
+const BLOCK: u32 = 256;
+/// Threads per block of the per-channel batchnorm reductions (BN_THREADS in batchnorm.cu).
+const BN_THREADS: u32 = 512;
+/// Elements per block of the multi-tensor SGD (SGD_CHUNK in sgd.cu).
+const SGD_CHUNK: usize = 1024;
+/// The largest im2col buffer of one group of images, in floats (256 MB).
+const CONV_WORKSPACE: usize = 1 << 26;
+/// The largest similarity block of the kNN, in floats (512 MB).
+const KNN_BLOCK: usize = 1 << 27;
+
+/// A convolution's geometry for one group of images; the same fields in the same order as
+/// `ConvGeom` in kernels/conv_im2col.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ConvGeom {
+    images: i32,
+    c_in: i32,
+    h: i32,
+    w: i32,
+    c_out: i32,
+    k: i32,
+    stride: i32,
+    pad: i32,
+    h_out: i32,
+    w_out: i32,
+}
+
+// SAFETY: #[repr(C)] plain old data laid out as the CUDA struct.
+unsafe impl DeviceRepr for ConvGeom {}
+
+/// One parameter in the SGD table; the same layout as `SgdTensor` in kernels/sgd.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SgdTensor {
+    w: u64,
+    g: u64,
+    v: u64,
+    len: i64,
+    first_block: i64,
+}
+
+// SAFETY: #[repr(C)] plain old data (device addresses as integers).
+unsafe impl DeviceRepr for SgdTensor {}
+
+/// The same fields in the same order as `SgdParams` in kernels/sgd.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct SgdParams {
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+    nesterov: i32,
+    first: i32,
+    tensors: i32,
+}
+
+// SAFETY: #[repr(C)] plain old data.
+unsafe impl DeviceRepr for SgdParams {}
+
+/// The SGD table as last uploaded, and the blocks it spans.
+struct SgdTable {
+    host: Vec<SgdTensor>,
+    device: CudaSlice<SgdTensor>,
+    blocks: usize,
+}
+
+/// The convolution's scratch, grown on demand and kept.
+struct ConvWorkspace {
+    col: CudaSlice<f32>,
+    gemm: CudaSlice<f32>,
+}
+
+/// Two pinned staging buffers of one length, used in turn, and for each an event recorded
+/// after the copy that read it (cudarc records the pinned buffer's own event only when it
+/// manages several streams, so with one stream we must).
+struct Staging {
+    buffers: [PinnedHostSlice<f32>; 2],
+    copied: [CudaEvent; 2],
+    next: usize,
+}
+
+/// The CUDA backend; see the module documentation.
+pub struct CudaBackend {
+    gpu: Arc<Gpu>,
+    blas: CudaBlas,
+    loss_version: CudaLossVersion,
+    losses: Mutex<HashMap<(usize, usize), CudaLoss>>,
+    conv: Mutex<ConvWorkspace>,
+    staging: Mutex<HashMap<usize, Staging>>,
+    sgd: Mutex<Option<SgdTable>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("gpu", &self.gpu)
+            .field("loss_version", &self.loss_version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| Error::Cuda("a CUDA backend lock was poisoned".into()))
+}
+
+/// A grid-stride launch over `total` elements.
+fn grid_stride(total: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            total.div_ceil(BLOCK as usize).clamp(1, 1 << 20) as u32,
+            1,
+            1,
+        ),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn blocks_of(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn cublas_err(e: cudarc::cublas::result::CublasError) -> Error {
+    Error::Cuda(format!("cuBLAS SGEMM: {e:?}"))
+}
+
+fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
+    if len < expected {
+        return Err(Error::invalid(format!(
+            "{what}: a buffer of {len} floats, expected at least {expected}"
+        )));
+    }
+    Ok(())
+}
+
+impl CudaBackend {
+    /// A backend on `gpu` whose loss op runs the `fused-v2` kernels.
+    pub fn new(gpu: Arc<Gpu>) -> Result<Self> {
+        Self::with_loss_version(gpu, CudaLossVersion::FusedV2)
+    }
+
+    /// A backend whose loss op runs the given kernel version (for comparing them in training).
+    pub fn with_loss_version(gpu: Arc<Gpu>, loss_version: CudaLossVersion) -> Result<Self> {
+        // SAFETY: only tries to open the library.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "libcublas was not found (add its folder to LD_LIBRARY_PATH)".into(),
+            ));
+        }
+        let stream = gpu.stream().clone();
+        let blas =
+            CudaBlas::new(stream.clone()).map_err(|e| Error::Cuda(format!("cuBLAS: {e:?}")))?;
+        let conv = ConvWorkspace {
+            col: stream.alloc_zeros::<f32>(1)?,
+            gemm: stream.alloc_zeros::<f32>(1)?,
+        };
+        Ok(CudaBackend {
+            gpu,
+            blas,
+            loss_version,
+            losses: Mutex::new(HashMap::new()),
+            conv: Mutex::new(conv),
+            staging: Mutex::new(HashMap::new()),
+            sgd: Mutex::new(None),
+        })
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// `len` zeroed floats (the driver refuses a zero-byte allocation: cudarc's null slice).
+    fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
+        let stream = self.gpu.stream();
+        Ok(if len == 0 {
+            stream.null::<f32>()?
+        } else {
+            stream.alloc_zeros::<f32>(len)?
+        })
+    }
+
+    fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        self.gpu.function(module, name)
+    }
+
+    /// Row-major C (m x n) = alpha op(A) op(B) + beta C, where op(A) is m x k and op(B) is
+    /// k x n; `lda`, `ldb`, `ldc` are row strides. cuBLAS is column-major, where a row-major
+    /// matrix is its transpose, so it computes C^T = op(B)^T op(A)^T with the operands swapped.
+    fn gemm(
+        &self,
+        trans_a: bool,
+        trans_b: bool,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        a: &impl DevicePtr<f32>,
+        lda: usize,
+        b: &impl DevicePtr<f32>,
+        ldb: usize,
+        beta: f32,
+        c: &mut impl cudarc::driver::DevicePtrMut<f32>,
+        ldc: usize,
+    ) -> Result<()> {
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let cfg = GemmConfig {
+            transa: op(trans_b),
+            transb: op(trans_a),
+            m: to_i32("GEMM n", n)?,
+            n: to_i32("GEMM m", m)?,
+            k: to_i32("GEMM k", k)?,
+            alpha,
+            lda: to_i32("GEMM ldb", ldb)?,
+            ldb: to_i32("GEMM lda", lda)?,
+            beta,
+            ldc: to_i32("GEMM ldc", ldc)?,
+        };
+        // SAFETY: the callers pass buffers holding the matrices these dimensions and strides
+        // describe (their lengths are checked before the call).
+        unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(cublas_err)
+    }
+
+    /// Copies `host` to `dst` through a pinned staging buffer: the copy is queued, and the
+    /// host waits only for the copy that used the same staging buffer two uploads earlier.
+    fn upload_pinned(&self, host: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
+        let len = host.len();
+        let mut staging = lock(&self.staging)?;
+        let s = match staging.entry(len) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let ctx = self.gpu.context();
+                // SAFETY: the memory is written below before any copy reads it.
+                let buffer = || unsafe { ctx.alloc_pinned::<f32>(len) };
+                let event = || ctx.new_event(None);
+                e.insert(Staging {
+                    buffers: [buffer()?, buffer()?],
+                    copied: [event()?, event()?],
+                    next: 0,
+                })
+            }
+        };
+        let i = s.next;
+        s.next ^= 1;
+        s.copied[i].synchronize()?;
+        s.buffers[i].as_mut_slice()?.copy_from_slice(host);
+        let stream = self.gpu.stream();
+        stream.memcpy_htod(&s.buffers[i], dst)?;
+        s.copied[i].record(stream)?;
+        Ok(())
+    }
+
+    fn conv_geom(xs: Shape4, conv: &Conv, images: usize) -> Result<ConvGeom> {
+        let ys = conv.out_shape(xs);
+        Ok(ConvGeom {
+            images: to_i32("images", images)?,
+            c_in: to_i32("C_in", conv.c_in)?,
+            h: to_i32("H", xs.h)?,
+            w: to_i32("W", xs.w)?,
+            c_out: to_i32("C_out", conv.c_out)?,
+            k: to_i32("k", conv.k)?,
+            stride: to_i32("stride", conv.stride)?,
+            pad: to_i32("pad", conv.pad)?,
+            h_out: to_i32("H_out", ys.h)?,
+            w_out: to_i32("W_out", ys.w)?,
+        })
+    }
+
+    /// Images per GEMM so that the column buffer stays within [`CONV_WORKSPACE`].
+    fn conv_group(xs: Shape4, conv: &Conv) -> usize {
+        let ys = conv.out_shape(xs);
+        let per_image = conv.patch().max(conv.c_out) * ys.h * ys.w;
+        (CONV_WORKSPACE / per_image.max(1)).clamp(1, xs.n.max(1))
+    }
+
+    fn im2col(
+        &self,
+        x: &CudaView<'_, f32>,
+        geom: &ConvGeom,
+        col: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let total = (geom.c_in * geom.k * geom.k) as usize
+            * (geom.images * geom.h_out * geom.w_out) as usize;
+        let func = self.function("conv_im2col", "im2col_v1")?;
+        let mut l = self.gpu.stream().launch_builder(&func);
+        l.arg(x).arg(geom).arg(col);
+        // SAFETY: im2col_v1(const float* x, ConvGeom g, float* col); x holds the group's
+        // images and col at least K x B P floats (checked by the caller).
+        unsafe { l.launch(grid_stride(total)) }?;
+        Ok(())
+    }
+
+    /// NCHW dy of a group, [B][C][P], into the GEMM layout [C][B P].
+    fn nchw_to_gemm_layout(
+        &self,
+        src: &CudaView<'_, f32>,
+        dst: &mut CudaSlice<f32>,
+        dims: (usize, usize, usize),
+    ) -> Result<()> {
+        let func = self.function("conv_im2col", "bcp_to_cbp_v1")?;
+        let (b, c, p) = (
+            to_i32("B", dims.0)?,
+            to_i32("C", dims.1)?,
+            to_i32("P", dims.2)?,
+        );
+        let mut l = self.gpu.stream().launch_builder(&func);
+        l.arg(src).arg(dst).arg(&b).arg(&c).arg(&p);
+        // SAFETY: bcp_to_cbp_v1(const float* src, float* dst, int b, int c, int p); both hold
+        // at least B C P floats (the workspace is sized for the group).
+        unsafe { l.launch(grid_stride(dims.0 * dims.1 * dims.2)) }?;
+        Ok(())
+    }
+
+    /// The GEMM layout [C][B P] back into a group's NCHW output [B][C][P].
+    fn gemm_layout_to_nchw(
+        &self,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaViewMut<'_, f32>,
+        dims: (usize, usize, usize),
+    ) -> Result<()> {
+        let func = self.function("conv_im2col", "cbp_to_bcp_v1")?;
+        let (b, c, p) = (
+            to_i32("B", dims.0)?,
+            to_i32("C", dims.1)?,
+            to_i32("P", dims.2)?,
+        );
+        let mut l = self.gpu.stream().launch_builder(&func);
+        l.arg(src).arg(dst).arg(&b).arg(&c).arg(&p);
+        // SAFETY: cbp_to_bcp_v1's signature; both hold at least B C P floats.
+        unsafe { l.launch(grid_stride(dims.0 * dims.1 * dims.2)) }?;
+        Ok(())
+    }
+
+    fn elementwise(
+        &self,
+        name: &str,
+        inputs: &[&CudaSlice<f32>],
+        out: &mut CudaSlice<f32>,
+        accumulate: Option<bool>,
+    ) -> Result<()> {
+        let len = out.len();
+        for x in inputs {
+            check_len(name, x.len(), len)?;
+        }
+        let func = self.function("elementwise", name)?;
+        let n = len as i64;
+        let acc = accumulate.map(i32::from);
+        let mut l = self.gpu.stream().launch_builder(&func);
+        for x in inputs {
+            l.arg(*x);
+        }
+        l.arg(out).arg(&n);
+        if let Some(acc) = &acc {
+            l.arg(acc);
+        }
+        // SAFETY: the elementwise kernels take (inputs..., out, long long len[, int accumulate])
+        // and every buffer holds at least len floats.
+        unsafe { l.launch(grid_stride(len)) }?;
+        Ok(())
+    }
+
+    /// Updates every tensor in `table` in one launch.
+    fn sgd_launch(&self, table: &CudaSlice<SgdTensor>, blocks: usize, p: SgdParams) -> Result<()> {
+        let func = self.function("sgd", "sgd_multi_tensor_v1")?;
+        let mut l = self.gpu.stream().launch_builder(&func);
+        l.arg(table).arg(&p);
+        // SAFETY: the table's pointers address live parameter, gradient and momentum buffers
+        // of the stated lengths (the caller builds it from them), and `blocks` is the sum of
+        // their chunk counts.
+        unsafe { l.launch(blocks_of(blocks, BLOCK)) }?;
+        Ok(())
+    }
+
+    fn sgd_table(
+        &self,
+        tensors: &[(&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>)],
+    ) -> (Vec<SgdTensor>, usize) {
+        let stream = self.gpu.stream();
+        let mut table = Vec::with_capacity(tensors.len());
+        let mut blocks = 0usize;
+        for (w, g, v) in tensors {
+            let (wp, _r1) = w.device_ptr(stream);
+            let (gp, _r2) = g.device_ptr(stream);
+            let (vp, _r3) = v.device_ptr(stream);
+            table.push(SgdTensor {
+                w: wp,
+                g: gp,
+                v: vp,
+                len: w.len() as i64,
+                first_block: blocks as i64,
+            });
+            blocks += w.len().div_ceil(SGD_CHUNK);
+        }
+        (table, blocks)
+    }
+}
+
+fn sgd_params(
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    nesterov: bool,
+    first: bool,
+    tensors: usize,
+) -> Result<SgdParams> {
+    Ok(SgdParams {
+        lr: lr as f32,
+        momentum: momentum as f32,
+        weight_decay: weight_decay as f32,
+        nesterov: nesterov as i32,
+        first: first as i32,
+        tensors: to_i32("parameter tensors", tensors)?,
+    })
+}
+
+impl Backend for CudaBackend {
+    type Buffer = CudaSlice<f32>;
+    type BnSaved = Option<CudaSlice<f32>>;
+    const DTYPE: &'static str = "F32";
+
+    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.alloc(len)
+    }
+    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+    fn reset(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<()> {
+        if buf.len() != len {
+            *buf = self.alloc(len)?;
+        } else if len > 0 {
+            self.gpu.stream().memset_zeros(buf)?;
+        }
+        Ok(())
+    }
+    fn ensure_len(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<()> {
+        if buf.len() != len {
+            *buf = self.alloc(len)?;
+        }
+        Ok(())
+    }
+    fn upload(&self, host: &[f32], buf: &mut CudaSlice<f32>) -> Result<()> {
+        self.ensure_len(buf, host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.upload_pinned(host, buf)
+    }
+    fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.gpu.stream().clone_dtoh(buf)?)
+    }
+    fn download_f64(&self, buf: &CudaSlice<f32>) -> Result<Vec<f64>> {
+        Ok(self.download(buf)?.into_iter().map(f64::from).collect())
+    }
+    fn upload_f64(&self, host: &[f64], buf: &mut CudaSlice<f32>) -> Result<()> {
+        let v: Vec<f32> = host.iter().map(|&x| x as f32).collect();
+        self.upload(&v, buf)
+    }
+
+    fn conv2d_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        xs: Shape4,
+        w: &CudaSlice<f32>,
+        conv: &Conv,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<Shape4> {
+        let ys = conv.out_shape(xs);
+        let (k, p) = (conv.patch(), ys.h * ys.w);
+        check_len("conv2d x", x.len(), xs.len())?;
+        check_len("conv2d w", w.len(), conv.c_out * k)?;
+        check_len("conv2d y", y.len(), ys.len())?;
+        let group = Self::conv_group(xs, conv);
+        let mut ws = lock(&self.conv)?;
+        let stream = self.gpu.stream().clone();
+        let need = group * p;
+        if ws.col.len() < k * need {
+            ws.col = stream.alloc_zeros::<f32>(k * need)?;
+        }
+        if ws.gemm.len() < conv.c_out * need {
+            ws.gemm = stream.alloc_zeros::<f32>(conv.c_out * need)?;
+        }
+        let ConvWorkspace { col, gemm } = &mut *ws;
+        let mut n0 = 0;
+        while n0 < xs.n {
+            let b = group.min(xs.n - n0);
+            let geom = Self::conv_geom(xs, conv, b)?;
+            let xg = x.slice(n0 * xs.image()..(n0 + b) * xs.image());
+            self.im2col(&xg, &geom, col)?;
+            let ld = b * p;
+            // Y' (C_out x B P) = W (C_out x K) col (K x B P)
+            self.gemm(
+                false,
+                false,
+                (conv.c_out, ld, k),
+                1.0,
+                w,
+                k,
+                col,
+                ld,
+                0.0,
+                gemm,
+                ld,
+            )?;
+            let mut yg = y.slice_mut(n0 * ys.image()..(n0 + b) * ys.image());
+            self.gemm_layout_to_nchw(gemm, &mut yg, (b, conv.c_out, p))?;
+            n0 += b;
+        }
+        Ok(ys)
+    }
+
+    fn conv2d_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        xs: Shape4,
+        w: &CudaSlice<f32>,
+        conv: &Conv,
+        dy: &CudaSlice<f32>,
+        mut dx: Option<&mut CudaSlice<f32>>,
+        dx_accumulate: bool,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let ys = conv.out_shape(xs);
+        let (k, p) = (conv.patch(), ys.h * ys.w);
+        check_len("conv2d x", x.len(), xs.len())?;
+        check_len("conv2d dy", dy.len(), ys.len())?;
+        check_len("conv2d dw", dw.len(), conv.c_out * k)?;
+        if let Some(dx) = &dx {
+            check_len("conv2d dx", dx.len(), xs.len())?;
+        }
+        let group = Self::conv_group(xs, conv);
+        let mut ws = lock(&self.conv)?;
+        let stream = self.gpu.stream().clone();
+        let need = group * p;
+        if ws.col.len() < k * need {
+            ws.col = stream.alloc_zeros::<f32>(k * need)?;
+        }
+        if ws.gemm.len() < conv.c_out * need {
+            ws.gemm = stream.alloc_zeros::<f32>(conv.c_out * need)?;
+        }
+        let ConvWorkspace { col, gemm } = &mut *ws;
+        let func = self.function("conv_im2col", "col2im_v1")?;
+        let mut n0 = 0;
+        while n0 < xs.n {
+            let b = group.min(xs.n - n0);
+            let geom = Self::conv_geom(xs, conv, b)?;
+            let ld = b * p;
+            let xg = x.slice(n0 * xs.image()..(n0 + b) * xs.image());
+            self.im2col(&xg, &geom, col)?;
+            let dyg = dy.slice(n0 * ys.image()..(n0 + b) * ys.image());
+            self.nchw_to_gemm_layout(&dyg, gemm, (b, conv.c_out, p))?;
+            // dW (C_out x K) += dY' (C_out x B P) col^T
+            self.gemm(
+                false,
+                true,
+                (conv.c_out, k, ld),
+                1.0,
+                gemm,
+                ld,
+                col,
+                ld,
+                1.0,
+                dw,
+                k,
+            )?;
+            if let Some(dx) = dx.as_deref_mut() {
+                // dcol (K x B P) = W^T dY', written over col (its last reader is queued above).
+                self.gemm(
+                    true,
+                    false,
+                    (k, ld, conv.c_out),
+                    1.0,
+                    w,
+                    k,
+                    gemm,
+                    ld,
+                    0.0,
+                    col,
+                    ld,
+                )?;
+                let mut dxg: CudaViewMut<'_, f32> =
+                    dx.slice_mut(n0 * xs.image()..(n0 + b) * xs.image());
+                let acc = i32::from(dx_accumulate);
+                let mut l = stream.launch_builder(&func);
+                l.arg(&*col).arg(&geom).arg(&mut dxg).arg(&acc);
+                // SAFETY: col2im_v1(const float* col, ConvGeom g, float* dx, int accumulate);
+                // col holds K x B P floats, dxg the group's B C_in H W.
+                unsafe { l.launch(grid_stride(b * xs.image())) }?;
+            }
+            n0 += b;
+        }
+        Ok(())
+    }
+
+    fn batchnorm_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        xs: Shape4,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &mut CudaSlice<f32>,
+        running_var: &mut CudaSlice<f32>,
+        training: bool,
+        saved: &mut Option<CudaSlice<f32>>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (n, c, hw) = (
+            to_i32("N", xs.n)?,
+            to_i32("C", xs.c)?,
+            to_i32("HW", xs.h * xs.w)?,
+        );
+        check_len("batchnorm x", x.len(), xs.len())?;
+        check_len("batchnorm y", y.len(), xs.len())?;
+        for (what, b) in [
+            ("gamma", gamma),
+            ("beta", beta),
+            ("running_mean", &*running_mean),
+            ("running_var", &*running_var),
+        ] {
+            check_len(what, b.len(), xs.c)?;
+        }
+        let stream = self.gpu.stream().clone();
+        if saved.as_ref().is_none_or(|s| s.len() != 4 * xs.c) {
+            *saved = Some(stream.alloc_zeros::<f32>(4 * xs.c)?);
+        }
+        let saved = saved
+            .as_mut()
+            .ok_or_else(|| Error::Cuda("batchnorm statistics missing".into()))?;
+        let eps = BN_EPS as f32;
+        if training {
+            let momentum = BN_MOMENTUM as f32;
+            let func = self.function("batchnorm", "batchnorm_train_stats_v1")?;
+            let mut l = stream.launch_builder(&func);
+            l.arg(x).arg(&n).arg(&c).arg(&hw).arg(&momentum).arg(&eps);
+            l.arg(&mut *saved).arg(running_mean).arg(running_var);
+            // SAFETY: the kernel's signature; one block per channel, buffers checked above.
+            unsafe { l.launch(blocks_of(xs.c, BN_THREADS)) }?;
+        } else {
+            let func = self.function("batchnorm", "batchnorm_eval_stats_v1")?;
+            let mut l = stream.launch_builder(&func);
+            l.arg(&*running_mean)
+                .arg(&*running_var)
+                .arg(&c)
+                .arg(&eps)
+                .arg(&mut *saved);
+            // SAFETY: the kernel's signature; one thread per channel.
+            unsafe { l.launch(blocks_of(xs.c.div_ceil(BLOCK as usize), BLOCK)) }?;
+        }
+        let func = self.function("batchnorm", "batchnorm_apply_v1")?;
+        let mut l = stream.launch_builder(&func);
+        l.arg(x)
+            .arg(gamma)
+            .arg(beta)
+            .arg(&*saved)
+            .arg(&n)
+            .arg(&c)
+            .arg(&hw)
+            .arg(y);
+        // SAFETY: the kernel's signature; x and y hold N C H W floats.
+        unsafe { l.launch(grid_stride(xs.len())) }?;
+        Ok(())
+    }
+
+    fn batchnorm_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        xs: Shape4,
+        gamma: &CudaSlice<f32>,
+        _running_mean: &CudaSlice<f32>,
+        _running_var: &CudaSlice<f32>,
+        training: bool,
+        saved: &mut Option<CudaSlice<f32>>,
+        dy: &CudaSlice<f32>,
+        dx: Option<&mut CudaSlice<f32>>,
+        dx_accumulate: bool,
+        dgamma: &mut CudaSlice<f32>,
+        dbeta: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        // The forward left mean and 1/std in `saved` (the running ones in eval mode).
+        let (n, c, hw) = (
+            to_i32("N", xs.n)?,
+            to_i32("C", xs.c)?,
+            to_i32("HW", xs.h * xs.w)?,
+        );
+        check_len("batchnorm dy", dy.len(), xs.len())?;
+        let saved = saved
+            .as_mut()
+            .filter(|s| s.len() == 4 * xs.c)
+            .ok_or_else(|| Error::Cuda("batchnorm backward before its forward".into()))?;
+        let stream = self.gpu.stream().clone();
+        let func = self.function("batchnorm", "batchnorm_bwd_reduce_v1")?;
+        let mut l = stream.launch_builder(&func);
+        l.arg(x)
+            .arg(dy)
+            .arg(&n)
+            .arg(&c)
+            .arg(&hw)
+            .arg(&mut *saved)
+            .arg(dgamma)
+            .arg(dbeta);
+        // SAFETY: the kernel's signature; one block per channel.
+        unsafe { l.launch(blocks_of(xs.c, BN_THREADS)) }?;
+        if let Some(dx) = dx {
+            check_len("batchnorm dx", dx.len(), xs.len())?;
+            let (tr, acc) = (i32::from(training), i32::from(dx_accumulate));
+            let func = self.function("batchnorm", "batchnorm_bwd_dx_v1")?;
+            let mut l = stream.launch_builder(&func);
+            l.arg(x)
+                .arg(dy)
+                .arg(gamma)
+                .arg(&*saved)
+                .arg(&n)
+                .arg(&c)
+                .arg(&hw)
+                .arg(&tr);
+            l.arg(dx).arg(&acc);
+            // SAFETY: the kernel's signature; N C H W elements.
+            unsafe { l.launch(grid_stride(xs.len())) }?;
+        }
+        Ok(())
+    }
+
+    fn relu_forward(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+        self.elementwise("relu_fwd_v1", &[x], y, None)
+    }
+    fn relu_backward(
+        &self,
+        y: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.elementwise("relu_bwd_v1", &[y, dy], dx, Some(accumulate))
+    }
+    fn add_into(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+        self.elementwise("add_v1", &[x], out, Some(true))
+    }
+    fn copy_or_add(
+        &self,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.elementwise("add_v1", &[x], out, Some(accumulate))
+    }
+    fn avgpool_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        xs: Shape4,
+        k: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<Shape4> {
+        let ys = Shape4 {
+            n: xs.n,
+            c: xs.c,
+            h: xs.h / k,
+            w: xs.w / k,
+        };
+        check_len("avgpool x", x.len(), xs.len())?;
+        check_len("avgpool y", y.len(), ys.len())?;
+        let (planes, h, w, ki) = (
+            to_i32("N C", xs.n * xs.c)?,
+            to_i32("H", xs.h)?,
+            to_i32("W", xs.w)?,
+            to_i32("k", k)?,
+        );
+        let func = self.function("pool", "avgpool_fwd_v1")?;
+        let mut l = self.gpu.stream().launch_builder(&func);
+        l.arg(x).arg(&planes).arg(&h).arg(&w).arg(&ki).arg(y);
+        // SAFETY: the kernel's signature; sizes checked above.
+        unsafe { l.launch(grid_stride(ys.len())) }?;
+        Ok(ys)
+    }
+    fn avgpool_backward(
+        &self,
+        xs: Shape4,
+        k: usize,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_len("avgpool dy", dy.len(), xs.len() / (k * k))?;
+        check_len("avgpool dx", dx.len(), xs.len())?;
+        let (planes, h, w, ki) = (
+            to_i32("N C", xs.n * xs.c)?,
+            to_i32("H", xs.h)?,
+            to_i32("W", xs.w)?,
+            to_i32("k", k)?,
+        );
+        let acc = i32::from(accumulate);
+        let func = self.function("pool", "avgpool_bwd_v1")?;
+        let mut l = self.gpu.stream().launch_builder(&func);
+        l.arg(dy)
+            .arg(&planes)
+            .arg(&h)
+            .arg(&w)
+            .arg(&ki)
+            .arg(dx)
+            .arg(&acc);
+        // SAFETY: the kernel's signature; sizes checked above.
+        unsafe { l.launch(grid_stride(xs.len())) }?;
+        Ok(())
+    }
+    fn linear_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        out: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let inp = w.len() / out.max(1);
+        check_len("linear x", x.len(), n * inp)?;
+        check_len("linear b", b.len(), out)?;
+        check_len("linear y", y.len(), n * out)?;
+        let (rows, cols) = (to_i32("N", n)?, to_i32("out", out)?);
+        let func = self.function("elementwise", "bias_rows_v1")?;
+        let mut l = self.gpu.stream().launch_builder(&func);
+        l.arg(b).arg(&mut *y).arg(&rows).arg(&cols);
+        // SAFETY: bias_rows_v1(const float* b, float* y, int rows, int cols); sizes checked.
+        unsafe { l.launch(grid_stride(n * out)) }?;
+        // y (N x out) += x (N x in) W^T
+        self.gemm(false, true, (n, out, inp), 1.0, x, inp, w, inp, 1.0, y, out)
+    }
+    fn linear_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        n: usize,
+        w: &CudaSlice<f32>,
+        out: usize,
+        dy: &CudaSlice<f32>,
+        dx: Option<&mut CudaSlice<f32>>,
+        dx_accumulate: bool,
+        dw: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let inp = w.len() / out.max(1);
+        check_len("linear x", x.len(), n * inp)?;
+        check_len("linear dy", dy.len(), n * out)?;
+        check_len("linear dw", dw.len(), out * inp)?;
+        check_len("linear db", db.len(), out)?;
+        // dW (out x in) += dY^T (out x N) X (N x in)
+        self.gemm(
+            true,
+            false,
+            (out, inp, n),
+            1.0,
+            dy,
+            out,
+            x,
+            inp,
+            1.0,
+            dw,
+            inp,
+        )?;
+        let (rows, cols) = (to_i32("N", n)?, to_i32("out", out)?);
+        let func = self.function("elementwise", "column_sums_v1")?;
+        let mut l = self.gpu.stream().launch_builder(&func);
+        l.arg(dy).arg(db).arg(&rows).arg(&cols);
+        // SAFETY: column_sums_v1(const float* dy, float* db, int rows, int cols); one thread
+        // per column.
+        unsafe { l.launch(blocks_of(out.div_ceil(BLOCK as usize), BLOCK)) }?;
+        if let Some(dx) = dx {
+            check_len("linear dx", dx.len(), n * inp)?;
+            let beta = if dx_accumulate { 1.0 } else { 0.0 };
+            // dX (N x in) = dY (N x out) W (out x in)
+            self.gemm(
+                false,
+                false,
+                (n, inp, out),
+                1.0,
+                dy,
+                out,
+                w,
+                inp,
+                beta,
+                dx,
+                inp,
+            )?;
+        }
+        Ok(())
+    }
+    fn instance_loss(
+        &self,
+        z: &CudaSlice<f32>,
+        n: usize,
+        d: usize,
+        cfg: &LossConfig,
+        loss: &mut CudaSlice<f32>,
+        dz: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        validate_for_kernels(cfg)?;
+        self.ensure_len(loss, 1)?;
+        self.ensure_len(dz, n * d)?;
+        let mut losses = lock(&self.losses)?;
+        let l = match losses.entry((n, d)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(CudaLoss::new(self.gpu.clone(), self.loss_version, n, d)?)
+            }
+        };
+        l.enqueue(z, Some(dz), cfg)?;
+        let func = self.function("elementwise", "f64_to_f32_v1")?;
+        let one = 1i64;
+        let mut b = self.gpu.stream().launch_builder(&func);
+        b.arg(l.loss_buffer()).arg(loss).arg(&one);
+        // SAFETY: f64_to_f32_v1(const double* x, float* out, long long len); one element each.
+        unsafe { b.launch(grid_stride(1)) }?;
+        Ok(())
+    }
+    fn axpy(
+        &self,
+        scale: f64,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_len("axpy", src.len(), dst.len())?;
+        let len = dst.len();
+        let (alpha, n, acc) = (scale as f32, len as i64, i32::from(accumulate));
+        let func = self.function("elementwise", "axpy_v1")?;
+        let mut l = self.gpu.stream().launch_builder(&func);
+        l.arg(&alpha).arg(src).arg(dst).arg(&n).arg(&acc);
+        // SAFETY: axpy_v1(float alpha, const float* x, float* out, long long len, int acc).
+        unsafe { l.launch(grid_stride(len)) }?;
+        Ok(())
+    }
+    fn copy_scalar(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, at: usize) -> Result<()> {
+        if src.is_empty() || at >= dst.len() {
+            return Err(Error::invalid(format!(
+                "copy_scalar: element {at} of a buffer of {}",
+                dst.len()
+            )));
+        }
+        let from = src.slice(0..1);
+        let mut to = dst.slice_mut(at..at + 1);
+        self.gpu.stream().memcpy_dtod(&from, &mut to)?;
+        Ok(())
+    }
+    fn sgd_update(
+        &self,
+        w: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        nesterov: bool,
+        first: bool,
+    ) -> Result<()> {
+        check_len("sgd gradient", g.len(), w.len())?;
+        check_len("sgd momentum", v.len(), w.len())?;
+        let (table, blocks) = self.sgd_table(&[(&*w, g, &*v)]);
+        let device = self.gpu.stream().clone_htod(&table)?;
+        let p = sgd_params(lr, momentum, weight_decay, nesterov, first, 1)?;
+        self.sgd_launch(&device, blocks, p)
+    }
+    fn sgd_update_all(
+        &self,
+        params: &mut [Param<Self>],
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        nesterov: bool,
+        first: bool,
+    ) -> Result<()> {
+        if params.is_empty() {
+            return Ok(());
+        }
+        for p in params.iter() {
+            check_len(&p.name, p.grad.len(), p.value.len())?;
+            check_len(&p.name, p.momentum.len(), p.value.len())?;
+        }
+        let list: Vec<_> = params
+            .iter()
+            .map(|p| (&p.value, &p.grad, &p.momentum))
+            .collect();
+        let (host, blocks) = self.sgd_table(&list);
+        let mut cached = lock(&self.sgd)?;
+        // The table is uploaded once and again only when a buffer moved (a reallocation).
+        if cached.as_ref().is_none_or(|t| t.host != host) {
+            let device = self.gpu.stream().clone_htod(&host)?;
+            *cached = Some(SgdTable {
+                host,
+                device,
+                blocks,
+            });
+        }
+        let t = cached
+            .as_ref()
+            .ok_or_else(|| Error::Cuda("SGD table missing".into()))?;
+        let p = sgd_params(lr, momentum, weight_decay, nesterov, first, params.len())?;
+        self.sgd_launch(&t.device, t.blocks, p)
+    }
+    fn nearest(
+        &self,
+        queries: &[f32],
+        keys: &[f32],
+        d: usize,
+        k: usize,
+    ) -> Result<Vec<Vec<(f32, usize)>>> {
+        if d == 0 || queries.len() % d != 0 || keys.len() % d != 0 {
+            return Err(Error::invalid(format!(
+                "kNN: {} query and {} key values are not rows of {d}",
+                queries.len(),
+                keys.len()
+            )));
+        }
+        let (nq, nk) = (queries.len() / d, keys.len() / d);
+        let k = k.min(nk);
+        if k == 0 || nq == 0 {
+            return Ok(vec![Vec::new(); nq]);
+        }
+        let stream = self.gpu.stream().clone();
+        let keys_dev = stream.clone_htod(keys)?;
+        let rows_per_block = (KNN_BLOCK / nk).clamp(1, nq);
+        let mut sims = stream.alloc_zeros::<f32>(rows_per_block * nk)?;
+        let mut top_val = stream.alloc_zeros::<f32>(rows_per_block * k)?;
+        let mut top_idx = stream.alloc_zeros::<i32>(rows_per_block * k)?;
+        let func = self.function("topk", "topk_rows_v1")?;
+        let (cols, ki) = (to_i32("bank size", nk)?, to_i32("k", k)?);
+        let mut out = Vec::with_capacity(nq);
+        let mut q0 = 0;
+        while q0 < nq {
+            let rows = rows_per_block.min(nq - q0);
+            let q_dev = stream.clone_htod(&queries[q0 * d..(q0 + rows) * d])?;
+            // S (rows x nk) = Q K^T
+            self.gemm(
+                false,
+                true,
+                (rows, nk, d),
+                1.0,
+                &q_dev,
+                d,
+                &keys_dev,
+                d,
+                0.0,
+                &mut sims,
+                nk,
+            )?;
+            let rows_i = to_i32("queries", rows)?;
+            let mut l = stream.launch_builder(&func);
+            l.arg(&sims)
+                .arg(&rows_i)
+                .arg(&cols)
+                .arg(&ki)
+                .arg(&mut top_val)
+                .arg(&mut top_idx);
+            // SAFETY: topk_rows_v1(const float* s, int rows, int cols, int k, float* val,
+            // int* idx); s holds rows x cols, the outputs rows x k, 1 <= k <= cols.
+            unsafe { l.launch(blocks_of(rows, BLOCK)) }?;
+            let vals = stream.clone_dtoh(&top_val)?;
+            let idx = stream.clone_dtoh(&top_idx)?;
+            for r in 0..rows {
+                let mut row: Vec<(f32, usize)> = vals[r * k..(r + 1) * k]
+                    .iter()
+                    .zip(&idx[r * k..(r + 1) * k])
+                    .map(|(&s, &j)| (s, j as usize))
+                    .collect();
+                row.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                out.push(row);
+            }
+            q0 += rows;
+        }
+        Ok(out)
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.gpu.stream().synchronize()?;
+        Ok(())
+    }
+}

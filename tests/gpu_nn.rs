@@ -1,0 +1,496 @@
+//! The CUDA backend against the CPU backend: every op forward and backward (one generic body
+//! run on both devices), the multi-tensor SGD, kNN, and whole training steps of both encoders.
+//! Skips without a GPU (`SKIPPED (no GPU): ...`), fails under REQUIRE_GPU=1.
+
+// The op bodies take every buffer explicitly, as the backend methods do.
+#![allow(clippy::too_many_arguments)]
+
+use std::sync::Arc;
+
+use invaspread::loss::LossConfig;
+use invaspread::nn::backend::{Backend, Cpu};
+use invaspread::nn::cpu_ops::{Conv, Shape4};
+use invaspread::nn::cuda_backend::CudaBackend;
+use invaspread::nn::graph::Graph;
+use invaspread::nn::models::{Model, ModelKind};
+use invaspread::nn::optim::{Sgd, SgdConfig};
+use invaspread::nn::params::{Param, ParamStore};
+use invaspread::nn::train::train_step;
+use invaspread::testing::{gpu_or_skip, random_matrix, rng};
+
+/// The CPU (float32) and CUDA backends, or None when the test is skipped.
+fn backends(name: &str) -> Option<(Cpu<f32>, CudaBackend)> {
+    let gpu = gpu_or_skip(name)?;
+    let cuda = CudaBackend::new(gpu).expect("the CUDA backend starts");
+    Some((Cpu::new(), cuda))
+}
+
+/// max |got - want| / max |want|.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let scale = want
+        .iter()
+        .fold(0.0f64, |m, &x| m.max(f64::from(x).abs()))
+        .max(1e-30);
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            if g.is_finite() {
+                (f64::from(g) - f64::from(w)).abs() / scale
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(got, want);
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
+}
+
+fn buf<B: Backend>(b: &B, host: &[f32]) -> B::Buffer {
+    let mut x = b.zeros(host.len()).unwrap();
+    b.upload(host, &mut x).unwrap();
+    x
+}
+
+/// Convolution forward, then backward with dw += and dx written or added to random contents.
+fn conv_on<B: Backend>(
+    b: &B,
+    x: &[f32],
+    xs: Shape4,
+    w: &[f32],
+    conv: &Conv,
+    dy: &[f32],
+    dx0: &[f32],
+    dw0: &[f32],
+    dx_accumulate: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (xb, wb) = (buf(b, x), buf(b, w));
+    let mut y = b.zeros(conv.out_shape(xs).len()).unwrap();
+    b.conv2d_forward(&xb, xs, &wb, conv, &mut y).unwrap();
+    let (dyb, mut dx, mut dw) = (buf(b, dy), buf(b, dx0), buf(b, dw0));
+    b.conv2d_backward(
+        &xb,
+        xs,
+        &wb,
+        conv,
+        &dyb,
+        Some(&mut dx),
+        dx_accumulate,
+        &mut dw,
+    )
+    .unwrap();
+    (
+        b.download(&y).unwrap(),
+        b.download(&dx).unwrap(),
+        b.download(&dw).unwrap(),
+    )
+}
+
+#[test]
+fn conv2d_matches_cpu_forward_and_backward() {
+    let Some((cpu, cuda)) = backends("conv2d_matches_cpu_forward_and_backward") else {
+        return;
+    };
+    // (images, C_in, H, W, C_out, k, stride, pad): odd sizes, stride 2, 1x1 shortcuts, no
+    // padding, and a batch large enough to need several im2col groups.
+    let cases = [
+        (3, 5, 9, 7, 6, 3, 1, 1),
+        (4, 3, 8, 8, 8, 3, 2, 1),
+        (5, 16, 6, 6, 32, 1, 2, 0),
+        (2, 3, 5, 5, 4, 3, 1, 0),
+        (1, 1, 1, 1, 1, 1, 1, 0),
+        (130, 64, 32, 32, 64, 3, 1, 1),
+    ];
+    for (i, &(n, c_in, h, w, c_out, k, stride, pad)) in cases.iter().enumerate() {
+        let conv = Conv {
+            c_in,
+            c_out,
+            k,
+            stride,
+            pad,
+        };
+        let xs = Shape4 { n, c: c_in, h, w };
+        let ys = conv.out_shape(xs);
+        let mut r = rng(100 + i as u64);
+        let x = random_matrix(&mut r, 1, xs.len());
+        let wt = random_matrix(&mut r, 1, c_out * conv.patch());
+        let dy = random_matrix(&mut r, 1, ys.len());
+        let dx0 = random_matrix(&mut r, 1, xs.len());
+        let dw0 = random_matrix(&mut r, 1, wt.len());
+        for acc in [false, true] {
+            let want = conv_on(&cpu, &x, xs, &wt, &conv, &dy, &dx0, &dw0, acc);
+            let got = conv_on(&cuda, &x, xs, &wt, &conv, &dy, &dx0, &dw0, acc);
+            let tag = format!("conv case {i} accumulate {acc}");
+            assert_close(&format!("{tag}: y"), &got.0, &want.0, 1e-5);
+            assert_close(&format!("{tag}: dx"), &got.1, &want.1, 1e-5);
+            assert_close(&format!("{tag}: dw"), &got.2, &want.2, 1e-5);
+        }
+    }
+}
+
+/// Batchnorm forward (training or eval) and backward; returns y, dx, dgamma, dbeta and the
+/// running statistics after the forward.
+fn batchnorm_on<B: Backend>(
+    b: &B,
+    x: &[f32],
+    xs: Shape4,
+    affine: (&[f32], &[f32]),
+    running: (&[f32], &[f32]),
+    training: bool,
+    dy: &[f32],
+    dx0: &[f32],
+) -> Vec<Vec<f32>> {
+    let (xb, g, be) = (buf(b, x), buf(b, affine.0), buf(b, affine.1));
+    let (mut rm, mut rv) = (buf(b, running.0), buf(b, running.1));
+    let mut y = b.zeros(xs.len()).unwrap();
+    let mut saved = B::BnSaved::default();
+    b.batchnorm_forward(
+        &xb, xs, &g, &be, &mut rm, &mut rv, training, &mut saved, &mut y,
+    )
+    .unwrap();
+    let (dyb, mut dx) = (buf(b, dy), buf(b, dx0));
+    let (mut dg, mut db) = (buf(b, &vec![0.5; xs.c]), buf(b, &vec![-0.5; xs.c]));
+    b.batchnorm_backward(
+        &xb,
+        xs,
+        &g,
+        &rm,
+        &rv,
+        training,
+        &mut saved,
+        &dyb,
+        Some(&mut dx),
+        true,
+        &mut dg,
+        &mut db,
+    )
+    .unwrap();
+    [&y, &dx, &dg, &db, &rm, &rv]
+        .iter()
+        .map(|v| b.download(v).unwrap())
+        .collect()
+}
+
+#[test]
+fn batchnorm_matches_cpu_in_training_and_eval() {
+    let Some((cpu, cuda)) = backends("batchnorm_matches_cpu_in_training_and_eval") else {
+        return;
+    };
+    for (i, &(n, c, h, w)) in [(2, 3, 5, 7), (256, 64, 8, 8), (7, 5, 1, 1), (3, 130, 4, 4)]
+        .iter()
+        .enumerate()
+    {
+        let xs = Shape4 { n, c, h, w };
+        let mut r = rng(200 + i as u64);
+        // A channel offset far from zero: the two-pass variance must not cancel.
+        let mut x = random_matrix(&mut r, 1, xs.len());
+        for (j, v) in x.iter_mut().enumerate() {
+            *v = *v * 3.0 + if (j / (h * w)) % c == 0 { 50.0 } else { 0.0 };
+        }
+        let gamma = random_matrix(&mut r, 1, c);
+        let beta = random_matrix(&mut r, 1, c);
+        let rm = random_matrix(&mut r, 1, c);
+        let rv: Vec<f32> = random_matrix(&mut r, 1, c)
+            .iter()
+            .map(|v| v.abs() + 0.5)
+            .collect();
+        let dy = random_matrix(&mut r, 1, xs.len());
+        let dx0 = random_matrix(&mut r, 1, xs.len());
+        for training in [true, false] {
+            let args = ((&gamma[..], &beta[..]), (&rm[..], &rv[..]));
+            let want = batchnorm_on(&cpu, &x, xs, args.0, args.1, training, &dy, &dx0);
+            let got = batchnorm_on(&cuda, &x, xs, args.0, args.1, training, &dy, &dx0);
+            for (k, what) in ["y", "dx", "dgamma", "dbeta", "running_mean", "running_var"]
+                .iter()
+                .enumerate()
+            {
+                assert_close(
+                    &format!("batchnorm case {i} training {training}: {what}"),
+                    &got[k],
+                    &want[k],
+                    2e-4,
+                );
+            }
+        }
+    }
+}
+
+/// relu, add, copy, axpy, average pooling and linear, forward and backward.
+fn small_ops_on<B: Backend>(b: &B, seed: u64) -> Vec<Vec<f32>> {
+    let mut r = rng(seed);
+    let xs = Shape4 {
+        n: 3,
+        c: 5,
+        h: 8,
+        w: 6,
+    };
+    let x = buf(b, &random_matrix(&mut r, 1, xs.len()));
+    let other = buf(b, &random_matrix(&mut r, 1, xs.len()));
+    let dy = buf(b, &random_matrix(&mut r, 1, xs.len()));
+    let mut out = Vec::new();
+    let mut y = b.zeros(xs.len()).unwrap();
+    b.relu_forward(&x, &mut y).unwrap();
+    out.push(b.download(&y).unwrap());
+    let mut dx = buf(b, &random_matrix(&mut r, 1, xs.len()));
+    b.relu_backward(&y, &dy, &mut dx, true).unwrap();
+    out.push(b.download(&dx).unwrap());
+    b.relu_backward(&y, &dy, &mut dx, false).unwrap();
+    out.push(b.download(&dx).unwrap());
+    b.copy_or_add(&x, &mut dx, false).unwrap();
+    b.add_into(&other, &mut dx).unwrap();
+    out.push(b.download(&dx).unwrap());
+    b.axpy(-0.37, &other, &mut dx, true).unwrap();
+    out.push(b.download(&dx).unwrap());
+    b.axpy(2.5, &other, &mut dx, false).unwrap();
+    out.push(b.download(&dx).unwrap());
+    for k in [1, 2, 4] {
+        let pooled = Shape4 {
+            h: xs.h / k,
+            w: xs.w / k,
+            ..xs
+        };
+        let mut py = b.zeros(pooled.len()).unwrap();
+        let xs_k = Shape4 {
+            h: pooled.h * k,
+            w: pooled.w * k,
+            ..xs
+        };
+        let xk = buf(b, &random_matrix(&mut r, 1, xs_k.len()));
+        b.avgpool_forward(&xk, xs_k, k, &mut py).unwrap();
+        out.push(b.download(&py).unwrap());
+        let mut pdx = buf(b, &random_matrix(&mut r, 1, xs_k.len()));
+        b.avgpool_backward(xs_k, k, &py, &mut pdx, true).unwrap();
+        out.push(b.download(&pdx).unwrap());
+    }
+    // Linear: 7 rows, 37 -> 13 features.
+    let (n, inp, o) = (7, 37, 13);
+    let lx = buf(b, &random_matrix(&mut r, n, inp));
+    let lw = buf(b, &random_matrix(&mut r, o, inp));
+    let lb = buf(b, &random_matrix(&mut r, 1, o));
+    let mut ly = b.zeros(n * o).unwrap();
+    b.linear_forward(&lx, n, &lw, &lb, o, &mut ly).unwrap();
+    out.push(b.download(&ly).unwrap());
+    let ldy = buf(b, &random_matrix(&mut r, n, o));
+    let mut ldx = buf(b, &random_matrix(&mut r, n, inp));
+    let mut ldw = buf(b, &random_matrix(&mut r, o, inp));
+    let mut ldb = buf(b, &random_matrix(&mut r, 1, o));
+    b.linear_backward(
+        &lx,
+        n,
+        &lw,
+        o,
+        &ldy,
+        Some(&mut ldx),
+        true,
+        &mut ldw,
+        &mut ldb,
+    )
+    .unwrap();
+    out.extend([&ldx, &ldw, &ldb].iter().map(|v| b.download(v).unwrap()));
+    out
+}
+
+#[test]
+fn elementwise_pooling_and_linear_match_cpu() {
+    let Some((cpu, cuda)) = backends("elementwise_pooling_and_linear_match_cpu") else {
+        return;
+    };
+    let want = small_ops_on(&cpu, 300);
+    let got = small_ops_on(&cuda, 300);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("small op output {i}"), g, w, 1e-5);
+    }
+}
+
+#[test]
+fn loss_op_matches_cpu() {
+    let Some((cpu, cuda)) = backends("loss_op_matches_cpu") else {
+        return;
+    };
+    for (n, d) in [(6, 4), (256, 128), (250, 130)] {
+        let z = random_matrix(&mut rng(n as u64), n, d);
+        let cfg = LossConfig::default();
+        let (lw, gw) = cpu.run(&z, n, d, &cfg);
+        let (lg, gg) = cuda.run(&z, n, d, &cfg);
+        assert_close(&format!("loss N={n} d={d}"), &lg, &lw, 1e-5);
+        assert_close(&format!("dL/dz N={n} d={d}"), &gg, &gw, 1e-4);
+    }
+}
+
+/// The loss op on one backend: upload z, run, download the loss and dL/dz.
+trait LossOn {
+    fn run(&self, z: &[f32], n: usize, d: usize, cfg: &LossConfig) -> (Vec<f32>, Vec<f32>);
+}
+
+impl<B: Backend> LossOn for B {
+    fn run(&self, z: &[f32], n: usize, d: usize, cfg: &LossConfig) -> (Vec<f32>, Vec<f32>) {
+        let zb = buf(self, z);
+        let (mut loss, mut dz) = (self.zeros(1).unwrap(), self.zeros(n * d).unwrap());
+        self.instance_loss(&zb, n, d, cfg, &mut loss, &mut dz)
+            .unwrap();
+        (self.download(&loss).unwrap(), self.download(&dz).unwrap())
+    }
+}
+
+fn sgd_on<B: Backend>(b: &B, lens: &[usize], nesterov: bool) -> Vec<Vec<f32>> {
+    let mut r = rng(400);
+    let mut params: Vec<Param<B>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| Param {
+            name: format!("p{i}"),
+            shape: vec![len],
+            value: buf(b, &random_matrix(&mut r, 1, len)),
+            grad: buf(b, &random_matrix(&mut r, 1, len)),
+            momentum: buf(b, &random_matrix(&mut r, 1, len)),
+        })
+        .collect();
+    for first in [true, false, false] {
+        b.sgd_update_all(&mut params, 0.03, 0.9, 5e-4, nesterov, first)
+            .unwrap();
+    }
+    params
+        .iter()
+        .flat_map(|p| {
+            [
+                b.download(&p.value).unwrap(),
+                b.download(&p.momentum).unwrap(),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn multi_tensor_sgd_matches_cpu() {
+    let Some((cpu, cuda)) = backends("multi_tensor_sgd_matches_cpu") else {
+        return;
+    };
+    // Lengths around the 1024-element chunk, one tiny, one spanning many blocks.
+    let lens = [1, 1023, 1024, 1025, 64, 300_001];
+    for nesterov in [false, true] {
+        let want = sgd_on(&cpu, &lens, nesterov);
+        let got = sgd_on(&cuda, &lens, nesterov);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_close(&format!("sgd nesterov {nesterov} buffer {i}"), g, w, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn knn_neighbours_match_cpu_including_ties() {
+    let Some((cpu, cuda)) = backends("knn_neighbours_match_cpu_including_ties") else {
+        return;
+    };
+    let d = 16;
+    let mut r = rng(500);
+    let mut keys = random_matrix(&mut r, 3000, d);
+    // Exact duplicates: ties must go to the lower index on both devices.
+    let dup = keys[..d].to_vec();
+    for row in [7usize, 100, 2999] {
+        keys[row * d..(row + 1) * d].copy_from_slice(&dup);
+    }
+    let mut queries = random_matrix(&mut r, 37, d);
+    queries[..d].copy_from_slice(&dup);
+    invaspread::eval::normalise_rows(&mut keys, d);
+    invaspread::eval::normalise_rows(&mut queries, d);
+    for k in [1, 3, 200, 3000] {
+        let want = cpu.nearest(&queries, &keys, d, k).unwrap();
+        let got = cuda.nearest(&queries, &keys, d, k).unwrap();
+        for (q, (g, w)) in got.iter().zip(&want).enumerate() {
+            let gi: Vec<usize> = g.iter().map(|x| x.1).collect();
+            let wi: Vec<usize> = w.iter().map(|x| x.1).collect();
+            // Similarities within float32 rounding of different GEMMs may swap neighbours
+            // whose similarities differ by less than that; compare values, then indices.
+            let gv: Vec<f32> = g.iter().map(|x| x.0).collect();
+            let wv: Vec<f32> = w.iter().map(|x| x.0).collect();
+            assert_close(&format!("k {k} query {q} similarities"), &gv, &wv, 1e-5);
+            if q == 0 {
+                assert_eq!(
+                    &gi[..3.min(k)],
+                    &wi[..3.min(k)],
+                    "tied neighbours of query 0"
+                );
+            }
+        }
+    }
+}
+
+/// One training step of `kind` from seed 0 on a fixed batch; returns every parameter after it
+/// and the loss.
+fn step_on<B: Backend>(b: B, kind: ModelKind, images: usize, steps: usize) -> (Vec<Vec<f32>>, f64) {
+    let mut store = ParamStore::default();
+    let model = Model::new(kind, &mut store, &b, 0).unwrap();
+    let mut graph = Graph::new(b, store);
+    let mut sgd = Sgd::new(SgdConfig::default());
+    let shape = Shape4 {
+        n: 2 * images,
+        c: 3,
+        h: 32,
+        w: 32,
+    };
+    let views = random_matrix(&mut rng(600), 1, shape.len());
+    let mut loss = 0.0;
+    for _ in 0..steps {
+        loss = train_step(
+            &mut graph,
+            &model,
+            &mut sgd,
+            &views,
+            shape,
+            &LossConfig::default(),
+            0.03,
+        )
+        .unwrap();
+    }
+    let params = graph
+        .params
+        .params
+        .iter()
+        .map(|p| graph.backend.download(&p.value).unwrap())
+        .collect();
+    (params, loss)
+}
+
+fn compare_steps(kind: ModelKind, images: usize, steps: usize, cuda: CudaBackend) {
+    let before = step_on(Cpu::<f32>::new(), kind, images, 0).0;
+    let (want, loss_cpu) = step_on(Cpu::<f32>::new(), kind, images, steps);
+    let (got, loss_gpu) = step_on(cuda, kind, images, steps);
+    assert!(
+        (loss_cpu - loss_gpu).abs() <= 1e-4 * loss_cpu.abs(),
+        "{}: loss {loss_gpu} on CUDA, {loss_cpu} on the CPU",
+        kind.name()
+    );
+    // Parameters are compared by their change: a float32 rounding difference in a gradient
+    // moves an update by a tiny fraction of the update itself.
+    for (i, ((g, w), b0)) in got.iter().zip(&want).zip(&before).enumerate() {
+        let du_g: Vec<f32> = g.iter().zip(b0).map(|(a, b)| a - b).collect();
+        let du_w: Vec<f32> = w.iter().zip(b0).map(|(a, b)| a - b).collect();
+        assert_close(
+            &format!("{} parameter {i} update", kind.name()),
+            &du_g,
+            &du_w,
+            5e-3,
+        );
+    }
+}
+
+#[test]
+fn resnet18_training_step_matches_cpu() {
+    let Some(gpu) = gpu_or_skip("resnet18_training_step_matches_cpu") else {
+        return;
+    };
+    let cuda = CudaBackend::new(Arc::clone(&gpu)).unwrap();
+    compare_steps(ModelKind::Resnet18Cifar, 16, 1, cuda);
+}
+
+#[test]
+fn convnet_three_training_steps_match_cpu() {
+    let Some(gpu) = gpu_or_skip("convnet_three_training_steps_match_cpu") else {
+        return;
+    };
+    let cuda = CudaBackend::new(gpu).unwrap();
+    compare_steps(ModelKind::ConvnetSmall, 32, 3, cuda);
+}

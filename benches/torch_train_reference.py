@@ -1,10 +1,17 @@
 #!/usr/bin/env python3
-"""One training step of the reference in PyTorch on the CPU: the authors' CIFAR ResNet18 (or the
-crate's convnet-small), F.normalize, BatchCriterion, SGD(lr 0.03, momentum 0.9, wd 5e-4), on
-128 images x 2 views of 32 x 32 (256 rows), float32. Prints images/s in a markdown table, for
-comparison with `cargo bench --bench train_step` on the same machine and thread count.
+"""One training step of the reference in PyTorch: the authors' CIFAR ResNet18 (or the crate's
+convnet-small), F.normalize, BatchCriterion, SGD(lr 0.03, momentum 0.9, wd 5e-4), on 128 images
+x 2 views of 32 x 32 (256 rows). Prints images/s in a markdown table, for comparison with
+`cargo bench --bench train_step` (CPU) or `invaspread bench-train --device cuda` on the same
+machine.
 
-usage: python3 benches/torch_train_reference.py [--threads T] [--steps 5] [--models resnet18-cifar convnet-small]
+On the CPU: float32, median of --steps single steps. On CUDA: PyTorch's defaults (cuDNN
+convolutions may use TF32, matmuls do not), or with --amp bf16 torch.autocast to bfloat16; the
+mean step over --steps queued steps (one synchronisation), median of 3 repetitions, the same
+protocol as bench-train.
+
+usage: python3 benches/torch_train_reference.py [--device cpu|cuda] [--amp none|bf16]
+           [--threads T] [--steps 5] [--models resnet18-cifar convnet-small]
 """
 import argparse
 import statistics
@@ -73,7 +80,7 @@ def batch_criterion(x, tau=0.1, neg_m=1.0):
     n = x.size(0)
     reordered = torch.cat((x.narrow(0, n // 2, n // 2), x.narrow(0, 0, n // 2)), 0)
     pos = (x * reordered.data).sum(1).div(tau).exp()
-    all_prob = torch.mm(x, x.t().data).div(tau).exp() * (1 - torch.eye(n))
+    all_prob = torch.mm(x, x.t().data).div(tau).exp() * (1 - torch.eye(n, device=x.device))
     all_div = (all_prob.sum(1) - pos) * neg_m + pos
     ln_pmt = torch.div(pos, all_div)
     ln_pon = (-torch.div(all_prob, all_div.unsqueeze(1))).add(1).log()
@@ -86,31 +93,56 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--models", nargs="+", default=["convnet-small", "resnet18-cifar"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", default="none", choices=["none", "bf16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.randn(256, 3, 32, 32)
-    print("| model | framework | threads | median step | images/s |")
+    dev = torch.device(args.device)
+    x = torch.randn(256, 3, 32, 32, device=dev)
+    cuda = args.device == "cuda"
+    where = torch.cuda.get_device_name(0) if cuda else "%d threads" % args.threads
+    if cuda:
+        print("| model | framework | device | mean step | images/s |")
+    else:
+        print("| model | framework | threads | median step | images/s |")
     print("|---|---|---|---|---|")
     for name in args.models:
-        model = ResNet18Cifar() if name == "resnet18-cifar" else ConvnetSmall()
+        model = (ResNet18Cifar() if name == "resnet18-cifar" else ConvnetSmall()).to(dev)
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
 
         def step():
-            opt.zero_grad()
-            loss = batch_criterion(F.normalize(model(x), dim=1))
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+                z = model(x)
+            loss = batch_criterion(F.normalize(z.float(), dim=1))
             loss.backward()
             opt.step()
 
-        step()
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
+        label = "torch %s eager%s" % (torch.__version__, " bf16 autocast" if args.amp == "bf16" else (" f32 (cuDNN TF32 default)" if cuda else ""))
+        if not cuda:
             step()
-            times.append(time.perf_counter() - t)
-        med = statistics.median(times)
-        print("| %s | torch %s eager | %d | %.3f s | %.1f |" % (name, torch.__version__, args.threads, med, 128 / med), flush=True)
+            times = []
+            for _ in range(args.steps):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+            med = statistics.median(times)
+            print("| %s | %s | %s | %.3f s | %.1f |" % (name, label, where, med, 128 / med), flush=True)
+            continue
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        means = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+            means.append((time.perf_counter() - t) / args.steps)
+        mean = statistics.median(means)
+        print("| %s | %s | %s | %.4f s | %.1f |" % (name, label, where, mean, 128 / mean), flush=True)
 
 
 if __name__ == "__main__":

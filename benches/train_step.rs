@@ -1,21 +1,56 @@
-//! Criterion benchmark of one training step on the CPU (both views: forward, backward, SGD)
-//! for each encoder, 128 images of 32 x 32 (256 rows), float32. Throughput is in images per
-//! second (128 per step). Compare with benches/torch_train_reference.py on the same machine.
+//! Criterion benchmark of one training step (both views: forward, backward, SGD) for each
+//! encoder, 128 images of 32 x 32 (256 rows), float32, on the CPU and, when a GPU is there, on
+//! CUDA in each GEMM precision (each iteration waits for the device). Throughput is in images
+//! per second (128 per step). Compare with benches/torch_train_reference.py on the same machine
+//! (`invaspread bench-train` prints the same numbers as a table).
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use invaspread::loss::LossConfig;
+use invaspread::nn::backend::Backend;
 use invaspread::nn::backend::Cpu;
 use invaspread::nn::cpu_ops::Shape4;
+use invaspread::nn::cuda_backend::{CudaBackend, GemmPrecision};
 use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::ParamStore;
-use invaspread::nn::train::train_step;
+use invaspread::nn::train::queue_train_step;
 use invaspread::testing::{random_matrix, rng};
 
 const IMAGES: usize = 128;
+
+fn bench_backend<B: Backend>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    kind: ModelKind,
+    device: &str,
+    backend: B,
+) {
+    let mut store = ParamStore::default();
+    let model = Model::new(kind, &mut store, &backend, 0).unwrap();
+    let mut graph = Graph::new(backend, store);
+    let mut sgd = Sgd::new(SgdConfig::default());
+    let shape = Shape4 {
+        n: 2 * IMAGES,
+        c: 3,
+        h: 32,
+        w: 32,
+    };
+    let views = random_matrix(&mut rng(1), 1, shape.len());
+    let cfg = LossConfig::default();
+    let name = if device == "cpu" {
+        kind.name().to_string()
+    } else {
+        format!("{}/{device}", kind.name())
+    };
+    group.bench_function(name, |b| {
+        b.iter(|| {
+            queue_train_step(&mut graph, &model, &mut sgd, &views, shape, &cfg, 0.03).unwrap();
+            graph.backend.synchronize().unwrap();
+        })
+    });
+}
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step");
@@ -24,23 +59,25 @@ fn bench(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(20));
     group.throughput(Throughput::Elements(IMAGES as u64));
+    let gpu = invaspread::cuda::Gpu::try_new()
+        .ok()
+        .flatten()
+        .map(std::sync::Arc::new);
     for kind in [ModelKind::ConvnetSmall, ModelKind::Resnet18Cifar] {
-        let backend = Cpu::<f32>::new();
-        let mut store = ParamStore::default();
-        let model = Model::new(kind, &mut store, &backend, 0).unwrap();
-        let mut graph = Graph::new(backend, store);
-        let mut sgd = Sgd::new(SgdConfig::default());
-        let shape = Shape4 {
-            n: 2 * IMAGES,
-            c: 3,
-            h: 32,
-            w: 32,
-        };
-        let views = random_matrix(&mut rng(1), 1, shape.len());
-        let cfg = LossConfig::default();
-        group.bench_function(kind.name(), |b| {
-            b.iter(|| train_step(&mut graph, &model, &mut sgd, &views, shape, &cfg, 0.03).unwrap())
-        });
+        bench_backend(&mut group, kind, "cpu", Cpu::<f32>::new());
+        if let Some(gpu) = &gpu {
+            for precision in [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16] {
+                let backend = CudaBackend::new(gpu.clone())
+                    .unwrap()
+                    .with_gemm_precision(precision);
+                bench_backend(
+                    &mut group,
+                    kind,
+                    &format!("cuda-{}", precision.name()),
+                    backend,
+                );
+            }
+        }
     }
     group.finish();
 }

@@ -10,6 +10,7 @@
 // f64_to_f32_v1:    out[i] = (float) x[i]            (the loss scalar into a graph node)
 // bias_rows_v1:     y[r][j] = b[j] for an R x C row-major y (linear layer: y = b, then GEMM adds x W^T)
 // column_sums_v1:   db[j] += sum_r dy[r][j]          one thread per column, rows in order (deterministic)
+// f32_to_bf16_v1:   y = bf16(x) (round to nearest even), the operands of bf16 GEMMs
 
 #include "common.cuh"
 
@@ -51,4 +52,18 @@ extern "C" __global__ void __launch_bounds__(256) column_sums_v1(const float* __
     float s = 0.f;
     for (int r = 0; r < rows; ++r) s += dy[(size_t)r * cols + j];
     db[j] += s;
+}
+
+// f32_to_bf16_v1: y = bf16(x), round to nearest even (NaN stays NaN). The operands of the
+// bf16 mixed-precision GEMMs (float32 accumulation); bit arithmetic, no cuda_bf16.h needed.
+extern "C" __global__ void __launch_bounds__(256)
+f32_to_bf16_v1(const float* __restrict__ x, unsigned short* __restrict__ y, long long len) {
+    GRID_STRIDE(i, len) {
+        const unsigned int u = __float_as_uint(x[i]);
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            y[i] = (unsigned short)((u >> 16) | 0x0040u);  // quiet NaN
+        } else {
+            y[i] = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
 }

@@ -7,8 +7,12 @@
 # Steps: nvidia-smi; every test binary with REQUIRE_GPU=1 (a missing GPU fails them);
 # compute-sanitizer memcheck and racecheck on the GPU kernel tests (the sanitizer-sized cases);
 # `invaspread bench-loss --device cuda` and benches/torch_reference.py on the same card;
-# with NCU=1, an Nsight Compute profile of the fused kernels. Exits non-zero when a check failed.
-# SKIP_BENCH=1 leaves out the benchmarks.
+# `invaspread bench-train --device cuda` and benches/torch_train_reference.py (float32 and bf16
+# autocast) on the same card; resnet18-cifar on the bundled CIFAR-10 JPEG copy for 2 epochs
+# (the curve in cifar-gpu/metrics.csv); with NCU=1, an Nsight Compute profile of the fused
+# kernels. Exits non-zero when a check failed.
+# SKIP_BENCH=1 leaves out the benchmarks, SKIP_CIFAR=1 the training run, ONLY_GPU_TESTS=1 runs
+# only the GPU test binaries (gpu_*, cli_train) instead of all of them.
 set -uo pipefail
 logs=${1:?usage: device-check.sh LOG_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -44,6 +48,9 @@ head -n 12 "$logs/info.txt"
 for t in "$bundle"/bin/test-* "$bundle"/bin/unit-lib-*; do
   [[ -x "$t" ]] || continue
   name=$(basename "$t")
+  if [[ -n "${ONLY_GPU_TESTS:-}" && "$name" != test-gpu_* && "$name" != test-cli_train ]]; then
+    continue
+  fi
   if "$t" --test-threads=1 > "$logs/$name.log" 2>&1; then
     note "PASS $name: $(grep -E '^test result' "$logs/$name.log" | tail -1)"
   else
@@ -52,7 +59,7 @@ for t in "$bundle"/bin/test-* "$bundle"/bin/unit-lib-*; do
 done
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  for spec in "test-gpu_normalize:" "test-gpu_loss:sanitizer_sized_cases"; do
+  for spec in "test-gpu_normalize:" "test-gpu_loss:sanitizer_sized_cases" "test-gpu_nn:sanitizer_sized_ops"; do
     bin=${spec%%:*}; filter=${spec#*:}
     [[ -x "$bundle/bin/$bin" ]] || continue
     for tool in memcheck racecheck; do
@@ -79,6 +86,33 @@ if [[ -z "${SKIP_BENCH:-}" ]]; then
   else
     note "FAIL benches/torch_reference.py"; status=1; tail -5 "$logs/torch-reference-cuda.md"
   fi
+fi
+
+if [[ -z "${SKIP_BENCH:-}" ]]; then
+  if "$INVASPREAD_EXE" bench-train --device cuda --steps 10 > "$logs/bench-train-cuda.md" 2> "$logs/bench-train-cuda.err"; then
+    note "ran bench-train --device cuda"; cat "$logs/bench-train-cuda.md"
+  else
+    note "FAIL bench-train --device cuda"; status=1; tail -5 "$logs/bench-train-cuda.err"
+  fi
+  for amp in none bf16; do
+    if python3 benches/torch_train_reference.py --device cuda --amp $amp --steps 10 > "$logs/torch-train-cuda-$amp.md" 2>&1; then
+      note "ran benches/torch_train_reference.py --device cuda --amp $amp"; grep '^|' "$logs/torch-train-cuda-$amp.md"
+    else
+      note "FAIL benches/torch_train_reference.py --amp $amp"; status=1; tail -5 "$logs/torch-train-cuda-$amp.md"
+    fi
+  done
+fi
+
+if [[ -z "${SKIP_CIFAR:-}" && -f "$bundle/data/cifar10-jpg.tar.gz" ]]; then
+  start=$(date +%s)
+  if "$INVASPREAD_EXE" train --device cuda --dataset folder --data-dir "$bundle/data/cifar10-jpg.tar.gz" \
+      --model resnet18-cifar --epochs 2 --batch 128 --seed 0 --out "$logs/cifar-gpu" > "$logs/cifar-gpu.log" 2>&1; then
+    note "CIFAR-10 resnet18-cifar 2 epochs on CUDA: $(( $(date +%s) - start )) s wall"
+    grep -E "initialisation|^epoch" "$logs/cifar-gpu.log" | tee -a "$summary"
+  else
+    note "FAIL CIFAR-10 training on CUDA (see cifar-gpu.log)"; status=1; tail -5 "$logs/cifar-gpu.log"
+  fi
+  rm -f "$logs"/cifar-gpu/*.safetensors   # checkpoints are 45 MB each; the curve is what matters
 fi
 
 if [[ -n "${NCU:-}" ]] && command -v ncu >/dev/null 2>&1; then

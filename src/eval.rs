@@ -135,6 +135,25 @@ pub fn knn_top1(
     sigma: f64,
 ) -> Result<f64> {
     let neighbours = nearest(test, train, EMBED_DIM, k, false)?;
+    weighted_vote_accuracy(&neighbours, train_labels, test_labels, classes, sigma)
+}
+
+/// The weighted kNN vote of each query's neighbours (as [`nearest`] returns them): the share
+/// of queries whose winning label is their own.
+pub fn weighted_vote_accuracy(
+    neighbours: &[Vec<(f32, usize)>],
+    train_labels: &[i64],
+    test_labels: &[i64],
+    classes: usize,
+    sigma: f64,
+) -> Result<f64> {
+    if neighbours.len() != test_labels.len() {
+        return Err(crate::error::Error::invalid(format!(
+            "kNN: {} neighbour lists for {} test labels",
+            neighbours.len(),
+            test_labels.len()
+        )));
+    }
     let correct = neighbours
         .par_iter()
         .zip(test_labels)

@@ -16,19 +16,22 @@ use std::time::Instant;
 
 use rand::seq::SliceRandom;
 
+use crate::cuda::Gpu;
 use crate::data::augment::{self, AugmentConfig};
 use crate::data::{Dataset, Split};
 use crate::error::{Error, Result};
 use crate::eval;
+use crate::loss::cuda::CudaLossVersion;
 use crate::loss::LossConfig;
-use crate::nn::backend::Cpu;
+use crate::nn::backend::{Backend, Cpu};
 use crate::nn::checkpoint;
 use crate::nn::cpu_ops::Shape4;
+use crate::nn::cuda_backend::{CudaBackend, GemmPrecision};
 use crate::nn::graph::Graph;
-use crate::nn::models::{Model, ModelKind};
+use crate::nn::models::{Model, ModelKind, EMBED_DIM};
 use crate::nn::optim::{learning_rate, Schedule, Sgd, SgdConfig};
 use crate::nn::params::ParamStore;
-use crate::nn::train::train_step;
+use crate::nn::train::queue_train_step;
 use crate::npy::write_atomically;
 use crate::testing::rng;
 
@@ -44,8 +47,8 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     pub warmup_steps: usize,
     pub loss: LossConfig,
-    /// Run the float64 reference loss instead of the fused CPU path.
-    pub reference_loss: bool,
+    /// Where the encoder trains, and which loss implementation it runs.
+    pub backend: BackendChoice,
     pub seed: u64,
     pub out: PathBuf,
     pub resume: bool,
@@ -54,6 +57,48 @@ pub struct TrainConfig {
     /// Show a progress bar (off in tests).
     pub progress: bool,
 }
+
+/// The device a run trains on and its loss implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The CPU backend (float32); `reference_loss` runs the float64 reference loss instead of
+    /// the fused CPU loss.
+    Cpu { reference_loss: bool },
+    /// The CUDA backend on device 0 with the given loss kernels and GEMM precision.
+    Cuda {
+        loss: CudaLossVersion,
+        precision: GemmPrecision,
+    },
+}
+
+impl BackendChoice {
+    /// How the run's loss is computed, for config.json.
+    pub fn describe(&self) -> String {
+        match self {
+            BackendChoice::Cpu {
+                reference_loss: true,
+            } => "cpu reference".into(),
+            BackendChoice::Cpu {
+                reference_loss: false,
+            } => "cpu fused".into(),
+            BackendChoice::Cuda { loss, precision } => {
+                format!("cuda {} {}", loss.name(), precision.name())
+            }
+        }
+    }
+
+    /// Steps between reads of the loss: every step on the CPU (free), every few on a GPU
+    /// (each read waits for the device to drain its queue).
+    fn loss_read_every(&self) -> usize {
+        match self {
+            BackendChoice::Cpu { .. } => 1,
+            BackendChoice::Cuda { .. } => CUDA_LOSS_READ_EVERY,
+        }
+    }
+}
+
+/// Steps between loss reads on a GPU.
+pub const CUDA_LOSS_READ_EVERY: usize = 10;
 
 /// One line of metrics, written after every epoch.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,9 +138,10 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-/// kNN top-1 of the model on the dataset's test split (train split as the memory bank).
-pub fn knn_accuracy(
-    graph: &mut Graph<Cpu<f32>>,
+/// kNN top-1 of the model on the dataset's test split (train split as the memory bank); the
+/// embeddings and the neighbour search run on the graph's backend.
+pub fn knn_accuracy<B: Backend>(
+    graph: &mut Graph<B>,
     model: &Model,
     ds: &Dataset,
     k: usize,
@@ -103,13 +149,12 @@ pub fn knn_accuracy(
 ) -> Result<f64> {
     let train = eval::embed(graph, model, &ds.train, ds.size, 256)?;
     let test = eval::embed(graph, model, &ds.test, ds.size, 256)?;
-    eval::knn_top1(
-        &train,
+    let neighbours = graph.backend.nearest(&test, &train, EMBED_DIM, k)?;
+    eval::weighted_vote_accuracy(
+        &neighbours,
         &ds.train.labels,
-        &test,
         &ds.test.labels,
         ds.classes.len(),
-        k,
         sigma,
     )
 }
@@ -293,8 +338,8 @@ fn meta(
     ])
 }
 
-fn save(
-    graph: &Graph<Cpu<f32>>,
+fn save<B: Backend>(
+    graph: &Graph<B>,
     sgd: &Sgd,
     out: &Path,
     metadata: HashMap<String, String>,
@@ -334,7 +379,7 @@ fn write_config(cfg: &TrainConfig, ds: &Dataset, out: &Path) -> Result<()> {
         cfg.loss.tau,
         cfg.loss.mu,
         cfg.loss.semantics,
-        if cfg.reference_loss { "reference" } else { "fused" },
+        cfg.backend.describe(),
         cfg.seed,
         rayon::current_num_threads(),
         cfg.knn_k,
@@ -345,6 +390,33 @@ fn write_config(cfg: &TrainConfig, ds: &Dataset, out: &Path) -> Result<()> {
 
 /// Trains as configured; see the module documentation.
 pub fn train(cfg: &TrainConfig, ds: Arc<Dataset>) -> Result<TrainSummary> {
+    match cfg.backend {
+        BackendChoice::Cpu { reference_loss } => {
+            let backend: Cpu<f32> = if reference_loss {
+                Cpu::with_reference_loss()
+            } else {
+                Cpu::new()
+            };
+            train_on(cfg, ds, backend)
+        }
+        BackendChoice::Cuda { loss, precision } => {
+            crate::loss::cuda::validate_for_kernels(&cfg.loss)?;
+            let gpu = Arc::new(Gpu::require()?);
+            if cfg.progress {
+                eprintln!(
+                    "training on {} ({} loss kernels, {} GEMMs)",
+                    gpu.name()?,
+                    loss.name(),
+                    precision.name()
+                );
+            }
+            let backend = CudaBackend::with_loss_version(gpu, loss)?.with_gemm_precision(precision);
+            train_on(cfg, ds, backend)
+        }
+    }
+}
+
+fn train_on<B: Backend>(cfg: &TrainConfig, ds: Arc<Dataset>, backend: B) -> Result<TrainSummary> {
     cfg.loss.validate()?;
     if cfg.batch < 2 {
         return Err(Error::invalid(format!(
@@ -366,11 +438,6 @@ pub fn train(cfg: &TrainConfig, ds: Arc<Dataset>) -> Result<TrainSummary> {
         (None, None) => return Err(Error::invalid("give --epochs E or --steps S")),
     };
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
-    let backend = if cfg.reference_loss {
-        Cpu::with_reference_loss()
-    } else {
-        Cpu::new()
-    };
     let mut store = ParamStore::default();
     let model = Model::new(cfg.model, &mut store, &backend, cfg.seed)?;
     let mut graph = Graph::new(backend, store);
@@ -493,13 +560,18 @@ pub fn train(cfg: &TrainConfig, ds: Arc<Dataset>) -> Result<TrainSummary> {
         .iter()
         .map(|m: &EpochMetrics| m.knn_top1)
         .fold(f64::NEG_INFINITY, f64::max);
+    // Each step's loss stays on the device, in `history`, until it is read every few steps.
+    let read_every = cfg.backend.loss_read_every();
+    let mut history = graph.backend.zeros(read_every)?;
+    let mut pending: Vec<usize> = Vec::with_capacity(read_every);
+    let (mut window, mut data_s) = (Instant::now(), 0.0f64);
     for step in start..total_steps {
         let wait = Instant::now();
         let (got, views) = rx
             .recv()
             .map_err(|_| Error::invalid("the batch worker stopped"))?;
         debug_assert_eq!(got, step);
-        let data_s = wait.elapsed().as_secs_f64();
+        data_s += wait.elapsed().as_secs_f64();
         let lr = learning_rate(
             cfg.sgd.lr,
             &cfg.schedule,
@@ -508,25 +580,37 @@ pub fn train(cfg: &TrainConfig, ds: Arc<Dataset>) -> Result<TrainSummary> {
             steps_per_epoch,
             cfg.warmup_steps,
         );
-        let t = Instant::now();
-        let loss = train_step(&mut graph, &model, &mut sgd, &views, shape, &cfg.loss, lr)?;
-        let step_s = t.elapsed().as_secs_f64();
-        if !loss.is_finite() {
-            return Err(Error::invalid(format!(
-                "the loss became {loss} at step {step}; lower --lr or raise --tau"
-            )));
-        }
-        summary.step_losses.push(loss);
-        epoch_sum += loss;
-        epoch_count += 1;
-        bar.inc(1);
-        bar.set_message(format!(
-            "loss {loss:.4}  {:.0} img/s  data {:.1} ms",
-            cfg.batch as f64 / step_s,
-            data_s * 1e3
-        ));
+        let loss = queue_train_step(&mut graph, &model, &mut sgd, &views, shape, &cfg.loss, lr)?;
+        graph.record_scalar(loss, &mut history, pending.len())?;
+        pending.push(step);
 
         let end_of_epoch = (step + 1) % steps_per_epoch == 0 || step + 1 == total_steps;
+        let stopping = stop.load(Ordering::SeqCst) && step + 1 < total_steps;
+        if pending.len() == read_every || end_of_epoch || stopping {
+            // Waits for the device to finish the queued steps.
+            let values = graph.backend.download_f64(&history)?;
+            for (&s, &loss) in pending.iter().zip(&values) {
+                if !loss.is_finite() {
+                    return Err(Error::invalid(format!(
+                        "the loss became {loss} at step {s}; lower --lr or raise --tau"
+                    )));
+                }
+                summary.step_losses.push(loss);
+                epoch_sum += loss;
+                epoch_count += 1;
+            }
+            let steps = pending.len();
+            let elapsed = window.elapsed().as_secs_f64();
+            bar.inc(steps as u64);
+            bar.set_message(format!(
+                "loss {:.4}  {:.0} img/s  data wait {:.1} ms/step",
+                values[steps - 1],
+                (cfg.batch * steps) as f64 / elapsed,
+                1e3 * data_s / steps as f64
+            ));
+            pending.clear();
+            (window, data_s) = (Instant::now(), 0.0);
+        }
         if end_of_epoch {
             let knn = knn_accuracy(&mut graph, &model, &ds, cfg.knn_k, cfg.knn_sigma)?;
             let row = EpochMetrics {
@@ -571,8 +655,9 @@ pub fn train(cfg: &TrainConfig, ds: Arc<Dataset>) -> Result<TrainSummary> {
                 metrics_json(&metrics).as_bytes(),
             )?;
             plot_png(&metrics, &cfg.out.join("metrics.png"))?;
+            window = Instant::now(); // the kNN is not training time
         }
-        if stop.load(Ordering::SeqCst) && step + 1 < total_steps {
+        if stopping {
             save(
                 &graph,
                 &sgd,

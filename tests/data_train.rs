@@ -10,7 +10,7 @@ use invaspread::data::{self, Dataset, OnBadImage};
 use invaspread::loss::LossConfig;
 use invaspread::nn::models::ModelKind;
 use invaspread::nn::optim::{Schedule, SgdConfig};
-use invaspread::trainer::{self, TrainConfig};
+use invaspread::trainer::{self, BackendChoice, TrainConfig};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("invaspread-{}-{name}", std::process::id()));
@@ -208,7 +208,9 @@ fn config(out: PathBuf, steps: usize) -> TrainConfig {
         schedule: Schedule::paper_step(),
         warmup_steps: 2,
         loss: LossConfig::default(),
-        reference_loss: false,
+        backend: BackendChoice::Cpu {
+            reference_loss: false,
+        },
         seed: 7,
         out,
         resume: false,

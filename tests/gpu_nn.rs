@@ -10,7 +10,7 @@ use std::sync::Arc;
 use invaspread::loss::LossConfig;
 use invaspread::nn::backend::{Backend, Cpu};
 use invaspread::nn::cpu_ops::{Conv, Shape4};
-use invaspread::nn::cuda_backend::CudaBackend;
+use invaspread::nn::cuda_backend::{CudaBackend, GemmPrecision};
 use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
@@ -89,6 +89,129 @@ fn conv_on<B: Backend>(
     )
 }
 
+/// (images, C_in, H, W, C_out, k, stride, pad) as an input shape and a convolution.
+type Geometry = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+fn conv_case(geometry: Geometry) -> (Shape4, Conv) {
+    let (n, c_in, h, w, c_out, k, stride, pad) = geometry;
+    (
+        Shape4 { n, c: c_in, h, w },
+        Conv {
+            c_in,
+            c_out,
+            k,
+            stride,
+            pad,
+        },
+    )
+}
+
+/// Compares one convolution geometry on both backends (`tol` relative to the largest value).
+fn check_conv(cpu: &Cpu<f32>, cuda: &CudaBackend, i: usize, xs: Shape4, conv: &Conv, tol: f64) {
+    let ys = conv.out_shape(xs);
+    let mut r = rng(100 + i as u64);
+    let x = random_matrix(&mut r, 1, xs.len());
+    let wt = random_matrix(&mut r, 1, conv.c_out * conv.patch());
+    let dy = random_matrix(&mut r, 1, ys.len());
+    let dx0 = random_matrix(&mut r, 1, xs.len());
+    let dw0 = random_matrix(&mut r, 1, wt.len());
+    for acc in [false, true] {
+        let want = conv_on(cpu, &x, xs, &wt, conv, &dy, &dx0, &dw0, acc);
+        let got = conv_on(cuda, &x, xs, &wt, conv, &dy, &dx0, &dw0, acc);
+        let tag = format!(
+            "conv case {i} ({:?} GEMMs) accumulate {acc}",
+            cuda.gemm_precision()
+        );
+        assert_close(&format!("{tag}: y"), &got.0, &want.0, tol);
+        assert_close(&format!("{tag}: dx"), &got.1, &want.1, tol);
+        assert_close(&format!("{tag}: dw"), &got.2, &want.2, tol);
+    }
+}
+
+#[test]
+fn conv2d_in_tf32_and_bf16_stays_within_their_rounding() {
+    let Some((cpu, cuda)) = backends("conv2d_in_tf32_and_bf16_stays_within_their_rounding") else {
+        return;
+    };
+    // TF32 keeps 10 mantissa bits (relative rounding 2^-11), bf16 7 (2^-8); sums are float32.
+    let cuda = cuda.with_gemm_precision(GemmPrecision::Tf32);
+    let (xs, conv) = conv_case((8, 64, 16, 16, 64, 3, 1, 1));
+    check_conv(&cpu, &cuda, 0, xs, &conv, 5e-3);
+    let cuda = cuda.with_gemm_precision(GemmPrecision::Bf16);
+    check_conv(&cpu, &cuda, 0, xs, &conv, 3e-2);
+    // Not float32: a mode that silently fell back to SGEMM would match to 1e-6.
+    let exact = CudaBackend::new(cuda.gpu().clone()).unwrap();
+    let (xb, wb) = (
+        random_matrix(&mut rng(1), 1, xs.len()),
+        random_matrix(&mut rng(2), 1, conv.c_out * conv.patch()),
+    );
+    let run = |b: &CudaBackend| {
+        let (x, w) = (buf(b, &xb), buf(b, &wb));
+        let mut y = b.zeros(conv.out_shape(xs).len()).unwrap();
+        b.conv2d_forward(&x, xs, &w, &conv, &mut y).unwrap();
+        b.download(&y).unwrap()
+    };
+    assert!(
+        rel_err(&run(&cuda), &run(&exact)) > 1e-6,
+        "bf16 GEMMs gave float32 results"
+    );
+}
+
+/// Small cases of every kernel, for compute-sanitizer (memcheck, racecheck) to run quickly.
+#[test]
+fn sanitizer_sized_ops() {
+    let Some((cpu, cuda)) = backends("sanitizer_sized_ops") else {
+        return;
+    };
+    for (i, g) in [(3, 5, 9, 7, 6, 3, 1, 1), (2, 3, 5, 5, 4, 3, 2, 0)]
+        .into_iter()
+        .enumerate()
+    {
+        let (xs, conv) = conv_case(g);
+        check_conv(&cpu, &cuda, i, xs, &conv, 1e-5);
+    }
+    let xs = Shape4 {
+        n: 3,
+        c: 5,
+        h: 4,
+        w: 3,
+    };
+    let mut r = rng(7);
+    let x = random_matrix(&mut r, 1, xs.len());
+    let (g, b) = (random_matrix(&mut r, 1, 5), random_matrix(&mut r, 1, 5));
+    let (rm, rv) = (vec![0.0; 5], vec![1.0; 5]);
+    let dy = random_matrix(&mut r, 1, xs.len());
+    for training in [true, false] {
+        let want = batchnorm_on(&cpu, &x, xs, (&g, &b), (&rm, &rv), training, &dy, &x);
+        let got = batchnorm_on(&cuda, &x, xs, (&g, &b), (&rm, &rv), training, &dy, &x);
+        for (k, (gk, wk)) in got.iter().zip(&want).enumerate() {
+            assert_close(&format!("batchnorm output {k}"), gk, wk, 2e-4);
+        }
+    }
+    let want = small_ops_on(&cpu, 9);
+    let got = small_ops_on(&cuda, 9);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("small op output {i}"), g, w, 1e-5);
+    }
+    let lens = [1, 1025, 3];
+    let want = sgd_on(&cpu, &lens, false);
+    let got = sgd_on(&cuda, &lens, false);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("sgd buffer {i}"), g, w, 1e-6);
+    }
+    let mut keys = random_matrix(&mut r, 300, 8);
+    let mut queries = random_matrix(&mut r, 5, 8);
+    invaspread::eval::normalise_rows(&mut keys, 8);
+    invaspread::eval::normalise_rows(&mut queries, 8);
+    let want = cpu.nearest(&queries, &keys, 8, 7).unwrap();
+    let got = cuda.nearest(&queries, &keys, 8, 7).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        let gv: Vec<f32> = g.iter().map(|x| x.0).collect();
+        let wv: Vec<f32> = w.iter().map(|x| x.0).collect();
+        assert_close("kNN similarities", &gv, &wv, 1e-5);
+    }
+}
+
 #[test]
 fn conv2d_matches_cpu_forward_and_backward() {
     let Some((cpu, cuda)) = backends("conv2d_matches_cpu_forward_and_backward") else {
@@ -104,30 +227,9 @@ fn conv2d_matches_cpu_forward_and_backward() {
         (1, 1, 1, 1, 1, 1, 1, 0),
         (130, 64, 32, 32, 64, 3, 1, 1),
     ];
-    for (i, &(n, c_in, h, w, c_out, k, stride, pad)) in cases.iter().enumerate() {
-        let conv = Conv {
-            c_in,
-            c_out,
-            k,
-            stride,
-            pad,
-        };
-        let xs = Shape4 { n, c: c_in, h, w };
-        let ys = conv.out_shape(xs);
-        let mut r = rng(100 + i as u64);
-        let x = random_matrix(&mut r, 1, xs.len());
-        let wt = random_matrix(&mut r, 1, c_out * conv.patch());
-        let dy = random_matrix(&mut r, 1, ys.len());
-        let dx0 = random_matrix(&mut r, 1, xs.len());
-        let dw0 = random_matrix(&mut r, 1, wt.len());
-        for acc in [false, true] {
-            let want = conv_on(&cpu, &x, xs, &wt, &conv, &dy, &dx0, &dw0, acc);
-            let got = conv_on(&cuda, &x, xs, &wt, &conv, &dy, &dx0, &dw0, acc);
-            let tag = format!("conv case {i} accumulate {acc}");
-            assert_close(&format!("{tag}: y"), &got.0, &want.0, 1e-5);
-            assert_close(&format!("{tag}: dx"), &got.1, &want.1, 1e-5);
-            assert_close(&format!("{tag}: dw"), &got.2, &want.2, 1e-5);
-        }
+    for (i, &g) in cases.iter().enumerate() {
+        let (xs, conv) = conv_case(g);
+        check_conv(&cpu, &cuda, i, xs, &conv, 1e-5);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Subcommands of `invaspread`, one module each.
 
 mod bench_loss;
+mod bench_train;
 mod info;
 mod loss;
 mod random;
@@ -36,6 +37,8 @@ enum Command {
     Step(train::StepArgs),
     /// Time every loss implementation on one device and print a markdown table.
     BenchLoss(bench_loss::BenchLossArgs),
+    /// Images per second of whole training steps on one device, as a markdown table.
+    BenchTrain(bench_train::BenchTrainArgs),
     /// Seeded random N x d embeddings as .npy (an input for `loss` and the benchmarks).
     Random(random::RandomArgs),
 }
@@ -52,6 +55,7 @@ pub fn run(cli: Cli) -> invaspread::Result<()> {
         Command::Loss(args) => loss::run(args),
         Command::Random(args) => random::run(args),
         Command::BenchLoss(args) => bench_loss::run(args),
+        Command::BenchTrain(args) => bench_train::run(args),
         Command::Train(args) => train::train(args),
         Command::Eval(args) => train::eval(args),
         Command::Embed(args) => train::embed(args),

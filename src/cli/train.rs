@@ -4,16 +4,19 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use invaspread::cuda::Gpu;
 use invaspread::data::{self, DatasetKind, LoadOptions, OnBadImage};
 use invaspread::eval;
+use invaspread::loss::cuda::CudaLossVersion;
 use invaspread::loss::{GradSemantics, LossConfig};
-use invaspread::nn::backend::Cpu;
+use invaspread::nn::backend::{Backend, Cpu};
 use invaspread::nn::checkpoint;
+use invaspread::nn::cuda_backend::{CudaBackend, GemmPrecision};
 use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Schedule, SgdConfig};
 use invaspread::nn::params::ParamStore;
-use invaspread::trainer::{self, TrainConfig};
+use invaspread::trainer::{self, BackendChoice, TrainConfig};
 use invaspread::{npy, Error};
 
 use super::Device;
@@ -84,8 +87,14 @@ pub enum LossArg {
     Reference,
     /// The fused CPU loss.
     Fused,
-    /// The unfused CUDA chain (needs --device cuda).
+    /// The unfused CUDA chain (--device cuda).
     Unfused,
+    /// The unfused CUDA chain with cuBLAS products (--device cuda).
+    UnfusedCublas,
+    /// Fused CUDA kernels, one block per row (--device cuda).
+    FusedV1,
+    /// Fused, tiled CUDA kernels (--device cuda; its default).
+    FusedV2,
 }
 
 #[derive(Debug, clap::Args)]
@@ -127,6 +136,10 @@ pub struct TrainArgs {
     loss: LossArg,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// GEMM precision on CUDA; float32 storage and sums in every mode. tf32 is what PyTorch
+    /// uses for convolutions by default.
+    #[arg(long, value_enum, default_value_t = GemmPrecision::Tf32)]
+    precision: GemmPrecision,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output folder: metrics, plot, checkpoints, configuration.
@@ -143,11 +156,35 @@ pub struct TrainArgs {
 }
 
 pub fn train(args: TrainArgs) -> invaspread::Result<()> {
-    if args.device == Device::Cuda || args.loss == LossArg::Unfused {
-        return Err(Error::InvalidInput(
-            "training on CUDA (--device cuda, --loss unfused) is not implemented yet; train with --device cpu".into(),
-        ));
-    }
+    let cuda = |loss| BackendChoice::Cuda {
+        loss,
+        precision: args.precision,
+    };
+    let backend = match (args.device, args.loss) {
+        (Device::Cpu, LossArg::Reference) => BackendChoice::Cpu {
+            reference_loss: true,
+        },
+        (Device::Cpu, LossArg::Fused) => BackendChoice::Cpu {
+            reference_loss: false,
+        },
+        (Device::Cuda, LossArg::Fused | LossArg::FusedV2) => cuda(CudaLossVersion::FusedV2),
+        (Device::Cuda, LossArg::FusedV1) => cuda(CudaLossVersion::FusedV1),
+        (Device::Cuda, LossArg::Unfused) => cuda(CudaLossVersion::Unfused),
+        (Device::Cuda, LossArg::UnfusedCublas) => cuda(CudaLossVersion::UnfusedCublas),
+        (Device::Cuda, LossArg::Reference) => {
+            return Err(Error::InvalidInput(
+                "--loss reference runs on the CPU only; use --device cpu, or a CUDA loss (fused-v2, fused-v1, unfused, unfused-cublas)".into(),
+            ))
+        }
+        (Device::Cpu, other) => {
+            return Err(Error::InvalidInput(format!(
+                "--loss {} is a CUDA kernel; add --device cuda, or use --loss fused on the CPU",
+                clap::ValueEnum::to_possible_value(&other)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default()
+            )))
+        }
+    };
     let flag = trainer::stop_flag();
     ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
         .map_err(|e| Error::InvalidInput(format!("cannot install the Ctrl-C handler: {e}")))?;
@@ -173,7 +210,7 @@ pub fn train(args: TrainArgs) -> invaspread::Result<()> {
             mu: args.mu,
             semantics: args.grad_semantics,
         },
-        reference_loss: args.loss == LossArg::Reference,
+        backend,
         seed: args.seed,
         out: args.out.clone(),
         resume: args.resume,
@@ -213,10 +250,16 @@ pub struct EvalArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Where the embeddings and the kNN search run (Recall@K and k-means stay on the CPU).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
 }
 
-/// Builds the model a checkpoint names and loads it.
-fn load_checkpoint(path: &PathBuf) -> invaspread::Result<(Graph<Cpu<f32>>, Model)> {
+/// Builds the model a checkpoint names on `backend` and loads it.
+fn load_checkpoint<B: Backend>(
+    path: &PathBuf,
+    backend: B,
+) -> invaspread::Result<(Graph<B>, Model)> {
     let bytes = std::fs::read(path).map_err(|e| Error::Io {
         path: path.clone(),
         source: e,
@@ -239,25 +282,38 @@ fn load_checkpoint(path: &PathBuf) -> invaspread::Result<(Graph<Cpu<f32>>, Model
             })
         }
     };
-    let backend = Cpu::new();
     let mut store = ParamStore::default();
     let model = Model::new(kind, &mut store, &backend, 0)?;
     checkpoint::load_model(&mut store, &backend, path)?;
     Ok((Graph::new(backend, store), model))
 }
 
+/// The CUDA backend for `eval` and `embed` (float32 GEMMs: the CPU's numbers to rounding).
+fn cuda_backend() -> invaspread::Result<CudaBackend> {
+    CudaBackend::new(Arc::new(Gpu::require()?))
+}
+
 pub fn eval(args: EvalArgs) -> invaspread::Result<()> {
+    match args.device {
+        Device::Cpu => eval_on(args, Cpu::<f32>::new()),
+        Device::Cuda => eval_on(args, cuda_backend()?),
+    }
+}
+
+fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
     let ds = args.data.load(0)?;
-    let (mut graph, model) = load_checkpoint(&args.checkpoint)?;
+    let (mut graph, model) = load_checkpoint(&args.checkpoint, backend)?;
     let train = eval::embed(&mut graph, &model, &ds.train, ds.size, 256)?;
     let test = eval::embed(&mut graph, &model, &ds.test, ds.size, 256)?;
-    let knn = eval::knn_top1(
-        &train,
+    let neighbours =
+        graph
+            .backend
+            .nearest(&test, &train, invaspread::nn::models::EMBED_DIM, args.k)?;
+    let knn = eval::weighted_vote_accuracy(
+        &neighbours,
         &ds.train.labels,
-        &test,
         &ds.test.labels,
         ds.classes.len(),
-        args.k,
         args.sigma,
     )?;
     let recall = eval::recall_at_k(&test, &ds.test.labels, &[1, 2, 4, 8])?;
@@ -310,11 +366,21 @@ pub struct EmbedArgs {
     /// Output: float32 N x 128; the labels go to a sibling .labels.npy (int64).
     #[arg(long, value_name = "E.npy")]
     out: PathBuf,
+    /// Where the encoder runs.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
 }
 
 pub fn embed(args: EmbedArgs) -> invaspread::Result<()> {
+    match args.device {
+        Device::Cpu => embed_on(args, Cpu::<f32>::new()),
+        Device::Cuda => embed_on(args, cuda_backend()?),
+    }
+}
+
+fn embed_on<B: Backend>(args: EmbedArgs, backend: B) -> invaspread::Result<()> {
     let ds = args.data.load(0)?;
-    let (mut graph, model) = load_checkpoint(&args.checkpoint)?;
+    let (mut graph, model) = load_checkpoint(&args.checkpoint, backend)?;
     let split = if args.split == SplitArg::Train {
         &ds.train
     } else {
@@ -352,7 +418,7 @@ pub struct StepArgs {
 /// One training step (fresh SGD state, the recipe's hyper-parameters) on a given batch: for
 /// comparing the whole step with another implementation.
 pub fn step(args: StepArgs) -> invaspread::Result<()> {
-    let (mut graph, model) = load_checkpoint(&args.checkpoint)?;
+    let (mut graph, model) = load_checkpoint(&args.checkpoint, Cpu::<f32>::new())?;
     let array = npy::read(&args.input)?;
     let shape = match array.shape[..] {
         [n, 3, h, w] => invaspread::nn::cpu_ops::Shape4 { n, c: 3, h, w },

@@ -99,6 +99,35 @@ struct SgdParams {
 // SAFETY: #[repr(C)] plain old data.
 unsafe impl DeviceRepr for SgdParams {}
 
+/// How the backend's GEMMs (convolutions, linear layers, kNN) multiply. Storage, activations
+/// and accumulation stay float32 in every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GemmPrecision {
+    /// Full float32 SGEMM (the default; the parity tests use it).
+    F32,
+    /// TF32 tensor cores on float32 data (10-bit mantissa products, float32 sums); what
+    /// PyTorch uses for cuDNN convolutions by default.
+    Tf32,
+    /// Operands rounded to bfloat16, float32 accumulation (mixed precision).
+    Bf16,
+}
+
+impl GemmPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmPrecision::F32 => "f32",
+            GemmPrecision::Tf32 => "tf32",
+            GemmPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// bfloat16 copies of a GEMM's two operands.
+struct Bf16Operands {
+    a: CudaSlice<u16>,
+    b: CudaSlice<u16>,
+}
+
 /// The SGD table as last uploaded, and the blocks it spans.
 struct SgdTable {
     host: Vec<SgdTensor>,
@@ -130,6 +159,8 @@ pub struct CudaBackend {
     conv: Mutex<ConvWorkspace>,
     staging: Mutex<HashMap<usize, Staging>>,
     sgd: Mutex<Option<SgdTable>>,
+    precision: GemmPrecision,
+    bf16: Mutex<Option<Bf16Operands>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -209,7 +240,19 @@ impl CudaBackend {
             conv: Mutex::new(conv),
             staging: Mutex::new(HashMap::new()),
             sgd: Mutex::new(None),
+            precision: GemmPrecision::F32,
+            bf16: Mutex::new(None),
         })
+    }
+
+    /// The same backend with its GEMMs in `precision`.
+    pub fn with_gemm_precision(mut self, precision: GemmPrecision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn gemm_precision(&self) -> GemmPrecision {
+        self.precision
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -266,9 +309,109 @@ impl CudaBackend {
             beta,
             ldc: to_i32("GEMM ldc", ldc)?,
         };
-        // SAFETY: the callers pass buffers holding the matrices these dimensions and strides
-        // describe (their lengths are checked before the call).
-        unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(cublas_err)
+        if self.precision == GemmPrecision::F32 {
+            // SAFETY: the callers pass buffers holding the matrices these dimensions and
+            // strides describe (their lengths are checked before the call).
+            return unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(cublas_err);
+        }
+        self.gemm_ex(cfg, b, a, c)
+    }
+
+    /// cublasGemmEx for the TF32 and bf16 modes, operands as [`Self::gemm`] passes them to
+    /// cuBLAS (already swapped).
+    fn gemm_ex(
+        &self,
+        cfg: GemmConfig<f32>,
+        a: &impl DevicePtr<f32>,
+        b: &impl DevicePtr<f32>,
+        c: &mut impl cudarc::driver::DevicePtrMut<f32>,
+    ) -> Result<()> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        use std::ffi::c_void;
+        let stream = self.gpu.stream().clone();
+        let mut ops = lock(&self.bf16)?;
+        let (a_ptr, b_ptr, in_type, compute) = match self.precision {
+            GemmPrecision::Bf16 => {
+                if ops
+                    .as_ref()
+                    .is_none_or(|o| o.a.len() < a.len() || o.b.len() < b.len())
+                {
+                    let (la, lb) = (
+                        a.len().max(ops.as_ref().map_or(0, |o| o.a.len())),
+                        b.len().max(ops.as_ref().map_or(0, |o| o.b.len())),
+                    );
+                    *ops = Some(Bf16Operands {
+                        a: stream.alloc_zeros::<u16>(la.max(1))?,
+                        b: stream.alloc_zeros::<u16>(lb.max(1))?,
+                    });
+                }
+                let o = ops
+                    .as_mut()
+                    .ok_or_else(|| Error::Cuda("bf16 operands missing".into()))?;
+                self.to_bf16(a, &mut o.a)?;
+                self.to_bf16(b, &mut o.b)?;
+                let (pa, _) = o.a.device_ptr(&stream);
+                let (pb, _) = o.b.device_ptr(&stream);
+                (
+                    pa,
+                    pb,
+                    cudaDataType::CUDA_R_16BF,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                )
+            }
+            _ => {
+                let (pa, _) = a.device_ptr(&stream);
+                let (pb, _) = b.device_ptr(&stream);
+                (
+                    pa,
+                    pb,
+                    cudaDataType::CUDA_R_32F,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+                )
+            }
+        };
+        let (pc, _rc) = c.device_ptr_mut(&stream);
+        // SAFETY: as in `gemm`; the bf16 copies hold the operands' full extents, and alpha and
+        // beta are float32 as CUBLAS_COMPUTE_32F* requires.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cfg.transa,
+                cfg.transb,
+                cfg.m,
+                cfg.n,
+                cfg.k,
+                &cfg.alpha as *const f32 as *const c_void,
+                a_ptr as *const c_void,
+                in_type,
+                cfg.lda,
+                b_ptr as *const c_void,
+                in_type,
+                cfg.ldb,
+                &cfg.beta as *const f32 as *const c_void,
+                pc as *mut c_void,
+                cudaDataType::CUDA_R_32F,
+                cfg.ldc,
+                compute,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(cublas_err)
+    }
+
+    /// bf16 copy of every element of `x` into the front of `out`.
+    fn to_bf16(&self, x: &impl DevicePtr<f32>, out: &mut CudaSlice<u16>) -> Result<()> {
+        let len = x.len();
+        let stream = self.gpu.stream().clone();
+        let func = self.function("elementwise", "f32_to_bf16_v1")?;
+        let (px, _rx) = x.device_ptr(&stream);
+        let n = len as i64;
+        let mut l = stream.launch_builder(&func);
+        l.arg(&px).arg(&mut *out).arg(&n);
+        // SAFETY: f32_to_bf16_v1(const float* x, unsigned short* y, long long len); x holds
+        // len floats and out at least len (grown by the caller).
+        unsafe { l.launch(grid_stride(len)) }?;
+        Ok(())
     }
 
     /// Copies `host` to `dst` through a pinned staging buffer: the copy is queued, and the

@@ -1,0 +1,114 @@
+//! `invaspread bench-train`: images per second of whole training steps (both views: forward,
+//! the instance loss, backward, SGD) on one device, as a markdown table in the format of
+//! benches/torch_train_reference.py, so that the two can be put side by side.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use invaspread::cuda::Gpu;
+use invaspread::loss::LossConfig;
+use invaspread::nn::backend::{Backend, Cpu};
+use invaspread::nn::cpu_ops::Shape4;
+use invaspread::nn::cuda_backend::{CudaBackend, GemmPrecision};
+use invaspread::nn::graph::Graph;
+use invaspread::nn::models::{Model, ModelKind};
+use invaspread::nn::optim::{Sgd, SgdConfig};
+use invaspread::nn::params::ParamStore;
+use invaspread::nn::train::queue_train_step;
+use invaspread::testing::{random_matrix, rng};
+
+use super::Device;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchTrainArgs {
+    /// Where to measure.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// Encoders to time.
+    #[arg(long, value_enum, num_args = 1.., default_values_t = [ModelKind::ConvnetSmall, ModelKind::Resnet18Cifar])]
+    models: Vec<ModelKind>,
+    /// Images per step (2 x batch rows).
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Timed steps per repetition (after 3 warm-up steps); the median of 3 repetitions is shown.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// GEMM precisions to time on CUDA (float32 storage and accumulation in every case).
+    #[arg(long, value_enum, num_args = 1.., default_values_t = [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16])]
+    precision: Vec<GemmPrecision>,
+}
+
+/// The median over 3 repetitions of the mean step time of `steps` queued steps.
+fn time_steps<B: Backend>(
+    kind: ModelKind,
+    backend: B,
+    batch: usize,
+    steps: usize,
+) -> invaspread::Result<f64> {
+    let mut store = ParamStore::default();
+    let model = Model::new(kind, &mut store, &backend, 0)?;
+    let mut graph = Graph::new(backend, store);
+    let mut sgd = Sgd::new(SgdConfig::default());
+    let shape = Shape4 {
+        n: 2 * batch,
+        c: 3,
+        h: 32,
+        w: 32,
+    };
+    let views = random_matrix(&mut rng(1), 1, shape.len());
+    let cfg = LossConfig::default();
+    for _ in 0..3 {
+        queue_train_step(&mut graph, &model, &mut sgd, &views, shape, &cfg, 0.03)?;
+    }
+    graph.backend.synchronize()?;
+    let mut means = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..steps {
+            queue_train_step(&mut graph, &model, &mut sgd, &views, shape, &cfg, 0.03)?;
+        }
+        graph.backend.synchronize()?;
+        means.push(t.elapsed().as_secs_f64() / steps.max(1) as f64);
+    }
+    means.sort_by(f64::total_cmp);
+    Ok(means[1])
+}
+
+pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
+    println!("| model | framework | device | mean step | images/s |");
+    println!("|---|---|---|---|---|");
+    let version = env!("CARGO_PKG_VERSION");
+    let gpu = match args.device {
+        Device::Cuda => Some(Arc::new(Gpu::require()?)),
+        Device::Cpu => None,
+    };
+    for &kind in &args.models {
+        match &gpu {
+            None => {
+                let threads = rayon::current_num_threads();
+                let s = time_steps(kind, Cpu::<f32>::new(), args.batch, args.steps)?;
+                println!(
+                    "| {} | invaspread {version} cpu f32 | {threads} threads | {:.4} s | {:.1} |",
+                    kind.name(),
+                    s,
+                    args.batch as f64 / s
+                );
+            }
+            Some(gpu) => {
+                for &precision in &args.precision {
+                    let backend = CudaBackend::new(gpu.clone())?.with_gemm_precision(precision);
+                    let s = time_steps(kind, backend, args.batch, args.steps)?;
+                    println!(
+                        "| {} | invaspread {version} cuda {} | {} | {:.4} s | {:.1} |",
+                        kind.name(),
+                        precision.name(),
+                        gpu.name()?,
+                        s,
+                        args.batch as f64 / s
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -22,6 +22,8 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Kernel handles already looked up (a training step launches a few hundred).
+    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -92,6 +94,7 @@ impl Gpu {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -135,11 +138,27 @@ impl Gpu {
         Ok(self.ctx.total_mem()?)
     }
 
-    /// A kernel from the module compiled from `kernels/<module>.cu`, loading it on first use.
+    /// A kernel from the module compiled from `kernels/<module>.cu`, loading the module on
+    /// first use; handles are cached.
     pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
         if !kernels::BUILT {
             return Err(Error::KernelsNotBuilt(kernels::NOT_BUILT_REASON));
         }
+        let cache = || {
+            self.functions
+                .lock()
+                .map_err(|_| Error::Cuda("function cache poisoned".into()))
+        };
+        let key = (module, name.to_string());
+        if let Some(f) = cache()?.get(&key) {
+            return Ok(f.clone());
+        }
+        let f = self.load_function(module, name)?;
+        cache()?.insert(key, f.clone());
+        Ok(f)
+    }
+
+    fn load_function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
         let loaded = {
             let mut cache = self
                 .modules

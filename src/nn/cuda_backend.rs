@@ -280,6 +280,28 @@ impl CudaBackend {
         &self,
         trans_a: bool,
         trans_b: bool,
+        dims: (usize, usize, usize),
+        alpha: f32,
+        a: &impl DevicePtr<f32>,
+        lda: usize,
+        b: &impl DevicePtr<f32>,
+        ldb: usize,
+        beta: f32,
+        c: &mut impl cudarc::driver::DevicePtrMut<f32>,
+        ldc: usize,
+    ) -> Result<()> {
+        let p = self.precision;
+        self.gemm_in(
+            p, trans_a, trans_b, dims, alpha, a, lda, b, ldb, beta, c, ldc,
+        )
+    }
+
+    /// [`Self::gemm`] in a given precision (the kNN search always multiplies in float32).
+    fn gemm_in(
+        &self,
+        precision: GemmPrecision,
+        trans_a: bool,
+        trans_b: bool,
         (m, n, k): (usize, usize, usize),
         alpha: f32,
         a: &impl DevicePtr<f32>,
@@ -309,18 +331,19 @@ impl CudaBackend {
             beta,
             ldc: to_i32("GEMM ldc", ldc)?,
         };
-        if self.precision == GemmPrecision::F32 {
+        if precision == GemmPrecision::F32 {
             // SAFETY: the callers pass buffers holding the matrices these dimensions and
             // strides describe (their lengths are checked before the call).
             return unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(cublas_err);
         }
-        self.gemm_ex(cfg, b, a, c)
+        self.gemm_ex(precision, cfg, b, a, c)
     }
 
     /// cublasGemmEx for the TF32 and bf16 modes, operands as [`Self::gemm`] passes them to
     /// cuBLAS (already swapped).
     fn gemm_ex(
         &self,
+        precision: GemmPrecision,
         cfg: GemmConfig<f32>,
         a: &impl DevicePtr<f32>,
         b: &impl DevicePtr<f32>,
@@ -330,7 +353,7 @@ impl CudaBackend {
         use std::ffi::c_void;
         let stream = self.gpu.stream().clone();
         let mut ops = lock(&self.bf16)?;
-        let (a_ptr, b_ptr, in_type, compute) = match self.precision {
+        let (a_ptr, b_ptr, in_type, compute) = match precision {
             GemmPrecision::Bf16 => {
                 if ops
                     .as_ref()
@@ -683,7 +706,8 @@ impl Backend for CudaBackend {
             let xg = x.slice(n0 * xs.image()..(n0 + b) * xs.image());
             self.im2col(&xg, &geom, col)?;
             let ld = b * p;
-            // Y' (C_out x B P) = W (C_out x K) col (K x B P)
+            // Y' (C_out x B P) = W (C_out x K) col (K x B P); operands as exact views (the
+            // workspace may be larger than this group, and bf16 mode converts whole operands).
             self.gemm(
                 false,
                 false,
@@ -691,10 +715,10 @@ impl Backend for CudaBackend {
                 1.0,
                 w,
                 k,
-                col,
+                &col.slice(0..k * ld),
                 ld,
                 0.0,
-                gemm,
+                &mut gemm.slice_mut(0..conv.c_out * ld),
                 ld,
             )?;
             let mut yg = y.slice_mut(n0 * ys.image()..(n0 + b) * ys.image());
@@ -745,14 +769,15 @@ impl Backend for CudaBackend {
             let dyg = dy.slice(n0 * ys.image()..(n0 + b) * ys.image());
             self.nchw_to_gemm_layout(&dyg, gemm, (b, conv.c_out, p))?;
             // dW (C_out x K) += dY' (C_out x B P) col^T
+            let dy_g = gemm.slice(0..conv.c_out * ld);
             self.gemm(
                 false,
                 true,
                 (conv.c_out, k, ld),
                 1.0,
-                gemm,
+                &dy_g,
                 ld,
-                col,
+                &col.slice(0..k * ld),
                 ld,
                 1.0,
                 dw,
@@ -767,10 +792,10 @@ impl Backend for CudaBackend {
                     1.0,
                     w,
                     k,
-                    gemm,
+                    &dy_g,
                     ld,
                     0.0,
-                    col,
+                    &mut col.slice_mut(0..k * ld),
                     ld,
                 )?;
                 let mut dxg: CudaViewMut<'_, f32> =
@@ -1220,8 +1245,9 @@ impl Backend for CudaBackend {
         while q0 < nq {
             let rows = rows_per_block.min(nq - q0);
             let q_dev = stream.clone_htod(&queries[q0 * d..(q0 + rows) * d])?;
-            // S (rows x nk) = Q K^T
-            self.gemm(
+            // S (rows x nk) = Q K^T, in float32 whatever the training GEMMs use.
+            self.gemm_in(
+                GemmPrecision::F32,
                 false,
                 true,
                 (rows, nk, d),

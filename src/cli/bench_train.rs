@@ -75,13 +75,13 @@ fn time_steps<B: Backend>(
 }
 
 pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
-    println!("| model | framework | device | mean step | images/s |");
-    println!("|---|---|---|---|---|");
-    let version = env!("CARGO_PKG_VERSION");
     let gpu = match args.device {
         Device::Cuda => Some(Arc::new(Gpu::require()?)),
         Device::Cpu => None,
     };
+    let version = env!("CARGO_PKG_VERSION");
+    println!("| model | framework | device | mean step | images/s |");
+    println!("|---|---|---|---|---|");
     for &kind in &args.models {
         match &gpu {
             None => {

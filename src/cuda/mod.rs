@@ -89,6 +89,11 @@ impl Gpu {
             return Ok(None);
         }
         let ctx = guarded("creating a CUDA context", move || CudaContext::new(ordinal))??;
+        // SAFETY: this crate orders its work itself: everything runs on `stream`, except the
+        // CUDA backend's copy stream, which synchronises with it through explicit events
+        // (nn::cuda_backend). Without this, a second stream would make cudarc record and wait
+        // on events around every kernel argument of every launch.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         Ok(Some(Gpu {
             ctx,

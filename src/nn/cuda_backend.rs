@@ -13,9 +13,10 @@
 //! | SGD | `sgd_multi_tensor_v1`: every parameter in one launch from a table of device pointers |
 //! | kNN | an SGEMM per block of queries against the bank, then `topk_rows_v1` |
 //!
-//! Host-to-device copies go through page-locked (pinned) staging buffers, two per size used
-//! in turn, so an upload never waits for the GPU to drain: the host only waits for the copy
-//! made from the same staging buffer two uploads earlier.
+//! Host-to-device copies go through page-locked (pinned) staging buffers on a second, copy
+//! stream, two per size used in turn, so an upload neither waits for the GPU to drain nor takes
+//! time on the compute stream: the host only waits for the copy made from the same staging
+//! buffer two uploads earlier, and the compute stream waits (an event) only for its own batch.
 //!
 //! Everything is float32; the same op tests (`tests/gpu_nn.rs`) run every kernel against the
 //! CPU backend.
@@ -28,8 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaEvent, CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig,
-    PinnedHostSlice, PushKernelArg,
+    CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 
 use super::backend::{Backend, BN_EPS, BN_MOMENTUM};
@@ -141,18 +142,25 @@ struct ConvWorkspace {
     gemm: CudaSlice<f32>,
 }
 
-/// Two pinned staging buffers of one length, used in turn, and for each an event recorded
-/// after the copy that read it (cudarc records the pinned buffer's own event only when it
-/// manages several streams, so with one stream we must).
+/// Host-to-device staging for uploads of one length: two pinned host buffers and two device
+/// buffers, used in turn. The copy stream moves pinned[i] to device[i] while the compute stream
+/// may still be running the previous step; the compute stream then waits for that copy and
+/// moves device[i] into the destination (a device-to-device copy, microseconds).
 struct Staging {
-    buffers: [PinnedHostSlice<f32>; 2],
+    pinned: [PinnedHostSlice<f32>; 2],
+    device: [CudaSlice<f32>; 2],
+    /// Recorded on the copy stream after pinned[i] -> device[i].
     copied: [CudaEvent; 2],
+    /// Recorded on the compute stream after device[i] -> destination.
+    consumed: [CudaEvent; 2],
     next: usize,
 }
 
 /// The CUDA backend; see the module documentation.
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
+    /// Host-to-device copies, overlapping the compute stream's kernels.
+    copy_stream: Arc<CudaStream>,
     blas: CudaBlas,
     loss_version: CudaLossVersion,
     losses: Mutex<HashMap<(usize, usize), CudaLoss>>,
@@ -232,8 +240,10 @@ impl CudaBackend {
             col: stream.alloc_zeros::<f32>(1)?,
             gemm: stream.alloc_zeros::<f32>(1)?,
         };
+        let copy_stream = gpu.context().new_stream()?;
         Ok(CudaBackend {
             gpu,
+            copy_stream,
             blas,
             loss_version,
             losses: Mutex::new(HashMap::new()),
@@ -437,32 +447,47 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Copies `host` to `dst` through a pinned staging buffer: the copy is queued, and the
-    /// host waits only for the copy that used the same staging buffer two uploads earlier.
-    fn upload_pinned(&self, host: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
+    /// Copies `host` to `dst` (see [`Staging`]): queued on both streams, the host waits only
+    /// for the copy that used the same staging buffers two uploads earlier.
+    fn upload_staged(&self, host: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
         let len = host.len();
+        let compute = self.gpu.stream();
         let mut staging = lock(&self.staging)?;
         let s = match staging.entry(len) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let ctx = self.gpu.context();
                 // SAFETY: the memory is written below before any copy reads it.
-                let buffer = || unsafe { ctx.alloc_pinned::<f32>(len) };
+                let pinned = || unsafe { ctx.alloc_pinned::<f32>(len) };
                 let event = || ctx.new_event(None);
-                e.insert(Staging {
-                    buffers: [buffer()?, buffer()?],
+                let device = || compute.alloc_zeros::<f32>(len);
+                // The device buffers are allocated on the compute stream: make the copy stream
+                // see the allocations before it writes into them.
+                let ready = event()?;
+                let staged = Staging {
+                    pinned: [pinned()?, pinned()?],
+                    device: [device()?, device()?],
                     copied: [event()?, event()?],
+                    consumed: [event()?, event()?],
                     next: 0,
-                })
+                };
+                ready.record(compute)?;
+                self.copy_stream.wait(&ready)?;
+                e.insert(staged)
             }
         };
         let i = s.next;
         s.next ^= 1;
+        // pinned[i] and device[i] were last read by the copy two uploads ago.
         s.copied[i].synchronize()?;
-        s.buffers[i].as_mut_slice()?.copy_from_slice(host);
-        let stream = self.gpu.stream();
-        stream.memcpy_htod(&s.buffers[i], dst)?;
-        s.copied[i].record(stream)?;
+        s.pinned[i].as_mut_slice()?.copy_from_slice(host);
+        self.copy_stream.wait(&s.consumed[i])?;
+        self.copy_stream
+            .memcpy_htod(&s.pinned[i], &mut s.device[i])?;
+        s.copied[i].record(&self.copy_stream)?;
+        compute.wait(&s.copied[i])?;
+        compute.memcpy_dtod(&s.device[i], dst)?;
+        s.consumed[i].record(compute)?;
         Ok(())
     }
 
@@ -629,6 +654,14 @@ fn sgd_params(
     })
 }
 
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Staging buffers are shared by both streams: nothing may be in flight when they go.
+        let _ = self.copy_stream.synchronize();
+        let _ = self.gpu.stream().synchronize();
+    }
+}
+
 impl Backend for CudaBackend {
     type Buffer = CudaSlice<f32>;
     type BnSaved = Option<CudaSlice<f32>>;
@@ -659,7 +692,7 @@ impl Backend for CudaBackend {
         if host.is_empty() {
             return Ok(());
         }
-        self.upload_pinned(host, buf)
+        self.upload_staged(host, buf)
     }
     fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
         if buf.is_empty() {

@@ -18,7 +18,14 @@ logs=${1:?usage: device-check.sh LOG_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bundle="$root/device-bundle"
 mkdir -p "$logs"
-export REQUIRE_GPU=1 INVASPREAD_EXE="$bundle/bin/invaspread" INVASPREAD_REPO="$root"
+# The binaries travel packed; unpack them beside the bundle (a scratch folder).
+bin="$bundle/bin"
+if [[ ! -d "$bin" && -f "$bundle/bin.tar.xz" ]]; then
+  unpacked=$(mktemp -d)
+  tar -C "$unpacked" -xJf "$bundle/bin.tar.xz"
+  bin="$unpacked/bin"
+fi
+export REQUIRE_GPU=1 INVASPREAD_EXE="$bin/invaspread" INVASPREAD_REPO="$root"
 cd "$root"
 status=0
 summary="$logs/summary.txt"
@@ -45,7 +52,7 @@ head -n 15 "$logs/nvidia-smi.txt"
 "$INVASPREAD_EXE" info --kernels > "$logs/info.txt" 2>&1
 head -n 12 "$logs/info.txt"
 
-for t in "$bundle"/bin/test-* "$bundle"/bin/unit-lib-*; do
+for t in "$bin"/test-* "$bin"/unit-lib-*; do
   [[ -x "$t" ]] || continue
   name=$(basename "$t")
   if [[ -n "${ONLY_GPU_TESTS:-}" && "$name" != test-gpu_* && "$name" != test-cli_train ]]; then
@@ -60,14 +67,14 @@ done
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
   for spec in "test-gpu_normalize:" "test-gpu_loss:sanitizer_sized_cases" "test-gpu_nn:sanitizer_sized_ops"; do
-    bin=${spec%%:*}; filter=${spec#*:}
-    [[ -x "$bundle/bin/$bin" ]] || continue
+    exe=${spec%%:*}; filter=${spec#*:}
+    [[ -x "$bin/$exe" ]] || continue
     for tool in memcheck racecheck; do
-      log="$logs/sanitizer-$tool-$bin.log"
-      if compute-sanitizer --tool "$tool" --error-exitcode 3 "$bundle/bin/$bin" --test-threads=1 $filter > "$log" 2>&1; then
-        note "PASS compute-sanitizer $tool $bin $filter: $(grep -E 'ERROR SUMMARY' "$log" | tail -1)"
+      log="$logs/sanitizer-$tool-$exe.log"
+      if compute-sanitizer --tool "$tool" --error-exitcode 3 "$bin/$exe" --test-threads=1 $filter > "$log" 2>&1; then
+        note "PASS compute-sanitizer $tool $exe $filter: $(grep -E 'ERROR SUMMARY' "$log" | tail -1)"
       else
-        note "FAIL compute-sanitizer $tool $bin $filter (see $(basename "$log"))"; status=1
+        note "FAIL compute-sanitizer $tool $exe $filter (see $(basename "$log"))"; status=1
       fi
     done
   done

@@ -185,6 +185,9 @@ pub fn train(args: TrainArgs) -> invaspread::Result<()> {
             )))
         }
     };
+    if matches!(backend, BackendChoice::Cuda { .. }) {
+        Gpu::require()?; // before minutes of decoding a dataset, not after
+    }
     let flag = trainer::stop_flag();
     ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
         .map_err(|e| Error::InvalidInput(format!("cannot install the Ctrl-C handler: {e}")))?;

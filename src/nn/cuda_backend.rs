@@ -322,25 +322,7 @@ impl CudaBackend {
         c: &mut impl cudarc::driver::DevicePtrMut<f32>,
         ldc: usize,
     ) -> Result<()> {
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let cfg = GemmConfig {
-            transa: op(trans_b),
-            transb: op(trans_a),
-            m: to_i32("GEMM n", n)?,
-            n: to_i32("GEMM m", m)?,
-            k: to_i32("GEMM k", k)?,
-            alpha,
-            lda: to_i32("GEMM ldb", ldb)?,
-            ldb: to_i32("GEMM lda", lda)?,
-            beta,
-            ldc: to_i32("GEMM ldc", ldc)?,
-        };
+        let cfg = cublas_config(trans_a, trans_b, (m, n, k), alpha, lda, ldb, beta, ldc)?;
         if precision == GemmPrecision::F32 {
             // SAFETY: the callers pass buffers holding the matrices these dimensions and
             // strides describe (their lengths are checked before the call).
@@ -634,6 +616,41 @@ impl CudaBackend {
         }
         (table, blocks)
     }
+}
+
+/// cuBLAS's column-major call for the row-major product C (m x n) = alpha op(A) op(B) + beta C
+/// (op(A) m x k, op(B) k x n, row strides lda, ldb, ldc). A row-major matrix is, to cuBLAS,
+/// its transpose, so the call computes C^T = op(B)^T op(A)^T: the operands swap places (pass
+/// B's buffer first), and so do their transposition flags and m and n.
+pub(crate) fn cublas_config(
+    trans_a: bool,
+    trans_b: bool,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    lda: usize,
+    ldb: usize,
+    beta: f32,
+    ldc: usize,
+) -> Result<GemmConfig<f32>> {
+    let op = |t: bool| {
+        if t {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    Ok(GemmConfig {
+        transa: op(trans_b),
+        transb: op(trans_a),
+        m: to_i32("GEMM n", n)?,
+        n: to_i32("GEMM m", m)?,
+        k: to_i32("GEMM k", k)?,
+        alpha,
+        lda: to_i32("GEMM ldb", ldb)?,
+        ldb: to_i32("GEMM lda", lda)?,
+        beta,
+        ldc: to_i32("GEMM ldc", ldc)?,
+    })
 }
 
 fn sgd_params(
@@ -1322,5 +1339,96 @@ impl Backend for CudaBackend {
     fn synchronize(&self) -> Result<()> {
         self.gpu.stream().synchronize()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cuBLAS's SGEMM as its documentation defines it: column-major, element (i, j) of a
+    /// matrix with leading dimension ld at i + j ld; C (m x n) = alpha op(A) op(B) + beta C.
+    fn column_major_sgemm(cfg: &GemmConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let t = |op: cublasOperation_t| op == cublasOperation_t::CUBLAS_OP_T;
+        let (m, n, k) = (cfg.m as usize, cfg.n as usize, cfg.k as usize);
+        let (lda, ldb, ldc) = (cfg.lda as usize, cfg.ldb as usize, cfg.ldc as usize);
+        let at = |i: usize, l: usize| {
+            if t(cfg.transa) {
+                a[l + i * lda]
+            } else {
+                a[i + l * lda]
+            }
+        };
+        let bt = |l: usize, j: usize| {
+            if t(cfg.transb) {
+                b[j + l * ldb]
+            } else {
+                b[l + j * ldb]
+            }
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|l| f64::from(at(i, l)) * f64::from(bt(l, j)))
+                    .sum();
+                let c_ij = &mut c[i + j * ldc];
+                *c_ij = (f64::from(cfg.alpha) * s + f64::from(cfg.beta) * f64::from(*c_ij)) as f32;
+            }
+        }
+    }
+
+    #[test]
+    fn the_cublas_call_computes_the_row_major_product() {
+        let (m, n, k) = (5usize, 7usize, 3usize);
+        let mut r = crate::testing::rng(11);
+        for trans_a in [false, true] {
+            for trans_b in [false, true] {
+                // Row-major storage with padded row strides, as the views of a workspace.
+                let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };
+                let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
+                let (lda, ldb, ldc) = (a_cols + 2, b_cols + 1, n + 3);
+                let a = crate::testing::random_matrix(&mut r, a_rows, lda);
+                let b = crate::testing::random_matrix(&mut r, b_rows, ldb);
+                let c0 = crate::testing::random_matrix(&mut r, m, ldc);
+                let a_ij = |i: usize, l: usize| {
+                    if trans_a {
+                        a[l * lda + i]
+                    } else {
+                        a[i * lda + l]
+                    }
+                };
+                let b_ij = |l: usize, j: usize| {
+                    if trans_b {
+                        b[j * ldb + l]
+                    } else {
+                        b[l * ldb + j]
+                    }
+                };
+                let (alpha, beta) = (0.75f32, -0.5f32);
+                let cfg =
+                    cublas_config(trans_a, trans_b, (m, n, k), alpha, lda, ldb, beta, ldc).unwrap();
+                let mut c = c0.clone();
+                column_major_sgemm(&cfg, &b, &a, &mut c); // operands swapped, as gemm_in does
+                for i in 0..m {
+                    for j in 0..n {
+                        let s: f64 = (0..k)
+                            .map(|l| f64::from(a_ij(i, l)) * f64::from(b_ij(l, j)))
+                            .sum();
+                        let want =
+                            f64::from(alpha) * s + f64::from(beta) * f64::from(c0[i * ldc + j]);
+                        let got = f64::from(c[i * ldc + j]);
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "trans {trans_a} {trans_b} C[{i}][{j}]: {got} vs {want}"
+                        );
+                    }
+                    // The padding past column n is untouched.
+                    assert_eq!(
+                        c[i * ldc + n..(i + 1) * ldc],
+                        c0[i * ldc + n..(i + 1) * ldc]
+                    );
+                }
+            }
+        }
     }
 }

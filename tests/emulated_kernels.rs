@@ -35,7 +35,10 @@ unsafe impl Sync for Emulator {}
 unsafe impl Send for Emulator {}
 
 fn build() -> Option<Emulator> {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // INVASPREAD_REPO: the sources' checkout when this binary runs elsewhere (device-check.sh).
+    let repo = std::env::var_os("INVASPREAD_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let dir = std::env::temp_dir().join(format!("invaspread-emulator-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");

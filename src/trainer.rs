@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::eval;
 use crate::loss::cuda::CudaLossVersion;
 use crate::loss::LossConfig;
-use crate::nn::backend::{Backend, Cpu};
+use crate::nn::backend::{Backend, Cpu, PendingRead};
 use crate::nn::checkpoint;
 use crate::nn::cpu_ops::Shape4;
 use crate::nn::cuda_backend::{CudaBackend, GemmPrecision};
@@ -49,6 +49,9 @@ pub struct TrainConfig {
     pub loss: LossConfig,
     /// Where the encoder trains, and which loss implementation it runs.
     pub backend: BackendChoice,
+    /// Steps between loss reads (None: every step on the CPU, every
+    /// [`CUDA_LOSS_READ_EVERY`] on a GPU). Reads never change what is computed.
+    pub loss_read_every: Option<usize>,
     pub seed: u64,
     pub out: PathBuf,
     pub resume: bool,
@@ -388,6 +391,32 @@ fn write_config(cfg: &TrainConfig, ds: &Dataset, out: &Path) -> Result<()> {
     write_atomically(&out.join("config.json"), text.as_bytes())
 }
 
+/// The losses of a window of steps, on their way back from the device.
+struct LossWindow {
+    steps: Vec<usize>,
+    read: PendingRead,
+}
+
+impl LossWindow {
+    /// Waits for the copy, checks every loss and adds them up; returns the last one.
+    fn collect(self, losses: &mut Vec<f64>, sum: &mut f64, count: &mut usize) -> Result<f64> {
+        let values = (self.read)()?;
+        let mut last = f64::NAN;
+        for (&step, &loss) in self.steps.iter().zip(&values) {
+            if !loss.is_finite() {
+                return Err(Error::invalid(format!(
+                    "the loss became {loss} at step {step}; lower --lr or raise --tau"
+                )));
+            }
+            losses.push(loss);
+            *sum += loss;
+            *count += 1;
+            last = loss;
+        }
+        Ok(last)
+    }
+}
+
 /// Trains as configured; see the module documentation.
 pub fn train(cfg: &TrainConfig, ds: Arc<Dataset>) -> Result<TrainSummary> {
     match cfg.backend {
@@ -561,9 +590,14 @@ fn train_on<B: Backend>(cfg: &TrainConfig, ds: Arc<Dataset>, backend: B) -> Resu
         .map(|m: &EpochMetrics| m.knn_top1)
         .fold(f64::NEG_INFINITY, f64::max);
     // Each step's loss stays on the device, in `history`, until it is read every few steps.
-    let read_every = cfg.backend.loss_read_every();
+    let read_every = cfg
+        .loss_read_every
+        .unwrap_or_else(|| cfg.backend.loss_read_every())
+        .max(1);
     let mut history = graph.backend.zeros(read_every)?;
     let mut pending: Vec<usize> = Vec::with_capacity(read_every);
+    let mut in_flight: Option<LossWindow> = None;
+    let mut last_loss: Option<f64> = None;
     let (mut window, mut data_s) = (Instant::now(), 0.0f64);
     for step in start..total_steps {
         let wait = Instant::now();
@@ -587,28 +621,40 @@ fn train_on<B: Backend>(cfg: &TrainConfig, ds: Arc<Dataset>, backend: B) -> Resu
         let end_of_epoch = (step + 1) % steps_per_epoch == 0 || step + 1 == total_steps;
         let stopping = stop.load(Ordering::SeqCst) && step + 1 < total_steps;
         if pending.len() == read_every || end_of_epoch || stopping {
-            // Waits for the device to finish the queued steps.
-            let values = graph.backend.download_f64(&history)?;
-            for (&s, &loss) in pending.iter().zip(&values) {
-                if !loss.is_finite() {
-                    return Err(Error::invalid(format!(
-                        "the loss became {loss} at step {s}; lower --lr or raise --tau"
-                    )));
-                }
-                summary.step_losses.push(loss);
-                epoch_sum += loss;
-                epoch_count += 1;
-            }
+            // Start copying this window's losses back; collect the previous window's, whose
+            // copy has long finished (so the host waits for the device only at the epoch's end).
+            let read = graph.backend.read_later(&history)?;
             let steps = pending.len();
             let elapsed = window.elapsed().as_secs_f64();
-            bar.inc(steps as u64);
             bar.set_message(format!(
-                "loss {:.4}  {:.0} img/s  data wait {:.1} ms/step",
-                values[steps - 1],
+                "loss {}  {:.0} img/s  data wait {:.1} ms/step",
+                last_loss.map_or("-".into(), |l| format!("{l:.4}")),
                 (cfg.batch * steps) as f64 / elapsed,
                 1e3 * data_s / steps as f64
             ));
-            pending.clear();
+            if let Some(previous) = in_flight.replace(LossWindow {
+                steps: std::mem::take(&mut pending),
+                read,
+            }) {
+                let n = previous.steps.len() as u64;
+                last_loss = Some(previous.collect(
+                    &mut summary.step_losses,
+                    &mut epoch_sum,
+                    &mut epoch_count,
+                )?);
+                bar.inc(n);
+            }
+            if end_of_epoch || stopping {
+                if let Some(window) = in_flight.take() {
+                    let n = window.steps.len() as u64;
+                    last_loss = Some(window.collect(
+                        &mut summary.step_losses,
+                        &mut epoch_sum,
+                        &mut epoch_count,
+                    )?);
+                    bar.inc(n);
+                }
+            }
             (window, data_s) = (Instant::now(), 0.0);
         }
         if end_of_epoch {

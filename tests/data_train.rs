@@ -211,6 +211,7 @@ fn config(out: PathBuf, steps: usize) -> TrainConfig {
         backend: BackendChoice::Cpu {
             reference_loss: false,
         },
+        loss_read_every: None,
         seed: 7,
         out,
         resume: false,
@@ -228,7 +229,12 @@ fn small() -> Arc<Dataset> {
 fn same_seed_same_losses_and_resume_is_bit_exact() {
     let ds = small();
     let full = trainer::train(&config(scratch("full"), 12), ds.clone()).unwrap();
-    let again = trainer::train(&config(scratch("again"), 12), ds.clone()).unwrap();
+    // The second run reads its losses in windows of 3 steps, as a GPU run does in windows of
+    // 10 (a window is collected one window late, and at every epoch's end: here after 5 and
+    // 10 steps): the same losses, every one of them, and the same epoch means.
+    let mut windowed = config(scratch("again"), 12);
+    windowed.loss_read_every = Some(3);
+    let again = trainer::train(&windowed, ds.clone()).unwrap();
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(
         bits(&full.step_losses),
@@ -236,6 +242,14 @@ fn same_seed_same_losses_and_resume_is_bit_exact() {
         "same seed and threads, same losses"
     );
     assert_eq!(full.step_losses.len(), 12);
+    let epoch_losses = |s: &trainer::TrainSummary| {
+        s.metrics
+            .iter()
+            .map(|m| m.loss.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(epoch_losses(&full), epoch_losses(&again));
+    assert_eq!(full.metrics.len(), 3);
 
     // Stop after 7 steps (mid-epoch), then resume to 12.
     let dir = scratch("resume");

@@ -214,6 +214,7 @@ pub fn train(args: TrainArgs) -> invaspread::Result<()> {
             semantics: args.grad_semantics,
         },
         backend,
+        loss_read_every: None,
         seed: args.seed,
         out: args.out.clone(),
         resume: args.resume,

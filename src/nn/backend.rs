@@ -13,6 +13,9 @@ use crate::error::Result;
 use crate::loss::{cpu as cpu_loss, LossConfig};
 use crate::simd::CpuFloat;
 
+/// A read-back in flight (see [`Backend::read_later`]): call it for the values.
+pub type PendingRead = Box<dyn FnOnce() -> Result<Vec<f64>> + Send>;
+
 /// Storage and kernels of one device. Parameter gradients are always accumulated (`+=`); an
 /// input's gradient is written, or added when its `accumulate` flag says a gradient already
 /// arrived from another consumer (so a value used twice receives both contributions and no
@@ -209,6 +212,13 @@ pub trait Backend: Send + Sync {
         k: usize,
     ) -> Result<Vec<Vec<(f32, usize)>>> {
         crate::eval::nearest(queries, keys, d, k, false)
+    }
+
+    /// Starts reading `buf` back without waiting for the device: the returned closure waits
+    /// for the copy (and only it) and gives the values. The CPU reads at once.
+    fn read_later(&self, buf: &Self::Buffer) -> Result<PendingRead> {
+        let values = self.download_f64(buf)?;
+        Ok(Box::new(move || Ok(values)))
     }
 
     /// Waits until the device has finished the queued work (timing; a no-op on the CPU).

@@ -33,7 +33,7 @@ use cudarc::driver::{
     LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 
-use super::backend::{Backend, BN_EPS, BN_MOMENTUM};
+use super::backend::{Backend, PendingRead, BN_EPS, BN_MOMENTUM};
 use super::cpu_ops::{Conv, Shape4};
 use super::params::Param;
 use crate::cuda::{to_i32, Gpu};
@@ -1335,6 +1335,24 @@ impl Backend for CudaBackend {
             q0 += rows;
         }
         Ok(out)
+    }
+    fn read_later(&self, buf: &CudaSlice<f32>) -> Result<PendingRead> {
+        let len = buf.len();
+        if len == 0 {
+            return Ok(Box::new(|| Ok(Vec::new())));
+        }
+        let ctx = self.gpu.context();
+        // SAFETY: the copy below writes every element before the closure reads them.
+        // (Not write-combined: the host reads this memory.)
+        let mut host = unsafe { ctx.alloc_pinned_with_flags::<f32>(len, 0) }?;
+        let done = ctx.new_event(None)?;
+        let stream = self.gpu.stream();
+        stream.memcpy_dtoh(buf, &mut host)?;
+        done.record(stream)?;
+        Ok(Box::new(move || {
+            done.synchronize()?;
+            Ok(host.as_slice()?.iter().map(|&v| f64::from(v)).collect())
+        }))
     }
     fn synchronize(&self) -> Result<()> {
         self.gpu.stream().synchronize()?;

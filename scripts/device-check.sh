@@ -13,6 +13,8 @@
 # kernels. Exits non-zero when a check failed.
 # SKIP_BENCH=1 leaves out the benchmarks, SKIP_CIFAR=1 the training run, ONLY_GPU_TESTS=1 runs
 # only the GPU test binaries (gpu_*, cli_train) instead of all of them.
+# PHASES picks the parts to run (default: all), so that a short GPU lease can run them in
+# separate calls: tests sanitizer bench-loss bench-train cifar.
 set -uo pipefail
 logs=${1:?usage: device-check.sh LOG_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,6 +32,8 @@ cd "$root"
 status=0
 summary="$logs/summary.txt"
 : > "$summary"
+phases=" ${PHASES:-tests sanitizer bench-loss bench-train cifar} "
+want() { [[ "$phases" == *" $1 "* ]]; }
 note() { echo "$*" | tee -a "$summary"; }
 
 # cuBLAS and NVTX come with PyTorch's wheels there; cudarc opens them by name (libcublas.so.13,
@@ -52,7 +56,7 @@ head -n 15 "$logs/nvidia-smi.txt"
 "$INVASPREAD_EXE" info --kernels > "$logs/info.txt" 2>&1
 head -n 12 "$logs/info.txt"
 
-for t in "$bin"/test-* "$bin"/unit-lib-*; do
+want tests && for t in "$bin"/test-* "$bin"/unit-lib-*; do
   [[ -x "$t" ]] || continue
   name=$(basename "$t")
   if [[ -n "${ONLY_GPU_TESTS:-}" && "$name" != test-gpu_* && "$name" != test-cli_train ]]; then
@@ -65,7 +69,9 @@ for t in "$bin"/test-* "$bin"/unit-lib-*; do
   fi
 done
 
-if command -v compute-sanitizer >/dev/null 2>&1; then
+if ! want sanitizer; then
+  :
+elif command -v compute-sanitizer >/dev/null 2>&1; then
   for spec in "test-gpu_normalize:" "test-gpu_loss:sanitizer_sized_cases" "test-gpu_nn:sanitizer_sized_ops"; do
     exe=${spec%%:*}; filter=${spec#*:}
     [[ -x "$bin/$exe" ]] || continue
@@ -82,7 +88,7 @@ else
   note "compute-sanitizer not found: sanitizer checks not run"; status=1
 fi
 
-if [[ -z "${SKIP_BENCH:-}" ]]; then
+if [[ -z "${SKIP_BENCH:-}" ]] && want bench-loss; then
   if "$INVASPREAD_EXE" bench-loss --device cuda --min-seconds 0.2 > "$logs/bench-loss-cuda.md" 2> "$logs/bench-loss-cuda.err"; then
     note "ran bench-loss --device cuda"; cat "$logs/bench-loss-cuda.md"
   else
@@ -95,7 +101,7 @@ if [[ -z "${SKIP_BENCH:-}" ]]; then
   fi
 fi
 
-if [[ -z "${SKIP_BENCH:-}" ]]; then
+if [[ -z "${SKIP_BENCH:-}" ]] && want bench-train; then
   if "$INVASPREAD_EXE" bench-train --device cuda --steps 10 > "$logs/bench-train-cuda.md" 2> "$logs/bench-train-cuda.err"; then
     note "ran bench-train --device cuda"; cat "$logs/bench-train-cuda.md"
   else
@@ -110,7 +116,7 @@ if [[ -z "${SKIP_BENCH:-}" ]]; then
   done
 fi
 
-if [[ -z "${SKIP_CIFAR:-}" && -f "$bundle/data/cifar10-jpg.tar.gz" ]]; then
+if [[ -z "${SKIP_CIFAR:-}" ]] && want cifar && [[ -f "$bundle/data/cifar10-jpg.tar.gz" ]]; then
   start=$(date +%s)
   if "$INVASPREAD_EXE" train --device cuda --dataset folder --data-dir "$bundle/data/cifar10-jpg.tar.gz" \
       --model resnet18-cifar --epochs 2 --batch 128 --seed 0 --out "$logs/cifar-gpu" > "$logs/cifar-gpu.log" 2>&1; then

@@ -13,10 +13,11 @@
 //! | SGD | `sgd_multi_tensor_v1`: every parameter in one launch from a table of device pointers |
 //! | kNN | an SGEMM per block of queries against the bank, then `topk_rows_v1` |
 //!
-//! Host-to-device copies go through page-locked (pinned) staging buffers on a second, copy
-//! stream, two per size used in turn, so an upload neither waits for the GPU to drain nor takes
-//! time on the compute stream: the host only waits for the copy made from the same staging
-//! buffer two uploads earlier, and the compute stream waits (an event) only for its own batch.
+//! Repeated host-to-device copies (the training batch) go through page-locked (pinned) staging
+//! buffers on a second, copy stream, two per size used in turn, so an upload neither waits for
+//! the GPU to drain nor takes time on the compute stream: the host only waits for the copy made
+//! from the same staging buffer two uploads earlier, and the compute stream waits (an event)
+//! only for its own batch. One-off uploads (parameters at creation) are plain copies.
 //!
 //! Everything is float32; the same op tests (`tests/gpu_nn.rs`) run every kernel against the
 //! CPU backend.
@@ -166,6 +167,8 @@ pub struct CudaBackend {
     losses: Mutex<HashMap<(usize, usize), CudaLoss>>,
     conv: Mutex<ConvWorkspace>,
     staging: Mutex<HashMap<usize, Staging>>,
+    /// Upload lengths seen once (see `upload_staged`).
+    seen_lengths: Mutex<std::collections::HashSet<usize>>,
     sgd: Mutex<Option<SgdTable>>,
     precision: GemmPrecision,
     bf16: Mutex<Option<Bf16Operands>>,
@@ -249,6 +252,7 @@ impl CudaBackend {
             losses: Mutex::new(HashMap::new()),
             conv: Mutex::new(conv),
             staging: Mutex::new(HashMap::new()),
+            seen_lengths: Mutex::new(std::collections::HashSet::new()),
             sgd: Mutex::new(None),
             precision: GemmPrecision::F32,
             bf16: Mutex::new(None),
@@ -435,6 +439,13 @@ impl CudaBackend {
         let len = host.len();
         let compute = self.gpu.stream();
         let mut staging = lock(&self.staging)?;
+        // A length seen for the first time (parameters at creation, a checkpoint's tensors)
+        // is copied directly from pageable memory; staging buffers are made for lengths that
+        // come back (the training batch every step).
+        if !staging.contains_key(&len) && lock(&self.seen_lengths)?.insert(len) {
+            compute.memcpy_htod(host, dst)?;
+            return Ok(());
+        }
         let s = match staging.entry(len) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {

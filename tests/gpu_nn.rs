@@ -417,8 +417,10 @@ fn loss_op_matches_cpu() {
         let cfg = LossConfig::default();
         let (lw, gw) = cpu.run(&z, n, d, &cfg);
         let (lg, gg) = cuda.run(&z, n, d, &cfg);
-        assert_close(&format!("loss N={n} d={d}"), &lg, &lw, 1e-5);
-        assert_close(&format!("dL/dz N={n} d={d}"), &gg, &gw, 1e-4);
+        // Two float32 approximations of the float64 loss (each within 5e-5 of it, see
+        // tests/gpu_loss.rs and tests/cpu_loss.rs): they differ by up to the sum.
+        assert_close(&format!("loss N={n} d={d}"), &lg, &lw, 5e-5);
+        assert_close(&format!("dL/dz N={n} d={d}"), &gg, &gw, 3e-4);
     }
 }
 
@@ -510,10 +512,16 @@ fn knn_neighbours_match_cpu_including_ties() {
             let wv: Vec<f32> = w.iter().map(|x| x.0).collect();
             assert_close(&format!("k {k} query {q} similarities"), &gv, &wv, 1e-5);
             if q == 0 {
-                assert_eq!(
-                    &gi[..3.min(k)],
-                    &wi[..3.min(k)],
-                    "tied neighbours of query 0"
+                // The four exact copies of query 0 come first; which of them leads can differ
+                // where cuBLAS forms a tile's dot products differently (ties are broken by
+                // index on exactly equal values; tests/emulated_kernels.rs checks that).
+                let copies = [0usize, 7, 100, 2999];
+                let mut top: Vec<usize> = gi[..4.min(k)].to_vec();
+                top.sort_unstable();
+                assert!(
+                    top.iter().all(|j| copies.contains(j)),
+                    "query 0's nearest are {top:?}, expected among {copies:?} (CPU: {:?})",
+                    &wi[..4.min(k)]
                 );
             }
         }

@@ -528,8 +528,8 @@ fn knn_neighbours_match_cpu_including_ties() {
     }
 }
 
-/// One training step of `kind` from seed 0 on a fixed batch; returns every parameter after it
-/// and the loss.
+/// `steps` training steps of `kind` from seed 0 on a fixed batch; returns every parameter and
+/// batchnorm statistic after them, and the last loss.
 fn step_on<B: Backend>(b: B, kind: ModelKind, images: usize, steps: usize) -> (Vec<Vec<f32>>, f64) {
     let mut store = ParamStore::default();
     let model = Model::new(kind, &mut store, &b, 0).unwrap();
@@ -555,13 +555,19 @@ fn step_on<B: Backend>(b: B, kind: ModelKind, images: usize, steps: usize) -> (V
         )
         .unwrap();
     }
-    let params = graph
+    // Every parameter, then every batchnorm layer's running mean and variance.
+    let b = &graph.backend;
+    let mut state: Vec<Vec<f32>> = graph
         .params
         .params
         .iter()
-        .map(|p| graph.backend.download(&p.value).unwrap())
+        .map(|p| b.download(&p.value).unwrap())
         .collect();
-    (params, loss)
+    for bn in &graph.params.bns {
+        state.push(b.download(&bn.running_mean).unwrap());
+        state.push(b.download(&bn.running_var).unwrap());
+    }
+    (state, loss)
 }
 
 fn compare_steps(kind: ModelKind, images: usize, steps: usize, cuda: CudaBackend) {
@@ -573,13 +579,14 @@ fn compare_steps(kind: ModelKind, images: usize, steps: usize, cuda: CudaBackend
         "{}: loss {loss_gpu} on CUDA, {loss_cpu} on the CPU",
         kind.name()
     );
-    // Parameters are compared by their change: a float32 rounding difference in a gradient
-    // moves an update by a tiny fraction of the update itself.
+    // Parameters (and running statistics) are compared by their change: a float32 rounding
+    // difference in a gradient moves an update by a tiny fraction of the update itself.
+    assert_eq!(got.len(), want.len());
     for (i, ((g, w), b0)) in got.iter().zip(&want).zip(&before).enumerate() {
         let du_g: Vec<f32> = g.iter().zip(b0).map(|(a, b)| a - b).collect();
         let du_w: Vec<f32> = w.iter().zip(b0).map(|(a, b)| a - b).collect();
         assert_close(
-            &format!("{} parameter {i} update", kind.name()),
+            &format!("{} parameter or statistic {i} update", kind.name()),
             &du_g,
             &du_w,
             5e-3,

@@ -9,7 +9,7 @@
 # `invaspread bench-loss --device cuda` and benches/torch_reference.py on the same card;
 # `invaspread bench-train --device cuda` and benches/torch_train_reference.py (float32 and bf16
 # autocast) on the same card; resnet18-cifar on the bundled CIFAR-10 JPEG copy for 2 epochs
-# (the curve in cifar-gpu/metrics.csv); with NCU=1, an Nsight Compute profile of the fused
+# (the curve in cifar-gpu/metrics.csv and steps.csv); with NCU=1, an Nsight Compute profile of the fused
 # kernels. Exits non-zero when a check failed.
 # SKIP_BENCH=1 leaves out the benchmarks, SKIP_CIFAR=1 the training run, ONLY_GPU_TESTS=1 runs
 # only the GPU test binaries (gpu_*, cli_train) instead of all of them.

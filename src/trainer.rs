@@ -398,8 +398,15 @@ struct LossWindow {
 }
 
 impl LossWindow {
-    /// Waits for the copy, checks every loss and adds them up; returns the last one.
-    fn collect(self, losses: &mut Vec<f64>, sum: &mut f64, count: &mut usize) -> Result<f64> {
+    /// Waits for the copy, checks every loss, adds them up and appends them to `log`
+    /// (steps.csv); returns the last one.
+    fn collect(
+        self,
+        losses: &mut Vec<f64>,
+        sum: &mut f64,
+        count: &mut usize,
+        log: &mut StepLog,
+    ) -> Result<f64> {
         let values = (self.read)()?;
         let mut last = f64::NAN;
         for (&step, &loss) in self.steps.iter().zip(&values) {
@@ -412,8 +419,56 @@ impl LossWindow {
             *sum += loss;
             *count += 1;
             last = loss;
+            log.line(step + 1, loss)?;
         }
         Ok(last)
+    }
+}
+
+/// `steps.csv` in the output folder: `step,loss` for every step (steps counted from 1, as in
+/// metrics.csv), appended as losses arrive; a resumed run first drops the lines after its
+/// checkpoint's step.
+struct StepLog {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl StepLog {
+    /// Opens the log for a run resuming after `start` steps (0: a new file), keeping the lines
+    /// of steps 1..=start only.
+    fn open(out: &Path, start: usize) -> Result<StepLog> {
+        let path = out.join("steps.csv");
+        let mut text = String::from("step,loss\n");
+        if start > 0 {
+            if let Ok(old) = std::fs::read_to_string(&path) {
+                for line in old.lines().skip(1) {
+                    let step = line.split(',').next().and_then(|s| s.parse::<usize>().ok());
+                    if step.is_some_and(|s| s <= start) {
+                        text.push_str(line);
+                        text.push('\n');
+                    }
+                }
+            }
+        }
+        write_atomically(&path, text.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(StepLog {
+            path,
+            file: std::io::BufWriter::new(file),
+        })
+    }
+
+    fn line(&mut self, step: usize, loss: f64) -> Result<()> {
+        use std::io::Write;
+        writeln!(self.file, "{step},{loss}").map_err(|e| Error::io(&self.path, e))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        use std::io::Write;
+        self.file.flush().map_err(|e| Error::io(&self.path, e))
     }
 }
 
@@ -597,6 +652,7 @@ fn train_on<B: Backend>(cfg: &TrainConfig, ds: Arc<Dataset>, backend: B) -> Resu
     let mut history = graph.backend.zeros(read_every)?;
     let mut pending: Vec<usize> = Vec::with_capacity(read_every);
     let mut in_flight: Option<LossWindow> = None;
+    let mut step_log = StepLog::open(&cfg.out, start)?;
     let mut last_loss: Option<f64> = None;
     let (mut window, mut data_s) = (Instant::now(), 0.0f64);
     for step in start..total_steps {
@@ -641,6 +697,7 @@ fn train_on<B: Backend>(cfg: &TrainConfig, ds: Arc<Dataset>, backend: B) -> Resu
                     &mut summary.step_losses,
                     &mut epoch_sum,
                     &mut epoch_count,
+                    &mut step_log,
                 )?);
                 bar.inc(n);
             }
@@ -651,9 +708,11 @@ fn train_on<B: Backend>(cfg: &TrainConfig, ds: Arc<Dataset>, backend: B) -> Resu
                         &mut summary.step_losses,
                         &mut epoch_sum,
                         &mut epoch_count,
+                        &mut step_log,
                     )?);
                     bar.inc(n);
                 }
+                step_log.flush()?;
             }
             (window, data_s) = (Instant::now(), 0.0);
         }

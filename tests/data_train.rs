@@ -268,6 +268,24 @@ fn same_seed_same_losses_and_resume_is_bit_exact() {
         bits(&full.step_losses),
         "resumed run differs from the uninterrupted one"
     );
+    // steps.csv holds every step once, in order, across the interruption.
+    let log = std::fs::read_to_string(dir.join("steps.csv")).unwrap();
+    let logged: Vec<(usize, f64)> = log
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (s, v) = l.split_once(',').unwrap();
+            (s.parse().unwrap(), v.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        logged.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        bits(&logged.iter().map(|x| x.1).collect::<Vec<_>>()),
+        bits(&full.step_losses)
+    );
     assert!(
         dir.join("metrics.csv").exists()
             && dir.join("metrics.json").exists()

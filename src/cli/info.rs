@@ -24,6 +24,12 @@ pub fn run(args: InfoArgs) -> invaspread::Result<()> {
         Some((major, minor)) => println!("cuda driver:   supports CUDA {major}.{minor}"),
         None => println!("cuda driver:   not found (libcuda is not installed)"),
     }
+    // SAFETY: only tries to open the library.
+    if unsafe { cudarc::cublas::sys::is_culib_present() } {
+        println!("cublas:        found (training with --device cuda needs it)");
+    } else {
+        println!("cublas:        not found (--device cuda training needs libcublas.so.13 on LD_LIBRARY_PATH)");
+    }
     match cuda::device_count() {
         Ok(0) => println!("cuda devices:  none"),
         Ok(count) => {

@@ -1,6 +1,7 @@
 //! The CUDA backend: the graph's buffers live on one GPU and every op is a kernel launch on the
-//! GPU's stream, so a training step is queued without waiting (the host only reads the loss
-//! every few steps, see `trainer`). Kernels are in kernels/ (table in kernels/README.md):
+//! GPU's stream, so a training step is queued without waiting (the losses come back
+//! asynchronously every few steps, see `trainer`). Kernels are in kernels/ (table in
+//! kernels/README.md):
 //!
 //! | op | how |
 //! |---|---|
@@ -19,8 +20,9 @@
 //! from the same staging buffer two uploads earlier, and the compute stream waits (an event)
 //! only for its own batch. One-off uploads (parameters at creation) are plain copies.
 //!
-//! Everything is float32; the same op tests (`tests/gpu_nn.rs`) run every kernel against the
-//! CPU backend.
+//! Storage and sums are float32; the GEMMs multiply in float32, TF32 or with bfloat16
+//! operands ([`GemmPrecision`]). `tests/gpu_nn.rs` runs every op against the CPU backend on a
+//! GPU; `tests/emulated_kernels.rs` runs the kernels' sources on a CPU emulator in CI.
 
 // Kernels take their buffers and geometry explicitly, like the CPU ones.
 #![allow(clippy::too_many_arguments)]

@@ -18,7 +18,7 @@
 //! | [`trainer`] | the training loop of `invaspread train` on either backend: metrics, checkpoints, resume |
 //! | [`npy`] | `.npy` reading and writing with clear errors, atomic writes |
 //! | [`error`] | the crate's [`Error`] type |
-//! | [`bench`] | timing of the loss implementations for `bench-loss` and criterion |
+//! | [`bench`](mod@bench) | timing of the loss implementations for `bench-loss` and criterion |
 //! | [`testing`] | seeded inputs and the `SKIPPED (no GPU)` guard used by tests and benches |
 //!
 //! The CUDA sources live in `kernels/` (see `kernels/README.md` for the table of kernels and

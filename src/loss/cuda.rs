@@ -4,8 +4,8 @@
 //! |---|---|---|---|
 //! | `unfused` | normalize, matmul_v1, exp, row sums, row terms, grad matrix, matmul_v1 x1-2, normalize bwd, mean | S, E, G | 9-10 |
 //! | `unfused-cublas` | as `unfused` with cuBLAS SGEMM for the three products | S, E, G | 9-10 |
-//! | `fused-v1` | normalize, instance_loss_query_v1, [instance_loss_key_v1], normalize bwd, mean | no | 4-5 |
-//! | `fused-v2` | instance_loss_norms_v2, instance_loss_query_v2, [instance_loss_key_v2] | no, O(N) extra | 2-3 |
+//! | `fused-v1` | normalize, instance_loss_query_v1, (instance_loss_key_v1 both-sides), normalize bwd, mean | no | 4-5 |
+//! | `fused-v2` | instance_loss_norms_v2, instance_loss_query_v2, (instance_loss_key_v2 both-sides) | no, O(N) extra | 2-3 |
 //!
 //! A [`CudaLoss`] owns the scratch buffers of one version for one shape, so repeated calls
 //! (training steps, benchmark iterations) allocate nothing. [`CudaLoss::enqueue`] only queues

@@ -1,6 +1,6 @@
 //! The instance loss of Ye et al. (CVPR 2019), exactly as `../shared/notes/loss.md` states it.
 //!
-//! - [`reference`]: float64, plain loops, the truth every other version is tested against.
+//! - [`reference`](mod@reference): float64, plain loops, the truth every other version is tested against.
 //! - [`cpu`]: the fast CPU path, fused per row block, f32 or f64, never storing N x N.
 //! - [`cuda`]: every GPU kernel version (unfused, fused v1, v2) behind one launcher.
 //!

@@ -158,7 +158,7 @@ pub trait Backend: Send + Sync {
         dst: &mut Self::Buffer,
         accumulate: bool,
     ) -> Result<()>;
-    /// dst[at] = src[0], on the device (a step's loss into a history read every few steps).
+    /// `dst[at] = src[0]`, on the device (a step's loss into a history read every few steps).
     fn copy_scalar(&self, src: &Self::Buffer, dst: &mut Self::Buffer, at: usize) -> Result<()>;
     /// SGD with momentum and weight decay on one parameter (PyTorch's update):
     /// g' = g + wd w; v = m v + g' (v = g' on the first step); w -= lr (nesterov ? g' + m v : v).

@@ -12,8 +12,9 @@
 // The emulated launch sequences take every buffer explicitly, as the CUDA launchers do.
 #![allow(clippy::too_many_arguments)]
 
+mod common;
+
 use std::ffi::{c_char, c_void, CString};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -21,8 +22,11 @@ use invaspread::loss::cuda::LossParams;
 use invaspread::loss::{reference, GradSemantics, LossConfig};
 use invaspread::nn::backend::{Backend, Cpu};
 use invaspread::nn::cpu_ops::{self, Conv, Shape4};
+use invaspread::nn::cuda_backend::{ConvGeom, SgdParams, SgdTensor, SGD_CHUNK};
 use invaspread::ops::normalize_rows;
 use invaspread::testing::{adversarial_matrix, random_matrix, rng, scaled_grad_error};
+
+use common::assert_close;
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, *mut *mut c_void) -> i32;
 
@@ -35,10 +39,7 @@ unsafe impl Sync for Emulator {}
 unsafe impl Send for Emulator {}
 
 fn build() -> Option<Emulator> {
-    // INVASPREAD_REPO: the sources' checkout when this binary runs elsewhere (device-check.sh).
-    let repo = std::env::var_os("INVASPREAD_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let repo = common::repo();
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let dir = std::env::temp_dir().join(format!("invaspread-emulator-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -105,30 +106,6 @@ impl Emulator {
     }
 }
 
-/// max |got - want| / max |want|.
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want
-        .iter()
-        .fold(0.0f64, |m, &x| m.max(f64::from(x).abs()))
-        .max(1e-30);
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| {
-            if g.is_finite() {
-                (f64::from(g) - f64::from(w)).abs() / scale
-            } else {
-                f64::INFINITY
-            }
-        })
-        .fold(0.0, f64::max)
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
-    let e = rel_err(got, want);
-    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
-}
-
 /// Row-major C (m x n) = op(A) op(B) (+ C when `accumulate`), float64 sums: what the CUDA
 /// backend asks cuBLAS for.
 fn gemm(
@@ -158,37 +135,6 @@ fn gemm(
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ConvGeom {
-    images: i32,
-    c_in: i32,
-    h: i32,
-    w: i32,
-    c_out: i32,
-    k: i32,
-    stride: i32,
-    pad: i32,
-    h_out: i32,
-    w_out: i32,
-}
-
-fn geom(xs: Shape4, conv: &Conv) -> ConvGeom {
-    let ys = conv.out_shape(xs);
-    ConvGeom {
-        images: xs.n as i32,
-        c_in: conv.c_in as i32,
-        h: xs.h as i32,
-        w: xs.w as i32,
-        c_out: conv.c_out as i32,
-        k: conv.k as i32,
-        stride: conv.stride as i32,
-        pad: conv.pad as i32,
-        h_out: ys.h as i32,
-        w_out: ys.w as i32,
-    }
-}
-
 /// The CUDA backend's convolution, forward and backward, for one group of images: im2col_v1,
 /// the GEMMs (here in float64 on the host), bcp/cbp permutes and col2im_v1.
 fn emulated_conv(
@@ -205,7 +151,7 @@ fn emulated_conv(
     let ys = conv.out_shape(xs);
     let (k, p) = (conv.patch(), ys.h * ys.w);
     let ld = xs.n * p;
-    let g = geom(xs, conv);
+    let g = ConvGeom::new(xs, conv, xs.n).unwrap();
     let mut col = vec![f32::NAN; k * ld];
     let (xp, colp) = (x.as_ptr(), col.as_mut_ptr());
     e.run("im2col_v1", (3, 1), 256, &mut [a(&xp), a(&g), a(&colp)]);
@@ -614,27 +560,6 @@ fn elementwise_pooling_and_linear_kernels_match_the_cpu() {
     assert_close("linear db", &db, &want_db, 1e-6);
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SgdTensor {
-    w: *mut f32,
-    g: *const f32,
-    v: *mut f32,
-    len: i64,
-    first_block: i64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SgdParams {
-    lr: f32,
-    momentum: f32,
-    weight_decay: f32,
-    nesterov: i32,
-    first: i32,
-    tensors: i32,
-}
-
 #[test]
 fn multi_tensor_sgd_kernel_matches_the_cpu_update() {
     let Some(e) = emulator("multi_tensor_sgd_kernel_matches_the_cpu_update") else {
@@ -658,23 +583,17 @@ fn multi_tensor_sgd_kernel_matches_the_cpu_update() {
             let mut table = Vec::new();
             let mut blocks = 0i64;
             for i in 0..lens.len() {
+                // Host addresses stand for device ones on the emulator.
                 table.push(SgdTensor {
-                    w: w[i].as_mut_ptr(),
-                    g: g[i].as_ptr(),
-                    v: v[i].as_mut_ptr(),
+                    w: w[i].as_mut_ptr() as u64,
+                    g: g[i].as_ptr() as u64,
+                    v: v[i].as_mut_ptr() as u64,
                     len: lens[i] as i64,
                     first_block: blocks,
                 });
-                blocks += lens[i].div_ceil(1024) as i64;
+                blocks += lens[i].div_ceil(SGD_CHUNK) as i64;
             }
-            let p = SgdParams {
-                lr: 0.03,
-                momentum: 0.9,
-                weight_decay: 5e-4,
-                nesterov: nesterov as i32,
-                first: first as i32,
-                tensors: lens.len() as i32,
-            };
+            let p = SgdParams::new(0.03, 0.9, 5e-4, nesterov, first, lens.len()).unwrap();
             let tp = table.as_ptr();
             e.run(
                 "sgd_multi_tensor_v1",

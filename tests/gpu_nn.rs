@@ -5,6 +5,8 @@
 // The op bodies take every buffer explicitly, as the backend methods do.
 #![allow(clippy::too_many_arguments)]
 
+mod common;
+
 use std::sync::Arc;
 
 use invaspread::loss::LossConfig;
@@ -18,35 +20,13 @@ use invaspread::nn::params::{Param, ParamStore};
 use invaspread::nn::train::train_step;
 use invaspread::testing::{gpu_or_skip, random_matrix, rng};
 
+use common::{assert_close, rel_err};
+
 /// The CPU (float32) and CUDA backends, or None when the test is skipped.
 fn backends(name: &str) -> Option<(Cpu<f32>, CudaBackend)> {
     let gpu = gpu_or_skip(name)?;
     let cuda = CudaBackend::new(gpu).expect("the CUDA backend starts");
     Some((Cpu::new(), cuda))
-}
-
-/// max |got - want| / max |want|.
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "lengths differ");
-    let scale = want
-        .iter()
-        .fold(0.0f64, |m, &x| m.max(f64::from(x).abs()))
-        .max(1e-30);
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| {
-            if g.is_finite() {
-                (f64::from(g) - f64::from(w)).abs() / scale
-            } else {
-                f64::INFINITY
-            }
-        })
-        .fold(0.0, f64::max)
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
-    let e = rel_err(got, want);
-    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
 }
 
 fn buf<B: Backend>(b: &B, host: &[f32]) -> B::Buffer {

@@ -48,17 +48,17 @@ const BLOCK: u32 = 256;
 /// Threads per block of the per-channel batchnorm reductions (BN_THREADS in batchnorm.cu).
 const BN_THREADS: u32 = 512;
 /// Elements per block of the multi-tensor SGD (SGD_CHUNK in sgd.cu).
-const SGD_CHUNK: usize = 1024;
+pub const SGD_CHUNK: usize = 1024;
 /// The largest im2col buffer of one group of images, in floats (256 MB).
 const CONV_WORKSPACE: usize = 1 << 26;
 /// The largest similarity block of the kNN, in floats (512 MB).
 const KNN_BLOCK: usize = 1 << 27;
 
-/// A convolution's geometry for one group of images; the same fields in the same order as
-/// `ConvGeom` in kernels/conv_im2col.cu.
+/// A convolution's geometry for one group of images, passed by value to the kernels of
+/// kernels/conv_im2col.cu (the same fields in the same order as its `ConvGeom`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct ConvGeom {
+pub struct ConvGeom {
     images: i32,
     c_in: i32,
     h: i32,
@@ -74,24 +74,46 @@ struct ConvGeom {
 // SAFETY: #[repr(C)] plain old data laid out as the CUDA struct.
 unsafe impl DeviceRepr for ConvGeom {}
 
-/// One parameter in the SGD table; the same layout as `SgdTensor` in kernels/sgd.cu.
+impl ConvGeom {
+    /// The geometry of `conv` on `images` images of input shape `xs` (its `n` is ignored).
+    pub fn new(xs: Shape4, conv: &Conv, images: usize) -> Result<ConvGeom> {
+        let ys = conv.out_shape(xs);
+        Ok(ConvGeom {
+            images: to_i32("images", images)?,
+            c_in: to_i32("C_in", conv.c_in)?,
+            h: to_i32("H", xs.h)?,
+            w: to_i32("W", xs.w)?,
+            c_out: to_i32("C_out", conv.c_out)?,
+            k: to_i32("k", conv.k)?,
+            stride: to_i32("stride", conv.stride)?,
+            pad: to_i32("pad", conv.pad)?,
+            h_out: to_i32("H_out", ys.h)?,
+            w_out: to_i32("W_out", ys.w)?,
+        })
+    }
+}
+
+/// One parameter in the table of `sgd_multi_tensor_v1` (the same layout as `SgdTensor` in
+/// kernels/sgd.cu): device addresses of the weights, gradient and momentum, the length, and
+/// the first of the tensor's `len.div_ceil(SGD_CHUNK)` blocks.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SgdTensor {
-    w: u64,
-    g: u64,
-    v: u64,
-    len: i64,
-    first_block: i64,
+pub struct SgdTensor {
+    pub w: u64,
+    pub g: u64,
+    pub v: u64,
+    pub len: i64,
+    pub first_block: i64,
 }
 
 // SAFETY: #[repr(C)] plain old data (device addresses as integers).
 unsafe impl DeviceRepr for SgdTensor {}
 
-/// The same fields in the same order as `SgdParams` in kernels/sgd.cu.
+/// The update's hyper-parameters, passed by value to `sgd_multi_tensor_v1` (the same fields
+/// in the same order as `SgdParams` in kernels/sgd.cu).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct SgdParams {
+pub struct SgdParams {
     lr: f32,
     momentum: f32,
     weight_decay: f32,
@@ -102,6 +124,27 @@ struct SgdParams {
 
 // SAFETY: #[repr(C)] plain old data.
 unsafe impl DeviceRepr for SgdParams {}
+
+impl SgdParams {
+    /// PyTorch's SGD with these settings over `tensors` table entries.
+    pub fn new(
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        nesterov: bool,
+        first: bool,
+        tensors: usize,
+    ) -> Result<SgdParams> {
+        Ok(SgdParams {
+            lr: lr as f32,
+            momentum: momentum as f32,
+            weight_decay: weight_decay as f32,
+            nesterov: nesterov as i32,
+            first: first as i32,
+            tensors: to_i32("parameter tensors", tensors)?,
+        })
+    }
+}
 
 /// How the backend's GEMMs (convolutions, linear layers, kNN) multiply. Storage, activations
 /// and accumulation stay float32 in every mode.
@@ -486,22 +529,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn conv_geom(xs: Shape4, conv: &Conv, images: usize) -> Result<ConvGeom> {
-        let ys = conv.out_shape(xs);
-        Ok(ConvGeom {
-            images: to_i32("images", images)?,
-            c_in: to_i32("C_in", conv.c_in)?,
-            h: to_i32("H", xs.h)?,
-            w: to_i32("W", xs.w)?,
-            c_out: to_i32("C_out", conv.c_out)?,
-            k: to_i32("k", conv.k)?,
-            stride: to_i32("stride", conv.stride)?,
-            pad: to_i32("pad", conv.pad)?,
-            h_out: to_i32("H_out", ys.h)?,
-            w_out: to_i32("W_out", ys.w)?,
-        })
-    }
-
     /// Images per GEMM so that the column buffer stays within [`CONV_WORKSPACE`].
     fn conv_group(xs: Shape4, conv: &Conv) -> usize {
         let ys = conv.out_shape(xs);
@@ -666,24 +693,6 @@ pub(crate) fn cublas_config(
     })
 }
 
-fn sgd_params(
-    lr: f64,
-    momentum: f64,
-    weight_decay: f64,
-    nesterov: bool,
-    first: bool,
-    tensors: usize,
-) -> Result<SgdParams> {
-    Ok(SgdParams {
-        lr: lr as f32,
-        momentum: momentum as f32,
-        weight_decay: weight_decay as f32,
-        nesterov: nesterov as i32,
-        first: first as i32,
-        tensors: to_i32("parameter tensors", tensors)?,
-    })
-}
-
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Staging buffers are shared by both streams: nothing may be in flight when they go.
@@ -765,7 +774,7 @@ impl Backend for CudaBackend {
         let mut n0 = 0;
         while n0 < xs.n {
             let b = group.min(xs.n - n0);
-            let geom = Self::conv_geom(xs, conv, b)?;
+            let geom = ConvGeom::new(xs, conv, b)?;
             let xg = x.slice(n0 * xs.image()..(n0 + b) * xs.image());
             self.im2col(&xg, &geom, col)?;
             let ld = b * p;
@@ -825,7 +834,7 @@ impl Backend for CudaBackend {
         let mut n0 = 0;
         while n0 < xs.n {
             let b = group.min(xs.n - n0);
-            let geom = Self::conv_geom(xs, conv, b)?;
+            let geom = ConvGeom::new(xs, conv, b)?;
             let ld = b * p;
             let xg = x.slice(n0 * xs.image()..(n0 + b) * xs.image());
             self.im2col(&xg, &geom, col)?;
@@ -1236,7 +1245,7 @@ impl Backend for CudaBackend {
         check_len("sgd momentum", v.len(), w.len())?;
         let (table, blocks) = self.sgd_table(&[(&*w, g, &*v)]);
         let device = self.gpu.stream().clone_htod(&table)?;
-        let p = sgd_params(lr, momentum, weight_decay, nesterov, first, 1)?;
+        let p = SgdParams::new(lr, momentum, weight_decay, nesterov, first, 1)?;
         self.sgd_launch(&device, blocks, p)
     }
     fn sgd_update_all(
@@ -1273,7 +1282,7 @@ impl Backend for CudaBackend {
         let t = cached
             .as_ref()
             .ok_or_else(|| Error::Cuda("SGD table missing".into()))?;
-        let p = sgd_params(lr, momentum, weight_decay, nesterov, first, params.len())?;
+        let p = SgdParams::new(lr, momentum, weight_decay, nesterov, first, params.len())?;
         self.sgd_launch(&t.device, t.blocks, p)
     }
     fn nearest(

@@ -529,6 +529,19 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The convolution's scratch, grown to at least `col` and `gemm` floats.
+    fn conv_workspace(&self, col: usize, gemm: usize) -> Result<MutexGuard<'_, ConvWorkspace>> {
+        let mut ws = lock(&self.conv)?;
+        let stream = self.gpu.stream();
+        if ws.col.len() < col {
+            ws.col = stream.alloc_zeros::<f32>(col)?;
+        }
+        if ws.gemm.len() < gemm {
+            ws.gemm = stream.alloc_zeros::<f32>(gemm)?;
+        }
+        Ok(ws)
+    }
+
     /// Images per GEMM so that the column buffer stays within [`CONV_WORKSPACE`].
     fn conv_group(xs: Shape4, conv: &Conv) -> usize {
         let ys = conv.out_shape(xs);
@@ -553,35 +566,19 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// NCHW dy of a group, [B][C][P], into the GEMM layout [C][B P].
-    fn nchw_to_gemm_layout(
+    /// `bcp_to_cbp_v1` (NCHW [B][C][P] into the GEMM layout [C][B P]) or `cbp_to_bcp_v1`
+    /// (back), as `kernel` names.
+    fn permute(
         &self,
+        kernel: &str,
         src: &CudaView<'_, f32>,
-        dst: &mut CudaSlice<f32>,
-        dims: (usize, usize, usize),
-    ) -> Result<()> {
-        let func = self.function("conv_im2col", "bcp_to_cbp_v1")?;
-        let (b, c, p) = (
-            to_i32("B", dims.0)?,
-            to_i32("C", dims.1)?,
-            to_i32("P", dims.2)?,
-        );
-        let mut l = self.gpu.stream().launch_builder(&func);
-        l.arg(src).arg(dst).arg(&b).arg(&c).arg(&p);
-        // SAFETY: bcp_to_cbp_v1(const float* src, float* dst, int b, int c, int p); both hold
-        // at least B C P floats (the workspace is sized for the group).
-        unsafe { l.launch(grid_stride(dims.0 * dims.1 * dims.2)) }?;
-        Ok(())
-    }
-
-    /// The GEMM layout [C][B P] back into a group's NCHW output [B][C][P].
-    fn gemm_layout_to_nchw(
-        &self,
-        src: &CudaSlice<f32>,
         dst: &mut CudaViewMut<'_, f32>,
         dims: (usize, usize, usize),
     ) -> Result<()> {
-        let func = self.function("conv_im2col", "cbp_to_bcp_v1")?;
+        let total = dims.0 * dims.1 * dims.2;
+        check_len(kernel, src.len(), total)?;
+        check_len(kernel, dst.len(), total)?;
+        let func = self.function("conv_im2col", kernel)?;
         let (b, c, p) = (
             to_i32("B", dims.0)?,
             to_i32("C", dims.1)?,
@@ -589,8 +586,8 @@ impl CudaBackend {
         );
         let mut l = self.gpu.stream().launch_builder(&func);
         l.arg(src).arg(dst).arg(&b).arg(&c).arg(&p);
-        // SAFETY: cbp_to_bcp_v1's signature; both hold at least B C P floats.
-        unsafe { l.launch(grid_stride(dims.0 * dims.1 * dims.2)) }?;
+        // SAFETY: (const float* src, float* dst, int b, int c, int p); both hold B C P floats.
+        unsafe { l.launch(grid_stride(total)) }?;
         Ok(())
     }
 
@@ -761,15 +758,7 @@ impl Backend for CudaBackend {
         check_len("conv2d w", w.len(), conv.c_out * k)?;
         check_len("conv2d y", y.len(), ys.len())?;
         let group = Self::conv_group(xs, conv);
-        let mut ws = lock(&self.conv)?;
-        let stream = self.gpu.stream().clone();
-        let need = group * p;
-        if ws.col.len() < k * need {
-            ws.col = stream.alloc_zeros::<f32>(k * need)?;
-        }
-        if ws.gemm.len() < conv.c_out * need {
-            ws.gemm = stream.alloc_zeros::<f32>(conv.c_out * need)?;
-        }
+        let mut ws = self.conv_workspace(k * group * p, conv.c_out * group * p)?;
         let ConvWorkspace { col, gemm } = &mut *ws;
         let mut n0 = 0;
         while n0 < xs.n {
@@ -794,7 +783,12 @@ impl Backend for CudaBackend {
                 ld,
             )?;
             let mut yg = y.slice_mut(n0 * ys.image()..(n0 + b) * ys.image());
-            self.gemm_layout_to_nchw(gemm, &mut yg, (b, conv.c_out, p))?;
+            self.permute(
+                "cbp_to_bcp_v1",
+                &gemm.slice(0..conv.c_out * ld),
+                &mut yg,
+                (b, conv.c_out, p),
+            )?;
             n0 += b;
         }
         Ok(ys)
@@ -820,15 +814,7 @@ impl Backend for CudaBackend {
             check_len("conv2d dx", dx.len(), xs.len())?;
         }
         let group = Self::conv_group(xs, conv);
-        let mut ws = lock(&self.conv)?;
-        let stream = self.gpu.stream().clone();
-        let need = group * p;
-        if ws.col.len() < k * need {
-            ws.col = stream.alloc_zeros::<f32>(k * need)?;
-        }
-        if ws.gemm.len() < conv.c_out * need {
-            ws.gemm = stream.alloc_zeros::<f32>(conv.c_out * need)?;
-        }
+        let mut ws = self.conv_workspace(k * group * p, conv.c_out * group * p)?;
         let ConvWorkspace { col, gemm } = &mut *ws;
         let func = self.function("conv_im2col", "col2im_v1")?;
         let mut n0 = 0;
@@ -839,7 +825,12 @@ impl Backend for CudaBackend {
             let xg = x.slice(n0 * xs.image()..(n0 + b) * xs.image());
             self.im2col(&xg, &geom, col)?;
             let dyg = dy.slice(n0 * ys.image()..(n0 + b) * ys.image());
-            self.nchw_to_gemm_layout(&dyg, gemm, (b, conv.c_out, p))?;
+            self.permute(
+                "bcp_to_cbp_v1",
+                &dyg,
+                &mut gemm.slice_mut(0..conv.c_out * ld),
+                (b, conv.c_out, p),
+            )?;
             // dW (C_out x K) += dY' (C_out x B P) col^T
             let dy_g = gemm.slice(0..conv.c_out * ld);
             self.gemm(
@@ -873,7 +864,7 @@ impl Backend for CudaBackend {
                 let mut dxg: CudaViewMut<'_, f32> =
                     dx.slice_mut(n0 * xs.image()..(n0 + b) * xs.image());
                 let acc = i32::from(dx_accumulate);
-                let mut l = stream.launch_builder(&func);
+                let mut l = self.gpu.stream().launch_builder(&func);
                 l.arg(&*col).arg(&geom).arg(&mut dxg).arg(&acc);
                 // SAFETY: col2im_v1(const float* col, ConvGeom g, float* dx, int accumulate);
                 // col holds K x B P floats, dxg the group's B C_in H W.

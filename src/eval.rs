@@ -138,6 +138,23 @@ pub fn knn_top1(
     weighted_vote_accuracy(&neighbours, train_labels, test_labels, classes, sigma)
 }
 
+/// [`knn_top1`] with the neighbour search on `backend` (a GPU's similarity GEMM and top-k, or
+/// the CPU's).
+#[allow(clippy::too_many_arguments)] // knn_top1's arguments and the backend
+pub fn knn_top1_on<B: Backend>(
+    backend: &B,
+    train: &[f32],
+    train_labels: &[i64],
+    test: &[f32],
+    test_labels: &[i64],
+    classes: usize,
+    k: usize,
+    sigma: f64,
+) -> Result<f64> {
+    let neighbours = backend.nearest(test, train, EMBED_DIM, k)?;
+    weighted_vote_accuracy(&neighbours, train_labels, test_labels, classes, sigma)
+}
+
 /// The weighted kNN vote of each query's neighbours (as [`nearest`] returns them): the share
 /// of queries whose winning label is their own.
 pub fn weighted_vote_accuracy(

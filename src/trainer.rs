@@ -28,7 +28,7 @@ use crate::nn::checkpoint;
 use crate::nn::cpu_ops::Shape4;
 use crate::nn::cuda_backend::{CudaBackend, GemmPrecision};
 use crate::nn::graph::Graph;
-use crate::nn::models::{Model, ModelKind, EMBED_DIM};
+use crate::nn::models::{Model, ModelKind};
 use crate::nn::optim::{learning_rate, Schedule, Sgd, SgdConfig};
 use crate::nn::params::ParamStore;
 use crate::nn::train::queue_train_step;
@@ -152,12 +152,14 @@ pub fn knn_accuracy<B: Backend>(
 ) -> Result<f64> {
     let train = eval::embed(graph, model, &ds.train, ds.size, 256)?;
     let test = eval::embed(graph, model, &ds.test, ds.size, 256)?;
-    let neighbours = graph.backend.nearest(&test, &train, EMBED_DIM, k)?;
-    eval::weighted_vote_accuracy(
-        &neighbours,
+    eval::knn_top1_on(
+        &graph.backend,
+        &train,
         &ds.train.labels,
+        &test,
         &ds.test.labels,
         ds.classes.len(),
+        k,
         sigma,
     )
 }

@@ -309,15 +309,14 @@ fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
     let (mut graph, model) = load_checkpoint(&args.checkpoint, backend)?;
     let train = eval::embed(&mut graph, &model, &ds.train, ds.size, 256)?;
     let test = eval::embed(&mut graph, &model, &ds.test, ds.size, 256)?;
-    let neighbours =
-        graph
-            .backend
-            .nearest(&test, &train, invaspread::nn::models::EMBED_DIM, args.k)?;
-    let knn = eval::weighted_vote_accuracy(
-        &neighbours,
+    let knn = eval::knn_top1_on(
+        &graph.backend,
+        &train,
         &ds.train.labels,
+        &test,
         &ds.test.labels,
         ds.classes.len(),
+        args.k,
         args.sigma,
     )?;
     let recall = eval::recall_at_k(&test, &ds.test.labels, &[1, 2, 4, 8])?;

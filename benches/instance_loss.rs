@@ -14,6 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use cudarc::driver::sys::CUevent_flags;
 use invaspread::loss::cuda::{CudaLoss, CudaLossVersion};
 use invaspread::loss::{cpu, reference, LossConfig};
+use invaspread::names::Named;
 use invaspread::testing::{gpu_or_skip, random_matrix, rng};
 
 const D: usize = 128;
@@ -88,11 +89,7 @@ fn cuda_benches(c: &mut Criterion) {
             group.throughput(Throughput::Elements((n * n) as u64));
             for version in CudaLossVersion::ALL {
                 let free = gpu.context().mem_get_info().unwrap().0;
-                if matches!(
-                    version,
-                    CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas
-                ) && 3 * n * n * 4 > free
-                {
+                if version.stores_nxn() && 3 * n * n * 4 > free {
                     continue; // the unfused chain's N x N matrices do not fit
                 }
                 if version == CudaLossVersion::FusedV1 && n > 16384 {

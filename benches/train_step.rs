@@ -7,16 +7,18 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use invaspread::cuda::blas::GemmPrecision;
 use invaspread::loss::LossConfig;
+use invaspread::names::Named;
 use invaspread::nn::backend::Backend;
-use invaspread::nn::backend::Cpu;
-use invaspread::nn::cpu_ops::Shape4;
-use invaspread::nn::cuda_backend::{CudaBackend, GemmPrecision};
+use invaspread::nn::cpu_backend::Cpu;
+use invaspread::nn::cuda_backend::CudaBackend;
 use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::ParamStore;
-use invaspread::nn::train::queue_train_step;
+use invaspread::nn::step::queue_train_step;
+use invaspread::ops::Shape4;
 use invaspread::testing::{random_matrix, rng};
 
 const IMAGES: usize = 128;
@@ -40,7 +42,7 @@ fn bench_backend<B: Backend>(
     let views = random_matrix(&mut rng(1), 1, shape.len());
     let cfg = LossConfig::default();
     let name = if device == "cpu" {
-        kind.name().to_string()
+        kind.name()
     } else {
         format!("{}/{device}", kind.name())
     };

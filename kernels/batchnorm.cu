@@ -1,5 +1,6 @@
 // BatchNorm2d on NCHW activations, training and eval, forward and backward; float32 storage and
-// float32 accumulation. The CUDA twin of the batchnorm functions in src/nn/cpu_ops.rs.
+// float32 accumulation. The CUDA twin of src/ops/batchnorm/cpu.rs
+// (launchers: src/ops/batchnorm/cuda.rs).
 //
 // Per channel c over the M = N H W values x_c:
 //   training:  mean = sum x / M,  var = sum (x - mean)^2 / M (two passes, biased),

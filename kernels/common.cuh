@@ -9,3 +9,7 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 }
+
+// A grid-stride loop over `len` elements (64-bit index: len may exceed 2^31).
+#define GRID_STRIDE(i, len) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (len); i += (long long)gridDim.x * blockDim.x)

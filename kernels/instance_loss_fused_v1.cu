@@ -8,7 +8,7 @@
 //   (d in chunks of 256 columns, 8 per lane; the 8 warps' partial rows summed in warp order).
 // instance_loss_key_v1 (both-sides): one block per key row b (grid = N); adds
 //   (1/(N tau)) sum_a g_ab f_a to dF_b, rebuilding g_ab from row a's scalars.
-// Launch order (src/loss/cuda.rs, `CudaLossVersion::FusedV1`): normalize_rows_fwd_v1,
+// Launch order (src/loss/cuda/fused_v1.rs): normalize_rows_fwd_v1,
 // instance_loss_query_v1, [instance_loss_key_v1], normalize_rows_bwd_v1, row_mean_v1.
 // Shapes: f, df: N x d row-major float32; per-row outputs: N each. Any even N >= 4, any d >= 1.
 

@@ -9,7 +9,7 @@
 // the key rows, accumulated in registers for 128 columns of d at a time (d > 128: sweep 3
 // repeats per 128 columns).
 //
-// Launches (src/loss/cuda.rs, `CudaLossVersion::FusedV2`):
+// Launches (src/loss/cuda/fused_v2.rs):
 //   1. instance_loss_norms_v2   norms, 1/max(norms, eps)                 grid ceil(N/8), block 256
 //   2. instance_loss_query_v2   row scalars, the loss (last block sums the blocks' partial sums
 //                               in block order), dF_query into dz; query-only: then

@@ -1,7 +1,7 @@
 // The unfused instance loss: the chain PyTorch eager runs, one kernel per step, storing N x N
 // matrices (that is what this version stands for: the baseline the fused versions beat).
 //
-// Launch order (src/loss/cuda.rs, `CudaLossVersion::Unfused` and `UnfusedCublas`):
+// Launch order (src/loss/cuda/unfused.rs, versions `unfused` and `unfused-cublas`):
 //   1. normalize_rows_fwd_v1          z -> F (N x d), norms
 //   2. matmul_v1 or cuBLAS SGEMM      S = F F^T                          (N x N)
 //   3. unfused_exp_v1                 E = exp((S - 1) / tau), diagonal 0 (N x N)

@@ -13,7 +13,7 @@
 
 #include "common.cuh"
 
-// Shared with Rust: `LossParams` in src/loss/cuda.rs (#[repr(C)], the same fields in order).
+// Shared with Rust: `LossParams` in src/loss/cuda/mod.rs (#[repr(C)], the same fields in order).
 struct LossParams {
     int n;             // rows, even, >= 4
     int d;             // columns, >= 1

@@ -1,5 +1,5 @@
 // k x k average pooling with stride k (k = H = W: global pooling), NCHW; the CUDA twin of
-// avgpool_forward / avgpool_backward in src/nn/cpu_ops.rs.
+// src/ops/pool/cpu.rs (launchers: src/ops/pool/cuda.rs).
 //
 // avgpool_fwd_v1: y[nc][oy][ox] = mean of x[nc][oy k + i][ox k + j], one thread per output.
 // avgpool_bwd_v1: dx[nc][iy][ix] (=|+=) dy[nc][iy / k][ix / k] / k^2, one thread per input

@@ -10,7 +10,8 @@
 
 #define SGD_CHUNK 1024
 
-// The same fields in the same order as `SgdTensor` / `SgdParams` in src/nn/cuda_backend.rs.
+// The same fields in the same order as `SgdTensor` / `SgdParams` in src/ops/sgd/mod.rs
+// (launcher: src/ops/sgd/cuda.rs).
 struct SgdTensor {
     float* w;
     const float* g;

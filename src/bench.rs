@@ -11,14 +11,17 @@ use std::time::Instant;
 
 use cudarc::driver::sys::CUevent_flags;
 
+use serde::Serialize;
+
 use crate::cuda::Gpu;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::loss::cuda::{CudaLoss, CudaLossVersion};
 use crate::loss::{cpu, reference, GradSemantics, LossConfig};
-use crate::testing::{random_matrix, rng};
+use crate::names::Named;
+use crate::rng::{random_matrix, rng};
 
 /// One measured configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
     pub device: String,
     pub version: String,
@@ -124,8 +127,9 @@ pub fn cpu_reference_extra_bytes(n: usize, d: usize, threads: usize, with_grad: 
 }
 
 /// CPU implementations measured by `bench-loss --device cpu`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CpuVersion {
+    #[value(name = "reference-f64")]
     Reference,
     FusedF64,
     FusedF32,
@@ -137,14 +141,6 @@ impl CpuVersion {
         CpuVersion::FusedF64,
         CpuVersion::FusedF32,
     ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            CpuVersion::Reference => "reference-f64",
-            CpuVersion::FusedF64 => "fused-f64",
-            CpuVersion::FusedF32 => "fused-f32",
-        }
-    }
 }
 
 /// Times one CPU version on seeded random input; `None` when the size is past what that
@@ -186,7 +182,7 @@ pub fn bench_cpu(
     };
     Ok(Some(BenchRow::new(
         format!("cpu ({threads} threads)"),
-        version.name(),
+        &version.name(),
         n,
         d,
         cfg,
@@ -208,10 +204,7 @@ pub fn bench_cuda(
     min_seconds: f64,
 ) -> Result<Option<BenchRow>> {
     let free = gpu.context().mem_get_info()?.0;
-    let nxn = if matches!(
-        version,
-        CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas
-    ) {
+    let nxn = if version.stores_nxn() {
         3 * n * n * 4
     } else {
         0
@@ -231,7 +224,7 @@ pub fn bench_cuda(
     })?;
     Ok(Some(BenchRow::new(
         gpu.name()?,
-        version.name(),
+        &version.name(),
         n,
         d,
         cfg,
@@ -301,25 +294,7 @@ pub fn markdown_table(rows: &[BenchRow], baseline: &str) -> String {
     out
 }
 
-/// The rows as a JSON array (hand-written: flat records of numbers and plain strings).
-pub fn json(rows: &[BenchRow]) -> String {
-    let items: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            format!(
-                "{{\"device\":{:?},\"version\":{:?},\"n\":{},\"d\":{},\"pass\":{:?},\"median_s\":{:e},\"runs\":{},\"tflops\":{:e},\"extra_bytes\":{},\"speedup\":{}}}",
-                r.device,
-                r.version,
-                r.n,
-                r.d,
-                r.pass,
-                r.median_s,
-                r.runs,
-                r.tflops,
-                r.extra_bytes,
-                r.speedup.map_or("null".to_string(), |s| format!("{s:e}"))
-            )
-        })
-        .collect();
-    format!("[\n  {}\n]", items.join(",\n  "))
+/// The rows as a JSON array.
+pub fn json(rows: &[BenchRow]) -> Result<String> {
+    serde_json::to_string_pretty(rows).map_err(|e| Error::invalid(format!("bench JSON: {e}")))
 }

@@ -32,18 +32,18 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+    pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidInput(msg.into())
     }
 
-    pub(crate) fn bad_file(path: &Path, msg: impl Into<String>) -> Self {
+    pub fn bad_file(path: &Path, msg: impl Into<String>) -> Self {
         Error::BadFile {
             path: path.to_path_buf(),
             message: msg.into(),
         }
     }
 
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.to_path_buf(),
             source,

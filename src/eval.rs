@@ -1,164 +1,35 @@
-//! Evaluation of embeddings: weighted kNN top-1 (Wu et al. 2018), Recall@K, and NMI of
-//! k-means clusters. All run in parallel on the CPU over blocks of queries.
+//! Metrics of embeddings, on the host: weighted kNN top-1 (Wu et al. 2018), Recall@K, and NMI
+//! of k-means clusters. Embeddings are rows of `d` floats, L2-normalised; the neighbour search
+//! is `ops::topk` (`nn::embed::knn_top1` runs it on a training backend).
 
 use rand::Rng;
 use rayon::prelude::*;
 
-use crate::data::{augment, Split};
 use crate::error::Result;
-use crate::linalg::{matmul, MatRef};
-use crate::nn::backend::Backend;
-use crate::nn::cpu_ops::Shape4;
-use crate::nn::graph::Graph;
-use crate::nn::models::{Model, EMBED_DIM};
-use crate::testing::rng;
+use crate::ops::topk::{cpu::nearest, Neighbours};
+use crate::rng::rng;
 
-/// L2-normalised embeddings (N x 128) of a split under the test transform, batchnorm in eval
-/// mode, in batches of `batch` images.
-pub fn embed<B: Backend>(
-    graph: &mut Graph<B>,
-    model: &Model,
-    split: &Split,
-    size: usize,
-    batch: usize,
-) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(split.len() * EMBED_DIM);
-    let mut start = 0;
-    while start < split.len() {
-        let end = (start + batch).min(split.len());
-        let x = augment::test_batch(split, size, start..end);
-        graph.begin();
-        let input = graph.input(
-            &x,
-            Shape4 {
-                n: end - start,
-                c: 3,
-                h: size,
-                w: size,
-            },
-        )?;
-        let z = model.forward(graph, input, false)?;
-        out.extend(graph.value(z)?);
-        start = end;
-    }
-    normalise_rows(&mut out, EMBED_DIM);
-    Ok(out)
-}
-
-/// Scales every row to unit length (zero rows stay zero).
-pub fn normalise_rows(x: &mut [f32], d: usize) {
-    x.par_chunks_mut(d).for_each(|row| {
-        let norm = row
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>()
-            .sqrt();
-        if norm > 0.0 {
-            row.iter_mut()
-                .for_each(|v| *v = (f64::from(*v) / norm) as f32);
-        }
-    });
-}
-
-const QUERY_BLOCK: usize = 64;
-
-/// For each query, its neighbours as (similarity, index), best first.
-type Neighbours = Vec<Vec<(f32, usize)>>;
-
-/// For each query row, the `k` most similar rows of `keys` as (similarity, index), best first;
-/// `exclude_self` drops key i for query i (queries and keys the same set).
-pub fn nearest(
-    queries: &[f32],
-    keys: &[f32],
-    d: usize,
-    k: usize,
-    exclude_self: bool,
-) -> Result<Vec<Vec<(f32, usize)>>> {
-    let nk = keys.len() / d;
-    let blocks: Vec<Result<Neighbours>> = queries
-        .par_chunks(QUERY_BLOCK * d)
-        .enumerate()
-        .map(|(b, qblock)| {
-            let rows = qblock.len() / d;
-            let mut sims = vec![0.0f32; rows * nk];
-            matmul(
-                MatRef::row_major(qblock, rows, d),
-                MatRef::transposed(keys, nk, d),
-                &mut sims,
-                nk,
-                1.0,
-                false,
-            )?;
-            Ok(sims
-                .chunks_exact(nk)
-                .enumerate()
-                .map(|(i, row)| {
-                    let q = b * QUERY_BLOCK + i;
-                    let mut cand: Vec<(f32, usize)> = row
-                        .iter()
-                        .copied()
-                        .enumerate()
-                        .filter(|&(j, _)| !(exclude_self && j == q))
-                        .map(|(j, s)| (s, j))
-                        .collect();
-                    let by_sim = |a: &(f32, usize), b: &(f32, usize)| {
-                        b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
-                    };
-                    let kk = k.min(cand.len());
-                    if kk > 0 && kk < cand.len() {
-                        cand.select_nth_unstable_by(kk - 1, by_sim);
-                        cand.truncate(kk);
-                        cand.shrink_to_fit(); // else every query keeps a row-sized allocation
-                    }
-                    cand.sort_by(by_sim);
-                    cand
-                })
-                .collect())
-        })
-        .collect();
-    let mut out = Vec::with_capacity(queries.len() / d);
-    for b in blocks {
-        out.extend(b?);
-    }
-    Ok(out)
-}
-
-/// Weighted kNN top-1 accuracy: each of the k nearest training embeddings votes for its label
-/// with weight exp(similarity / sigma).
+/// Weighted kNN top-1 accuracy of `d`-wide embeddings: each of the k nearest training
+/// embeddings votes for its label with weight exp(similarity / sigma).
+#[allow(clippy::too_many_arguments)] // the bank, the queries, their labels and the kNN's k, sigma
 pub fn knn_top1(
     train: &[f32],
     train_labels: &[i64],
     test: &[f32],
     test_labels: &[i64],
+    d: usize,
     classes: usize,
     k: usize,
     sigma: f64,
 ) -> Result<f64> {
-    let neighbours = nearest(test, train, EMBED_DIM, k, false)?;
-    weighted_vote_accuracy(&neighbours, train_labels, test_labels, classes, sigma)
-}
-
-/// [`knn_top1`] with the neighbour search on `backend` (a GPU's similarity GEMM and top-k, or
-/// the CPU's).
-#[allow(clippy::too_many_arguments)] // knn_top1's arguments and the backend
-pub fn knn_top1_on<B: Backend>(
-    backend: &B,
-    train: &[f32],
-    train_labels: &[i64],
-    test: &[f32],
-    test_labels: &[i64],
-    classes: usize,
-    k: usize,
-    sigma: f64,
-) -> Result<f64> {
-    let neighbours = backend.nearest(test, train, EMBED_DIM, k)?;
+    let neighbours = nearest(test, train, d, k, false)?;
     weighted_vote_accuracy(&neighbours, train_labels, test_labels, classes, sigma)
 }
 
 /// The weighted kNN vote of each query's neighbours (as [`nearest`] returns them): the share
 /// of queries whose winning label is their own.
 pub fn weighted_vote_accuracy(
-    neighbours: &[Vec<(f32, usize)>],
+    neighbours: &Neighbours,
     train_labels: &[i64],
     test_labels: &[i64],
     classes: usize,
@@ -193,10 +64,11 @@ pub fn weighted_vote_accuracy(
     Ok(correct as f64 / test_labels.len().max(1) as f64)
 }
 
-/// Recall@K on one set: a query is a hit when one of its K nearest others shares its class.
-pub fn recall_at_k(emb: &[f32], labels: &[i64], ks: &[usize]) -> Result<Vec<f64>> {
+/// Recall@K on one set of `d`-wide embeddings: a query is a hit when one of its K nearest
+/// others shares its class.
+pub fn recall_at_k(emb: &[f32], labels: &[i64], d: usize, ks: &[usize]) -> Result<Vec<f64>> {
     let kmax = ks.iter().copied().max().unwrap_or(1);
-    let neighbours = nearest(emb, emb, EMBED_DIM, kmax, true)?;
+    let neighbours = nearest(emb, emb, d, kmax, true)?;
     Ok(ks
         .iter()
         .map(|&k| {
@@ -323,6 +195,8 @@ mod tests {
         assert!(nmi(&[0, 1, 0, 1], &[0, 0, 1, 1]).abs() < 1e-12);
     }
 
+    const EMBED_DIM: usize = 128;
+
     #[test]
     fn knn_recall_and_kmeans_on_separated_clusters() {
         // Two tight clusters on orthogonal axes: everything must be perfect.
@@ -334,12 +208,17 @@ mod tests {
             emb[i * EMBED_DIM + 2 + i] = 0.01;
             labels[i] = c as i64;
         }
-        normalise_rows(&mut emb, EMBED_DIM);
+        let emb = crate::ops::normalize_rows::cpu::forward(&emb, 20, EMBED_DIM)
+            .unwrap()
+            .0;
         assert_eq!(
-            knn_top1(&emb, &labels, &emb, &labels, 2, 5, 0.1).unwrap(),
+            knn_top1(&emb, &labels, &emb, &labels, EMBED_DIM, 2, 5, 0.1).unwrap(),
             1.0
         );
-        assert_eq!(recall_at_k(&emb, &labels, &[1, 2]).unwrap(), vec![1.0, 1.0]);
+        assert_eq!(
+            recall_at_k(&emb, &labels, EMBED_DIM, &[1, 2]).unwrap(),
+            vec![1.0, 1.0]
+        );
         let clusters = kmeans(&emb, EMBED_DIM, 2, 0);
         let as_usize: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
         assert!((nmi(&clusters, &as_usize) - 1.0).abs() < 1e-12);

@@ -5,21 +5,25 @@
 //! over the real features of a batch, invariant to augmentation and spread across instances.
 //!
 //! ## Map of the crate
+//!
+//! Lower rows never depend on higher ones (no module circles).
+//!
 //! | module | what it holds |
 //! |---|---|
-//! | [`loss`] | the instance loss: config and validation; [`loss::reference`], the float64 truth; [`loss::cpu`], the fused CPU path; [`loss::cuda`], every GPU version |
-//! | [`ops`] | operations with a CPU implementation and a CUDA launcher side by side ([`ops::normalize_rows`]) |
-//! | [`cuda`] | the GPU runtime: [`cuda::Gpu`] (never panics without CUDA) and the embedded kernel modules |
-//! | [`linalg`] | a bounds-checked front to the `gemm` crate's matrix product |
-//! | [`simd`] | f32/f64 SIMD vectors (`wide`) and row helpers for the CPU paths |
-//! | [`nn`] | the encoder: autodiff tape, the backend trait with its CPU and CUDA ([`nn::cuda_backend`]) implementations, ResNet18/ConvNet, SGD, checkpoints |
-//! | [`data`] | datasets (synthetic default, digits, CIFAR-10, STL-10, image folders) and the recipe's augmentation |
-//! | [`eval`] | weighted kNN, Recall@K, k-means NMI |
-//! | [`trainer`] | the training loop of `invaspread train` on either backend: metrics, checkpoints, resume |
-//! | [`npy`] | `.npy` reading and writing with clear errors, atomic writes |
-//! | [`error`] | the crate's [`Error`] type |
+//! | [`trainer`] | `invaspread train` in parts: configuration as data (`config.json`), the run, the batch worker, loss read-back, outputs, evaluation |
+//! | [`nn`] | the encoder: autodiff tape, the `Backend` trait and its CPU and CUDA implementations, ResNet18/ConvNet, SGD, checkpoints, embeddings |
+//! | [`eval`] | metrics of embeddings: weighted kNN, Recall@K, k-means NMI |
+//! | [`data`] | datasets, one file each (synthetic default, digits, CIFAR-10, STL-10, image folders), and the recipe's augmentation |
+//! | [`loss`] | the instance loss: config and validation; [`loss::reference`], the float64 truth; [`loss::cpu`], the fused CPU path; [`loss::cuda`], every GPU version, a file each |
+//! | [`ops`] | one folder per op: its math and parameter structs, `cpu.rs`, `cuda.rs` (the launchers of `kernels/<op>.cu`) |
+//! | [`cuda`] | the GPU runtime only: [`cuda::Gpu`] and its module cache, launches ([`cuda::Queue`]), the one cuBLAS front, staged copies |
 //! | [`bench`](mod@bench) | timing of the loss implementations for `bench-loss` and criterion |
-//! | [`testing`] | seeded inputs and the `SKIPPED (no GPU)` guard used by tests and benches |
+//! | [`linalg`], [`simd`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors for the CPU paths |
+//! | [`npy`] | `.npy` reading and writing with clear errors, atomic writes |
+//! | [`names`] | one spelling for every named choice (clap's `ValueEnum` names, also in config files) |
+//! | [`rng`] | seeded generators |
+//! | [`error`] | the crate's [`Error`] type |
+//! | [`testing`] | adversarial inputs, error measures and the `SKIPPED (no GPU)` guard for tests and benches |
 //!
 //! The CUDA sources live in `kernels/` (see `kernels/README.md` for the table of kernels and
 //! versions); `build.rs` compiles them with nvcc into fat binaries embedded in this crate.
@@ -31,9 +35,11 @@ pub mod error;
 pub mod eval;
 pub mod linalg;
 pub mod loss;
+pub mod names;
 pub mod nn;
 pub mod npy;
 pub mod ops;
+pub mod rng;
 pub mod simd;
 pub mod testing;
 pub mod trainer;

@@ -1,4 +1,5 @@
-//! Helpers for tests and benchmarks: seeded inputs and the GPU-test guard.
+//! Helpers for tests and benchmarks: adversarial inputs, error measures and the GPU-test guard
+//! (seeded generators are in [`crate::rng`], re-exported here).
 //!
 //! GPU tests call [`gpu_or_skip`] first: without a GPU it prints `SKIPPED (no GPU): <name>`
 //! to the terminal (not to the captured test output) and the test returns; with
@@ -7,10 +8,10 @@
 use std::io::Write;
 use std::sync::{Arc, OnceLock};
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
 use crate::cuda::{kernels, Gpu};
+pub use crate::rng::{random_matrix, rng};
 
 /// Whether `REQUIRE_GPU=1` is set: GPU tests then fail instead of skipping.
 pub fn gpu_required() -> bool {
@@ -42,18 +43,6 @@ pub fn gpu_or_skip(name: &str) -> Option<Arc<Gpu>> {
             None
         }
     }
-}
-
-/// A seeded generator, so that a failing case can be replayed from its seed.
-pub fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-/// N x d standard-normal-ish entries (sum of uniforms; exact distribution does not matter).
-pub fn random_matrix(rng: &mut impl Rng, n: usize, d: usize) -> Vec<f32> {
-    (0..n * d)
-        .map(|_| (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * 1.7)
-        .collect()
 }
 
 /// Adversarial inputs for the loss: rows that are nearly equal to others, a row equal to its

@@ -2,15 +2,12 @@
 //! resume, the initialised checkpoint, and learning on real data (the CIFAR-10 JPEG copy in
 //! ../shared/data, skipped with a message when it is absent).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use invaspread::data::augment::{self, crop_params, draw, view_rng, AugmentConfig};
 use invaspread::data::{self, Dataset, OnBadImage};
-use invaspread::loss::LossConfig;
-use invaspread::nn::models::ModelKind;
-use invaspread::nn::optim::{Schedule, SgdConfig};
-use invaspread::trainer::{self, BackendChoice, TrainConfig};
+use invaspread::trainer::{self, KnnConfig, RunOptions, TrainConfig};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("invaspread-{}-{name}", std::process::id()));
@@ -198,27 +195,30 @@ fn digits_load_when_the_shared_data_is_there() {
     assert_eq!(ds.train.labels[..3], [0, 1, 2]);
 }
 
-fn config(out: PathBuf, steps: usize) -> TrainConfig {
+fn config(steps: usize) -> TrainConfig {
     TrainConfig {
-        model: ModelKind::ConvnetSmall,
-        epochs: None,
         steps: Some(steps),
         batch: 16,
-        sgd: SgdConfig::default(),
-        schedule: Schedule::paper_step(),
         warmup_steps: 2,
-        loss: LossConfig::default(),
-        backend: BackendChoice::Cpu {
-            reference_loss: false,
-        },
-        loss_read_every: None,
         seed: 7,
-        out,
-        resume: false,
-        knn_k: 20,
-        knn_sigma: 0.1,
-        progress: false,
+        knn: KnnConfig { k: 20, sigma: 0.1 },
+        ..TrainConfig::default()
     }
+}
+
+/// Runs `cfg` into `out` (resuming when asked), without a progress bar.
+fn train(
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    ds: Arc<Dataset>,
+) -> invaspread::Result<trainer::TrainSummary> {
+    let opts = RunOptions {
+        out: out.to_path_buf(),
+        resume,
+        progress: false,
+    };
+    trainer::train(cfg, &opts, ds)
 }
 
 fn small() -> Arc<Dataset> {
@@ -228,13 +228,13 @@ fn small() -> Arc<Dataset> {
 #[test]
 fn same_seed_same_losses_and_resume_is_bit_exact() {
     let ds = small();
-    let full = trainer::train(&config(scratch("full"), 12), ds.clone()).unwrap();
+    let full = train(&config(12), &scratch("full"), false, ds.clone()).unwrap();
     // The second run reads its losses in windows of 3 steps, as a GPU run does in windows of
     // 10 (a window is collected one window late, and at every epoch's end: here after 5 and
     // 10 steps): the same losses, every one of them, and the same epoch means.
-    let mut windowed = config(scratch("again"), 12);
+    let mut windowed = config(12);
     windowed.loss_read_every = Some(3);
-    let again = trainer::train(&windowed, ds.clone()).unwrap();
+    let again = train(&windowed, &scratch("again"), false, ds.clone()).unwrap();
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(
         bits(&full.step_losses),
@@ -253,10 +253,8 @@ fn same_seed_same_losses_and_resume_is_bit_exact() {
 
     // Stop after 7 steps (mid-epoch), then resume to 12.
     let dir = scratch("resume");
-    let first = trainer::train(&config(dir.clone(), 7), ds.clone()).unwrap();
-    let mut cfg = config(dir.clone(), 12);
-    cfg.resume = true;
-    let rest = trainer::train(&cfg, ds.clone()).unwrap();
+    let first = train(&config(7), &dir, false, ds.clone()).unwrap();
+    let rest = train(&config(12), &dir, true, ds.clone()).unwrap();
     let joined: Vec<f64> = first
         .step_losses
         .iter()
@@ -294,16 +292,14 @@ fn same_seed_same_losses_and_resume_is_bit_exact() {
     assert!(dir.join("best.safetensors").exists() && dir.join("config.json").exists());
 
     // A second run into the same folder without --resume is refused (nothing is overwritten).
-    let err = trainer::train(&config(dir.clone(), 12), ds)
-        .unwrap_err()
-        .to_string();
+    let err = train(&config(12), &dir, false, ds).unwrap_err().to_string();
     assert!(err.contains("already holds a run"), "{err}");
 }
 
 #[test]
 fn zero_steps_writes_the_initialised_checkpoint() {
     let dir = scratch("init");
-    let summary = trainer::train(&config(dir.clone(), 0), small()).unwrap();
+    let summary = train(&config(0), &dir, false, small()).unwrap();
     assert!(summary.knn_at_start.is_some());
     assert!(dir.join("last.safetensors").exists());
 }
@@ -335,12 +331,12 @@ fn learning_on_cifar10_jpeg_copy_beats_initialisation() {
     let size = ds.size;
     keep(&mut ds.train, 10_000, size);
     keep(&mut ds.test, 2_000, size);
-    let mut cfg = config(scratch("cifar"), 0);
+    let mut cfg = config(0);
     cfg.steps = None;
     cfg.epochs = Some(3);
     cfg.batch = 128;
-    cfg.knn_k = 200;
-    let summary = trainer::train(&cfg, Arc::new(ds)).unwrap();
+    cfg.knn.k = 200;
+    let summary = train(&cfg, &scratch("cifar"), false, Arc::new(ds)).unwrap();
     let start = summary.knn_at_start.unwrap();
     let end = summary.metrics.last().unwrap().knn_top1;
     eprintln!(
@@ -434,7 +430,7 @@ fn unlabelled_images_join_training_but_not_the_knn_bank() {
         images: extra.images,
         labels: vec![-1; extra.labels.len()],
     };
-    let summary = trainer::train(&config(scratch("unlabelled"), 10), Arc::new(ds)).unwrap();
+    let summary = train(&config(10), &scratch("unlabelled"), false, Arc::new(ds)).unwrap();
     // 80 labelled + 80 unlabelled images at batch 16: 10 steps are one epoch.
     assert_eq!(summary.metrics.len(), 1);
     assert_eq!(summary.metrics[0].step, 10);

@@ -4,6 +4,7 @@
 
 use invaspread::loss::cuda::{self, CudaLossVersion};
 use invaspread::loss::{reference, GradSemantics, LossConfig};
+use invaspread::names::Named;
 use invaspread::testing::{adversarial_matrix, gpu_or_skip, random_matrix, rng, scaled_grad_error};
 
 /// float32 on the GPU: far under 1e-3 (cuda.md); adversarial inputs lose more in the

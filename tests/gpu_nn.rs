@@ -9,15 +9,21 @@ mod common;
 
 use std::sync::Arc;
 
+use invaspread::cuda::blas::GemmPrecision;
 use invaspread::loss::LossConfig;
-use invaspread::nn::backend::{Backend, Cpu};
-use invaspread::nn::cpu_ops::{Conv, Shape4};
-use invaspread::nn::cuda_backend::{CudaBackend, GemmPrecision};
+use invaspread::names::Named;
+use invaspread::nn::backend::Backend;
+use invaspread::nn::cpu_backend::Cpu;
+use invaspread::nn::cuda_backend::CudaBackend;
 use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::{Param, ParamStore};
-use invaspread::nn::train::train_step;
+use invaspread::nn::step::train_step;
+use invaspread::ops::conv2d::Conv;
+use invaspread::ops::normalize_rows::cpu::forward as normalize;
+use invaspread::ops::sgd::SgdStep;
+use invaspread::ops::{batchnorm, conv2d, linear, Grad, Shape4};
 use invaspread::testing::{gpu_or_skip, random_matrix, rng};
 
 use common::{assert_close, rel_err};
@@ -35,6 +41,17 @@ fn buf<B: Backend>(b: &B, host: &[f32]) -> B::Buffer {
     x
 }
 
+/// The kNN search on a backend, from host rows.
+fn nearest_on<B: Backend>(
+    b: &B,
+    queries: &[f32],
+    keys: &[f32],
+    d: usize,
+    k: usize,
+) -> Vec<Vec<(f32, usize)>> {
+    b.nearest(&buf(b, queries), &buf(b, keys), d, k).unwrap()
+}
+
 /// Convolution forward, then backward with dw += and dx written or added to random contents.
 fn conv_on<B: Backend>(
     b: &B,
@@ -49,18 +66,25 @@ fn conv_on<B: Backend>(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (xb, wb) = (buf(b, x), buf(b, w));
     let mut y = b.zeros(conv.out_shape(xs).len()).unwrap();
-    b.conv2d_forward(&xb, xs, &wb, conv, &mut y).unwrap();
-    let (dyb, mut dx, mut dw) = (buf(b, dy), buf(b, dx0), buf(b, dw0));
-    b.conv2d_backward(
-        &xb,
+    let conv = *conv;
+    b.conv2d_forward(conv2d::Forward {
+        x: &xb,
         xs,
-        &wb,
+        w: &wb,
         conv,
-        &dyb,
-        Some(&mut dx),
-        dx_accumulate,
-        &mut dw,
-    )
+        y: &mut y,
+    })
+    .unwrap();
+    let (dyb, mut dx, mut dw) = (buf(b, dy), buf(b, dx0), buf(b, dw0));
+    b.conv2d_backward(conv2d::Backward {
+        x: &xb,
+        xs,
+        w: &wb,
+        conv,
+        dy: &dyb,
+        dx: Some(Grad::new(&mut dx, dx_accumulate)),
+        dw: &mut dw,
+    })
     .unwrap();
     (
         b.download(&y).unwrap(),
@@ -128,7 +152,14 @@ fn conv2d_in_tf32_and_bf16_stays_within_their_rounding() {
     let run = |b: &CudaBackend| {
         let (x, w) = (buf(b, &xb), buf(b, &wb));
         let mut y = b.zeros(conv.out_shape(xs).len()).unwrap();
-        b.conv2d_forward(&x, xs, &w, &conv, &mut y).unwrap();
+        b.conv2d_forward(conv2d::Forward {
+            x: &x,
+            xs,
+            w: &w,
+            conv,
+            y: &mut y,
+        })
+        .unwrap();
         b.download(&y).unwrap()
     };
     assert!(
@@ -179,12 +210,10 @@ fn sanitizer_sized_ops() {
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_close(&format!("sgd buffer {i}"), g, w, 1e-6);
     }
-    let mut keys = random_matrix(&mut r, 300, 8);
-    let mut queries = random_matrix(&mut r, 5, 8);
-    invaspread::eval::normalise_rows(&mut keys, 8);
-    invaspread::eval::normalise_rows(&mut queries, 8);
-    let want = cpu.nearest(&queries, &keys, 8, 7).unwrap();
-    let got = cuda.nearest(&queries, &keys, 8, 7).unwrap();
+    let keys = normalize(&random_matrix(&mut r, 300, 8), 300, 8).unwrap().0;
+    let queries = normalize(&random_matrix(&mut r, 5, 8), 5, 8).unwrap().0;
+    let want = nearest_on(&cpu, &queries, &keys, 8, 7);
+    let got = nearest_on(&cuda, &queries, &keys, 8, 7);
     for (g, w) in got.iter().zip(&want) {
         let gv: Vec<f32> = g.iter().map(|x| x.0).collect();
         let wv: Vec<f32> = w.iter().map(|x| x.0).collect();
@@ -230,24 +259,35 @@ fn batchnorm_on<B: Backend>(
     let mut y = b.zeros(xs.len()).unwrap();
     let mut saved = B::BnSaved::default();
     b.batchnorm_forward(
-        &xb, xs, &g, &be, &mut rm, &mut rv, training, &mut saved, &mut y,
+        batchnorm::Forward {
+            x: &xb,
+            xs,
+            gamma: &g,
+            beta: &be,
+            running_mean: &mut rm,
+            running_var: &mut rv,
+            training,
+            y: &mut y,
+        },
+        &mut saved,
     )
     .unwrap();
     let (dyb, mut dx) = (buf(b, dy), buf(b, dx0));
     let (mut dg, mut db) = (buf(b, &vec![0.5; xs.c]), buf(b, &vec![-0.5; xs.c]));
     b.batchnorm_backward(
-        &xb,
-        xs,
-        &g,
-        &rm,
-        &rv,
-        training,
+        batchnorm::Backward {
+            x: &xb,
+            xs,
+            gamma: &g,
+            running_mean: &rm,
+            running_var: &rv,
+            training,
+            dy: &dyb,
+            dx: Some(Grad::new(&mut dx, true)),
+            dgamma: &mut dg,
+            dbeta: &mut db,
+        },
         &mut saved,
-        &dyb,
-        Some(&mut dx),
-        true,
-        &mut dg,
-        &mut db,
     )
     .unwrap();
     [&y, &dx, &dg, &db, &rm, &rv]
@@ -317,16 +357,16 @@ fn small_ops_on<B: Backend>(b: &B, seed: u64) -> Vec<Vec<f32>> {
     b.relu_forward(&x, &mut y).unwrap();
     out.push(b.download(&y).unwrap());
     let mut dx = buf(b, &random_matrix(&mut r, 1, xs.len()));
-    b.relu_backward(&y, &dy, &mut dx, true).unwrap();
+    b.relu_backward(&y, &dy, Grad::new(&mut dx, true)).unwrap();
     out.push(b.download(&dx).unwrap());
-    b.relu_backward(&y, &dy, &mut dx, false).unwrap();
+    b.relu_backward(&y, &dy, Grad::new(&mut dx, false)).unwrap();
     out.push(b.download(&dx).unwrap());
-    b.copy_or_add(&x, &mut dx, false).unwrap();
-    b.add_into(&other, &mut dx).unwrap();
+    b.copy_or_add(&x, Grad::new(&mut dx, false)).unwrap();
+    b.copy_or_add(&other, Grad::new(&mut dx, true)).unwrap();
     out.push(b.download(&dx).unwrap());
-    b.axpy(-0.37, &other, &mut dx, true).unwrap();
+    b.axpy(-0.37, &other, Grad::new(&mut dx, true)).unwrap();
     out.push(b.download(&dx).unwrap());
-    b.axpy(2.5, &other, &mut dx, false).unwrap();
+    b.axpy(2.5, &other, Grad::new(&mut dx, false)).unwrap();
     out.push(b.download(&dx).unwrap());
     for k in [1, 2, 4] {
         let pooled = Shape4 {
@@ -344,7 +384,8 @@ fn small_ops_on<B: Backend>(b: &B, seed: u64) -> Vec<Vec<f32>> {
         b.avgpool_forward(&xk, xs_k, k, &mut py).unwrap();
         out.push(b.download(&py).unwrap());
         let mut pdx = buf(b, &random_matrix(&mut r, 1, xs_k.len()));
-        b.avgpool_backward(xs_k, k, &py, &mut pdx, true).unwrap();
+        b.avgpool_backward(xs_k, k, &py, Grad::new(&mut pdx, true))
+            .unwrap();
         out.push(b.download(&pdx).unwrap());
     }
     // Linear: 7 rows, 37 -> 13 features.
@@ -353,23 +394,30 @@ fn small_ops_on<B: Backend>(b: &B, seed: u64) -> Vec<Vec<f32>> {
     let lw = buf(b, &random_matrix(&mut r, o, inp));
     let lb = buf(b, &random_matrix(&mut r, 1, o));
     let mut ly = b.zeros(n * o).unwrap();
-    b.linear_forward(&lx, n, &lw, &lb, o, &mut ly).unwrap();
+    b.linear_forward(linear::Forward {
+        x: &lx,
+        n,
+        w: &lw,
+        b: &lb,
+        out: o,
+        y: &mut ly,
+    })
+    .unwrap();
     out.push(b.download(&ly).unwrap());
     let ldy = buf(b, &random_matrix(&mut r, n, o));
     let mut ldx = buf(b, &random_matrix(&mut r, n, inp));
     let mut ldw = buf(b, &random_matrix(&mut r, o, inp));
     let mut ldb = buf(b, &random_matrix(&mut r, 1, o));
-    b.linear_backward(
-        &lx,
+    b.linear_backward(linear::Backward {
+        x: &lx,
         n,
-        &lw,
-        o,
-        &ldy,
-        Some(&mut ldx),
-        true,
-        &mut ldw,
-        &mut ldb,
-    )
+        w: &lw,
+        out: o,
+        dy: &ldy,
+        dx: Some(Grad::new(&mut ldx, true)),
+        dw: &mut ldw,
+        db: &mut ldb,
+    })
     .unwrap();
     out.extend([&ldx, &ldw, &ldb].iter().map(|v| b.download(v).unwrap()));
     out
@@ -413,7 +461,7 @@ impl<B: Backend> LossOn for B {
     fn run(&self, z: &[f32], n: usize, d: usize, cfg: &LossConfig) -> (Vec<f32>, Vec<f32>) {
         let zb = buf(self, z);
         let (mut loss, mut dz) = (self.zeros(1).unwrap(), self.zeros(n * d).unwrap());
-        self.instance_loss(&zb, n, d, cfg, &mut loss, &mut dz)
+        self.instance_loss(&zb, (n, d), cfg, &mut loss, &mut dz)
             .unwrap();
         (self.download(&loss).unwrap(), self.download(&dz).unwrap())
     }
@@ -433,8 +481,14 @@ fn sgd_on<B: Backend>(b: &B, lens: &[usize], nesterov: bool) -> Vec<Vec<f32>> {
         })
         .collect();
     for first in [true, false, false] {
-        b.sgd_update_all(&mut params, 0.03, 0.9, 5e-4, nesterov, first)
-            .unwrap();
+        let step = SgdStep {
+            lr: 0.03,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov,
+            first,
+        };
+        b.sgd_update_all(&mut params, &step).unwrap();
     }
     params
         .iter()
@@ -478,11 +532,11 @@ fn knn_neighbours_match_cpu_including_ties() {
     }
     let mut queries = random_matrix(&mut r, 37, d);
     queries[..d].copy_from_slice(&dup);
-    invaspread::eval::normalise_rows(&mut keys, d);
-    invaspread::eval::normalise_rows(&mut queries, d);
+    let keys = normalize(&keys, 3000, d).unwrap().0;
+    let queries = normalize(&queries, 37, d).unwrap().0;
     for k in [1, 3, 200, 3000] {
-        let want = cpu.nearest(&queries, &keys, d, k).unwrap();
-        let got = cuda.nearest(&queries, &keys, d, k).unwrap();
+        let want = nearest_on(&cpu, &queries, &keys, d, k);
+        let got = nearest_on(&cuda, &queries, &keys, d, k);
         for (q, (g, w)) in got.iter().zip(&want).enumerate() {
             let gi: Vec<usize> = g.iter().map(|x| x.1).collect();
             let wi: Vec<usize> = w.iter().map(|x| x.1).collect();

@@ -1,7 +1,8 @@
 //! The row-normalisation kernels against the CPU version (float64 accumulation). Skips without
 //! a GPU (`SKIPPED (no GPU): ...`), fails under REQUIRE_GPU=1.
 
-use invaspread::ops::normalize_rows;
+use invaspread::cuda::{DevPtr, DevPtrMut};
+use invaspread::ops::normalize_rows::{self, Version};
 use invaspread::testing::{gpu_or_skip, random_matrix, rng};
 
 fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
@@ -45,21 +46,37 @@ fn normalize_rows_v1_matches_cpu_forward_and_backward() {
             z[2 * d..3 * d].fill(0.0);
         }
         let grad_f = random_matrix(&mut r, n, d);
-        let (f_cpu, norms_cpu) = normalize_rows::forward_cpu(&z, n, d).unwrap();
-        let dz_cpu = normalize_rows::backward_cpu(&f_cpu, &norms_cpu, &grad_f, n, d).unwrap();
+        let (f_cpu, norms_cpu) = normalize_rows::cpu::forward(&z, n, d).unwrap();
+        let dz_cpu = normalize_rows::cpu::backward(&f_cpu, &norms_cpu, &grad_f, n, d).unwrap();
 
         let z_dev = stream.clone_htod(&z).unwrap();
         let nan = vec![f32::NAN; n * d];
         let mut f_dev = stream.clone_htod(&nan).unwrap();
         let mut norms_dev = stream.clone_htod(&nan[..n]).unwrap();
-        normalize_rows::forward_cuda(&gpu, &z_dev, &mut f_dev, &mut norms_dev, n, d).unwrap();
+        normalize_rows::cuda::forward(
+            &*gpu,
+            Version::V1,
+            DevPtr::of(&z_dev),
+            DevPtrMut::of(&mut f_dev),
+            DevPtrMut::of(&mut norms_dev),
+            (n, d),
+        )
+        .unwrap();
         let f_gpu = stream.clone_dtoh(&f_dev).unwrap();
         let norms_gpu = stream.clone_dtoh(&norms_dev).unwrap();
 
         let grad_dev = stream.clone_htod(&grad_f).unwrap();
         let mut dz_dev = stream.clone_htod(&nan).unwrap();
-        normalize_rows::backward_cuda(&gpu, &f_dev, &norms_dev, &grad_dev, &mut dz_dev, n, d)
-            .unwrap();
+        normalize_rows::cuda::backward(
+            &*gpu,
+            Version::V1,
+            DevPtr::of(&f_dev),
+            DevPtr::of(&norms_dev),
+            DevPtr::of(&grad_dev),
+            DevPtrMut::of(&mut dz_dev),
+            (n, d),
+        )
+        .unwrap();
         let dz_gpu = stream.clone_dtoh(&dz_dev).unwrap();
 
         let case = format!("seed {seed} N={n} d={d}");

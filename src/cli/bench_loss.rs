@@ -6,6 +6,7 @@ use invaspread::bench::{self, BenchRow, CpuVersion};
 use invaspread::cuda::Gpu;
 use invaspread::loss::cuda::CudaLossVersion;
 use invaspread::loss::{GradSemantics, LossConfig};
+use invaspread::names::Named;
 
 use super::Device;
 
@@ -103,11 +104,11 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
             CudaLossVersion::Unfused.name()
         }
     };
-    bench::fill_speedups(&mut rows, baseline);
+    bench::fill_speedups(&mut rows, &baseline);
     if args.json {
-        println!("{}", bench::json(&rows));
+        println!("{}", bench::json(&rows)?);
     } else {
-        print!("{}", bench::markdown_table(&rows, baseline));
+        print!("{}", bench::markdown_table(&rows, &baseline));
         println!("\nuseful FLOPs: 2N^2d forward, x2 query-only fwd+bwd, x3 both-sides; semantics {}, tau {}", cfg.semantics, cfg.tau);
     }
     Ok(())

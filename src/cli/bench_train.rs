@@ -5,17 +5,20 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use invaspread::cuda::blas::GemmPrecision;
 use invaspread::cuda::Gpu;
 use invaspread::loss::LossConfig;
-use invaspread::nn::backend::{Backend, Cpu};
-use invaspread::nn::cpu_ops::Shape4;
-use invaspread::nn::cuda_backend::{CudaBackend, GemmPrecision};
+use invaspread::names::Named;
+use invaspread::nn::backend::Backend;
+use invaspread::nn::cpu_backend::Cpu;
+use invaspread::nn::cuda_backend::CudaBackend;
 use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::ParamStore;
-use invaspread::nn::train::queue_train_step;
-use invaspread::testing::{random_matrix, rng};
+use invaspread::nn::step::queue_train_step;
+use invaspread::ops::Shape4;
+use invaspread::rng::{random_matrix, rng};
 
 use super::Device;
 

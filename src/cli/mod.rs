@@ -2,12 +2,17 @@
 
 mod bench_loss;
 mod bench_train;
+mod checkpoint;
+mod data;
+mod embed;
+mod eval;
 mod info;
 mod loss;
 mod random;
+mod step;
 mod train;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, Parser, Subcommand};
 
 /// Unsupervised embedding learning with the instance loss of Ye et al. (CVPR 2019):
 /// fused CUDA and CPU kernels, training and evaluation.
@@ -30,11 +35,11 @@ enum Command {
     /// Train an encoder with the instance loss (metrics, plot and checkpoints in --out).
     Train(train::TrainArgs),
     /// kNN top-1, Recall@1/2/4/8 and k-means NMI of a checkpoint on a dataset's test split.
-    Eval(train::EvalArgs),
+    Eval(eval::EvalArgs),
     /// Embeddings of a split as a float32 N x 128 .npy (labels beside it).
-    Embed(train::EmbedArgs),
+    Embed(embed::EmbedArgs),
     /// One training step of a checkpoint on a given batch (to compare with another implementation).
-    Step(train::StepArgs),
+    Step(step::StepArgs),
     /// Time every loss implementation on one device and print a markdown table.
     BenchLoss(bench_loss::BenchLossArgs),
     /// Images per second of whole training steps on one device, as a markdown table.
@@ -43,12 +48,14 @@ enum Command {
     Random(random::RandomArgs),
 }
 
-pub fn run(cli: Cli) -> invaspread::Result<()> {
+/// Runs the parsed command; `matches` tells which flags were given on the command line (a
+/// replayed configuration keeps its own value for every flag that was not).
+pub fn run(cli: Cli, matches: &ArgMatches) -> invaspread::Result<()> {
     if let Some(threads) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build_global()
-            .map_err(|e| invaspread::Error::InvalidInput(format!("--threads {threads}: {e}")))?;
+            .map_err(|e| invaspread::Error::invalid(format!("--threads {threads}: {e}")))?;
     }
     match cli.command {
         Command::Info(args) => info::run(args),
@@ -56,10 +63,10 @@ pub fn run(cli: Cli) -> invaspread::Result<()> {
         Command::Random(args) => random::run(args),
         Command::BenchLoss(args) => bench_loss::run(args),
         Command::BenchTrain(args) => bench_train::run(args),
-        Command::Train(args) => train::train(args),
-        Command::Eval(args) => train::eval(args),
-        Command::Embed(args) => train::embed(args),
-        Command::Step(args) => train::step(args),
+        Command::Train(args) => train::run(args, matches.subcommand_matches("train")),
+        Command::Eval(args) => eval::run(args),
+        Command::Embed(args) => embed::run(args),
+        Command::Step(args) => step::run(args),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use invaspread::testing::{random_matrix, rng};
+use invaspread::rng::{random_matrix, rng};
 use invaspread::{npy, Error};
 
 #[derive(Debug, clap::Args)]

@@ -1,14 +1,29 @@
-//! The CUDA runtime: a device handle that never panics when CUDA is missing, and a lazily filled
-//! cache of the kernel modules that build.rs compiled and embedded.
+//! The CUDA runtime, and nothing of any op: the device and its module cache, how a launch is
+//! described and queued, the one cuBLAS front, and staged host-device copies.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | this file | [`Gpu`]: a device handle that never panics when CUDA is missing, its stream, a lazily filled cache of the kernel modules build.rs compiled and embedded, and its [`Queue`] implementation |
+//! | [`launch`] | [`DevPtr`]/[`DevPtrMut`], [`KernelArgs`], [`Geometry`], the [`Queue`] trait (a GPU or the tests' emulator), size checks, NVTX phases |
+//! | [`blas`] | [`Gemm`](blas::Gemm), the row-major to cuBLAS mapping, [`GemmPrecision`](blas::GemmPrecision), one handle per GPU |
+//! | [`staging`] | pinned staged uploads on a copy stream, asynchronous read-backs |
 //!
 //! libcuda is opened at run time (cudarc's dynamic loading), so nothing CUDA is needed to build,
 //! link or run on a machine without a GPU; [`Gpu::try_new`] then answers `Ok(None)`.
 
+pub mod blas;
+pub mod launch;
+pub mod staging;
+
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
+
+pub use launch::{
+    check_len, phase, to_i32, Carve, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue, BLOCK,
+};
 
 use crate::error::{Error, Result};
 
@@ -24,6 +39,8 @@ pub struct Gpu {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Kernel handles already looked up (a training step launches a few hundred).
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// The cuBLAS handle, made on the first GEMM.
+    blas: OnceLock<blas::Blas>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -91,7 +108,7 @@ impl Gpu {
         let ctx = guarded("creating a CUDA context", move || CudaContext::new(ordinal))??;
         // SAFETY: this crate orders its work itself: everything runs on `stream`, except the
         // CUDA backend's copy stream, which synchronises with it through explicit events
-        // (nn::cuda_backend). Without this, a second stream would make cudarc record and wait
+        // (cuda::staging). Without this, a second stream would make cudarc record and wait
         // on events around every kernel argument of every launch.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
@@ -100,6 +117,7 @@ impl Gpu {
             stream,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            blas: OnceLock::new(),
         }))
     }
 
@@ -196,12 +214,64 @@ impl Gpu {
     }
 }
 
-/// Converts a size to the `int` the kernels take, with an error rather than a silent wrap.
-pub(crate) fn to_i32(what: &str, value: usize) -> Result<i32> {
-    i32::try_from(value).map_err(|_| {
-        Error::invalid(format!(
-            "{what} = {value} is too large for the CUDA kernels (at most {})",
-            i32::MAX
-        ))
-    })
+impl Gpu {
+    /// The cuBLAS front on this GPU's stream (made on first use).
+    pub fn blas(&self) -> Result<&blas::Blas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        let made = blas::Blas::new(self)?;
+        Ok(self.blas.get_or_init(|| made))
+    }
+}
+
+impl Queue for Gpu {
+    unsafe fn launch(
+        &self,
+        kernel: Kernel,
+        geometry: Geometry,
+        args: &mut KernelArgs,
+    ) -> Result<()> {
+        let f = self.function(kernel.module, kernel.name)?;
+        self.ctx.bind_to_thread()?;
+        let mut params = args.pointers();
+        // SAFETY: the caller guarantees that `args` matches the kernel's signature and that
+        // the memory it addresses is live; the stream belongs to this context.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                geometry.grid,
+                (geometry.block, 1, 1),
+                geometry.shared_bytes,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| Error::Cuda(format!("launching {}: {e}", kernel.name)))
+    }
+
+    fn gemm(&self, gemm: &blas::Gemm<'_>) -> Result<()> {
+        self.blas()?.gemm(self, gemm)
+    }
+
+    fn read<T: bytemuck::Pod>(&self, src: DevPtr<'_, T>, dst: &mut [T]) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(Error::invalid(format!(
+                "reading {} device elements into {} host ones",
+                src.len(),
+                dst.len()
+            )));
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: src addresses `dst.len()` live elements of T on this device; the host slice
+        // is borrowed until the stream has finished the copy (synchronised below).
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(dst, src.addr(), self.stream.cu_stream())
+        }?;
+        self.stream.synchronize()?;
+        Ok(())
+    }
 }

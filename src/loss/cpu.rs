@@ -63,7 +63,7 @@ pub fn instance_loss<T: CpuFloat>(
 ) -> Result<CpuLossOutput<T>> {
     cfg.validate()?;
     validate_input(z, n, d)?;
-    let (f, norms) = normalize_rows::forward_cpu(z, n, d)?;
+    let (f, norms) = normalize_rows::cpu::forward(z, n, d)?;
 
     let mut grad_f = vec![T::ZERO; if with_grad { n * d } else { 0 }];
     let mut row_loss = vec![0.0f64; n];
@@ -155,7 +155,7 @@ pub fn instance_loss<T: CpuFloat>(
                 },
             )?;
     }
-    let grad_z = normalize_rows::backward_cpu(&f, &norms, &grad_f, n, d)?;
+    let grad_z = normalize_rows::cpu::backward(&f, &norms, &grad_f, n, d)?;
     Ok(CpuLossOutput {
         loss,
         grad_z: Some(grad_z),

@@ -2,7 +2,8 @@
 //!
 //! - [`reference`](mod@reference): float64, plain loops, the truth every other version is tested against.
 //! - [`cpu`]: the fast CPU path, fused per row block, f32 or f64, never storing N x N.
-//! - [`cuda`]: every GPU kernel version (unfused, fused v1, v2) behind one launcher.
+//! - [`cuda`]: every GPU kernel version (unfused, fused v1, v2), a file each, behind one
+//!   launcher that owns their scratch.
 //!
 //! Batch layout: N = 2m rows; rows `0..m` are view A of images `0..m`, rows `m..2m` view B of
 //! the same images, so the partner of row `a` is `(a + m) mod N`.
@@ -22,24 +23,24 @@ pub enum GradSemantics {
     /// The paper's equations without stop-gradient: keys receive gradient too.
     BothSides,
 }
+crate::serde_by_name!(GradSemantics);
 
 impl std::fmt::Display for GradSemantics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            GradSemantics::QueryOnly => "query-only",
-            GradSemantics::BothSides => "both-sides",
-        })
+        f.write_str(&crate::names::Named::name(self))
     }
 }
 
 /// The loss's hyper-parameters.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LossConfig {
     /// Temperature; 0.1 in the paper.
     pub tau: f64,
     /// Weight of the negatives (`negM` in the authors' code); 1 in the paper. Must be >= 1.
     pub mu: f64,
     /// Which gradient the backward pass returns.
+    #[serde(rename = "grad_semantics")]
     pub semantics: GradSemantics,
 }
 
@@ -116,5 +117,5 @@ pub fn partner(a: usize, n: usize) -> usize {
     (a + n / 2) % n
 }
 
-/// F.normalize's clamp on the norm (loss.md): rows with a smaller norm are divided by this.
-pub const NORM_EPS: f64 = 1e-12;
+/// F.normalize's clamp on the norm (loss.md), the normalisation op's.
+pub use crate::ops::normalize_rows::NORM_EPS;

@@ -6,10 +6,11 @@
 //! the same nodes, so the training loop does not allocate once shapes are steady.
 
 use super::backend::Backend;
-use super::cpu_ops::{Conv, Shape4};
 use super::params::{pair_mut, BnId, ParamId, ParamStore};
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
+use crate::ops::conv2d::Conv;
+use crate::ops::{batchnorm, conv2d, linear, pool, Grad, Shape4};
 
 /// A value on the tape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,13 +165,13 @@ impl<B: Backend> Graph<B> {
         }
         let i = self.push(Op::Conv2d { x, w, conv }, conv.out_shape(xs))?;
         let (before, node) = split(&mut self.nodes, i);
-        self.backend.conv2d_forward(
-            &before[x.0].value,
+        self.backend.conv2d_forward(conv2d::Forward {
+            x: &before[x.0].value,
             xs,
-            &self.params.params[w.0].value,
-            &conv,
-            &mut node.value,
-        )?;
+            w: &self.params.params[w.0].value,
+            conv,
+            y: &mut node.value,
+        })?;
         Ok(Var(i))
     }
 
@@ -197,15 +198,17 @@ impl<B: Backend> Graph<B> {
         let (params, bns) = (&self.params.params, &mut self.params.bns);
         let buffers = &mut bns[bn.0];
         self.backend.batchnorm_forward(
-            &before[x.0].value,
-            xs,
-            &params[gamma.0].value,
-            &params[beta.0].value,
-            &mut buffers.running_mean,
-            &mut buffers.running_var,
-            training,
+            batchnorm::Forward {
+                x: &before[x.0].value,
+                xs,
+                gamma: &params[gamma.0].value,
+                beta: &params[beta.0].value,
+                running_mean: &mut buffers.running_mean,
+                running_var: &mut buffers.running_var,
+                training,
+                y: &mut node.value,
+            },
             &mut node.bn_saved,
-            &mut node.value,
         )?;
         if training {
             buffers.num_batches_tracked += 1;
@@ -231,9 +234,9 @@ impl<B: Backend> Graph<B> {
         }
         let i = self.push(Op::Add { a, b }, self.shape(a))?;
         let (before, node) = split(&mut self.nodes, i);
-        self.backend
-            .copy_or_add(&before[a.0].value, &mut node.value, false)?;
-        self.backend.add_into(&before[b.0].value, &mut node.value)?;
+        let b_ = &self.backend;
+        b_.copy_or_add(&before[a.0].value, Grad::new(&mut node.value, false))?;
+        b_.copy_or_add(&before[b.0].value, Grad::new(&mut node.value, true))?;
         Ok(Var(i))
     }
 
@@ -246,13 +249,7 @@ impl<B: Backend> Graph<B> {
                 xs.h, xs.w
             )));
         }
-        let ys = Shape4 {
-            n: xs.n,
-            c: xs.c,
-            h: xs.h / k,
-            w: xs.w / k,
-        };
-        let i = self.push(Op::AvgPool { x, k }, ys)?;
+        let i = self.push(Op::AvgPool { x, k }, pool::out_shape(xs, k))?;
         let (before, node) = split(&mut self.nodes, i);
         self.backend
             .avgpool_forward(&before[x.0].value, xs, k, &mut node.value)?;
@@ -262,18 +259,10 @@ impl<B: Backend> Graph<B> {
     /// N x C x H x W -> N x (C H W) (a copy; tiny next to the convolutions).
     pub fn flatten(&mut self, x: Var) -> Result<Var> {
         let xs = self.shape(x);
-        let i = self.push(
-            Op::Flatten { x },
-            Shape4 {
-                n: xs.n,
-                c: xs.image(),
-                h: 1,
-                w: 1,
-            },
-        )?;
+        let i = self.push(Op::Flatten { x }, Shape4::rows(xs.n, xs.image()))?;
         let (before, node) = split(&mut self.nodes, i);
         self.backend
-            .copy_or_add(&before[x.0].value, &mut node.value, false)?;
+            .copy_or_add(&before[x.0].value, Grad::new(&mut node.value, false))?;
         Ok(Var(i))
     }
 
@@ -288,25 +277,17 @@ impl<B: Backend> Graph<B> {
                 xs.image()
             )));
         }
-        let i = self.push(
-            Op::Linear { x, w, b, out },
-            Shape4 {
-                n: xs.n,
-                c: out,
-                h: 1,
-                w: 1,
-            },
-        )?;
+        let i = self.push(Op::Linear { x, w, b, out }, Shape4::rows(xs.n, out))?;
         let (before, node) = split(&mut self.nodes, i);
         let p = &self.params.params;
-        self.backend.linear_forward(
-            &before[x.0].value,
-            xs.n,
-            &p[w.0].value,
-            &p[b.0].value,
+        self.backend.linear_forward(linear::Forward {
+            x: &before[x.0].value,
+            n: xs.n,
+            w: &p[w.0].value,
+            b: &p[b.0].value,
             out,
-            &mut node.value,
-        )?;
+            y: &mut node.value,
+        })?;
         Ok(Var(i))
     }
 
@@ -319,8 +300,7 @@ impl<B: Backend> Graph<B> {
         self.backend.ensure_len(&mut node.scratch, zs.len())?;
         self.backend.instance_loss(
             &before[z.0].value,
-            zs.n,
-            zs.image(),
+            (zs.n, zs.image()),
             cfg,
             &mut node.value,
             &mut node.scratch,
@@ -352,8 +332,15 @@ impl<B: Backend> Graph<B> {
     /// Copies scalar node `v` into element `at` of `history` on the device (no wait): a
     /// training loop keeps the last steps' losses there and reads them every few steps.
     pub fn record_scalar(&self, v: Var, history: &mut B::Buffer, at: usize) -> Result<()> {
-        self.backend
-            .copy_scalar(&self.nodes[v.0].value, history, at)
+        if self.nodes[v.0].shape != Shape4::SCALAR {
+            return Err(Error::invalid("record_scalar: the node is not a scalar"));
+        }
+        self.backend.copy_into(&self.nodes[v.0].value, history, at)
+    }
+
+    /// A node's value on the backend (until the next step overwrites it).
+    pub fn buffer(&self, v: Var) -> &B::Buffer {
+        &self.nodes[v.0].value
     }
 
     /// A node's value on the host.
@@ -405,17 +392,15 @@ impl<B: Backend> Graph<B> {
                     let acc = needs_dx && take(x);
                     let p = &mut params.params[w.0];
                     let xn = &mut before[x.0];
-                    let dx = if needs_dx { Some(&mut xn.grad) } else { None };
-                    b.conv2d_backward(
-                        &xn.value,
+                    b.conv2d_backward(conv2d::Backward {
+                        x: &xn.value,
                         xs,
-                        &p.value,
-                        &conv,
-                        &node.grad,
-                        dx,
-                        acc,
-                        &mut p.grad,
-                    )?;
+                        w: &p.value,
+                        conv,
+                        dy: &node.grad,
+                        dx: needs_dx.then(|| Grad::new(&mut xn.grad, acc)),
+                        dw: &mut p.grad,
+                    })?;
                 }
                 Op::BatchNorm {
                     x,
@@ -430,55 +415,56 @@ impl<B: Backend> Graph<B> {
                     let (pg, pb) = pair_mut(&mut params.params, gamma, beta);
                     let xn = &mut before[x.0];
                     b.batchnorm_backward(
-                        &xn.value,
-                        xs,
-                        &pg.value,
-                        &bufs.running_mean,
-                        &bufs.running_var,
-                        training,
+                        batchnorm::Backward {
+                            x: &xn.value,
+                            xs,
+                            gamma: &pg.value,
+                            running_mean: &bufs.running_mean,
+                            running_var: &bufs.running_var,
+                            training,
+                            dy: &node.grad,
+                            dx: Some(Grad::new(&mut xn.grad, acc)),
+                            dgamma: &mut pg.grad,
+                            dbeta: &mut pb.grad,
+                        },
                         &mut node.bn_saved,
-                        &node.grad,
-                        Some(&mut xn.grad),
-                        acc,
-                        &mut pg.grad,
-                        &mut pb.grad,
                     )?;
                 }
                 Op::Relu { x } => {
                     let acc = take(x);
-                    b.relu_backward(&node.value, &node.grad, &mut before[x.0].grad, acc)?;
+                    let dx = Grad::new(&mut before[x.0].grad, acc);
+                    b.relu_backward(&node.value, &node.grad, dx)?;
                 }
                 Op::Add { a, b: other } => {
                     let acc = take(a);
-                    b.copy_or_add(&node.grad, &mut before[a.0].grad, acc)?;
+                    b.copy_or_add(&node.grad, Grad::new(&mut before[a.0].grad, acc))?;
                     let acc = take(other);
-                    b.copy_or_add(&node.grad, &mut before[other.0].grad, acc)?;
+                    b.copy_or_add(&node.grad, Grad::new(&mut before[other.0].grad, acc))?;
                 }
                 Op::AvgPool { x, k } => {
                     let xs = before[x.0].shape;
                     let acc = take(x);
-                    b.avgpool_backward(xs, k, &node.grad, &mut before[x.0].grad, acc)?;
+                    b.avgpool_backward(xs, k, &node.grad, Grad::new(&mut before[x.0].grad, acc))?;
                 }
                 Op::Flatten { x } => {
                     let acc = take(x);
-                    b.copy_or_add(&node.grad, &mut before[x.0].grad, acc)?;
+                    b.copy_or_add(&node.grad, Grad::new(&mut before[x.0].grad, acc))?;
                 }
                 Op::Linear { x, w, b: bias, out } => {
                     let xs = before[x.0].shape;
                     let acc = take(x);
                     let (pw, pb) = pair_mut(&mut params.params, w, bias);
                     let xn = &mut before[x.0];
-                    b.linear_backward(
-                        &xn.value,
-                        xs.n,
-                        &pw.value,
+                    b.linear_backward(linear::Backward {
+                        x: &xn.value,
+                        n: xs.n,
+                        w: &pw.value,
                         out,
-                        &node.grad,
-                        Some(&mut xn.grad),
-                        acc,
-                        &mut pw.grad,
-                        &mut pb.grad,
-                    )?;
+                        dy: &node.grad,
+                        dx: Some(Grad::new(&mut xn.grad, acc)),
+                        dw: &mut pw.grad,
+                        db: &mut pb.grad,
+                    })?;
                 }
                 Op::InstanceLoss { z } => {
                     let upstream = if i == root.0 {
@@ -487,12 +473,20 @@ impl<B: Backend> Graph<B> {
                         b.download_f64(&node.grad)?[0]
                     };
                     let acc = take(z);
-                    b.axpy(upstream, &node.scratch, &mut before[z.0].grad, acc)?;
+                    b.axpy(
+                        upstream,
+                        &node.scratch,
+                        Grad::new(&mut before[z.0].grad, acc),
+                    )?;
                 }
                 Op::WeightedSum { x } => {
                     let upstream = b.download_f64(&node.grad)?[0];
                     let acc = take(x);
-                    b.axpy(upstream, &node.scratch, &mut before[x.0].grad, acc)?;
+                    b.axpy(
+                        upstream,
+                        &node.scratch,
+                        Grad::new(&mut before[x.0].grad, acc),
+                    )?;
                 }
             }
         }

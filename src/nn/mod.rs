@@ -3,21 +3,23 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`graph`] | the tape: ops recorded in execution order, backward in reverse, buffers reused |
-//! | [`backend`] | the `Backend` trait (buffers and kernels of a device) and its CPU implementation |
-//! | [`cuda_backend`] | the CUDA implementation of `Backend`: cuBLAS GEMMs and the kernels in kernels/ |
-//! | [`cpu_ops`] | the CPU kernels: conv2d (im2col + GEMM), batchnorm, relu, add, pooling, linear |
+//! | [`backend`] | the `Backend` trait: buffers and ops of a device, each op a call into `ops::<op>` |
+//! | [`cpu_backend`] | the CPU implementation (f32 training, f64 gradient checks) |
+//! | [`cuda_backend`] | the CUDA implementation, its scratch and the kernel version of every op |
 //! | [`params`] | named parameters and batchnorm buffers (PyTorch's names and init) |
 //! | [`models`] | `resnet18-cifar` and `convnet-small` |
 //! | [`optim`] | SGD with momentum and weight decay; step and cosine schedules with warm-up |
 //! | [`checkpoint`] | safetensors files that PyTorch's `load_state_dict(strict=True)` takes |
-//! | [`train`] | one training step on two augmented views (used by the bench and the trainer) |
+//! | [`step`] | one training step on two augmented views (used by the bench and the trainer) |
+//! | [`embed`] | L2-normalised embeddings of a dataset split on the backend, and the kNN over them |
 
 pub mod backend;
 pub mod checkpoint;
-pub mod cpu_ops;
+pub mod cpu_backend;
 pub mod cuda_backend;
+pub mod embed;
 pub mod graph;
 pub mod models;
 pub mod optim;
 pub mod params;
-pub mod train;
+pub mod step;

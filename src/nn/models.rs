@@ -5,11 +5,11 @@
 use rand_chacha::ChaCha8Rng;
 
 use super::backend::Backend;
-use super::cpu_ops::Conv;
 use super::graph::{Graph, Var};
 use super::params::{BnId, ParamId, ParamStore};
 use crate::error::Result;
-use crate::testing::rng;
+use crate::ops::conv2d::Conv;
+use crate::rng::rng;
 
 /// Which encoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -21,15 +21,7 @@ pub enum ModelKind {
     /// about 556 M).
     ConvnetSmall,
 }
-
-impl ModelKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            ModelKind::Resnet18Cifar => "resnet18-cifar",
-            ModelKind::ConvnetSmall => "convnet-small",
-        }
-    }
-}
+crate::serde_by_name!(ModelKind);
 
 /// The embedding dimension of both encoders.
 pub const EMBED_DIM: usize = 128;

@@ -1,12 +1,16 @@
 //! SGD with momentum and weight decay (PyTorch's update rule) and learning-rate schedules.
 
+use serde::{Deserialize, Serialize};
+
 use super::backend::Backend;
 use super::params::ParamStore;
 use crate::error::Result;
+use crate::ops::sgd::SgdStep;
 
 /// SGD's hyper-parameters; the recipe's: lr 0.03, momentum 0.9, weight decay 5e-4 on every
 /// parameter (batchnorm and biases included), no Nesterov, dampening 0.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SgdConfig {
     pub lr: f64,
     pub momentum: f64,
@@ -25,8 +29,10 @@ impl Default for SgdConfig {
     }
 }
 
-/// How the learning rate moves over training.
-#[derive(Debug, Clone, PartialEq)]
+/// How the learning rate moves over training; in config.json an object tagged by `kind`:
+/// `{"kind": "step", "milestones": [120, 160], "gamma": 0.1}` or `{"kind": "cosine"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Schedule {
     /// lr x gamma^(number of milestones passed); the paper's: x0.1 at epoch 120, x0.01 at 160.
     Step { milestones: Vec<usize>, gamma: f64 },
@@ -89,14 +95,14 @@ impl Sgd {
         store: &mut ParamStore<B>,
         lr: f64,
     ) -> Result<()> {
-        backend.sgd_update_all(
-            &mut store.params,
+        let step = SgdStep {
             lr,
-            self.cfg.momentum,
-            self.cfg.weight_decay,
-            self.cfg.nesterov,
-            self.step == 0,
-        )?;
+            momentum: self.cfg.momentum,
+            weight_decay: self.cfg.weight_decay,
+            nesterov: self.cfg.nesterov,
+            first: self.step == 0,
+        };
+        backend.sgd_update_all(&mut store.params, &step)?;
         self.step += 1;
         Ok(())
     }

@@ -1,3 +1,57 @@
-//! Operations with a CPU implementation and a CUDA launcher side by side, one file per op.
+//! The operations of the encoder and the loss, one folder each (the layout of dfdx): the op's
+//! math, its argument structs and `#[repr(C)]` kernel parameters in `mod.rs`, the CPU
+//! implementation in `cpu.rs`, the CUDA launchers of `kernels/<op>.cu` in `cuda.rs`. Backends
+//! are one-line calls into these; the launchers are generic over [`Queue`](crate::cuda::Queue),
+//! so the kernel emulator of the tests runs the same launch code as a GPU.
+//!
+//! | op | what | CPU | CUDA kernels |
+//! |---|---|---|---|
+//! | [`conv2d`] | 2-d convolution, no bias, forward, dW and dx | im2col + GEMM per image group | `conv2d.cu`: im2col, col2im, layout permutes; cuBLAS GEMMs |
+//! | [`batchnorm`] | BatchNorm2d, training and eval | float64 sums per channel | `batchnorm.cu` |
+//! | [`elementwise`] | relu, copy/add, axpy | rayon chunks | `elementwise.cu` |
+//! | [`pool`] | k x k average pooling, stride k | per plane | `pool.cu` |
+//! | [`linear`] | y = x W^T + b | GEMM | `linear.cu` (bias, column sums) + cuBLAS |
+//! | [`sgd`] | PyTorch's SGD on every parameter | per tensor | `sgd.cu`, one launch for all tensors |
+//! | [`topk`] | kNN search: the k most similar bank rows of each query | GEMM per query block + select | `topk.cu` after a cuBLAS GEMM |
+//! | [`normalize_rows`] | row L2-normalisation, forward and backward | float64 sums | `normalize_rows.cu` |
+//! | [`matmul`] | a handwritten tiled SGEMM (the unfused loss's baseline) | [`crate::linalg`] | `matmul.cu` |
+//! | [`reduce`] | the mean of N doubles in a fixed order | a sum | `reduce.cu` |
+//!
+//! Every op with CUDA kernels has a `Version` enum (`v1`, ...): versions are kept side by side,
+//! selected by name (see `nn::cuda_backend::EncoderKernels`).
 
+pub mod batchnorm;
+pub mod conv2d;
+pub mod elementwise;
+pub mod linear;
+pub mod matmul;
 pub mod normalize_rows;
+pub mod pool;
+pub mod reduce;
+pub mod sgd;
+pub mod shape;
+pub mod topk;
+
+pub use shape::Shape4;
+
+/// A gradient output: written (`accumulate == false`), or added to what an earlier consumer of
+/// the same value wrote (so a value used twice receives both contributions and no buffer needs
+/// clearing first).
+#[derive(Debug)]
+pub struct Grad<Y> {
+    pub buf: Y,
+    pub accumulate: bool,
+}
+
+impl<Y> Grad<Y> {
+    pub fn new(buf: Y, accumulate: bool) -> Self {
+        Grad { buf, accumulate }
+    }
+    /// The same flag on another handle to the buffer.
+    pub fn map<Y2>(self, f: impl FnOnce(Y) -> Y2) -> Grad<Y2> {
+        Grad {
+            buf: f(self.buf),
+            accumulate: self.accumulate,
+        }
+    }
+}

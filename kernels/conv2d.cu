@@ -1,6 +1,6 @@
-// Convolution as im2col + GEMM (the GEMMs are cuBLAS SGEMM, called from src/nn/cuda_backend.rs),
-// the CUDA twin of src/nn/cpu_ops.rs: a group of B images at a time, so the column buffer stays
-// bounded while each GEMM is wide.
+// Convolution as im2col + GEMM, the CUDA twin of src/ops/conv2d/cpu.rs (launchers:
+// src/ops/conv2d/cuda.rs; the GEMMs go through the cuBLAS front, src/cuda/blas.rs): a group
+// of B images at a time, so the column buffer stays bounded while each GEMM is wide.
 //
 // Shapes: x is B x C_in x H x W (NCHW), w is C_out x C_in x k x k, y is B x C_out x H_out x W_out.
 // The column matrix `col` is K x (B P), K = C_in k k, P = H_out W_out, row r = (c k + ki) k + kj,
@@ -16,16 +16,13 @@
 
 #include "common.cuh"
 
-// The same fields in the same order as `ConvGeom` in src/nn/cuda_backend.rs.
+// The same fields in the same order as `ConvGeom` in src/ops/conv2d/mod.rs.
 struct ConvGeom {
     int images;  // B
     int c_in, h, w;
     int c_out, k, stride, pad;
     int h_out, w_out;
 };
-
-#define GRID_STRIDE(i, len) \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (len); i += (long long)gridDim.x * blockDim.x)
 
 extern "C" __global__ void __launch_bounds__(256) im2col_v1(const float* __restrict__ x, ConvGeom g, float* __restrict__ col) {
     const int p = g.h_out * g.w_out;

@@ -2,12 +2,12 @@
 //! the loss expects), forward, the instance loss, backward, SGD.
 
 use super::backend::Backend;
-use super::cpu_ops::Shape4;
 use super::graph::{Graph, Var};
 use super::models::Model;
 use super::optim::Sgd;
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
+use crate::ops::Shape4;
 
 /// Runs one step on `views` (N x 3 x H x W, N = 2m: rows 0..m view A, m..2m view B of the
 /// same images) and returns the loss before the update (waiting for the device to finish).

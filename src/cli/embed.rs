@@ -1,0 +1,58 @@
+//! `invaspread embed`: the embeddings of a split as a float32 N x 128 .npy, labels beside it.
+
+use std::path::PathBuf;
+
+use invaspread::nn::backend::Backend;
+use invaspread::nn::cpu_backend::Cpu;
+use invaspread::nn::embed::embed_split_host;
+use invaspread::nn::models::EMBED_DIM;
+use invaspread::npy;
+
+use super::data::{self, DataArgs};
+use super::eval::cuda_backend;
+use super::{checkpoint, Device};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitArg {
+    Train,
+    Test,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EmbedArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, value_enum, default_value_t = SplitArg::Test)]
+    split: SplitArg,
+    /// Output: float32 N x 128; the labels go to a sibling .labels.npy (int64).
+    #[arg(long, value_name = "E.npy")]
+    out: PathBuf,
+    /// Where the encoder runs.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+}
+
+pub fn run(args: EmbedArgs) -> invaspread::Result<()> {
+    match args.device {
+        Device::Cpu => embed_on(args, Cpu::<f32>::new()),
+        Device::Cuda => embed_on(args, cuda_backend()?),
+    }
+}
+
+fn embed_on<B: Backend>(args: EmbedArgs, backend: B) -> invaspread::Result<()> {
+    let ds = data::load(&args.data.config(), 0)?;
+    let (mut graph, model) = checkpoint::load(&args.checkpoint, backend)?;
+    let split = if args.split == SplitArg::Train {
+        &ds.train
+    } else {
+        &ds.test
+    };
+    let emb = embed_split_host(&mut graph, &model, split, ds.size)?;
+    npy::write(&args.out, &[split.len(), EMBED_DIM], &emb)?;
+    let labels_path = args.out.with_extension("labels.npy");
+    npy::write(&labels_path, &[split.len()], &split.labels)?;
+    eprintln!("wrote {} and {}", args.out.display(), labels_path.display());
+    Ok(())
+}

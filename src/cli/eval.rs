@@ -1,0 +1,117 @@
+//! `invaspread eval`: kNN top-1, Recall@1/2/4/8 and k-means NMI of a checkpoint.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use invaspread::cuda::Gpu;
+use invaspread::eval;
+use invaspread::nn::backend::Backend;
+use invaspread::nn::cpu_backend::Cpu;
+use invaspread::nn::cuda_backend::CudaBackend;
+use invaspread::nn::embed::{embed_split, knn_top1, EVAL_BATCH};
+use invaspread::nn::models::EMBED_DIM;
+use invaspread::trainer::KnnConfig;
+use serde::Serialize;
+
+use super::data::{self, DataArgs};
+use super::{checkpoint, Device};
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// A model checkpoint written by `train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value_t = KnnConfig::default().k)]
+    k: usize,
+    #[arg(long, default_value_t = KnnConfig::default().sigma)]
+    sigma: f64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Where the embeddings and the kNN search run (Recall@K and k-means stay on the CPU).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+}
+
+/// What `eval --json` prints.
+#[derive(Debug, Serialize)]
+struct Report {
+    knn_top1: f64,
+    k: usize,
+    sigma: f64,
+    recall_at_1: f64,
+    recall_at_2: f64,
+    recall_at_4: f64,
+    recall_at_8: f64,
+    nmi: f64,
+}
+
+/// The CUDA backend for `eval` and `embed` (float32 GEMMs: the CPU's numbers to rounding).
+pub fn cuda_backend() -> invaspread::Result<CudaBackend> {
+    CudaBackend::new(Arc::new(Gpu::require()?))
+}
+
+pub fn run(args: EvalArgs) -> invaspread::Result<()> {
+    match args.device {
+        Device::Cpu => eval_on(args, Cpu::<f32>::new()),
+        Device::Cuda => eval_on(args, cuda_backend()?),
+    }
+}
+
+fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
+    let ds = data::load(&args.data.config(), 0)?;
+    let (mut graph, model) = checkpoint::load(&args.checkpoint, backend)?;
+    let train = embed_split(&mut graph, &model, &ds.train, ds.size, EVAL_BATCH)?;
+    let test = embed_split(&mut graph, &model, &ds.test, ds.size, EVAL_BATCH)?;
+    let b = &graph.backend;
+    let (labels_train, labels_test) = (&ds.train.labels, &ds.test.labels);
+    let classes = ds.classes.len();
+    let knn = knn_top1(
+        b,
+        &train,
+        labels_train,
+        &test,
+        labels_test,
+        classes,
+        args.k,
+        args.sigma,
+    )?;
+    let test = b.download(&test)?;
+    let recall = eval::recall_at_k(&test, labels_test, EMBED_DIM, &[1, 2, 4, 8])?;
+    let clusters = eval::kmeans(&test, EMBED_DIM, classes, 0);
+    let labels: Vec<usize> = labels_test.iter().map(|&l| l as usize).collect();
+    let nmi = eval::nmi(&clusters, &labels);
+    if args.json {
+        let report = Report {
+            knn_top1: knn,
+            k: args.k,
+            sigma: args.sigma,
+            recall_at_1: recall[0],
+            recall_at_2: recall[1],
+            recall_at_4: recall[2],
+            recall_at_8: recall[3],
+            nmi,
+        };
+        let text = serde_json::to_string(&report)
+            .map_err(|e| invaspread::Error::invalid(format!("eval JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        println!(
+            "kNN top-1 (k={}, sigma={}): {:.2}%",
+            args.k,
+            args.sigma,
+            100.0 * knn
+        );
+        println!(
+            "Recall@1/2/4/8: {:.2}% {:.2}% {:.2}% {:.2}%",
+            100.0 * recall[0],
+            100.0 * recall[1],
+            100.0 * recall[2],
+            100.0 * recall[3]
+        );
+        println!("NMI (k-means, {classes} clusters): {nmi:.4}");
+    }
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! `invaspread step`: one training step of a checkpoint on a given batch (fresh SGD state, the
+//! recipe's hyper-parameters), to compare the whole step with another implementation.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use invaspread::loss::LossConfig;
+use invaspread::names::Named;
+use invaspread::nn::checkpoint as nn_checkpoint;
+use invaspread::nn::cpu_backend::Cpu;
+use invaspread::nn::optim::{Sgd, SgdConfig};
+use invaspread::nn::step::train_step;
+use invaspread::ops::Shape4;
+use invaspread::{npy, Error};
+
+use super::checkpoint;
+
+#[derive(Debug, clap::Args)]
+pub struct StepArgs {
+    /// The model before the step (a checkpoint written by `train`).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The batch: float32 N x 3 x H x W, already normalised; rows 0..N/2 view A, N/2..N view B.
+    #[arg(long, value_name = "X.npy")]
+    input: PathBuf,
+    /// Where to write the model after the step.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = SgdConfig::default().lr)]
+    lr: f64,
+    #[arg(long, default_value_t = LossConfig::default().tau)]
+    tau: f64,
+}
+
+pub fn run(args: StepArgs) -> invaspread::Result<()> {
+    let (mut graph, model) = checkpoint::load(&args.checkpoint, Cpu::<f32>::new())?;
+    let array = npy::read(&args.input)?;
+    let shape = match array.shape[..] {
+        [n, 3, h, w] => Shape4 { n, c: 3, h, w },
+        _ => {
+            return Err(Error::bad_file(
+                &args.input,
+                format!("shape {:?}, expected N x 3 x H x W", array.shape),
+            ))
+        }
+    };
+    let mut sgd = Sgd::new(SgdConfig {
+        lr: args.lr,
+        ..SgdConfig::default()
+    });
+    let cfg = LossConfig {
+        tau: args.tau,
+        ..LossConfig::default()
+    };
+    let loss = train_step(
+        &mut graph,
+        &model,
+        &mut sgd,
+        &array.to_f32(),
+        shape,
+        &cfg,
+        args.lr,
+    )
+    .map_err(|e| e.in_file(&args.input))?;
+    println!("{loss}");
+    let meta = HashMap::from([
+        ("model".to_string(), model.kind.name()),
+        ("format".to_string(), "pt".to_string()),
+    ]);
+    nn_checkpoint::save_model(&graph.params, &graph.backend, &args.out, meta)
+}

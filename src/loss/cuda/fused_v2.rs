@@ -1,0 +1,86 @@
+//! `fused-v2`: tiled and recomputed, O(N) extra memory, at most 3 launches
+//! (`kernels/instance_loss_fused_v2.cu`): instance_loss_norms_v2; instance_loss_query_v2 (64
+//! query rows a block in three sweeps over 64-key tiles: row scalars, the loss, whose last
+//! block sums the blocks' partial sums in order, and dF; query-only: the normalisation
+//! backward in place); both-sides instance_loss_key_v2 (the keys' term, then the
+//! normalisation backward).
+
+use super::{LossParams, Scratch};
+use crate::cuda::{phase, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue, BLOCK};
+use crate::error::Result;
+
+const NORMS_V2: Kernel = Kernel::new("instance_loss_fused_v2", "instance_loss_norms_v2");
+const QUERY_V2: Kernel = Kernel::new("instance_loss_fused_v2", "instance_loss_query_v2");
+const KEY_V2: Kernel = Kernel::new("instance_loss_fused_v2", "instance_loss_key_v2");
+
+/// Rows (and keys) of a tile: one block of the query and key kernels.
+pub const TILE: usize = 64;
+
+pub fn enqueue(
+    q: &impl Queue,
+    z: DevPtr<'_, f32>,
+    dz: Option<DevPtrMut<'_, f32>>,
+    p: &LossParams,
+    s: &mut Scratch<'_>,
+    mut loss: DevPtrMut<'_, f64>,
+) -> Result<()> {
+    let n = p.n as usize;
+    {
+        let _p = phase("fused v2: norms");
+        let mut args = KernelArgs::new();
+        args.input(z)
+            .value(p.n)
+            .value(p.d)
+            .output(&mut s.norms)
+            .output(&mut s.inv_norms);
+        // SAFETY: instance_loss_norms_v2(const float* z, int n, int d, float* norms,
+        // float* inv_norms); one warp per row, 8 rows a block.
+        unsafe { q.launch(NORMS_V2, Geometry::blocks(n.div_ceil(8), BLOCK), &mut args) }?;
+    }
+    // Without a gradient the kernels never touch dz: a null pointer stands in.
+    let mut dz = dz.unwrap_or_else(DevPtrMut::null);
+    let grid = Geometry::blocks(n.div_ceil(TILE), BLOCK);
+    let rows = &mut s.rows;
+    {
+        let _p = phase("fused v2: query rows");
+        let mut args = KernelArgs::new();
+        args.input(z)
+            .input(s.norms.as_const())
+            .input(s.inv_norms.as_const())
+            .value(*p)
+            .output(&mut rows.inv_denom)
+            .output(&mut rows.r)
+            .output(&mut rows.dominant)
+            .output(&mut rows.g_partner)
+            .output(&mut rows.g_dominant)
+            .output(&mut dz)
+            .output(&mut s.block_loss)
+            .output(&mut s.counter)
+            .output(&mut loss);
+        // SAFETY: instance_loss_query_v2(const float* z, const float* norms,
+        // const float* inv_norms, LossParams p, float* inv_denom, float* r, int* dominant,
+        // float* g_partner, float* g_dominant, float* dz, double* block_loss,
+        // unsigned* counter, double* loss); row buffers of N, a partial sum per block, dz of
+        // N x d when with_grad is set (the caller checked its length).
+        unsafe { q.launch(QUERY_V2, grid, &mut args) }?;
+    }
+    if p.with_grad != 0 && p.both_sides != 0 {
+        let _p = phase("fused v2: key rows");
+        let mut args = KernelArgs::new();
+        args.input(z)
+            .input(s.norms.as_const())
+            .input(s.inv_norms.as_const())
+            .value(*p)
+            .input(rows.inv_denom.as_const())
+            .input(rows.r.as_const())
+            .input(rows.dominant.as_const())
+            .input(rows.g_partner.as_const())
+            .input(rows.g_dominant.as_const())
+            .output(&mut dz);
+        // SAFETY: instance_loss_key_v2(const float* z, const float* norms,
+        // const float* inv_norms, LossParams p, const float* inv_denom, const float* r,
+        // const int* dominant, const float* g_partner, const float* g_dominant, float* dz).
+        unsafe { q.launch(KEY_V2, grid, &mut args) }?;
+    }
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! The instance loss on the GPU: every kernel version, one file each, behind one launcher.
+//!
+//! | version | file | kernels (kernels/) | N x N stored | launches (fwd + bwd) |
+//! |---|---|---|---|---|
+//! | `unfused` | [`unfused`] | normalize, matmul_v1, exp, row sums, row terms, grad matrix, matmul_v1 x1-2, normalize bwd, mean | S, E, G | 9-10 |
+//! | `unfused-cublas` | [`unfused`] | as `unfused` with cuBLAS SGEMM for the three products | S, E, G | 9-10 |
+//! | `fused-v1` | [`fused_v1`] | normalize, instance_loss_query_v1, (instance_loss_key_v1 both-sides), normalize bwd, mean | no | 4-5 |
+//! | `fused-v2` | [`fused_v2`] | instance_loss_norms_v2, instance_loss_query_v2, (instance_loss_key_v2 both-sides) | no, O(N) extra | 2-3 |
+//!
+//! Each version lays out its scratch in a [`Scratch`] cut from one allocation, and queues its
+//! launches with [`enqueue`], generic over the [`Queue`] (a GPU, or the tests' emulator). A
+//! [`CudaLoss`] owns the allocation of one version for one shape, so repeated calls (training
+//! steps, benchmark iterations) allocate nothing. A new version is a file here and an arm of
+//! [`CudaLossVersion`].
+
+pub mod fused_v1;
+pub mod fused_v2;
+pub mod unfused;
+
+use std::sync::Arc;
+
+use bytemuck::{Pod, Zeroable};
+use cudarc::driver::CudaSlice;
+
+use super::{validate_input, GradSemantics, LossConfig};
+use crate::cuda::{to_i32, Carve, DevPtr, DevPtrMut, Gpu, Queue};
+use crate::error::{Error, Result};
+
+/// Below this tau the kernels' fixed offset exp((s - 1) / tau) can underflow to 0 in float32
+/// for a whole row (exp(-2 / tau) < FLT_MIN near tau = 0.023).
+pub const MIN_TAU: f64 = 0.025;
+
+/// The kernels' parameters, the same fields in the same order as `LossParams` in
+/// kernels/loss_common.cuh.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct LossParams {
+    pub n: i32,
+    pub d: i32,
+    pub inv_tau: f32,
+    pub mu: f32,
+    pub grad_scale: f32,
+    pub with_grad: i32,
+    pub both_sides: i32,
+}
+
+impl LossParams {
+    pub fn new(n: usize, d: usize, cfg: &LossConfig, with_grad: bool) -> Result<LossParams> {
+        Ok(LossParams {
+            n: to_i32("N", n)?,
+            d: to_i32("d", d)?,
+            inv_tau: (1.0 / cfg.tau) as f32,
+            mu: cfg.mu as f32,
+            grad_scale: (1.0 / (n as f64 * cfg.tau)) as f32,
+            with_grad: with_grad as i32,
+            both_sides: (cfg.semantics == GradSemantics::BothSides) as i32,
+        })
+    }
+}
+
+/// The GPU implementations of the loss, oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CudaLossVersion {
+    /// One kernel per step, N x N matrices stored, own tiled matmul.
+    Unfused,
+    /// One kernel per step, N x N matrices stored, cuBLAS SGEMM.
+    UnfusedCublas,
+    /// Fused, one block per row, three sweeps recomputing dot products.
+    FusedV1,
+    /// Fused, tiled, O(N) extra memory, at most 3 launches.
+    FusedV2,
+}
+crate::serde_by_name!(CudaLossVersion);
+
+impl CudaLossVersion {
+    /// Every version, oldest first.
+    pub const ALL: [CudaLossVersion; 4] = [
+        CudaLossVersion::Unfused,
+        CudaLossVersion::UnfusedCublas,
+        CudaLossVersion::FusedV1,
+        CudaLossVersion::FusedV2,
+    ];
+
+    /// Whether the version stores N x N matrices.
+    pub fn stores_nxn(self) -> bool {
+        matches!(
+            self,
+            CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas
+        )
+    }
+
+    /// Kernel launches of one call (forward, plus backward when `with_grad`).
+    pub fn launches(self, cfg: &LossConfig, with_grad: bool) -> usize {
+        let both = (with_grad && cfg.semantics == GradSemantics::BothSides) as usize;
+        match self {
+            CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas => {
+                6 + if with_grad { 3 + both } else { 0 }
+            }
+            CudaLossVersion::FusedV1 => 3 + if with_grad { 1 + both } else { 0 },
+            CudaLossVersion::FusedV2 => 2 + both,
+        }
+    }
+}
+
+/// Checks what the kernels need beyond the loss's own rules.
+pub fn validate_for_kernels(cfg: &LossConfig) -> Result<()> {
+    cfg.validate()?;
+    if cfg.tau < MIN_TAU {
+        return Err(Error::invalid(format!(
+            "tau = {} is below {MIN_TAU}: the CUDA kernels' fixed offset exp((s - 1)/tau) can underflow in float32; use --device cpu",
+            cfg.tau
+        )));
+    }
+    Ok(())
+}
+
+/// Per-row scalars (O(N)), shared by every version.
+pub struct RowScratch<'a> {
+    pub row_loss: DevPtrMut<'a, f64>,
+    pub inv_denom: DevPtrMut<'a, f32>,
+    pub r: DevPtrMut<'a, f32>,
+    pub dominant: DevPtrMut<'a, i32>,
+    pub g_partner: DevPtrMut<'a, f32>,
+    pub g_dominant: DevPtrMut<'a, f32>,
+}
+
+/// The scratch of one version for one (N, d).
+pub struct Scratch<'a> {
+    pub norms: DevPtrMut<'a, f32>,
+    pub inv_norms: DevPtrMut<'a, f32>,
+    /// The normalised F and dL/dF before the normalisation backward (unfused and v1 only).
+    pub f: Option<DevPtrMut<'a, f32>>,
+    pub df: Option<DevPtrMut<'a, f32>>,
+    pub rows: RowScratch<'a>,
+    pub unfused: Option<unfused::Scratch<'a>>,
+    /// One partial sum per 64-row block and the last-block counter (fused v2).
+    pub block_loss: DevPtrMut<'a, f64>,
+    pub counter: DevPtrMut<'a, u32>,
+}
+
+impl<'a> Scratch<'a> {
+    /// The scratch of `version` for N x d inputs, cut from `c` (zeroed memory: v2's counter
+    /// must start at 0, and every launch leaves it at 0 again).
+    pub fn carve(c: &mut Carve<'a>, version: CudaLossVersion, n: usize, d: usize) -> Result<Self> {
+        let nd = n
+            .checked_mul(d)
+            .ok_or_else(|| Error::invalid(format!("N = {n}, d = {d}: N d overflows")))?;
+        let stores_f = version != CudaLossVersion::FusedV2;
+        Ok(Scratch {
+            norms: c.take(n)?,
+            inv_norms: c.take(n)?,
+            f: if stores_f { Some(c.take(nd)?) } else { None },
+            df: if stores_f { Some(c.take(nd)?) } else { None },
+            rows: RowScratch {
+                row_loss: c.take(n)?,
+                inv_denom: c.take(n)?,
+                r: c.take(n)?,
+                dominant: c.take(n)?,
+                g_partner: c.take(n)?,
+                g_dominant: c.take(n)?,
+            },
+            unfused: if version.stores_nxn() {
+                Some(unfused::Scratch::carve(c, n)?)
+            } else {
+                None
+            },
+            block_loss: c.take(n.div_ceil(fused_v2::TILE))?,
+            counter: c.take(1)?,
+        })
+    }
+
+    /// Bytes of the scratch of `version` for N x d.
+    pub fn bytes(version: CudaLossVersion, n: usize, d: usize) -> Result<usize> {
+        let mut c = Carve::sizing();
+        Scratch::carve(&mut c, version, n, d)?;
+        Ok(c.used())
+    }
+}
+
+/// Checks a shape the kernels take: an even N >= 4, d >= 1, both within `int`.
+pub fn check_shape(n: usize, d: usize) -> Result<()> {
+    if n < 4 || n % 2 != 0 || d == 0 {
+        return Err(Error::invalid(format!(
+            "N = {n}, d = {d}: expected an even N >= 4 and d >= 1"
+        )));
+    }
+    to_i32("N", n)?;
+    to_i32("d", d)?;
+    if n.checked_mul(d).and_then(|x| x.checked_mul(4)).is_none() {
+        return Err(Error::invalid(format!("N = {n}, d = {d} is too large")));
+    }
+    Ok(())
+}
+
+/// Queues the loss of `z` (N x d) with `version` on `q`: the loss into `loss` (one double)
+/// and, when `dz` is given, dL/dz into it. Nothing is read back.
+#[allow(clippy::too_many_arguments)] // the loss's own inputs and outputs
+pub fn enqueue(
+    q: &impl Queue,
+    version: CudaLossVersion,
+    z: DevPtr<'_, f32>,
+    dz: Option<DevPtrMut<'_, f32>>,
+    (n, d): (usize, usize),
+    cfg: &LossConfig,
+    s: &mut Scratch<'_>,
+    loss: DevPtrMut<'_, f64>,
+) -> Result<()> {
+    validate_for_kernels(cfg)?;
+    check_shape(n, d)?;
+    if z.len() != n * d || dz.as_ref().is_some_and(|g| g.len() != n * d) {
+        return Err(Error::invalid(format!(
+            "z and dz must hold N x d = {n} x {d} floats"
+        )));
+    }
+    let p = LossParams::new(n, d, cfg, dz.is_some())?;
+    match version {
+        CudaLossVersion::Unfused => unfused::enqueue(q, false, z, dz, &p, s, loss),
+        CudaLossVersion::UnfusedCublas => unfused::enqueue(q, true, z, dz, &p, s, loss),
+        CudaLossVersion::FusedV1 => fused_v1::enqueue(q, z, dz, &p, s, loss),
+        CudaLossVersion::FusedV2 => fused_v2::enqueue(q, z, dz, &p, s, loss),
+    }
+}
+
+/// One version's scratch allocation for one (N, d) on a GPU, and the loss scalar.
+pub struct CudaLoss {
+    gpu: Arc<Gpu>,
+    version: CudaLossVersion,
+    n: usize,
+    d: usize,
+    arena: CudaSlice<u8>,
+    loss: CudaSlice<f64>,
+}
+
+impl CudaLoss {
+    /// Allocates the scratch of `version` for N x d inputs.
+    pub fn new(gpu: Arc<Gpu>, version: CudaLossVersion, n: usize, d: usize) -> Result<Self> {
+        check_shape(n, d)?;
+        let bytes = Scratch::bytes(version, n, d)?;
+        let stream = gpu.stream().clone();
+        let arena = stream.alloc_zeros::<u8>(bytes.max(1))?;
+        let loss = stream.alloc_zeros::<f64>(1)?;
+        Ok(CudaLoss {
+            gpu,
+            version,
+            n,
+            d,
+            arena,
+            loss,
+        })
+    }
+
+    pub fn version(&self) -> CudaLossVersion {
+        self.version
+    }
+
+    /// Device memory this version uses beyond z and dz, in bytes.
+    pub fn extra_bytes(&self) -> usize {
+        self.arena.len() + 8
+    }
+
+    /// Kernel launches of one call (forward, plus backward when `with_grad`).
+    pub fn launches(&self, cfg: &LossConfig, with_grad: bool) -> usize {
+        self.version.launches(cfg, with_grad)
+    }
+
+    /// Queues the loss of `z` (N x d) and, when `dz` is given, dL/dz into it. Nothing is
+    /// read back; call [`CudaLoss::loss`] for the scalar.
+    pub fn enqueue(
+        &mut self,
+        z: &CudaSlice<f32>,
+        dz: Option<&mut CudaSlice<f32>>,
+        cfg: &LossConfig,
+    ) -> Result<()> {
+        let mut carve = Carve::from(DevPtrMut::of(&mut self.arena));
+        let mut scratch = Scratch::carve(&mut carve, self.version, self.n, self.d)?;
+        enqueue(
+            &*self.gpu,
+            self.version,
+            DevPtr::of(z),
+            dz.map(DevPtrMut::of),
+            (self.n, self.d),
+            cfg,
+            &mut scratch,
+            DevPtrMut::of(&mut self.loss),
+        )
+    }
+
+    /// The device scalar (float64) the queued work writes the loss into.
+    pub fn loss_buffer(&self) -> &CudaSlice<f64> {
+        &self.loss
+    }
+
+    /// Waits for the queued work and returns the loss.
+    pub fn loss(&self) -> Result<f64> {
+        let mut host = [0.0f64];
+        self.gpu.read(DevPtr::of(&self.loss), &mut host)?;
+        Ok(host[0])
+    }
+}
+
+/// The whole round trip for host data: upload, compute, download. For the CLI and tests.
+pub fn instance_loss(
+    gpu: Arc<Gpu>,
+    version: CudaLossVersion,
+    z: &[f32],
+    n: usize,
+    d: usize,
+    cfg: &LossConfig,
+    with_grad: bool,
+) -> Result<(f64, Option<Vec<f32>>)> {
+    validate_for_kernels(cfg)?;
+    validate_input(z, n, d)?;
+    let stream = gpu.stream().clone();
+    let mut loss = CudaLoss::new(gpu, version, n, d)?;
+    let z_dev = stream.clone_htod(z)?;
+    if with_grad {
+        let mut dz = stream.clone_htod(&vec![f32::NAN; n * d])?; // poisoned: unwritten shows
+        loss.enqueue(&z_dev, Some(&mut dz), cfg)?;
+        let value = loss.loss()?;
+        Ok((value, Some(stream.clone_dtoh(&dz)?)))
+    } else {
+        loss.enqueue(&z_dev, None, cfg)?;
+        Ok((loss.loss()?, None))
+    }
+}

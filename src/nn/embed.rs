@@ -1,0 +1,78 @@
+//! Embeddings of a dataset split under the test transform (batchnorm in eval mode), kept on
+//! the graph's backend and L2-normalised there, and the weighted kNN over them: the neighbour
+//! search runs on the backend, the vote ([`eval::weighted_vote_accuracy`]) on the host.
+
+use super::backend::Backend;
+use super::graph::Graph;
+use super::models::{Model, EMBED_DIM};
+use crate::data::{augment, Split};
+use crate::error::Result;
+use crate::eval;
+use crate::ops::Shape4;
+
+/// Images per forward pass of the evaluation.
+pub const EVAL_BATCH: usize = 256;
+
+/// The split's L2-normalised embeddings (N x 128) as one buffer of `graph`'s backend, in
+/// batches of `batch` images.
+pub fn embed_split<B: Backend>(
+    graph: &mut Graph<B>,
+    model: &Model,
+    split: &Split,
+    size: usize,
+    batch: usize,
+) -> Result<B::Buffer> {
+    let mut bank = graph.backend.zeros(split.len() * EMBED_DIM)?;
+    let mut start = 0;
+    while start < split.len() {
+        let end = (start + batch).min(split.len());
+        let x = augment::test_batch(split, size, start..end);
+        graph.begin();
+        let input = graph.input(
+            &x,
+            Shape4 {
+                n: end - start,
+                c: 3,
+                h: size,
+                w: size,
+            },
+        )?;
+        let z = model.forward(graph, input, false)?;
+        graph
+            .backend
+            .copy_into(graph.buffer(z), &mut bank, start * EMBED_DIM)?;
+        start = end;
+    }
+    let b = &graph.backend;
+    let mut f = b.zeros(0)?;
+    b.normalize_rows(&bank, (split.len(), EMBED_DIM), &mut f)?;
+    Ok(f)
+}
+
+/// [`embed_split`] on the host.
+pub fn embed_split_host<B: Backend>(
+    graph: &mut Graph<B>,
+    model: &Model,
+    split: &Split,
+    size: usize,
+) -> Result<Vec<f32>> {
+    let f = embed_split(graph, model, split, size, EVAL_BATCH)?;
+    graph.backend.download(&f)
+}
+
+/// Weighted kNN top-1 (Wu et al. 2018): each of the k nearest bank embeddings votes for its
+/// label with weight exp(similarity / sigma); the search runs on `backend`.
+#[allow(clippy::too_many_arguments)] // the bank, the queries, their labels and the kNN's k, sigma
+pub fn knn_top1<B: Backend>(
+    backend: &B,
+    bank: &B::Buffer,
+    bank_labels: &[i64],
+    queries: &B::Buffer,
+    query_labels: &[i64],
+    classes: usize,
+    k: usize,
+    sigma: f64,
+) -> Result<f64> {
+    let neighbours = backend.nearest(queries, bank, EMBED_DIM, k)?;
+    eval::weighted_vote_accuracy(&neighbours, bank_labels, query_labels, classes, sigma)
+}

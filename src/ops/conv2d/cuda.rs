@@ -1,0 +1,268 @@
+//! The convolution on a [`Queue`]: per group of images, `im2col_v1` + a GEMM, and the layout
+//! permutes between NCHW and the GEMM's [C][B P] (`kernels/conv2d.cu`); backward adds dW
+//! through a second GEMM and forms dx with a third GEMM and `col2im_v1`.
+//!
+//! The caller owns the scratch ([`Workspace`]); the group size is what the workspace holds, so
+//! a small workspace runs the same code in more groups (the tests use that).
+
+use super::{Backward, Conv, ConvGeom, Forward, Version};
+use crate::cuda::blas::{Gemm, GemmPrecision};
+use crate::cuda::{check_len, to_i32, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue};
+use crate::error::{Error, Result};
+use crate::ops::Shape4;
+
+const IM2COL_V1: Kernel = Kernel::new("conv2d", "im2col_v1");
+const COL2IM_V1: Kernel = Kernel::new("conv2d", "col2im_v1");
+const BCP_TO_CBP_V1: Kernel = Kernel::new("conv2d", "bcp_to_cbp_v1");
+const CBP_TO_BCP_V1: Kernel = Kernel::new("conv2d", "cbp_to_bcp_v1");
+
+/// The convolution's scratch: the column matrix of a group, and the GEMM's [C][B P] block.
+pub struct Workspace<'a> {
+    pub col: DevPtrMut<'a, f32>,
+    pub gemm: DevPtrMut<'a, f32>,
+}
+
+/// Floats of (col, gemm) for convolving `xs` with `conv` in groups whose column buffer stays
+/// within `cap` floats (at least one image a group).
+pub fn workspace_len(xs: Shape4, conv: &Conv, cap: usize) -> (usize, usize) {
+    let p = conv.out_shape(xs).h * conv.out_shape(xs).w;
+    let per_image = conv.patch().max(conv.c_out) * p;
+    let group = (cap / per_image.max(1)).clamp(1, xs.n.max(1));
+    (conv.patch() * group * p, conv.c_out * group * p)
+}
+
+/// Images per group that `ws` holds.
+fn group_size(ws: &Workspace<'_>, xs: Shape4, conv: &Conv) -> Result<usize> {
+    let ys = conv.out_shape(xs);
+    let p = ys.h * ys.w;
+    let group = (ws.col.len() / (conv.patch() * p).max(1))
+        .min(ws.gemm.len() / (conv.c_out * p).max(1))
+        .min(xs.n.max(1));
+    if group == 0 {
+        return Err(Error::invalid(format!(
+            "conv2d workspace of {} + {} floats holds no image of {xs:?}",
+            ws.col.len(),
+            ws.gemm.len()
+        )));
+    }
+    Ok(group)
+}
+
+/// y = conv(x, w) on `q`.
+pub fn forward(
+    q: &impl Queue,
+    version: Version,
+    a: Forward<DevPtr<'_, f32>, DevPtrMut<'_, f32>>,
+    ws: &mut Workspace<'_>,
+    precision: GemmPrecision,
+) -> Result<()> {
+    let Version::V1 = version;
+    let Forward {
+        x,
+        xs,
+        w,
+        conv,
+        mut y,
+    } = a;
+    let ys = conv.out_shape(xs);
+    let (k, p) = (conv.patch(), ys.h * ys.w);
+    check_len("conv2d x", x.len(), xs.len())?;
+    check_len("conv2d w", w.len(), conv.c_out * k)?;
+    check_len("conv2d y", y.len(), ys.len())?;
+    let group = group_size(ws, xs, &conv)?;
+    let mut n0 = 0;
+    while n0 < xs.n {
+        let b = group.min(xs.n - n0);
+        let geom = ConvGeom::new(xs, &conv, b)?;
+        let ld = b * p;
+        im2col_v1(
+            q,
+            x.slice(n0 * xs.image()..(n0 + b) * xs.image())?,
+            &geom,
+            &mut ws.col,
+        )?;
+        // Y' (C_out x B P) = W (C_out x K) col (K x B P); operands as exact views (the
+        // workspace may be larger than this group, and bf16 mode converts whole operands).
+        q.gemm(&Gemm {
+            trans_a: false,
+            trans_b: false,
+            m: conv.c_out,
+            n: ld,
+            k,
+            alpha: 1.0,
+            a: w,
+            lda: k,
+            b: ws.col.slice(0..k * ld)?,
+            ldb: ld,
+            beta: 0.0,
+            c: ws.gemm.slice_mut(0..conv.c_out * ld)?,
+            ldc: ld,
+            precision,
+        })?;
+        permute(
+            q,
+            CBP_TO_BCP_V1,
+            ws.gemm.slice(0..conv.c_out * ld)?,
+            &mut y.slice_mut(n0 * ys.image()..(n0 + b) * ys.image())?,
+            (b, conv.c_out, p),
+        )?;
+        n0 += b;
+    }
+    Ok(())
+}
+
+/// dw += ..., dx (=|+=) conv^T(dy) when asked for, on `q`.
+pub fn backward(
+    q: &impl Queue,
+    version: Version,
+    a: Backward<DevPtr<'_, f32>, DevPtrMut<'_, f32>>,
+    ws: &mut Workspace<'_>,
+    precision: GemmPrecision,
+) -> Result<()> {
+    let Version::V1 = version;
+    let Backward {
+        x,
+        xs,
+        w,
+        conv,
+        dy,
+        mut dx,
+        mut dw,
+    } = a;
+    let ys = conv.out_shape(xs);
+    let (k, p) = (conv.patch(), ys.h * ys.w);
+    check_len("conv2d x", x.len(), xs.len())?;
+    check_len("conv2d dy", dy.len(), ys.len())?;
+    check_len("conv2d dw", dw.len(), conv.c_out * k)?;
+    if let Some(dx) = &dx {
+        check_len("conv2d dx", dx.buf.len(), xs.len())?;
+    }
+    let group = group_size(ws, xs, &conv)?;
+    let mut n0 = 0;
+    while n0 < xs.n {
+        let b = group.min(xs.n - n0);
+        let geom = ConvGeom::new(xs, &conv, b)?;
+        let ld = b * p;
+        im2col_v1(
+            q,
+            x.slice(n0 * xs.image()..(n0 + b) * xs.image())?,
+            &geom,
+            &mut ws.col,
+        )?;
+        permute(
+            q,
+            BCP_TO_CBP_V1,
+            dy.slice(n0 * ys.image()..(n0 + b) * ys.image())?,
+            &mut ws.gemm.slice_mut(0..conv.c_out * ld)?,
+            (b, conv.c_out, p),
+        )?;
+        // dW (C_out x K) += dY' (C_out x B P) col^T
+        q.gemm(&Gemm {
+            trans_a: false,
+            trans_b: true,
+            m: conv.c_out,
+            n: k,
+            k: ld,
+            alpha: 1.0,
+            a: ws.gemm.slice(0..conv.c_out * ld)?,
+            lda: ld,
+            b: ws.col.slice(0..k * ld)?,
+            ldb: ld,
+            beta: 1.0,
+            c: dw.reborrow(),
+            ldc: k,
+            precision,
+        })?;
+        if let Some(dx) = dx.as_mut() {
+            // dcol (K x B P) = W^T dY', written over col (its last reader is queued above).
+            q.gemm(&Gemm {
+                trans_a: true,
+                trans_b: false,
+                m: k,
+                n: ld,
+                k: conv.c_out,
+                alpha: 1.0,
+                a: w,
+                lda: k,
+                b: ws.gemm.slice(0..conv.c_out * ld)?,
+                ldb: ld,
+                beta: 0.0,
+                c: ws.col.slice_mut(0..k * ld)?,
+                ldc: ld,
+                precision,
+            })?;
+            let mut dxg = dx.buf.slice_mut(n0 * xs.image()..(n0 + b) * xs.image())?;
+            col2im_v1(q, ws.col.as_const(), &geom, &mut dxg, dx.accumulate)?;
+        }
+        n0 += b;
+    }
+    Ok(())
+}
+
+fn im2col_v1(
+    q: &impl Queue,
+    x: DevPtr<'_, f32>,
+    geom: &ConvGeom,
+    col: &mut DevPtrMut<'_, f32>,
+) -> Result<()> {
+    let patch = (geom.c_in * geom.k * geom.k) as usize;
+    let total = patch * (geom.images * geom.h_out * geom.w_out) as usize;
+    check_len(
+        "im2col x",
+        x.len(),
+        (geom.images * geom.c_in * geom.h * geom.w) as usize,
+    )?;
+    check_len("im2col col", col.len(), total)?;
+    let mut args = KernelArgs::new();
+    args.input(x).value(*geom).output(col);
+    // SAFETY: im2col_v1(const float* x, ConvGeom g, float* col); x holds the group's images
+    // and col at least K x B P floats (checked above).
+    unsafe { q.launch(IM2COL_V1, Geometry::grid_stride(total), &mut args) }
+}
+
+fn col2im_v1(
+    q: &impl Queue,
+    col: DevPtr<'_, f32>,
+    geom: &ConvGeom,
+    dx: &mut DevPtrMut<'_, f32>,
+    accumulate: bool,
+) -> Result<()> {
+    let image = (geom.c_in * geom.h * geom.w) as usize;
+    let total = geom.images as usize * image;
+    check_len("col2im dx", dx.len(), total)?;
+    let patch = (geom.c_in * geom.k * geom.k) as usize;
+    check_len(
+        "col2im col",
+        col.len(),
+        patch * (geom.images * geom.h_out * geom.w_out) as usize,
+    )?;
+    let mut args = KernelArgs::new();
+    args.input(col)
+        .value(*geom)
+        .output(dx)
+        .value(i32::from(accumulate));
+    // SAFETY: col2im_v1(const float* col, ConvGeom g, float* dx, int accumulate); col holds
+    // K x B P floats, dx the group's B C_in H W (checked above).
+    unsafe { q.launch(COL2IM_V1, Geometry::grid_stride(total), &mut args) }
+}
+
+/// `bcp_to_cbp_v1` (NCHW [B][C][P] into the GEMM layout [C][B P]) or `cbp_to_bcp_v1` (back).
+fn permute(
+    q: &impl Queue,
+    kernel: Kernel,
+    src: DevPtr<'_, f32>,
+    dst: &mut DevPtrMut<'_, f32>,
+    (b, c, p): (usize, usize, usize),
+) -> Result<()> {
+    let total = b * c * p;
+    check_len(kernel.name, src.len(), total)?;
+    check_len(kernel.name, dst.len(), total)?;
+    let mut args = KernelArgs::new();
+    args.input(src)
+        .output(dst)
+        .value(to_i32("B", b)?)
+        .value(to_i32("C", c)?)
+        .value(to_i32("P", p)?);
+    // SAFETY: (const float* src, float* dst, int b, int c, int p); both hold B C P floats.
+    unsafe { q.launch(kernel, Geometry::grid_stride(total), &mut args) }
+}

@@ -1,0 +1,111 @@
+//! `config.json`: a run's [`TrainConfig`] as JSON (serde), with what the run found recorded
+//! beside it. `train --config FILE` reads it back; an error names the file, the field (its
+//! path, e.g. `sgd.lr`) and the value serde rejected.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::TrainConfig;
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::npy::write_atomically;
+
+/// Facts of a run that are not configuration: what the dataset turned out to be, and the
+/// thread count (results reproduce only with the same one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recorded {
+    pub dataset: String,
+    pub image_size: usize,
+    pub train_images: usize,
+    pub test_images: usize,
+    pub threads: usize,
+    pub invaspread_version: String,
+}
+
+impl Recorded {
+    pub fn of(ds: &Dataset) -> Recorded {
+        Recorded {
+            dataset: ds.name.clone(),
+            image_size: ds.size,
+            train_images: ds.train.len(),
+            test_images: ds.test.len(),
+            threads: rayon::current_num_threads(),
+            invaspread_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// Writes `cfg` with the facts of `ds` to `out/config.json`.
+pub fn write(cfg: &TrainConfig, ds: &Dataset, out: &Path) -> Result<()> {
+    let mut cfg = cfg.clone();
+    cfg.recorded = Some(Recorded::of(ds));
+    let mut text = serde_json::to_string_pretty(&cfg)
+        .map_err(|e| Error::invalid(format!("serialising config.json: {e}")))?;
+    text.push('\n');
+    write_atomically(&out.join("config.json"), text.as_bytes())
+}
+
+/// Reads a configuration written by [`write`] (or by hand); `recorded` is dropped.
+pub fn read(path: &Path) -> Result<TrainConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut cfg = parse(&text).map_err(|message| Error::bad_file(path, message))?;
+    cfg.recorded = None;
+    Ok(cfg)
+}
+
+/// Parses a configuration; the error says which field (as a path) and why.
+pub fn parse(text: &str) -> std::result::Result<TrainConfig, String> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if field.is_empty() || field == "." {
+            format!("{inner}")
+        } else {
+            format!("field `{field}`: {inner}")
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_configuration_round_trips_with_the_schedule_as_an_object() {
+        let cfg = TrainConfig::default();
+        let text = serde_json::to_string_pretty(&cfg).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["schedule"]["kind"], "step");
+        assert_eq!(
+            value["schedule"]["milestones"],
+            serde_json::json!([120, 160])
+        );
+        assert_eq!(value["model"], "convnet-small");
+        assert_eq!(value["backend"]["device"], "cpu");
+        assert_eq!(value["loss"]["grad_semantics"], "query-only");
+        assert_eq!(parse(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_value() {
+        let mut value = serde_json::to_value(TrainConfig::default()).unwrap();
+        value["sgd"]["lr"] = serde_json::json!("fast");
+        let err = parse(&value.to_string()).unwrap_err();
+        assert!(
+            err.contains("`sgd.lr`") && err.contains("\"fast\""),
+            "{err}"
+        );
+        value["sgd"]["lr"] = serde_json::json!(0.1);
+        value["model"] = serde_json::json!("resnet50");
+        let err = parse(&value.to_string()).unwrap_err();
+        assert!(err.contains("`model`") && err.contains("resnet50"), "{err}");
+        assert!(err.contains("resnet18-cifar, convnet-small"), "{err}");
+        value["model"] = serde_json::json!("convnet-small");
+        value["sgd"]["lrr"] = serde_json::json!(0.1);
+        let err = parse(&value.to_string()).unwrap_err();
+        assert!(err.contains("lrr"), "{err}");
+    }
+}

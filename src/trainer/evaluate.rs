@@ -1,0 +1,70 @@
+//! The evaluation a run prints and records: kNN top-1 on the test split with the training
+//! split as the memory bank, embeddings and neighbour search on the run's backend; and the
+//! baseline it must beat, kNN on raw pixels.
+
+use super::KnnConfig;
+use crate::data::{augment, Dataset, Split};
+use crate::error::Result;
+use crate::eval;
+use crate::linalg::{matmul, MatRef};
+use crate::nn::backend::Backend;
+use crate::nn::embed::{embed_split, knn_top1, EVAL_BATCH};
+use crate::nn::graph::Graph;
+use crate::nn::models::Model;
+use crate::ops::normalize_rows;
+use crate::rng::{random_matrix, rng};
+
+/// kNN top-1 of the model on the dataset's test split (train split as the memory bank).
+pub fn knn_accuracy<B: Backend>(
+    graph: &mut Graph<B>,
+    model: &Model,
+    ds: &Dataset,
+    knn: &KnnConfig,
+) -> Result<f64> {
+    let bank = embed_split(graph, model, &ds.train, ds.size, EVAL_BATCH)?;
+    let queries = embed_split(graph, model, &ds.test, ds.size, EVAL_BATCH)?;
+    knn_top1(
+        &graph.backend,
+        &bank,
+        &ds.train.labels,
+        &queries,
+        &ds.test.labels,
+        ds.classes.len(),
+        knn.k,
+        knn.sigma,
+    )
+}
+
+/// Width of the random projection of raw pixels.
+const PIXEL_DIM: usize = 128;
+
+/// kNN top-1 on raw pixels (test transform, L2-normalised): the baseline learning must beat.
+pub fn raw_pixel_knn(ds: &Dataset, knn: &KnnConfig) -> Result<f64> {
+    // Pixels are projected to 128 dimensions by a fixed random matrix so that the same kNN code
+    // applies; random projections keep cosine similarities (Johnson-Lindenstrauss).
+    let dim = 3 * ds.size * ds.size;
+    let proj: Vec<f32> = random_matrix(&mut rng(0xbeef), PIXEL_DIM, dim);
+    let project = |split: &Split| -> Result<Vec<f32>> {
+        let x = augment::test_batch(split, ds.size, 0..split.len());
+        let mut out = vec![0.0f32; split.len() * PIXEL_DIM];
+        matmul(
+            MatRef::row_major(&x, split.len(), dim),
+            MatRef::transposed(&proj, PIXEL_DIM, dim),
+            &mut out,
+            PIXEL_DIM,
+            1.0,
+            false,
+        )?;
+        Ok(normalize_rows::cpu::forward(&out, split.len(), PIXEL_DIM)?.0)
+    };
+    eval::knn_top1(
+        &project(&ds.train)?,
+        &ds.train.labels,
+        &project(&ds.test)?,
+        &ds.test.labels,
+        PIXEL_DIM,
+        ds.classes.len(),
+        knn.k,
+        knn.sigma,
+    )
+}

@@ -1,0 +1,222 @@
+//! The training loop behind `invaspread train`, in parts:
+//!
+//! | module | what it does |
+//! |---|---|
+//! | this file | the run's configuration ([`TrainConfig`], serialised as `config.json`), its options, and [`train`], which picks the backend |
+//! | [`config`] | `config.json`: written by every run, read back by `train --config` with errors naming the file, the field and the value |
+//! | [`run`] | the run itself: start or resume, the steps, the end of an epoch, a clean stop on Ctrl-C |
+//! | [`batches`] | the batch worker: two augmented views per image, prepared on a thread one step ahead |
+//! | [`losses`] | the losses of a window of steps on their way back from the device |
+//! | [`outputs`] | metrics.csv/json/png, steps.csv and the checkpoints |
+//! | [`evaluate`] | the per-epoch kNN on the test split, and the raw-pixel baseline |
+//!
+//! Everything random is a function of the seed and the step (data order per epoch, each view's
+//! augmentation), and the checkpoint holds the rest of the state (parameters, batchnorm
+//! statistics, momentum, the step, the epoch's running loss), so a resumed run computes the
+//! same losses as an uninterrupted one with the same thread count.
+
+pub mod batches;
+pub mod config;
+pub mod evaluate;
+pub mod losses;
+pub mod outputs;
+pub mod run;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cuda::blas::GemmPrecision;
+use crate::cuda::Gpu;
+use crate::data::{DataConfig, Dataset};
+use crate::error::Result;
+use crate::loss::cuda::CudaLossVersion;
+use crate::loss::LossConfig;
+use crate::names::Named;
+use crate::nn::cpu_backend::Cpu;
+use crate::nn::cuda_backend::{CudaBackend, EncoderKernels};
+use crate::nn::models::ModelKind;
+use crate::nn::optim::{Schedule, SgdConfig};
+
+pub use config::Recorded;
+pub use outputs::EpochMetrics;
+
+/// Everything that defines a run: what `config.json` holds and `train --config` replays.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelKind,
+    /// The dataset (informational when a caller hands [`train`] a loaded dataset).
+    pub data: DataConfig,
+    pub epochs: Option<usize>,
+    pub steps: Option<usize>,
+    /// Images per step (each gives two views: 2 x batch rows).
+    pub batch: usize,
+    pub sgd: SgdConfig,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub loss: LossConfig,
+    /// Where the encoder trains, and which loss implementation it runs.
+    pub backend: BackendChoice,
+    /// Steps between loss reads (None: every step on the CPU, every
+    /// [`CUDA_LOSS_READ_EVERY`] on a GPU). Reads never change what is computed.
+    pub loss_read_every: Option<usize>,
+    pub seed: u64,
+    pub knn: KnnConfig,
+    /// What the run found when it wrote config.json (the dataset's size, the thread count);
+    /// ignored when the file is read back as a configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded: Option<Recorded>,
+}
+
+impl Default for TrainConfig {
+    /// The recipe's settings (../shared/notes/recipe.md) on the built-in dataset.
+    fn default() -> Self {
+        TrainConfig {
+            model: ModelKind::ConvnetSmall,
+            data: DataConfig::default(),
+            epochs: None,
+            steps: None,
+            batch: 128,
+            sgd: SgdConfig::default(),
+            schedule: Schedule::paper_step(),
+            warmup_steps: 0,
+            loss: LossConfig::default(),
+            backend: BackendChoice::Cpu {
+                reference_loss: false,
+            },
+            loss_read_every: None,
+            seed: 0,
+            knn: KnnConfig::default(),
+            recorded: None,
+        }
+    }
+}
+
+/// The per-epoch weighted kNN evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnnConfig {
+    /// Neighbours.
+    pub k: usize,
+    /// Temperature of the vote weights exp(s / sigma).
+    pub sigma: f64,
+}
+
+impl Default for KnnConfig {
+    fn default() -> Self {
+        KnnConfig { k: 200, sigma: 0.1 }
+    }
+}
+
+/// How a run is carried out, not what it computes.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Output folder: metrics, plot, checkpoints, configuration.
+    pub out: PathBuf,
+    /// Continue the run in `out` from its last checkpoint.
+    pub resume: bool,
+    /// Show a progress bar (off in tests).
+    pub progress: bool,
+}
+
+/// The device a run trains on and its loss implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "device", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum BackendChoice {
+    /// The CPU backend (float32); `reference_loss` runs the float64 reference loss instead of
+    /// the fused CPU loss.
+    Cpu { reference_loss: bool },
+    /// The CUDA backend on device 0 with the given loss kernels, GEMM precision and encoder
+    /// kernel versions.
+    Cuda {
+        loss: CudaLossVersion,
+        precision: GemmPrecision,
+        #[serde(default)]
+        kernels: EncoderKernels,
+    },
+}
+
+impl BackendChoice {
+    /// How the run's loss is computed, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            BackendChoice::Cpu {
+                reference_loss: true,
+            } => "cpu reference".into(),
+            BackendChoice::Cpu {
+                reference_loss: false,
+            } => "cpu fused".into(),
+            BackendChoice::Cuda {
+                loss, precision, ..
+            } => {
+                format!("cuda {} {}", loss.name(), precision.name())
+            }
+        }
+    }
+
+    /// Steps between reads of the loss: every step on the CPU (free), every few on a GPU
+    /// (each read waits for the device to drain its queue).
+    pub fn loss_read_every(&self) -> usize {
+        match self {
+            BackendChoice::Cpu { .. } => 1,
+            BackendChoice::Cuda { .. } => CUDA_LOSS_READ_EVERY,
+        }
+    }
+}
+
+/// Steps between loss reads on a GPU.
+pub const CUDA_LOSS_READ_EVERY: usize = 10;
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub metrics: Vec<EpochMetrics>,
+    /// Every step's loss of this invocation (a resumed run starts at its first new step).
+    pub step_losses: Vec<f64>,
+    pub interrupted: bool,
+    pub knn_at_start: Option<f64>,
+}
+
+/// Set by Ctrl-C; the loop saves and stops at the next step boundary.
+pub fn stop_flag() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+        .clone()
+}
+
+/// Trains as configured on `ds`; see the module documentation.
+pub fn train(cfg: &TrainConfig, opts: &RunOptions, ds: Arc<Dataset>) -> Result<TrainSummary> {
+    match cfg.backend {
+        BackendChoice::Cpu { reference_loss } => {
+            let backend: Cpu<f32> = if reference_loss {
+                Cpu::with_reference_loss()
+            } else {
+                Cpu::new()
+            };
+            run::Run::start(cfg, opts, ds, backend)?.train()
+        }
+        BackendChoice::Cuda {
+            loss,
+            precision,
+            kernels,
+        } => {
+            crate::loss::cuda::validate_for_kernels(&cfg.loss)?;
+            let gpu = Arc::new(Gpu::require()?);
+            if opts.progress {
+                eprintln!(
+                    "training on {} ({} loss kernels, {} GEMMs)",
+                    gpu.name()?,
+                    loss.name(),
+                    precision.name()
+                );
+            }
+            let backend = CudaBackend::with_loss_version(gpu, loss)?
+                .with_gemm_precision(precision)
+                .with_kernels(kernels);
+            run::Run::start(cfg, opts, ds, backend)?.train()
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The CPU kernel emulator as a [`Queue`]: kernels launched by the crate's own launchers
+//! (`ops::<op>::cuda`, `loss::cuda`) run their unchanged sources (`all_kernels.cpp` on
+//! `cuda_emu.h`, built here with the system C++ compiler), GEMMs are computed on the host in
+//! float64 (with the operand rounding of the TF32 and bf16 modes), and reads are copies.
+//! Device addresses are host addresses: every `DevPtr` handed to it comes from
+//! `DevPtr::host`.
+
+use std::ffi::{c_char, c_void, CString};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use invaspread::cuda::blas::{Gemm, GemmPrecision};
+use invaspread::cuda::{DevPtr, Geometry, Kernel, KernelArgs, Queue};
+use invaspread::{Error, Result};
+
+type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, *mut *mut c_void) -> i32;
+
+pub struct Emulator {
+    launch: LaunchFn,
+}
+
+// SAFETY: the library's entry point is a plain function, and it serialises launches itself.
+unsafe impl Sync for Emulator {}
+unsafe impl Send for Emulator {}
+
+/// The names of every `extern "C" __global__` kernel in `source` (a .cu file).
+pub fn kernel_names(source: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for (i, _) in source.match_indices("extern \"C\" __global__ void") {
+        let mut rest = source[i + "extern \"C\" __global__ void".len()..].trim_start();
+        if let Some(after) = rest.strip_prefix("__launch_bounds__(") {
+            rest = after[after.find(')').map_or(0, |p| p + 1)..].trim_start();
+        }
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// Every kernels/*.cu, sorted.
+fn kernel_files(kernels: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(kernels)
+        .expect("kernels/")
+        .map(|e| e.expect("kernels/ entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The two generated includes of all_kernels.cpp: every source, and `KERNEL(name),` for every
+/// kernel in them (the emulator's name table), so no list of kernels is kept by hand.
+fn write_includes(kernels: &std::path::Path, dir: &std::path::Path) {
+    let files = kernel_files(kernels);
+    let sources: String = files
+        .iter()
+        .map(|p| format!("#include \"{}\"\n", p.display()))
+        .collect();
+    let table: String = files
+        .iter()
+        .flat_map(|p| kernel_names(&std::fs::read_to_string(p).expect("a kernel source")))
+        .map(|name| format!("        KERNEL({name}),\n"))
+        .collect();
+    std::fs::write(dir.join("kernel_sources.inc"), sources).expect("write the source list");
+    std::fs::write(dir.join("kernel_table.inc"), table).expect("write the kernel table");
+}
+
+fn build() -> Option<Emulator> {
+    let repo = super::common::repo();
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let dir = std::env::temp_dir().join(format!("invaspread-emulator-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    write_includes(&repo.join("kernels"), &dir);
+    let lib = dir.join("libkernels_emulated.so");
+    let out = match Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-shared",
+            "-fPIC",
+            "-Wno-unknown-pragmas",
+        ])
+        .arg("-I")
+        .arg(repo.join("kernels"))
+        .arg("-I")
+        .arg(&dir)
+        .arg(repo.join("tests/emulator/all_kernels.cpp"))
+        .arg("-o")
+        .arg(&lib)
+        .output()
+    {
+        Ok(out) => out,
+        Err(_) => return None, // no compiler
+    };
+    assert!(
+        out.status.success(),
+        "building the kernel emulator failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = CString::new(lib.to_str().unwrap()).unwrap();
+    // SAFETY: dlopen/dlsym of the library just built; the symbol has the LaunchFn signature
+    // (all_kernels.cpp). The handle is never closed (the tests hold the function for good).
+    unsafe {
+        let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW);
+        assert!(!handle.is_null(), "dlopen of the kernel emulator failed");
+        let sym = libc::dlsym(handle, c"emu_launch".as_ptr());
+        assert!(!sym.is_null(), "emu_launch missing");
+        Some(Emulator {
+            launch: std::mem::transmute::<*mut c_void, LaunchFn>(sym),
+        })
+    }
+}
+
+/// The emulator, or None after printing `SKIPPED (no C++ compiler): test`.
+pub fn emulator(test: &str) -> Option<&'static Emulator> {
+    static EMU: OnceLock<Option<Emulator>> = OnceLock::new();
+    let e = EMU.get_or_init(build).as_ref();
+    if e.is_none() {
+        eprintln!("SKIPPED (no C++ compiler): {test}");
+    }
+    e
+}
+
+/// TF32 keeps 10 mantissa bits: round to nearest, ties away from zero (cvt.rna.tf32.f32).
+fn tf32(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    f32::from_bits((x.to_bits() + 0x1000) & !0x1fff)
+}
+
+/// bf16 keeps 7: round to nearest even, as `f32_to_bf16_v1` and the `half` crate.
+fn bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// `len` elements at `ptr`, or none (a null pointer is allowed for an empty operand).
+///
+/// # Safety
+/// Unless `len` is 0, `ptr` addresses `len` live elements.
+unsafe fn host_slice<'a, T>(ptr: *const T, len: usize) -> &'a [T] {
+    if len == 0 {
+        &[]
+    } else {
+        // SAFETY: the caller's guarantee.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+}
+
+impl Queue for Emulator {
+    unsafe fn launch(
+        &self,
+        kernel: Kernel,
+        geometry: Geometry,
+        args: &mut KernelArgs,
+    ) -> Result<()> {
+        if geometry.grid.2 != 1 || geometry.shared_bytes != 0 {
+            return Err(Error::invalid(format!(
+                "{}: the emulator runs 2-d grids without dynamic shared memory, got {geometry:?}",
+                kernel.name
+            )));
+        }
+        let name = CString::new(kernel.name).expect("kernel names have no NUL");
+        let mut params = args.pointers();
+        // SAFETY: the launcher's contract (Queue::launch) holds for the emulator too: one
+        // pointer per parameter, to a value of its C type; addresses are host memory.
+        let rc = unsafe {
+            (self.launch)(
+                name.as_ptr(),
+                geometry.grid.0,
+                geometry.grid.1,
+                geometry.block,
+                params.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(Error::invalid(format!(
+                "no kernel {} in the emulator",
+                kernel.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn gemm(&self, g: &Gemm<'_>) -> Result<()> {
+        g.check()?;
+        let round: fn(f32) -> f32 = match g.precision {
+            GemmPrecision::F32 => |x| x,
+            GemmPrecision::Tf32 => tf32,
+            GemmPrecision::Bf16 => bf16,
+        };
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        // SAFETY: the tests make every address from host memory (DevPtr::host) of the lengths
+        // `check` has just compared with the product's extents.
+        let (a, b, c) = unsafe {
+            (
+                host_slice(g.a.addr() as *const f32, g.a.len()),
+                host_slice(g.b.addr() as *const f32, g.b.len()),
+                std::slice::from_raw_parts_mut(g.c.addr() as *mut f32, g.c.len()),
+            )
+        };
+        for i in 0..g.m {
+            for j in 0..g.n {
+                let s: f64 = (0..g.k)
+                    .map(|l| {
+                        let x = round(a[g.a_index(i, l)]);
+                        let y = round(b[g.b_index(l, j)]);
+                        f64::from(x) * f64::from(y)
+                    })
+                    .sum();
+                let out = &mut c[i * g.ldc + j];
+                let old = if g.beta == 0.0 { 0.0 } else { f64::from(*out) };
+                *out = (f64::from(g.alpha) * s + f64::from(g.beta) * old) as f32;
+            }
+        }
+        Ok(())
+    }
+
+    fn read<T: bytemuck::Pod>(&self, src: DevPtr<'_, T>, dst: &mut [T]) -> Result<()> {
+        assert_eq!(src.len(), dst.len(), "read lengths");
+        // SAFETY: host memory of src.len() elements (DevPtr::host), launches are synchronous.
+        let host = unsafe { host_slice(src.addr() as *const T, src.len()) };
+        dst.copy_from_slice(host);
+        Ok(())
+    }
+}

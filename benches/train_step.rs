@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use invaspread::cuda::blas::GemmPrecision;
+use invaspread::cuda::GemmPrecision;
 use invaspread::loss::LossConfig;
 use invaspread::names::Named;
 use invaspread::nn::backend::Backend;

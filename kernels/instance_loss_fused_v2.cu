@@ -1,6 +1,6 @@
 // Fused v2: tiled, recomputed, O(N) extra memory, at most 3 launches, deterministic.
 //
-// Nothing N x N and not even the normalised F is stored: tiles of F are formed on load as
+// Nothing N x N and not even the normalized F is stored: tiles of F are formed on load as
 // z * (1 / max(||z||, eps)). A block owns 64 rows and sweeps all keys in tiles of 64; the
 // 64 x 64 similarity tile is computed in shared memory chunks of 32 columns of d, each of the
 // 256 threads holding a 4 x 4 micro-tile (rows ty + 16 i, columns tx + 16 j; ty = tid / 16,
@@ -13,8 +13,8 @@
 //   1. instance_loss_norms_v2   norms, 1/max(norms, eps)                 grid ceil(N/8), block 256
 //   2. instance_loss_query_v2   row scalars, the loss (last block sums the blocks' partial sums
 //                               in block order), dF_query into dz; query-only: then
-//                               dz = normalisation backward of dF in place   grid ceil(N/64), 256
-//   3. instance_loss_key_v2     both-sides only: dz_b += key-side term, then the normalisation
+//                               dz = normalization backward of dF in place   grid ceil(N/64), 256
+//   3. instance_loss_key_v2     both-sides only: dz_b += key-side term, then the normalization
 //                               backward                                 grid ceil(N/64), 256
 // Extra memory: norms, 1/norms, five row scalars and one partial sum per block: O(N).
 // Shapes: z, dz N x d float32 row-major; any even N >= 4 and any d >= 1 (tails masked).

@@ -1,4 +1,4 @@
-// Row L2-normalisation, forward and backward: the first and last step of the instance loss.
+// Row L2-normalization, forward and backward: the first and last step of the instance loss.
 //
 // Math (row a of an N x d row-major matrix; eps = 1e-12 as torch's F.normalize):
 //   forward:  norm_a = ||z_a||,  f_a = z_a / max(norm_a, eps)

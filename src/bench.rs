@@ -106,7 +106,7 @@ pub fn median_time(
 }
 
 /// Device memory (GPU) or heap (CPU) beyond z and dz that the fused CPU path needs: the
-/// normalised F, dF, one B x N buffer per thread and the row scalars.
+/// normalized F, dF, one B x N buffer per thread and the row scalars.
 pub fn cpu_fused_extra_bytes(
     n: usize,
     d: usize,

@@ -1,5 +1,5 @@
 //! Metrics of embeddings, on the host: weighted kNN top-1 (Wu et al. 2018), Recall@K, and NMI
-//! of k-means clusters. Embeddings are rows of `d` floats, L2-normalised; the neighbour search
+//! of k-means clusters. Embeddings are rows of `d` floats, L2-normalized; the neighbour search
 //! is `ops::topk` (`nn::embed::knn_top1` runs it on a training backend).
 
 use rand::Rng;
@@ -147,7 +147,7 @@ pub fn kmeans(x: &[f32], d: usize, k: usize, seed: u64) -> Vec<usize> {
     assign
 }
 
-/// Normalised mutual information, 2 I(U; V) / (H(U) + H(V)) (scikit-learn's default).
+/// Normalized mutual information, 2 I(U; V) / (H(U) + H(V)) (scikit-learn's default).
 pub fn nmi(a: &[usize], b: &[usize]) -> f64 {
     let n = a.len() as f64;
     let (ka, kb) = (

@@ -155,3 +155,114 @@ fn cuda_loss_kernels_need_the_cuda_device() {
         "{stderr}"
     );
 }
+
+/// The loss and kNN columns of a metrics.csv (the seconds differ between runs).
+fn loss_and_knn(dir: &std::path::Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(dir.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[2].to_string(), f[3].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn train_config_replays_a_finished_run_and_flags_override_its_fields() {
+    let root = std::env::temp_dir().join(format!("invaspread-cli-config-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (a, b, c) = (root.join("a"), root.join("b"), root.join("c"));
+    let short = ["--steps", "6", "--batch", "32", "--k", "20", "--seed", "3"];
+    let run = invaspread(
+        &[
+            &["--threads", "2", "train", "--out", a.to_str().unwrap()],
+            &short[..],
+            &["--lr", "0.05"],
+        ]
+        .concat(),
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // config.json is JSON with the schedule as an object, and every flag given is in it.
+    let config = a.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(value["schedule"]["kind"], "step", "{text}");
+    assert_eq!(value["sgd"]["lr"], 0.05, "{text}");
+    assert_eq!(value["seed"], 3, "{text}");
+    assert_eq!(value["recorded"]["threads"], 2, "{text}");
+
+    let cfg = config.to_str().unwrap();
+    let replay = invaspread(&[
+        "--threads",
+        "2",
+        "train",
+        "--config",
+        cfg,
+        "--out",
+        b.to_str().unwrap(),
+    ]);
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert_eq!(loss_and_knn(&a), loss_and_knn(&b), "the replay differs");
+    let (ra, rb) = (
+        std::fs::read_to_string(a.join("steps.csv")).unwrap(),
+        std::fs::read_to_string(b.join("steps.csv")).unwrap(),
+    );
+    assert_eq!(ra, rb, "the replay's step losses differ");
+
+    // A flag given with --config overrides that field only.
+    let over = invaspread(&[
+        "--threads",
+        "2",
+        "train",
+        "--config",
+        cfg,
+        "--out",
+        c.to_str().unwrap(),
+        "--steps",
+        "3",
+    ]);
+    assert!(
+        over.status.success(),
+        "{}",
+        String::from_utf8_lossy(&over.stderr)
+    );
+    let value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (value["steps"].as_u64(), value["sgd"]["lr"].as_f64()),
+        (Some(3), Some(0.05))
+    );
+    let (rc, ra) = (
+        std::fs::read_to_string(c.join("steps.csv")).unwrap(),
+        ra.lines().take(4).collect::<Vec<_>>().join("\n") + "\n",
+    );
+    assert_eq!(rc, ra, "the first 3 steps of the overridden replay differ");
+
+    // A bad field: the error names the file, the field and the value.
+    let bad = root.join("bad.json");
+    std::fs::write(&bad, text.replace("\"lr\": 0.05", "\"lr\": \"fast\"")).unwrap();
+    let err = invaspread(&[
+        "train",
+        "--config",
+        bad.to_str().unwrap(),
+        "--out",
+        root.join("d").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert!(!err.status.success());
+    assert!(
+        stderr.contains("bad.json") && stderr.contains("sgd.lr") && stderr.contains("\"fast\""),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -7,7 +7,7 @@ use invaspread::testing::{adversarial_matrix, random_matrix, rng, scaled_grad_er
 
 /// Tolerances: f64 agrees to rounding; f32 (SIMD exp/ln, f32 GEMM, f64 row sums) far under
 /// 1e-3. Adversarial f32 inputs get 1e-4: near-duplicate rows make dL/df_a almost parallel to
-/// f_a, and the normalisation backward's projection then cancels in float32.
+/// f_a, and the normalization backward's projection then cancels in float32.
 fn tolerance<T: CpuFloat>(adversarial: bool) -> f64 {
     match (T::LANES == 8, adversarial) {
         (true, false) => 2e-5,

@@ -14,7 +14,8 @@
 mod common;
 mod emulator;
 
-use invaspread::cuda::blas::{to_bf16, GemmPrecision};
+use invaspread::cuda::blas::to_bf16;
+use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::{Carve, DevPtr, DevPtrMut};
 use invaspread::loss::cuda::{self as loss_cuda, CudaLossVersion, Scratch};
 use invaspread::loss::{reference, GradSemantics, LossConfig};

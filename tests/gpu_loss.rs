@@ -8,7 +8,7 @@ use invaspread::names::Named;
 use invaspread::testing::{adversarial_matrix, gpu_or_skip, random_matrix, rng, scaled_grad_error};
 
 /// float32 on the GPU: far under 1e-3 (cuda.md); adversarial inputs lose more in the
-/// normalisation backward's projection (see tests/cpu_loss.rs).
+/// normalization backward's projection (see tests/cpu_loss.rs).
 fn tolerance(adversarial: bool) -> f64 {
     if adversarial {
         2e-4

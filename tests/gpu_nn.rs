@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use invaspread::cuda::blas::GemmPrecision;
+use invaspread::cuda::GemmPrecision;
 use invaspread::loss::LossConfig;
 use invaspread::names::Named;
 use invaspread::nn::backend::Backend;
@@ -22,7 +22,7 @@ use invaspread::nn::params::{Param, ParamStore};
 use invaspread::nn::step::train_step;
 use invaspread::ops::conv2d::Conv;
 use invaspread::ops::normalize_rows::cpu::forward as normalize;
-use invaspread::ops::sgd::SgdStep;
+use invaspread::ops::sgd::{SgdStep, Tensors};
 use invaspread::ops::{batchnorm, conv2d, linear, Grad, Shape4};
 use invaspread::testing::{gpu_or_skip, random_matrix, rng};
 
@@ -488,7 +488,15 @@ fn sgd_on<B: Backend>(b: &B, lens: &[usize], nesterov: bool) -> Vec<Vec<f32>> {
             nesterov,
             first,
         };
-        b.sgd_update_all(&mut params, &step).unwrap();
+        let mut tensors: Vec<Tensors<'_, B::Buffer>> = params
+            .iter_mut()
+            .map(|p| Tensors {
+                w: &mut p.value,
+                g: &p.grad,
+                v: &mut p.momentum,
+            })
+            .collect();
+        b.sgd_update_all(&mut tensors, &step).unwrap();
     }
     params
         .iter()

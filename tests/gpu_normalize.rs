@@ -1,4 +1,4 @@
-//! The row-normalisation kernels against the CPU version (float64 accumulation). Skips without
+//! The row-normalization kernels against the CPU version (float64 accumulation). Skips without
 //! a GPU (`SKIPPED (no GPU): ...`), fails under REQUIRE_GPU=1.
 
 use invaspread::cuda::{DevPtr, DevPtrMut};

@@ -5,7 +5,7 @@ use invaspread::loss::reference::{instance_loss, loss_with_fixed_keys};
 use invaspread::loss::{GradSemantics, LossConfig};
 use invaspread::testing::{random_matrix, rng};
 
-/// loss.md's test vector: N = 4, d = 3, tau = 0.5, F already normalised (8 digits).
+/// loss.md's test vector: N = 4, d = 3, tau = 0.5, F already normalized (8 digits).
 const F: [f64; 12] = [
     0.78710704,
     0.58950303,

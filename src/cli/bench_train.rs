@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use invaspread::cuda::blas::GemmPrecision;
+use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::Gpu;
 use invaspread::loss::LossConfig;
 use invaspread::names::Named;

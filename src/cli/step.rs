@@ -20,7 +20,7 @@ pub struct StepArgs {
     /// The model before the step (a checkpoint written by `train`).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// The batch: float32 N x 3 x H x W, already normalised; rows 0..N/2 view A, N/2..N view B.
+    /// The batch: float32 N x 3 x H x W, already normalized; rows 0..N/2 view A, N/2..N view B.
     #[arg(long, value_name = "X.npy")]
     input: PathBuf,
     /// Where to write the model after the step.

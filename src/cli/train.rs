@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::parser::ValueSource;
 use clap::ArgMatches;
-use invaspread::cuda::blas::GemmPrecision;
+use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::Gpu;
 use invaspread::loss::cuda::CudaLossVersion;
 use invaspread::loss::GradSemantics;

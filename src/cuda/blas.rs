@@ -11,102 +11,11 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::cublas::{CudaBlas, GemmConfig};
 use cudarc::driver::CudaSlice;
 
-use super::launch::{to_i32, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue};
+use super::launch::{
+    to_i32, DevPtr, DevPtrMut, Gemm, GemmPrecision, Geometry, Kernel, KernelArgs, Queue,
+};
 use super::Gpu;
 use crate::error::{Error, Result};
-
-/// How a GEMM multiplies. Storage and accumulation are float32 in every mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum GemmPrecision {
-    /// Full float32 SGEMM (the parity tests use it).
-    #[default]
-    F32,
-    /// TF32 tensor cores on float32 data (10-bit mantissa products, float32 sums); what
-    /// PyTorch uses for cuDNN convolutions by default.
-    Tf32,
-    /// Operands rounded to bfloat16, float32 accumulation (mixed precision).
-    Bf16,
-}
-crate::serde_by_name!(GemmPrecision);
-
-/// Row-major C (m x n) = alpha op(A) op(B) + beta C, where op(A) is m x k and op(B) is k x n;
-/// `lda`, `ldb`, `ldc` are row strides of the matrices as stored.
-#[derive(Debug)]
-pub struct Gemm<'a> {
-    pub trans_a: bool,
-    pub trans_b: bool,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub alpha: f32,
-    pub a: DevPtr<'a, f32>,
-    pub lda: usize,
-    pub b: DevPtr<'a, f32>,
-    pub ldb: usize,
-    pub beta: f32,
-    pub c: DevPtrMut<'a, f32>,
-    pub ldc: usize,
-    pub precision: GemmPrecision,
-}
-
-/// Elements a row-major `rows` x `cols` matrix with row stride `ld` spans, or an error when
-/// the stride is shorter than a row.
-fn extent(what: &str, rows: usize, cols: usize, ld: usize) -> Result<usize> {
-    if rows == 0 || cols == 0 {
-        return Ok(0);
-    }
-    if ld < cols {
-        return Err(Error::invalid(format!(
-            "GEMM {what}: row stride {ld} is shorter than its {cols} columns"
-        )));
-    }
-    Ok((rows - 1) * ld + cols)
-}
-
-impl Gemm<'_> {
-    /// Checks that every operand's buffer holds the matrix its dimensions and stride describe.
-    pub fn check(&self) -> Result<()> {
-        let (ar, ac) = if self.trans_a {
-            (self.k, self.m)
-        } else {
-            (self.m, self.k)
-        };
-        let (br, bc) = if self.trans_b {
-            (self.n, self.k)
-        } else {
-            (self.k, self.n)
-        };
-        for (what, need, have) in [
-            ("A", extent("A", ar, ac, self.lda)?, self.a.len()),
-            ("B", extent("B", br, bc, self.ldb)?, self.b.len()),
-            ("C", extent("C", self.m, self.n, self.ldc)?, self.c.len()),
-        ] {
-            if have < need {
-                return Err(Error::invalid(format!(
-                    "GEMM {what}: a buffer of {have} floats, the {}x{}x{} product needs {need}",
-                    self.m, self.n, self.k
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Element (i, l) of op(A) and (l, j) of op(B) as offsets into their buffers.
-    pub fn a_index(&self, i: usize, l: usize) -> usize {
-        if self.trans_a {
-            l * self.lda + i
-        } else {
-            i * self.lda + l
-        }
-    }
-    pub fn b_index(&self, l: usize, j: usize) -> usize {
-        if self.trans_b {
-            j * self.ldb + l
-        } else {
-            l * self.ldb + j
-        }
-    }
-}
 
 /// cuBLAS's column-major call for the row-major product C (m x n) = alpha op(A) op(B) + beta C
 /// (op(A) m x k, op(B) k x n, row strides lda, ldb, ldc). A row-major matrix is, to cuBLAS,

@@ -4,8 +4,8 @@
 //! | module | what it holds |
 //! |---|---|
 //! | this file | [`Gpu`]: a device handle that never panics when CUDA is missing, its stream, a lazily filled cache of the kernel modules build.rs compiled and embedded, and its [`Queue`] implementation |
-//! | [`launch`] | [`DevPtr`]/[`DevPtrMut`], [`KernelArgs`], [`Geometry`], the [`Queue`] trait (a GPU or the tests' emulator), size checks, NVTX phases |
-//! | [`blas`] | [`Gemm`](blas::Gemm), the row-major to cuBLAS mapping, [`GemmPrecision`](blas::GemmPrecision), one handle per GPU |
+//! | [`launch`] | [`DevPtr`]/[`DevPtrMut`], [`KernelArgs`], [`Geometry`], a row-major [`Gemm`] in a [`GemmPrecision`], the [`Queue`] trait (a GPU or the tests' emulator), size checks, NVTX phases |
+//! | [`blas`] | the cuBLAS front: one handle per GPU, the tested row-major to column-major mapping, bf16 operand conversion |
 //! | [`staging`] | pinned staged uploads on a copy stream, asynchronous read-backs |
 //!
 //! libcuda is opened at run time (cudarc's dynamic loading), so nothing CUDA is needed to build,
@@ -22,7 +22,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 pub use launch::{
-    check_len, phase, to_i32, Carve, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue, BLOCK,
+    check_len, phase, to_i32, Carve, DevPtr, DevPtrMut, Gemm, GemmPrecision, Geometry, Kernel,
+    KernelArgs, Queue, BLOCK,
 };
 
 use crate::error::{Error, Result};
@@ -250,7 +251,7 @@ impl Queue for Gpu {
         .map_err(|e| Error::Cuda(format!("launching {}: {e}", kernel.name)))
     }
 
-    fn gemm(&self, gemm: &blas::Gemm<'_>) -> Result<()> {
+    fn gemm(&self, gemm: &Gemm<'_>) -> Result<()> {
         self.blas()?.gemm(self, gemm)
     }
 

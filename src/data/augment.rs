@@ -206,8 +206,8 @@ pub fn adjust_hue(img: &mut [f32], shift: f32) {
     }
 }
 
-/// Converts HWC [0, 1] to normalised CHW.
-pub fn normalise_chw(img: &[f32], size: usize, out: &mut [f32]) {
+/// Converts HWC [0, 1] to normalized CHW.
+pub fn normalize_chw(img: &[f32], size: usize, out: &mut [f32]) {
     let plane = size * size;
     for (i, p) in img.chunks_exact(3).enumerate() {
         for c in 0..3 {
@@ -253,7 +253,7 @@ pub fn draw(rng: &mut impl Rng, size: usize, cfg: &AugmentConfig) -> Draws {
     }
 }
 
-/// One augmented view of an HWC u8 image of side `size`, as normalised CHW f32.
+/// One augmented view of an HWC u8 image of side `size`, as normalized CHW f32.
 pub fn augment(img: &[u8], size: usize, cfg: &AugmentConfig, rng: &mut impl Rng, out: &mut [f32]) {
     let d = draw(rng, size, cfg);
     let src: Vec<f32> = img.iter().map(|&v| f32::from(v) / 255.0).collect();
@@ -283,13 +283,13 @@ pub fn augment(img: &[u8], size: usize, cfg: &AugmentConfig, rng: &mut impl Rng,
             }
         }
     }
-    normalise_chw(&x, size, out);
+    normalize_chw(&x, size, out);
 }
 
-/// The test transform: only the normalisation.
+/// The test transform: only the normalization.
 pub fn test_transform(img: &[u8], size: usize, out: &mut [f32]) {
     let src: Vec<f32> = img.iter().map(|&v| f32::from(v) / 255.0).collect();
-    normalise_chw(&src, size, out);
+    normalize_chw(&src, size, out);
 }
 
 /// A training batch: view A of every image, then view B of every image (the loss's layout),

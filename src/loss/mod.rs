@@ -117,5 +117,5 @@ pub fn partner(a: usize, n: usize) -> usize {
     (a + n / 2) % n
 }
 
-/// F.normalize's clamp on the norm (loss.md), the normalisation op's.
+/// F.normalize's clamp on the norm (loss.md), the normalization op's.
 pub use crate::ops::normalize_rows::NORM_EPS;

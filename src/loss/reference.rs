@@ -20,7 +20,7 @@ pub struct ReferenceOutput {
     pub loss: f64,
     /// The per-row terms l_a.
     pub row_losses: Vec<f64>,
-    /// dL/dF (N x d, row-major), before the normalisation backward; present when asked for.
+    /// dL/dF (N x d, row-major), before the normalization backward; present when asked for.
     pub grad_f: Option<Vec<f64>>,
     /// dL/dz (N x d, row-major), with respect to the raw input; present when asked for.
     pub grad_z: Option<Vec<f64>>,
@@ -94,7 +94,7 @@ pub fn instance_loss<T: Copy + Into<f64> + Sync>(
 }
 
 /// The loss with each row's query taken from `z_query` and every key from `z_keys` (both N x d,
-/// normalised here). At `z_query == z_keys` it equals [`instance_loss`]; its gradient in
+/// normalized here). At `z_query == z_keys` it equals [`instance_loss`]; its gradient in
 /// `z_query` with the keys held fixed is the `query-only` gradient, which is how tests check it
 /// by finite differences.
 pub fn loss_with_fixed_keys(
@@ -107,7 +107,7 @@ pub fn loss_with_fixed_keys(
     cfg.validate()?;
     validate_input(z_query, n, d)?;
     validate_input(z_keys, n, d)?;
-    let normalise = |z: &[f64]| -> Vec<f64> {
+    let normalize = |z: &[f64]| -> Vec<f64> {
         z.chunks_exact(d)
             .flat_map(|row| {
                 let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(NORM_EPS);
@@ -115,7 +115,7 @@ pub fn loss_with_fixed_keys(
             })
             .collect()
     };
-    let (q, k) = (normalise(z_query), normalise(z_keys));
+    let (q, k) = (normalize(z_query), normalize(z_keys));
     let total: f64 = (0..n)
         .map(|a| row_terms(&q[a * d..(a + 1) * d], &k, n, d, a, cfg, false).loss)
         .sum();
@@ -149,7 +149,7 @@ struct RowTerms {
     g: Vec<f64>,
 }
 
-/// Row `a` as a query: `fa` is its normalised query, `f` holds the N normalised keys.
+/// Row `a` as a query: `fa` is its normalized query, `f` holds the N normalized keys.
 fn row_terms(
     fa: &[f64],
     f: &[f64],

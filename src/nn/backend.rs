@@ -5,10 +5,9 @@
 //! Parameter gradients are always accumulated (`+=`); an input's gradient is a [`Grad`]:
 //! written, or added when another consumer of the same value already wrote one.
 
-use super::params::Param;
 use crate::error::Result;
 use crate::loss::LossConfig;
-use crate::ops::sgd::SgdStep;
+use crate::ops::sgd::{SgdStep, Tensors};
 use crate::ops::topk::Neighbours;
 use crate::ops::{batchnorm, conv2d, linear, Grad, Shape4};
 
@@ -82,7 +81,7 @@ pub trait Backend: Send + Sync + Sized {
     ) -> Result<()>;
     fn linear_forward(&self, a: linear::Forward<In<'_, Self>, Out<'_, Self>>) -> Result<()>;
     fn linear_backward(&self, a: linear::Backward<In<'_, Self>, Out<'_, Self>>) -> Result<()>;
-    /// The instance loss (with its normalisation) of z (`shape` = (N, d)): writes L into
+    /// The instance loss (with its normalization) of z (`shape` = (N, d)): writes L into
     /// `loss` (one element) and dL/dz into `dz`, without waiting for the device.
     fn instance_loss(
         &self,
@@ -92,7 +91,7 @@ pub trait Backend: Send + Sync + Sized {
         loss: Out<'_, Self>,
         dz: Out<'_, Self>,
     ) -> Result<()>;
-    /// y = each row of x (`shape` = (N, d)) divided by its L2 norm (as the loss normalises).
+    /// y = each row of x (`shape` = (N, d)) divided by its L2 norm (as the loss normalizes).
     fn normalize_rows(
         &self,
         x: In<'_, Self>,
@@ -103,8 +102,12 @@ pub trait Backend: Send + Sync + Sized {
     /// few steps, a batch of embeddings into the bank).
     fn copy_into(&self, src: In<'_, Self>, dst: Out<'_, Self>, at: usize) -> Result<()>;
     /// SGD (PyTorch's update, `ops::sgd`) on every parameter.
-    fn sgd_update_all(&self, params: &mut [Param<Self>], step: &SgdStep) -> Result<()>;
-    /// For each row of `queries` (L2-normalised, d wide), its `k` most similar rows of `keys`
+    fn sgd_update_all(
+        &self,
+        params: &mut [Tensors<'_, Self::Buffer>],
+        step: &SgdStep,
+    ) -> Result<()>;
+    /// For each row of `queries` (L2-normalized, d wide), its `k` most similar rows of `keys`
     /// as (similarity, index), best first (ties: lower index first).
     fn nearest(
         &self,

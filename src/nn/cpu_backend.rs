@@ -5,11 +5,10 @@
 use std::marker::PhantomData;
 
 use super::backend::{Backend, In, Out, PendingRead};
-use super::params::Param;
 use crate::error::{Error, Result};
 use crate::loss::{cpu as cpu_loss, reference, LossConfig};
 use crate::ops::batchnorm::cpu::BnSaved;
-use crate::ops::sgd::SgdStep;
+use crate::ops::sgd::{SgdStep, Tensors};
 use crate::ops::topk::Neighbours;
 use crate::ops::{
     batchnorm, conv2d, elementwise, linear, normalize_rows, pool, sgd, topk, Grad, Shape4,
@@ -187,9 +186,9 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             ))),
         }
     }
-    fn sgd_update_all(&self, params: &mut [Param<Self>], step: &SgdStep) -> Result<()> {
+    fn sgd_update_all(&self, params: &mut [Tensors<'_, Vec<T>>], step: &SgdStep) -> Result<()> {
         for p in params {
-            sgd::cpu::update(&mut p.value, &p.grad, &mut p.momentum, step);
+            sgd::cpu::update(p.w, p.g, p.v, step);
         }
         Ok(())
     }

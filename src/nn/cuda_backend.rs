@@ -15,14 +15,13 @@ use cudarc::driver::CudaSlice;
 use serde::{Deserialize, Serialize};
 
 use super::backend::{Backend, In, Out, PendingRead};
-use super::params::Param;
-use crate::cuda::blas::GemmPrecision;
 use crate::cuda::staging::{read_later, Uploader};
+use crate::cuda::GemmPrecision;
 use crate::cuda::{DevPtr, DevPtrMut, Gpu};
 use crate::error::{Error, Result};
 use crate::loss::cuda::{validate_for_kernels, CudaLoss, CudaLossVersion};
 use crate::loss::LossConfig;
-use crate::ops::sgd::{SgdStep, SgdTensor};
+use crate::ops::sgd::{SgdStep, SgdTensor, Tensors};
 use crate::ops::topk::Neighbours;
 use crate::ops::{
     batchnorm, conv2d, elementwise, linear, normalize_rows, pool, sgd, topk, Grad, Shape4,
@@ -405,13 +404,17 @@ impl Backend for CudaBackend {
         self.gpu.stream().memcpy_dtod(src, &mut to)?;
         Ok(())
     }
-    fn sgd_update_all(&self, params: &mut [Param<Self>], step: &SgdStep) -> Result<()> {
+    fn sgd_update_all(
+        &self,
+        params: &mut [Tensors<'_, CudaSlice<f32>>],
+        step: &SgdStep,
+    ) -> Result<()> {
         let refs: Vec<sgd::cuda::TensorRef<'_>> = params
             .iter()
             .map(|p| sgd::cuda::TensorRef {
-                w: dev(&p.value),
-                g: dev(&p.grad),
-                v: dev(&p.momentum),
+                w: dev(p.w),
+                g: dev(p.g),
+                v: dev(p.v),
             })
             .collect();
         let (host, blocks) = sgd::cuda::table(&refs)?;

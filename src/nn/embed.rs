@@ -1,5 +1,5 @@
 //! Embeddings of a dataset split under the test transform (batchnorm in eval mode), kept on
-//! the graph's backend and L2-normalised there, and the weighted kNN over them: the neighbour
+//! the graph's backend and L2-normalized there, and the weighted kNN over them: the neighbour
 //! search runs on the backend, the vote ([`eval::weighted_vote_accuracy`]) on the host.
 
 use super::backend::Backend;
@@ -13,7 +13,7 @@ use crate::ops::Shape4;
 /// Images per forward pass of the evaluation.
 pub const EVAL_BATCH: usize = 256;
 
-/// The split's L2-normalised embeddings (N x 128) as one buffer of `graph`'s backend, in
+/// The split's L2-normalized embeddings (N x 128) as one buffer of `graph`'s backend, in
 /// batches of `batch` images.
 pub fn embed_split<B: Backend>(
     graph: &mut Graph<B>,

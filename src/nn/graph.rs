@@ -291,7 +291,7 @@ impl<B: Backend> Graph<B> {
         Ok(Var(i))
     }
 
-    /// The instance loss of `z` (N x d; normalised inside), a scalar node. Its gradient is
+    /// The instance loss of `z` (N x d; normalized inside), a scalar node. Its gradient is
     /// formed in the forward pass (the fused loss computes both) and applied in backward.
     pub fn instance_loss(&mut self, z: Var, cfg: &LossConfig) -> Result<Var> {
         let zs = self.shape(z);
@@ -380,114 +380,142 @@ impl<B: Backend> Graph<B> {
             }
             let op = self.nodes[i].op.clone();
             let (before, node) = split(&mut self.nodes, i);
-            let b = &self.backend;
-            let params = &mut self.params;
             // Whether input x already holds a gradient (then add), and mark it as holding one.
             let mut take = |x: Var| std::mem::replace(&mut ready[x.0], true);
-            match op {
-                Op::Input => {}
-                Op::Conv2d { x, w, conv } => {
-                    let xs = before[x.0].shape;
-                    let needs_dx = self.input_grads || !matches!(before[x.0].op, Op::Input);
-                    let acc = needs_dx && take(x);
-                    let p = &mut params.params[w.0];
-                    let xn = &mut before[x.0];
-                    b.conv2d_backward(conv2d::Backward {
+            let ctx = BackwardStep {
+                backend: &self.backend,
+                params: &mut self.params,
+                input_grads: self.input_grads,
+                is_root: i == root.0,
+            };
+            ctx.run(op, before, node, &mut take)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the backward pass of one node needs besides the node and its inputs.
+struct BackwardStep<'a, B: Backend> {
+    backend: &'a B,
+    params: &'a mut ParamStore<B>,
+    input_grads: bool,
+    is_root: bool,
+}
+
+impl<B: Backend> BackwardStep<'_, B> {
+    /// Sends the gradient of `node` (its value computed by `op` from `before`) to the op's
+    /// inputs and parameters; `take(x)` says whether x already holds a gradient, and marks it.
+    fn run(
+        self,
+        op: Op,
+        before: &mut [Node<B>],
+        node: &mut Node<B>,
+        take: &mut dyn FnMut(Var) -> bool,
+    ) -> Result<()> {
+        let (b, params) = (self.backend, self.params);
+        match op {
+            Op::Input => {}
+            Op::Conv2d { x, w, conv } => {
+                let xs = before[x.0].shape;
+                let needs_dx = self.input_grads || !matches!(before[x.0].op, Op::Input);
+                let acc = needs_dx && take(x);
+                let p = &mut params.params[w.0];
+                let xn = &mut before[x.0];
+                b.conv2d_backward(conv2d::Backward {
+                    x: &xn.value,
+                    xs,
+                    w: &p.value,
+                    conv,
+                    dy: &node.grad,
+                    dx: needs_dx.then(|| Grad::new(&mut xn.grad, acc)),
+                    dw: &mut p.grad,
+                })?;
+            }
+            Op::BatchNorm {
+                x,
+                bn,
+                gamma,
+                beta,
+                training,
+            } => {
+                let xs = before[x.0].shape;
+                let acc = take(x);
+                let bufs = &params.bns[bn.0];
+                let (pg, pb) = pair_mut(&mut params.params, gamma, beta);
+                let xn = &mut before[x.0];
+                b.batchnorm_backward(
+                    batchnorm::Backward {
                         x: &xn.value,
                         xs,
-                        w: &p.value,
-                        conv,
-                        dy: &node.grad,
-                        dx: needs_dx.then(|| Grad::new(&mut xn.grad, acc)),
-                        dw: &mut p.grad,
-                    })?;
-                }
-                Op::BatchNorm {
-                    x,
-                    bn,
-                    gamma,
-                    beta,
-                    training,
-                } => {
-                    let xs = before[x.0].shape;
-                    let acc = take(x);
-                    let bufs = &params.bns[bn.0];
-                    let (pg, pb) = pair_mut(&mut params.params, gamma, beta);
-                    let xn = &mut before[x.0];
-                    b.batchnorm_backward(
-                        batchnorm::Backward {
-                            x: &xn.value,
-                            xs,
-                            gamma: &pg.value,
-                            running_mean: &bufs.running_mean,
-                            running_var: &bufs.running_var,
-                            training,
-                            dy: &node.grad,
-                            dx: Some(Grad::new(&mut xn.grad, acc)),
-                            dgamma: &mut pg.grad,
-                            dbeta: &mut pb.grad,
-                        },
-                        &mut node.bn_saved,
-                    )?;
-                }
-                Op::Relu { x } => {
-                    let acc = take(x);
-                    let dx = Grad::new(&mut before[x.0].grad, acc);
-                    b.relu_backward(&node.value, &node.grad, dx)?;
-                }
-                Op::Add { a, b: other } => {
-                    let acc = take(a);
-                    b.copy_or_add(&node.grad, Grad::new(&mut before[a.0].grad, acc))?;
-                    let acc = take(other);
-                    b.copy_or_add(&node.grad, Grad::new(&mut before[other.0].grad, acc))?;
-                }
-                Op::AvgPool { x, k } => {
-                    let xs = before[x.0].shape;
-                    let acc = take(x);
-                    b.avgpool_backward(xs, k, &node.grad, Grad::new(&mut before[x.0].grad, acc))?;
-                }
-                Op::Flatten { x } => {
-                    let acc = take(x);
-                    b.copy_or_add(&node.grad, Grad::new(&mut before[x.0].grad, acc))?;
-                }
-                Op::Linear { x, w, b: bias, out } => {
-                    let xs = before[x.0].shape;
-                    let acc = take(x);
-                    let (pw, pb) = pair_mut(&mut params.params, w, bias);
-                    let xn = &mut before[x.0];
-                    b.linear_backward(linear::Backward {
-                        x: &xn.value,
-                        n: xs.n,
-                        w: &pw.value,
-                        out,
+                        gamma: &pg.value,
+                        running_mean: &bufs.running_mean,
+                        running_var: &bufs.running_var,
+                        training,
                         dy: &node.grad,
                         dx: Some(Grad::new(&mut xn.grad, acc)),
-                        dw: &mut pw.grad,
-                        db: &mut pb.grad,
-                    })?;
-                }
-                Op::InstanceLoss { z } => {
-                    let upstream = if i == root.0 {
-                        1.0
-                    } else {
-                        b.download_f64(&node.grad)?[0]
-                    };
-                    let acc = take(z);
-                    b.axpy(
-                        upstream,
-                        &node.scratch,
-                        Grad::new(&mut before[z.0].grad, acc),
-                    )?;
-                }
-                Op::WeightedSum { x } => {
-                    let upstream = b.download_f64(&node.grad)?[0];
-                    let acc = take(x);
-                    b.axpy(
-                        upstream,
-                        &node.scratch,
-                        Grad::new(&mut before[x.0].grad, acc),
-                    )?;
-                }
+                        dgamma: &mut pg.grad,
+                        dbeta: &mut pb.grad,
+                    },
+                    &mut node.bn_saved,
+                )?;
+            }
+            Op::Relu { x } => {
+                let acc = take(x);
+                let dx = Grad::new(&mut before[x.0].grad, acc);
+                b.relu_backward(&node.value, &node.grad, dx)?;
+            }
+            Op::Add { a, b: other } => {
+                let acc = take(a);
+                b.copy_or_add(&node.grad, Grad::new(&mut before[a.0].grad, acc))?;
+                let acc = take(other);
+                b.copy_or_add(&node.grad, Grad::new(&mut before[other.0].grad, acc))?;
+            }
+            Op::AvgPool { x, k } => {
+                let xs = before[x.0].shape;
+                let acc = take(x);
+                b.avgpool_backward(xs, k, &node.grad, Grad::new(&mut before[x.0].grad, acc))?;
+            }
+            Op::Flatten { x } => {
+                let acc = take(x);
+                b.copy_or_add(&node.grad, Grad::new(&mut before[x.0].grad, acc))?;
+            }
+            Op::Linear { x, w, b: bias, out } => {
+                let xs = before[x.0].shape;
+                let acc = take(x);
+                let (pw, pb) = pair_mut(&mut params.params, w, bias);
+                let xn = &mut before[x.0];
+                b.linear_backward(linear::Backward {
+                    x: &xn.value,
+                    n: xs.n,
+                    w: &pw.value,
+                    out,
+                    dy: &node.grad,
+                    dx: Some(Grad::new(&mut xn.grad, acc)),
+                    dw: &mut pw.grad,
+                    db: &mut pb.grad,
+                })?;
+            }
+            Op::InstanceLoss { z } => {
+                let upstream = if self.is_root {
+                    1.0
+                } else {
+                    b.download_f64(&node.grad)?[0]
+                };
+                let acc = take(z);
+                b.axpy(
+                    upstream,
+                    &node.scratch,
+                    Grad::new(&mut before[z.0].grad, acc),
+                )?;
+            }
+            Op::WeightedSum { x } => {
+                let upstream = b.download_f64(&node.grad)?[0];
+                let acc = take(x);
+                b.axpy(
+                    upstream,
+                    &node.scratch,
+                    Grad::new(&mut before[x.0].grad, acc),
+                )?;
             }
         }
         Ok(())

@@ -11,7 +11,7 @@
 //! | [`optim`] | SGD with momentum and weight decay; step and cosine schedules with warm-up |
 //! | [`checkpoint`] | safetensors files that PyTorch's `load_state_dict(strict=True)` takes |
 //! | [`step`] | one training step on two augmented views (used by the bench and the trainer) |
-//! | [`embed`] | L2-normalised embeddings of a dataset split on the backend, and the kNN over them |
+//! | [`embed`] | L2-normalized embeddings of a dataset split on the backend, and the kNN over them |
 
 pub mod backend;
 pub mod checkpoint;

@@ -1,6 +1,6 @@
 //! The encoders: CIFAR ResNet18 exactly as ../shared/notes/recipe.md (PyTorch's parameter
 //! names), and a small ConvNet for fast CPU runs. Both end in Linear(-> 128); the instance
-//! loss normalises.
+//! loss normalizes.
 
 use rand_chacha::ChaCha8Rng;
 
@@ -194,7 +194,7 @@ impl Model {
         g.batchnorm(y, cb.bn, cb.gamma, cb.beta, training)
     }
 
-    /// The embeddings z (N x 128, not normalised) of a batch of images `x` (N x 3 x H x W).
+    /// The embeddings z (N x 128, not normalized) of a batch of images `x` (N x 3 x H x W).
     /// `training` selects batch statistics (and updates the running ones) in batchnorm.
     pub fn forward<B: Backend>(&self, g: &mut Graph<B>, x: Var, training: bool) -> Result<Var> {
         let mut h = x;

@@ -13,7 +13,7 @@
 //! | [`linear`] | y = x W^T + b | GEMM | `linear.cu` (bias, column sums) + cuBLAS |
 //! | [`sgd`] | PyTorch's SGD on every parameter | per tensor | `sgd.cu`, one launch for all tensors |
 //! | [`topk`] | kNN search: the k most similar bank rows of each query | GEMM per query block + select | `topk.cu` after a cuBLAS GEMM |
-//! | [`normalize_rows`] | row L2-normalisation, forward and backward | float64 sums | `normalize_rows.cu` |
+//! | [`normalize_rows`] | row L2-normalization, forward and backward | float64 sums | `normalize_rows.cu` |
 //! | [`matmul`] | a handwritten tiled SGEMM (the unfused loss's baseline) | [`crate::linalg`] | `matmul.cu` |
 //! | [`reduce`] | the mean of N doubles in a fixed order | a sum | `reduce.cu` |
 //!

@@ -38,7 +38,7 @@ pub fn knn_accuracy<B: Backend>(
 /// Width of the random projection of raw pixels.
 const PIXEL_DIM: usize = 128;
 
-/// kNN top-1 on raw pixels (test transform, L2-normalised): the baseline learning must beat.
+/// kNN top-1 on raw pixels (test transform, L2-normalized): the baseline learning must beat.
 pub fn raw_pixel_knn(ds: &Dataset, knn: &KnnConfig) -> Result<f64> {
     // Pixels are projected to 128 dimensions by a fixed random matrix so that the same kNN code
     // applies; random projections keep cosine similarities (Johnson-Lindenstrauss).

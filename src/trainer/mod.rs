@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cuda::blas::GemmPrecision;
+use crate::cuda::GemmPrecision;
 use crate::cuda::Gpu;
 use crate::data::{DataConfig, Dataset};
 use crate::error::Result;

@@ -9,8 +9,8 @@ use std::ffi::{c_char, c_void, CString};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use invaspread::cuda::blas::{Gemm, GemmPrecision};
 use invaspread::cuda::{DevPtr, Geometry, Kernel, KernelArgs, Queue};
+use invaspread::cuda::{Gemm, GemmPrecision};
 use invaspread::{Error, Result};
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, *mut *mut c_void) -> i32;

@@ -1,9 +1,9 @@
 //! `fused-v2`: tiled and recomputed, O(N) extra memory, at most 3 launches
 //! (`kernels/instance_loss_fused_v2.cu`): instance_loss_norms_v2; instance_loss_query_v2 (64
 //! query rows a block in three sweeps over 64-key tiles: row scalars, the loss, whose last
-//! block sums the blocks' partial sums in order, and dF; query-only: the normalisation
+//! block sums the blocks' partial sums in order, and dF; query-only: the normalization
 //! backward in place); both-sides instance_loss_key_v2 (the keys' term, then the
-//! normalisation backward).
+//! normalization backward).
 
 use super::{LossParams, Scratch};
 use crate::cuda::{phase, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue, BLOCK};

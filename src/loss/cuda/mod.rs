@@ -128,7 +128,7 @@ pub struct RowScratch<'a> {
 pub struct Scratch<'a> {
     pub norms: DevPtrMut<'a, f32>,
     pub inv_norms: DevPtrMut<'a, f32>,
-    /// The normalised F and dL/dF before the normalisation backward (unfused and v1 only).
+    /// The normalized F and dL/dF before the normalization backward (unfused and v1 only).
     pub f: Option<DevPtrMut<'a, f32>>,
     pub df: Option<DevPtrMut<'a, f32>>,
     pub rows: RowScratch<'a>,

@@ -7,8 +7,8 @@
 //! dF = G F / (N tau) (+ G^T F both-sides) and normalize_rows_bwd_v1; finally row_mean_v1.
 
 use super::{LossParams, Scratch as LossScratch};
-use crate::cuda::blas::{Gemm, GemmPrecision};
 use crate::cuda::{phase, Carve, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue, BLOCK};
+use crate::cuda::{Gemm, GemmPrecision};
 use crate::error::{Error, Result};
 use crate::ops::matmul::{cuda::matmul_v1, Strides};
 use crate::ops::{normalize_rows, reduce};

@@ -134,7 +134,7 @@ pub fn train_forward<T: CpuFloat>(
     saved
 }
 
-/// Eval mode: the running statistics normalise.
+/// Eval mode: the running statistics normalize.
 pub fn eval_forward<T: CpuFloat>(
     x: &[T],
     xs: Shape4,

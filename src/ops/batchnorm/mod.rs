@@ -1,9 +1,9 @@
 //! BatchNorm2d on NCHW activations, PyTorch's semantics (momentum 0.1, eps 1e-5, unbiased
 //! running variance). Per channel c over its M = N H W values:
 //!
-//! - training: mean and biased var of the batch normalise; running_mean = (1 - m) running_mean
+//! - training: mean and biased var of the batch normalize; running_mean = (1 - m) running_mean
 //!   + m mean, running_var = (1 - m) running_var + m var M / (M - 1)
-//! - eval: the running statistics normalise
+//! - eval: the running statistics normalize
 //! - y = gamma (x - mean) / sqrt(var + eps) + beta
 //! - backward: dbeta += sum dy, dgamma += sum dy xhat; training dx = gamma inv / M (M dy -
 //!   sum dy - xhat sum dy xhat), eval dx = gamma inv dy

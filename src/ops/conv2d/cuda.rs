@@ -6,8 +6,8 @@
 //! a small workspace runs the same code in more groups (the tests use that).
 
 use super::{Backward, Conv, ConvGeom, Forward, Version};
-use crate::cuda::blas::{Gemm, GemmPrecision};
 use crate::cuda::{check_len, to_i32, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue};
+use crate::cuda::{Gemm, GemmPrecision};
 use crate::error::{Error, Result};
 use crate::ops::Shape4;
 

@@ -2,10 +2,10 @@
 //! `column_sums_v1` backward (`kernels/linear.cu`).
 
 use super::{Backward, Forward, Version};
-use crate::cuda::blas::{Gemm, GemmPrecision};
 use crate::cuda::{
     check_len, to_i32, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue, BLOCK,
 };
+use crate::cuda::{Gemm, GemmPrecision};
 use crate::error::Result;
 
 const BIAS_ROWS_V1: Kernel = Kernel::new("linear", "bias_rows_v1");

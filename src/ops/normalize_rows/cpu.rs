@@ -1,4 +1,4 @@
-//! Row normalisation on the CPU: float32 or float64 storage, float64 accumulation, rayon
+//! Row normalization on the CPU: float32 or float64 storage, float64 accumulation, rayon
 //! over rows.
 
 use rayon::prelude::*;

@@ -1,4 +1,4 @@
-//! Row normalisation on a [`Queue`] (`kernels/normalize_rows.cu`): one warp per row, 8 rows
+//! Row normalization on a [`Queue`] (`kernels/normalize_rows.cu`): one warp per row, 8 rows
 //! per 256-thread block.
 
 use super::Version;

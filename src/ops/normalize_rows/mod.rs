@@ -1,7 +1,7 @@
-//! Row L2-normalisation of an N x d matrix, as torch's F.normalize:
+//! Row L2-normalization of an N x d matrix, as torch's F.normalize:
 //! forward f_a = z_a / max(||z_a||, eps); backward dz_a = (df_a - f_a (f_a . df_a)) / ||z_a||
 //! where ||z_a|| > eps, else df_a / eps (the clamp is a constant). The first and last step of
-//! the instance loss, and how embeddings are normalised for the kNN evaluation.
+//! the instance loss, and how embeddings are normalized for the kNN evaluation.
 
 pub mod cpu;
 pub mod cuda;
@@ -9,7 +9,7 @@ pub mod cuda;
 /// F.normalize's clamp on the norm (loss.md): rows with a smaller norm are divided by this.
 pub const NORM_EPS: f64 = 1e-12;
 
-/// The CUDA kernel versions of the normalisation.
+/// The CUDA kernel versions of the normalization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Version {
     /// One warp per row, float32 sums.

@@ -21,6 +21,13 @@ pub struct SgdStep {
     pub first: bool,
 }
 
+/// One parameter's buffers for an update: weights, gradient, momentum (the same length).
+pub struct Tensors<'a, B> {
+    pub w: &'a mut B,
+    pub g: &'a B,
+    pub v: &'a mut B,
+}
+
 /// Elements per block of the multi-tensor kernel (SGD_CHUNK in kernels/sgd.cu).
 pub const SGD_CHUNK: usize = 1024;
 

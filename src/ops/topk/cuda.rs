@@ -3,10 +3,10 @@
 //! read-back of the k best of each row, sorted on the host.
 
 use super::{by_similarity, Neighbours, Version};
-use crate::cuda::blas::{Gemm, GemmPrecision};
 use crate::cuda::{
     check_len, to_i32, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue, BLOCK,
 };
+use crate::cuda::{Gemm, GemmPrecision};
 use crate::error::{Error, Result};
 
 const TOPK_ROWS_V1: Kernel = Kernel::new("topk", "topk_rows_v1");
@@ -28,7 +28,7 @@ pub fn block_rows(queries: usize, bank: usize, cap: usize) -> usize {
     (cap / bank.max(1)).clamp(1, queries.max(1))
 }
 
-/// For each row of `queries` (L2-normalised, `d` wide), its `k` most similar rows of `keys`.
+/// For each row of `queries` (L2-normalized, `d` wide), its `k` most similar rows of `keys`.
 pub fn nearest(
     q: &impl Queue,
     version: Version,

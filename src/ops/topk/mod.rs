@@ -1,4 +1,4 @@
-//! The kNN search: for each query row (L2-normalised, d wide) its k most similar rows of a
+//! The kNN search: for each query row (L2-normalized, d wide) its k most similar rows of a
 //! bank by dot product, as (similarity, index) best first, ties to the lower index. Both
 //! devices form the similarities with a GEMM per block of queries and select from each row.
 

@@ -1,0 +1,267 @@
+//! The shape of the source tree, kept by a test: no file in src/ over 700 lines, no function
+//! over 120, no module circle among the crate's modules and their submodules, no JSON
+//! formatted by hand (serde writes it), and every `kernels/<op>.cu` has its launchers in
+//! `src/ops/<op>/cuda.rs` (or is one of the named exceptions).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+const MAX_FILE_LINES: usize = 700;
+const MAX_FN_LINES: usize = 120;
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The lines of each function in `text` that has a body: (name, first line, line count).
+fn functions(text: &str) -> Vec<(String, usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        let t = t.strip_prefix("pub ").unwrap_or(t);
+        let t = t.strip_prefix("pub(crate) ").unwrap_or(t);
+        let t = t.strip_prefix("unsafe ").unwrap_or(t);
+        let t = t.strip_prefix("const ").unwrap_or(t);
+        let Some(rest) = t.strip_prefix("fn ") else {
+            continue;
+        };
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let (mut depth, mut started) = (0i64, false);
+        for (j, l) in lines.iter().enumerate().skip(i) {
+            for c in l.chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        started = true;
+                    }
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+            if !started && l.trim_end().ends_with(';') {
+                break; // a declaration without a body
+            }
+            if started && depth == 0 {
+                out.push((name.clone(), i + 1, j - i + 1));
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn files_and_functions_stay_short() {
+    let src = common::repo().join("src");
+    let mut long = Vec::new();
+    for path in rust_files(&src) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let n = text.lines().count();
+        if n > MAX_FILE_LINES {
+            long.push(format!("{}: {n} lines", path.display()));
+        }
+        for (name, line, len) in functions(&text) {
+            if len > MAX_FN_LINES {
+                long.push(format!(
+                    "{}:{line}: fn {name} is {len} lines",
+                    path.display()
+                ));
+            }
+        }
+    }
+    assert!(long.is_empty(), "too long:\n{}", long.join("\n"));
+}
+
+/// The module path of a file under src/ (`ops/conv2d/cuda.rs` is ops::conv2d::cuda).
+fn module_of(src: &Path, path: &Path) -> Vec<String> {
+    let rel = path.strip_prefix(src).unwrap().with_extension("");
+    let mut parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().to_string())
+        .collect();
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
+        parts.pop();
+    }
+    parts
+}
+
+/// Every `crate::a::b` path in `text` outside its test module, as [a, b]; `super::x` paths of
+/// module `module` are resolved against its parent.
+fn crate_paths(text: &str, module: &[String]) -> Vec<Vec<String>> {
+    let text = text.split("#[cfg(test)]").next().unwrap_or(text);
+    let mut out = Vec::new();
+    let mut push = |path: &str| {
+        let parts: Vec<String> = path
+            .split("::")
+            .map(|p| p.trim().to_string())
+            .take_while(|p| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_'))
+            .collect();
+        if !parts.is_empty() {
+            out.push(parts);
+        }
+    };
+    let parent = module[..module.len().saturating_sub(1)].join("::");
+    let resolved = text.replace("super::", &format!("crate::{parent}::"));
+    let resolved = resolved.replace("crate::::", "crate::");
+    for (i, _) in resolved.match_indices("crate::") {
+        let rest = &resolved[i + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // use crate::{a::b, c};
+            let end = group.find('}').unwrap_or(0);
+            group[..end].split(',').for_each(&mut push);
+        } else {
+            let end = rest
+                .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+                .unwrap_or(rest.len());
+            push(&rest[..end]);
+        }
+    }
+    out
+}
+
+/// A cycle in `graph`, if any (depth-first search).
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        v: &str,
+        g: &BTreeMap<String, BTreeSet<String>>,
+        state: &mut BTreeMap<String, u8>,
+        stack: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        state.insert(v.to_string(), 1);
+        stack.push(v.to_string());
+        for w in g.get(v).into_iter().flatten() {
+            match state.get(w.as_str()) {
+                Some(1) => {
+                    let from = stack.iter().position(|s| s == w).unwrap_or(0);
+                    let mut cycle = stack[from..].to_vec();
+                    cycle.push(w.clone());
+                    return Some(cycle);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(c) = visit(w, g, state, stack) {
+                        return Some(c);
+                    }
+                }
+            }
+        }
+        stack.pop();
+        state.insert(v.to_string(), 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for v in graph.keys() {
+        if !state.contains_key(v) {
+            if let Some(c) = visit(v, graph, &mut state, &mut Vec::new()) {
+                return Some(c);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn no_module_circles() {
+    let src = common::repo().join("src");
+    // depth 1: the crate's modules; depth 2: the submodules of each.
+    for depth in [1usize, 2] {
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for path in rust_files(&src) {
+            let module = module_of(&src, &path);
+            if module.first().is_some_and(|m| m == "cli") || module.len() < depth {
+                continue; // the binary's own modules, and files above this depth
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for target in crate_paths(&text, &module) {
+                if target.len() < depth || target[..depth - 1] != module[..depth - 1] {
+                    continue;
+                }
+                let (from, to) = (module[..depth].join("::"), target[..depth].join("::"));
+                if from != to {
+                    graph.entry(from).or_default().insert(to);
+                }
+            }
+        }
+        if let Some(cycle) = find_cycle(&graph) {
+            panic!("a module circle: {}", cycle.join(" -> "));
+        }
+    }
+}
+
+#[test]
+fn no_json_is_formatted_by_hand() {
+    let src = common::repo().join("src");
+    for path in rust_files(&src) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            assert!(
+                !(line.contains("{{\\\"") || line.contains("\\\":{") || line.contains("\\\": {")),
+                "{}:{}: JSON written by hand (use serde): {line}",
+                path.display(),
+                i + 1
+            );
+        }
+    }
+}
+
+#[test]
+fn every_kernel_file_has_its_launchers_where_its_name_says() {
+    let repo = common::repo();
+    // Files whose launchers are not an op's: the loss versions and the cuBLAS front.
+    let elsewhere = BTreeMap::from([
+        ("blas", "src/cuda/blas.rs"),
+        ("instance_loss_unfused", "src/loss/cuda/unfused.rs"),
+        ("instance_loss_fused_v1", "src/loss/cuda/fused_v1.rs"),
+        ("instance_loss_fused_v2", "src/loss/cuda/fused_v2.rs"),
+    ]);
+    for entry in std::fs::read_dir(repo.join("kernels")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let launcher = match elsewhere.get(stem.as_str()) {
+            Some(p) => repo.join(p),
+            None => repo.join(format!("src/ops/{stem}/cuda.rs")),
+        };
+        let text = std::fs::read_to_string(&launcher).unwrap_or_else(|_| {
+            panic!(
+                "kernels/{stem}.cu has no launcher file {}",
+                launcher.display()
+            )
+        });
+        assert!(
+            text.contains(&format!("Kernel::new(\"{stem}\"")),
+            "{} launches nothing of kernels/{stem}.cu",
+            launcher.display()
+        );
+    }
+}
+
+#[test]
+fn the_function_scanner_measures_bodies() {
+    let text = "fn a() {\n    1\n}\npub fn b(x: u8);\npub(crate) unsafe fn c() {\n}\n";
+    assert_eq!(
+        functions(text),
+        vec![("a".to_string(), 1, 3), ("c".to_string(), 5, 2)]
+    );
+}

@@ -634,3 +634,27 @@ fn the_kernel_table_is_read_from_the_sources() {
     );
     assert_eq!(names, ["foo_v1", "bar_v2"]);
 }
+
+/// The kernel versions the tests above run: a new version fails this until its op's test runs
+/// it too (and then joins the list).
+#[test]
+fn every_kernel_version_is_under_test() {
+    use clap::ValueEnum;
+    fn names<V: ValueEnum>() -> Vec<String> {
+        V::value_variants().iter().map(|v| v.name()).collect()
+    }
+    let v1 = ["v1"];
+    assert_eq!(names::<conv2d::Version>(), v1, "conv2d");
+    assert_eq!(names::<batchnorm::Version>(), v1, "batchnorm");
+    assert_eq!(names::<elementwise::Version>(), v1, "elementwise");
+    assert_eq!(names::<pool::Version>(), v1, "pool");
+    assert_eq!(names::<linear::Version>(), v1, "linear");
+    assert_eq!(names::<sgd::Version>(), v1, "sgd");
+    assert_eq!(names::<topk::Version>(), v1, "topk");
+    assert_eq!(names::<normalize_rows::Version>(), v1, "normalize_rows");
+    // The loss test above runs CudaLossVersion::ALL; ALL must be every version.
+    assert_eq!(
+        CudaLossVersion::ALL.to_vec(),
+        CudaLossVersion::value_variants()
+    );
+}

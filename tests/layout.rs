@@ -226,22 +226,20 @@ fn no_json_is_formatted_by_hand() {
 #[test]
 fn every_kernel_file_has_its_launchers_where_its_name_says() {
     let repo = common::repo();
-    // Files whose launchers are not an op's: the loss versions and the cuBLAS front.
-    let elsewhere = BTreeMap::from([
-        ("blas", "src/cuda/blas.rs"),
-        ("instance_loss_unfused", "src/loss/cuda/unfused.rs"),
-        ("instance_loss_fused_v1", "src/loss/cuda/fused_v1.rs"),
-        ("instance_loss_fused_v2", "src/loss/cuda/fused_v2.rs"),
-    ]);
+    // kernels/<op>.cu -> src/ops/<op>/cuda.rs; the loss versions, instance_loss_<version>.cu ->
+    // src/loss/cuda/<version>.rs; the cuBLAS front's operand conversion, blas.cu.
     for entry in std::fs::read_dir(repo.join("kernels")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "cu") {
             continue;
         }
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
-        let launcher = match elsewhere.get(stem.as_str()) {
-            Some(p) => repo.join(p),
-            None => repo.join(format!("src/ops/{stem}/cuda.rs")),
+        let launcher = if stem == "blas" {
+            repo.join("src/cuda/blas.rs")
+        } else if let Some(version) = stem.strip_prefix("instance_loss_") {
+            repo.join(format!("src/loss/cuda/{version}.rs"))
+        } else {
+            repo.join(format!("src/ops/{stem}/cuda.rs"))
         };
         let text = std::fs::read_to_string(&launcher).unwrap_or_else(|_| {
             panic!(

@@ -1,6 +1,10 @@
 //! `invaspread info`: what this binary and this machine offer.
 
+use clap::ValueEnum;
 use invaspread::cuda::{self, kernels, Gpu};
+use invaspread::loss::cuda::CudaLossVersion;
+use invaspread::names::Named;
+use invaspread::ops::{batchnorm, conv2d, elementwise, linear, normalize_rows, pool, sgd, topk};
 
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
@@ -52,6 +56,8 @@ pub fn run(args: InfoArgs) -> invaspread::Result<()> {
     }
     if args.kernels {
         println!();
+        print_versions();
+        println!();
         if kernels::BUILT {
             println!("ptxas report (-Xptxas -v):");
             print!("{}", kernels::PTXAS_REPORT);
@@ -60,4 +66,26 @@ pub fn run(args: InfoArgs) -> invaspread::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Every op's kernel versions, as `train --loss` and `train --kernels` take them.
+fn print_versions() {
+    fn names<V: ValueEnum>() -> String {
+        let names: Vec<String> = V::value_variants().iter().map(|v| v.name()).collect();
+        names.join(" ")
+    }
+    println!("kernel versions (train --loss / --kernels op=version; the last is the default):");
+    println!("  loss:           {}", names::<CudaLossVersion>());
+    for (op, versions) in [
+        ("conv2d", names::<conv2d::Version>()),
+        ("batchnorm", names::<batchnorm::Version>()),
+        ("elementwise", names::<elementwise::Version>()),
+        ("pool", names::<pool::Version>()),
+        ("linear", names::<linear::Version>()),
+        ("sgd", names::<sgd::Version>()),
+        ("topk", names::<topk::Version>()),
+        ("normalize_rows", names::<normalize_rows::Version>()),
+    ] {
+        println!("  {op:<15} {versions}");
+    }
 }

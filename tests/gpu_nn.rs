@@ -22,7 +22,7 @@ use invaspread::nn::params::{Param, ParamStore};
 use invaspread::nn::step::train_step;
 use invaspread::ops::conv2d::Conv;
 use invaspread::ops::normalize_rows::cpu::forward as normalize;
-use invaspread::ops::sgd::{SgdStep, Tensors};
+use invaspread::ops::sgd::SgdStep;
 use invaspread::ops::{batchnorm, conv2d, linear, Grad, Shape4};
 use invaspread::testing::{gpu_or_skip, random_matrix, rng};
 
@@ -469,7 +469,7 @@ impl<B: Backend> LossOn for B {
 
 fn sgd_on<B: Backend>(b: &B, lens: &[usize], nesterov: bool) -> Vec<Vec<f32>> {
     let mut r = rng(400);
-    let mut params: Vec<Param<B>> = lens
+    let params: Vec<Param<B>> = lens
         .iter()
         .enumerate()
         .map(|(i, &len)| Param {
@@ -480,6 +480,10 @@ fn sgd_on<B: Backend>(b: &B, lens: &[usize], nesterov: bool) -> Vec<Vec<f32>> {
             momentum: buf(b, &random_matrix(&mut r, 1, len)),
         })
         .collect();
+    let mut store = ParamStore {
+        params,
+        bns: Vec::new(),
+    };
     for first in [true, false, false] {
         let step = SgdStep {
             lr: 0.03,
@@ -488,17 +492,10 @@ fn sgd_on<B: Backend>(b: &B, lens: &[usize], nesterov: bool) -> Vec<Vec<f32>> {
             nesterov,
             first,
         };
-        let mut tensors: Vec<Tensors<'_, B::Buffer>> = params
-            .iter_mut()
-            .map(|p| Tensors {
-                w: &mut p.value,
-                g: &p.grad,
-                v: &mut p.momentum,
-            })
-            .collect();
-        b.sgd_update_all(&mut tensors, &step).unwrap();
+        b.sgd_update_all(&mut store.sgd_tensors(), &step).unwrap();
     }
-    params
+    store
+        .params
         .iter()
         .flat_map(|p| {
             [

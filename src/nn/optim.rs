@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::backend::Backend;
 use super::params::ParamStore;
 use crate::error::Result;
-use crate::ops::sgd::{SgdStep, Tensors};
+use crate::ops::sgd::SgdStep;
 
 /// SGD's hyper-parameters; the recipe's: lr 0.03, momentum 0.9, weight decay 5e-4 on every
 /// parameter (batchnorm and biases included), no Nesterov, dampening 0.
@@ -102,16 +102,7 @@ impl Sgd {
             nesterov: self.cfg.nesterov,
             first: self.step == 0,
         };
-        let mut tensors: Vec<Tensors<'_, B::Buffer>> = store
-            .params
-            .iter_mut()
-            .map(|p| Tensors {
-                w: &mut p.value,
-                g: &p.grad,
-                v: &mut p.momentum,
-            })
-            .collect();
-        backend.sgd_update_all(&mut tensors, &step)?;
+        backend.sgd_update_all(&mut store.sgd_tensors(), &step)?;
         self.step += 1;
         Ok(())
     }

@@ -5,6 +5,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::backend::Backend;
 use crate::error::Result;
+use crate::ops::sgd::Tensors;
 
 /// A handle to a trainable parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +144,18 @@ impl<B: Backend> ParamStore<B> {
             backend.reset(&mut p.grad, len)?;
         }
         Ok(())
+    }
+
+    /// Every parameter's buffers as the SGD update takes them.
+    pub fn sgd_tensors(&mut self) -> Vec<Tensors<'_, B::Buffer>> {
+        self.params
+            .iter_mut()
+            .map(|p| Tensors {
+                w: &mut p.value,
+                g: &p.grad,
+                v: &mut p.momentum,
+            })
+            .collect()
     }
 
     /// The number of trainable scalars.

@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::NORM_EPS;
-use crate::error::{Error, Result};
+use super::{check_len, NORM_EPS};
+use crate::error::Result;
 use crate::simd::CpuFloat;
 
 /// Forward on the CPU: returns (f, norms) for an N x d row-major `z`; `norms` are unclamped.
@@ -61,14 +61,4 @@ pub fn backward<T: CpuFloat>(
         }
     });
     Ok(grad_z)
-}
-
-fn check_len(name: &str, len: usize, n: usize, d: usize) -> Result<()> {
-    if len != n * d {
-        return Err(Error::invalid(format!(
-            "{name} has {len} elements, expected {n} x {d} = {}",
-            n * d
-        )));
-    }
-    Ok(())
 }

@@ -1,9 +1,9 @@
 //! Row normalization on a [`Queue`] (`kernels/normalize_rows.cu`): one warp per row, 8 rows
 //! per 256-thread block.
 
-use super::Version;
+use super::{check_len, Version};
 use crate::cuda::{to_i32, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 const FWD_V1: Kernel = Kernel::new("normalize_rows", "normalize_rows_fwd_v1");
 const BWD_V1: Kernel = Kernel::new("normalize_rows", "normalize_rows_bwd_v1");
@@ -12,16 +12,6 @@ const ROWS_PER_BLOCK: usize = 8;
 
 fn geometry(n: usize) -> Geometry {
     Geometry::blocks(n.div_ceil(ROWS_PER_BLOCK), 256)
-}
-
-fn check_len(name: &str, len: usize, n: usize, d: usize) -> Result<()> {
-    if len != n * d {
-        return Err(Error::invalid(format!(
-            "{name} has {len} elements, expected {n} x {d} = {}",
-            n * d
-        )));
-    }
-    Ok(())
 }
 
 /// Writes f (N x d) and the unclamped norms (N) of z.

@@ -6,6 +6,19 @@
 pub mod cpu;
 pub mod cuda;
 
+use crate::error::{Error, Result};
+
+/// Checks that `name` holds N x d elements (`d` = 1 for the norms).
+fn check_len(name: &str, len: usize, n: usize, d: usize) -> Result<()> {
+    if len != n * d {
+        return Err(Error::invalid(format!(
+            "{name} has {len} elements, expected {n} x {d} = {}",
+            n * d
+        )));
+    }
+    Ok(())
+}
+
 /// F.normalize's clamp on the norm (loss.md): rows with a smaller norm are divided by this.
 pub const NORM_EPS: f64 = 1e-12;
 

@@ -1,7 +1,7 @@
 //! 2-d convolution without bias: square kernel, stride, zero padding; NCHW activations,
 //! weights C_out x C_in x k x k.
 //!
-//! forward: y[n][co][oy][ox] = sum_{c, ki, kj} w[co][c][ki][kj] x[n][c][oy s + ki - p][ox s + kj - p]
+//! forward: `y[n][co][oy][ox] = sum_{c, ki, kj} w[co][c][ki][kj] x[n][c][oy s + ki - p][ox s + kj - p]`
 //! backward: dW += the same sum with dy, dx (=|+=) its transpose.
 //!
 //! Both devices compute it as im2col + GEMM over groups of images: the column matrix of a

@@ -28,7 +28,7 @@ pub fn relu_forward(
     unsafe { q.launch(RELU_FWD_V1, Geometry::grid_stride(len), &mut args) }
 }
 
-/// dx (=|+=) dy [y > 0].
+/// dx (=|+=) dy where y > 0.
 pub fn relu_backward(
     q: &impl Queue,
     version: Version,

@@ -1,5 +1,5 @@
 //! k x k average pooling with stride k on NCHW activations (k = H = W is global pooling):
-//! y[nc][oy][ox] = mean of x[nc][oy k + i][ox k + j]; backward spreads dy evenly over each
+//! `y[nc][oy][ox]` = the mean of `x[nc][oy k + i][ox k + j]`; backward spreads dy evenly over each
 //! window (windows do not overlap, so every input gets exactly one term).
 
 pub mod cpu;

@@ -7,7 +7,7 @@ use crate::error::Result;
 
 const ROW_MEAN_V1: Kernel = Kernel::new("reduce", "row_mean_v1");
 
-/// out[0] = the mean of x.
+/// `out[0]` = the mean of x.
 pub fn mean(q: &impl Queue, x: DevPtr<'_, f64>, mut out: DevPtrMut<'_, f64>) -> Result<()> {
     check_len("mean out", out.len(), 1)?;
     let mut args = KernelArgs::new();

@@ -407,9 +407,9 @@ fn multi_tensor_sgd_kernel_matches_the_cpu_update() {
                 nesterov,
                 first,
             };
-            let mut w: Vec<Vec<f32>> = lens.iter().map(|&l| random_matrix(&mut r, 1, l)).collect();
+            let w: Vec<Vec<f32>> = lens.iter().map(|&l| random_matrix(&mut r, 1, l)).collect();
             let g: Vec<Vec<f32>> = lens.iter().map(|&l| random_matrix(&mut r, 1, l)).collect();
-            let mut v: Vec<Vec<f32>> = lens.iter().map(|&l| random_matrix(&mut r, 1, l)).collect();
+            let v: Vec<Vec<f32>> = lens.iter().map(|&l| random_matrix(&mut r, 1, l)).collect();
             let (mut ww, mut wv) = (w.clone(), v.clone());
             for i in 0..lens.len() {
                 sgd::cpu::update(&mut ww[i], &g[i], &mut wv[i], &step);
@@ -435,9 +435,6 @@ fn multi_tensor_sgd_kernel_matches_the_cpu_update() {
                 assert_close(&format!("sgd w {i}"), &w[i], &ww[i], 1e-6);
                 assert_close(&format!("sgd v {i}"), &v[i], &wv[i], 1e-6);
             }
-            // Keep the buffers the table pointed at alive and unmoved until here.
-            w.clear();
-            v.clear();
         }
     }
 }

@@ -254,11 +254,8 @@ fn replay_note(path: &std::path::Path, cfg: &TrainConfig) {
         cfg.model.name(),
         cfg.backend.describe()
     );
-    let recorded = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["recorded"]["threads"].as_u64());
-    let threads = rayon::current_num_threads() as u64;
+    let recorded = cfg.recorded.as_ref().map(|r| r.threads);
+    let threads = rayon::current_num_threads();
     if let Some(r) = recorded.filter(|&r| r != threads) {
         eprintln!(
             "note: the recorded run used {r} threads, this one {threads}: pass --threads {r} for identical results"

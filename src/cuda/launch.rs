@@ -164,12 +164,7 @@ impl<'a, T> DevPtrMut<'a, T> {
 
     /// Elements `range`, for a shorter borrow.
     pub fn slice_mut(&mut self, range: Range<usize>) -> Result<DevPtrMut<'_, T>> {
-        sub_range("DevPtrMut::slice_mut", self.len, &range)?;
-        Ok(DevPtrMut {
-            addr: self.addr + (range.start * size_of::<T>()) as u64,
-            len: range.len(),
-            _mem: PhantomData,
-        })
+        self.reborrow().into_slice(range)
     }
 
     /// Elements `range`, keeping the whole borrow.

@@ -47,12 +47,11 @@ pub fn write(cfg: &TrainConfig, ds: &Dataset, out: &Path) -> Result<()> {
     write_atomically(&out.join("config.json"), text.as_bytes())
 }
 
-/// Reads a configuration written by [`write()`] (or by hand); `recorded` is dropped.
+/// Reads a configuration written by [`write()`] (or by hand). `recorded` is kept for the
+/// caller to compare with; a run writes its own in its place.
 pub fn read(path: &Path) -> Result<TrainConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut cfg = parse(&text).map_err(|message| Error::bad_file(path, message))?;
-    cfg.recorded = None;
-    Ok(cfg)
+    parse(&text).map_err(|message| Error::bad_file(path, message))
 }
 
 /// Parses a configuration; the error says which field (as a path) and why.

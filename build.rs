@@ -7,6 +7,9 @@
 //!   sm_90 (H100/H200, no JIT at load).
 //! - Warnings are errors, and so is any register spill in ptxas's report; the report itself is
 //!   embedded so that `invaspread info --kernels` prints it.
+//! - The virtual GPU (vgpu/, `INVASPREAD_GPU=virtual`) is built with the system C++ compiler
+//!   into `$OUT_DIR/vgpu`; without one the build succeeds with a cargo warning, and selecting the
+//!   virtual GPU is then an error saying so.
 //! - Without nvcc the build succeeds with one cargo warning and the library reports at run time
 //!   that kernels were not built. `INVASPREAD_REQUIRE_KERNELS=1` turns that into a build error.
 
@@ -15,6 +18,10 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+mod vgpu_build {
+    include!("vgpu/build_vgpu.rs");
+}
 
 const DEFAULT_GENCODE: &str = "arch=compute_80,code=compute_80;arch=compute_90,code=sm_90";
 
@@ -58,6 +65,33 @@ fn main() {
         },
     };
     fs::write(out_dir.join("kernels_generated.rs"), generated).expect("write kernels_generated.rs");
+
+    println!("cargo:rerun-if-changed=vgpu");
+    println!("cargo:rerun-if-env-changed=CXX");
+    let vgpu_dir = out_dir.join("vgpu");
+    let vgpu = match vgpu_build::find_cxx() {
+        None => {
+            Err("no C++ compiler ($CXX, c++, g++) was found when invaspread was built".to_string())
+        }
+        Some(cxx) => {
+            vgpu_build::build_virtual_gpu(&cxx, &root.join("vgpu"), &kernels_dir, &vgpu_dir, false)
+        }
+    };
+    let generated = match vgpu {
+        Ok(()) => format!(
+            "/// The folder of the virtual GPU's libraries (libcuda.so, libcublas.so, libvgpu_kernels.so).\n\
+             pub const DIR: Result<&str, &str> = Ok({:?});\n",
+            vgpu_dir.display().to_string()
+        ),
+        Err(e) => {
+            println!("cargo:warning=the virtual GPU was not built: {}", e.lines().next().unwrap_or(""));
+            format!(
+                "/// The folder of the virtual GPU's libraries, or why it was not built.\n\
+                 pub const DIR: Result<&str, &str> = Err({e:?});\n"
+            )
+        }
+    };
+    fs::write(out_dir.join("vgpu_generated.rs"), generated).expect("write vgpu_generated.rs");
 }
 
 fn kernel_sources(dir: &Path) -> Vec<PathBuf> {

@@ -33,6 +33,10 @@ pub fn gpu_or_skip(name: &str) -> Option<Arc<Gpu>> {
         }
     });
     match gpu {
+        Ok(gpu) if gpu.is_virtual() => {
+            let _ = writeln!(std::io::stderr(), "virtual GPU: {name}");
+            Some(gpu.clone())
+        }
         Ok(gpu) => Some(gpu.clone()),
         Err(reason) if gpu_required() => {
             panic!("REQUIRE_GPU=1 but the GPU test {name} cannot run: {reason}")

@@ -7,6 +7,7 @@
 //! | [`launch`] | [`DevPtr`]/[`DevPtrMut`], [`KernelArgs`], [`Geometry`], a row-major [`Gemm`] in a [`GemmPrecision`], the [`Queue`] trait (a GPU or the tests' emulator), size checks, NVTX phases |
 //! | [`blas`] | the cuBLAS front: one handle per GPU, the tested row-major to column-major mapping, bf16 operand conversion |
 //! | [`staging`] | pinned staged uploads on a copy stream, asynchronous read-backs |
+//! | [`virtual_gpu`] | `INVASPREAD_GPU`: a real GPU, the virtual one (vgpu/, the CUDA path on the CPU), or none |
 //!
 //! libcuda is opened at run time (cudarc's dynamic loading), so nothing CUDA is needed to build,
 //! link or run on a machine without a GPU; [`Gpu::try_new`] then answers `Ok(None)`.
@@ -14,6 +15,7 @@
 pub mod blas;
 pub mod launch;
 pub mod staging;
+pub mod virtual_gpu;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -67,6 +69,9 @@ fn guarded<T>(what: &str, call: impl FnOnce() -> T + std::panic::UnwindSafe) -> 
 
 /// The number of CUDA devices: `Ok(0)` when libcuda is absent or reports no device.
 pub fn device_count() -> Result<usize> {
+    if !virtual_gpu::prepare()? {
+        return Ok(0);
+    }
     // SAFETY: only tries to open the shared library, no symbol is called.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Ok(0);
@@ -140,6 +145,11 @@ impl Gpu {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// Whether this is the virtual GPU (`INVASPREAD_GPU=virtual`), not a real one.
+    pub fn is_virtual(&self) -> bool {
+        virtual_gpu::is_active()
     }
 
     /// The stream every launch of this crate goes to.

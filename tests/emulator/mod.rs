@@ -1,17 +1,21 @@
 //! The CPU kernel emulator as a [`Queue`]: kernels launched by the crate's own launchers
-//! (`ops::<op>::cuda`, `loss::cuda`) run their unchanged sources (`all_kernels.cpp` on
-//! `cuda_emu.h`, built here with the system C++ compiler), GEMMs are computed on the host in
+//! (`ops::<op>::cuda`, `loss::cuda`) run their unchanged sources (the virtual GPU's kernel
+//! library, vgpu/kernels.cpp on vgpu/engine.cpp, with its racecheck), GEMMs are computed on the host in
 //! float64 (with the operand rounding of the TF32 and bf16 modes), and reads are copies.
 //! Device addresses are host addresses: every `DevPtr` handed to it comes from
 //! `DevPtr::host`.
 
 use std::ffi::{c_char, c_void, CString};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use invaspread::cuda::{DevPtr, Geometry, Kernel, KernelArgs, Queue};
 use invaspread::cuda::{Gemm, GemmPrecision};
 use invaspread::{Error, Result};
+
+#[path = "../../vgpu/build_vgpu.rs"]
+#[allow(dead_code)]
+mod build_vgpu;
+pub use build_vgpu::kernel_names;
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, *mut *mut c_void) -> i32;
 
@@ -23,91 +27,17 @@ pub struct Emulator {
 unsafe impl Sync for Emulator {}
 unsafe impl Send for Emulator {}
 
-/// The names of every `extern "C" __global__` kernel in `source` (a .cu file).
-pub fn kernel_names(source: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    for (i, _) in source.match_indices("extern \"C\" __global__ void") {
-        let mut rest = source[i + "extern \"C\" __global__ void".len()..].trim_start();
-        if let Some(after) = rest.strip_prefix("__launch_bounds__(") {
-            rest = after[after.find(')').map_or(0, |p| p + 1)..].trim_start();
-        }
-        let name: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        if !name.is_empty() {
-            names.push(name);
-        }
-    }
-    names
-}
-
-/// Every kernels/*.cu, sorted.
-fn kernel_files(kernels: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(kernels)
-        .expect("kernels/")
-        .map(|e| e.expect("kernels/ entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-        .collect();
-    files.sort();
-    files
-}
-
-/// The two generated includes of all_kernels.cpp: every source, and `KERNEL(name),` for every
-/// kernel in them (the emulator's name table), so no list of kernels is kept by hand.
-fn write_includes(kernels: &std::path::Path, dir: &std::path::Path) {
-    let files = kernel_files(kernels);
-    let sources: String = files
-        .iter()
-        .map(|p| format!("#include \"{}\"\n", p.display()))
-        .collect();
-    let table: String = files
-        .iter()
-        .flat_map(|p| kernel_names(&std::fs::read_to_string(p).expect("a kernel source")))
-        .map(|name| format!("        KERNEL({name}),\n"))
-        .collect();
-    std::fs::write(dir.join("kernel_sources.inc"), sources).expect("write the source list");
-    std::fs::write(dir.join("kernel_table.inc"), table).expect("write the kernel table");
-}
-
 fn build() -> Option<Emulator> {
-    let repo = super::common::repo();
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-    let dir = std::env::temp_dir().join(format!("invaspread-emulator-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    write_includes(&repo.join("kernels"), &dir);
-    let lib = dir.join("libkernels_emulated.so");
-    let out = match Command::new(&cxx)
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-pthread",
-            "-shared",
-            "-fPIC",
-            "-Wno-unknown-pragmas",
-        ])
-        .arg("-I")
-        .arg(repo.join("kernels"))
-        .arg("-I")
-        .arg(&dir)
-        .arg(repo.join("tests/emulator/all_kernels.cpp"))
-        .arg("-o")
-        .arg(&lib)
-        .output()
-    {
-        Ok(out) => out,
-        Err(_) => return None, // no compiler
-    };
-    assert!(
-        out.status.success(),
-        "building the kernel emulator failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The virtual GPU's kernel library (vgpu/, built by build.rs): every kernels/*.cu on the
+    // engine, exported as `emu_launch` for this synchronous, host-memory use.
+    let dir = invaspread::cuda::virtual_gpu::library_dir().ok()?;
+    let lib = std::path::Path::new(dir).join("libvgpu_kernels.so");
     let path = CString::new(lib.to_str().unwrap()).unwrap();
-    // SAFETY: dlopen/dlsym of the library just built; the symbol has the LaunchFn signature
-    // (all_kernels.cpp). The handle is never closed (the tests hold the function for good).
+    // SAFETY: dlopen/dlsym of the library build.rs built; the symbol has the LaunchFn signature
+    // (vgpu/engine.cpp). The handle is never closed (the tests hold the function for good).
+    // RTLD_LOCAL: its engine is this process's own copy, apart from the virtual GPU's.
     unsafe {
-        let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW);
+        let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
         assert!(!handle.is_null(), "dlopen of the kernel emulator failed");
         let sym = libc::dlsym(handle, c"emu_launch".as_ptr());
         assert!(!sym.is_null(), "emu_launch missing");
@@ -122,7 +52,7 @@ pub fn emulator(test: &str) -> Option<&'static Emulator> {
     static EMU: OnceLock<Option<Emulator>> = OnceLock::new();
     let e = EMU.get_or_init(build).as_ref();
     if e.is_none() {
-        eprintln!("SKIPPED (no C++ compiler): {test}");
+        eprintln!("SKIPPED (no C++ compiler, so no virtual GPU kernel library): {test}");
     }
     e
 }
@@ -179,11 +109,20 @@ impl Queue for Emulator {
                 params.as_mut_ptr(),
             )
         };
-        if rc != 0 {
-            return Err(Error::invalid(format!(
-                "no kernel {} in the emulator",
-                kernel.name
-            )));
+        match rc {
+            0 => {}
+            1 => {
+                return Err(Error::invalid(format!(
+                    "no kernel {} in the emulator",
+                    kernel.name
+                )))
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{}: the emulator's racecheck failed (see stderr)",
+                    kernel.name
+                )))
+            }
         }
         Ok(())
     }

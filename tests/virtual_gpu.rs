@@ -1,0 +1,277 @@
+//! The virtual GPU's own checks, shown to work on planted bugs: a copy of kernels/ with one bug
+//! is built into a kernel library (vgpu/build_vgpu.rs, the recipe build.rs uses), and a child
+//! process runs the crate's own launcher on it through the unchanged CUDA path
+//! (`INVASPREAD_GPU=virtual`, `INVASPREAD_VGPU_KERNELS=` the planted library). The report must
+//! name the kernel, block, thread, address or shared-memory offset, and the source line.
+//!
+//! Skips (`SKIPPED (no virtual GPU)`) when build.rs could not build the virtual GPU; fails then
+//! under REQUIRE_GPU=1.
+
+#[path = "../vgpu/build_vgpu.rs"]
+#[allow(dead_code)]
+mod vgpu_build;
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use invaspread::cuda::{virtual_gpu, DevPtr, DevPtrMut, Gpu};
+
+fn built_or_skip(test: &str) -> bool {
+    match virtual_gpu::library_dir() {
+        Ok(_) => true,
+        Err(why) if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("REQUIRE_GPU=1 but the virtual GPU was not built: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED (no virtual GPU): {test} ({why})");
+            false
+        }
+    }
+}
+
+/// kernels/ copied into a fresh folder with `file`'s text `from` replaced by `to` (which must
+/// occur), built into a kernel library; returns its path.
+fn planted_library(tag: &str, file: &str, from: &str, to: &str) -> PathBuf {
+    let repo = common::repo();
+    let dir = std::env::temp_dir().join(format!("invaspread-planted-{tag}-{}", std::process::id()));
+    let kernels = dir.join("kernels");
+    std::fs::create_dir_all(&kernels).unwrap();
+    for entry in std::fs::read_dir(repo.join("kernels")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, kernels.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let target = kernels.join(file);
+    let text = std::fs::read_to_string(&target).unwrap();
+    assert!(
+        text.contains(from),
+        "{file} no longer contains {from:?}: update the planted bug"
+    );
+    std::fs::write(&target, text.replacen(from, to, 1)).unwrap();
+    let cxx = vgpu_build::find_cxx().expect("a C++ compiler (the virtual GPU was built with one)");
+    let out = dir.join("build");
+    vgpu_build::build_virtual_gpu(&cxx, &repo.join("vgpu"), &kernels, &out, true)
+        .unwrap_or_else(|e| panic!("building the planted kernel library: {e}"));
+    out.join("libvgpu_kernels.so")
+}
+
+/// Runs this test binary's ignored `child` test for `case` on the virtual GPU, with `library`
+/// as its kernel library (or the built one).
+fn run_child(case: &str, library: Option<&Path>) -> Output {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "child",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("INVASPREAD_GPU", "virtual")
+    .env("INVASPREAD_VGPU_CHILD", case);
+    if let Some(lib) = library {
+        cmd.env("INVASPREAD_VGPU_KERNELS", lib);
+    }
+    cmd.output().expect("run the child test")
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_reports(out: &Output, needles: &[&str]) {
+    let err = stderr_of(out);
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "expected {needle:?} in the child's stderr:\n{err}"
+        );
+    }
+}
+
+/// The child's side: one launch through the crate's launcher; prints what the sync returned.
+#[test]
+#[ignore = "run by the planted-bug tests in a child process"]
+fn child() {
+    let case = std::env::var("INVASPREAD_VGPU_CHILD").expect("run by the planted-bug tests");
+    let gpu = Gpu::try_new().unwrap().expect("the virtual GPU");
+    assert!(gpu.is_virtual());
+    let stream = gpu.stream().clone();
+    match case.as_str() {
+        "normalize" => {
+            let (n, d) = (13usize, 7usize);
+            let z = stream.clone_htod(&vec![1.0f32; n * d]).unwrap();
+            let mut f = stream.alloc_zeros::<f32>(n * d).unwrap();
+            let mut norms = stream.alloc_zeros::<f32>(n).unwrap();
+            use invaspread::ops::normalize_rows;
+            normalize_rows::cuda::forward(
+                &gpu,
+                normalize_rows::Version::V1,
+                DevPtr::of(&z),
+                DevPtrMut::of(&mut f),
+                DevPtrMut::of(&mut norms),
+                (n, d),
+            )
+            .unwrap();
+            let got = stream.clone_dtoh(&norms);
+            eprintln!("child result: {got:?}");
+        }
+        "mean" => {
+            let x: Vec<f64> = (0..1000).map(f64::from).collect();
+            let x = stream.clone_htod(&x).unwrap();
+            let mut out = stream.alloc_zeros::<f64>(1).unwrap();
+            invaspread::ops::reduce::cuda::mean(&gpu, DevPtr::of(&x), DevPtrMut::of(&mut out))
+                .unwrap();
+            let got = stream.clone_dtoh(&out);
+            eprintln!("child result: {got:?}");
+        }
+        "unsynchronised-read" => {
+            // A read-back into pinned memory, read before the stream is synchronised.
+            let x = stream.clone_htod(&vec![2.0f32; 1024]).unwrap();
+            // SAFETY: a raw pinned allocation of 4096 bytes and a copy of 4096 bytes into it;
+            // reading it early is the planted bug.
+            unsafe {
+                let host = cudarc::driver::result::malloc_host(4096, 0).unwrap() as *mut f32;
+                let dst = std::slice::from_raw_parts_mut(host, 1024);
+                let (src, _sync) = cudarc::driver::DevicePtr::device_ptr(&x, &stream);
+                cudarc::driver::result::memcpy_dtoh_async(dst, src, stream.cu_stream()).unwrap();
+                let early = std::ptr::read_volatile(host);
+                eprintln!("child read {early} before synchronising");
+            }
+        }
+        other => panic!("unknown child case {other}"),
+    }
+}
+
+#[test]
+fn memcheck_reports_a_planted_out_of_bounds_write() {
+    if !built_or_skip("memcheck_reports_a_planted_out_of_bounds_write") {
+        return;
+    }
+    // The last row's norm written one element past the end of `norms`.
+    let lib = planted_library(
+        "oob",
+        "normalize_rows.cu",
+        "if (lane == 0) norms[row] = norm;",
+        "if (lane == 0) norms[row + 1] = norm;",
+    );
+    let out = run_child("normalize", Some(&lib));
+    assert_reports(
+        &out,
+        &[
+            "memcheck: invalid global write of 4 bytes",
+            "0 bytes past the end of the 52-byte allocation",
+            "kernel normalize_rows_fwd_v1, block (1,0,0), thread (128,0,0)",
+            "normalize_rows.cu:",
+            "child result: Err",
+            "an illegal memory access was encountered",
+        ],
+    );
+    // The unchanged kernels run the same child cleanly.
+    let clean = run_child("normalize", None);
+    assert!(
+        !stderr_of(&clean).contains("memcheck") && stderr_of(&clean).contains("child result: Ok"),
+        "the clean kernel library reported:\n{}",
+        stderr_of(&clean)
+    );
+}
+
+#[test]
+fn racecheck_reports_a_removed_syncthreads() {
+    if !built_or_skip("racecheck_reports_a_removed_syncthreads") {
+        return;
+    }
+    // The tree reduction's barrier between levels removed.
+    let lib = planted_library(
+        "race",
+        "reduce.cu",
+        "if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];\n        __syncthreads();",
+        "if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];",
+    );
+    // Reported every time, whatever the schedule: run it under three seeds.
+    for seed in ["1", "2", "0"] {
+        let exe = std::env::current_exe().unwrap();
+        let out = Command::new(exe)
+            .args([
+                "child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("INVASPREAD_GPU", "virtual")
+            .env("INVASPREAD_VGPU_CHILD", "mean")
+            .env("INVASPREAD_VGPU_KERNELS", &lib)
+            .env("INVASPREAD_VGPU_SEED", seed)
+            .output()
+            .unwrap();
+        assert_reports(
+            &out,
+            &[
+                "hazard on shared memory",
+                "with no __syncthreads between",
+                "kernel row_mean_v1, block (0,0,0)",
+                "reduce.cu:",
+            ],
+        );
+    }
+    let clean = run_child("mean", None);
+    assert!(
+        !stderr_of(&clean).contains("racecheck")
+            && stderr_of(&clean).contains("child result: Ok([499.5])"),
+        "the clean kernel library reported:\n{}",
+        stderr_of(&clean)
+    );
+}
+
+#[test]
+fn a_host_read_of_an_unsynchronised_read_back_is_reported() {
+    if !built_or_skip("a_host_read_of_an_unsynchronised_read_back_is_reported") {
+        return;
+    }
+    let out = run_child("unsynchronised-read", None);
+    assert_eq!(out.status.code(), Some(86), "{}", stderr_of(&out));
+    assert_reports(
+        &out,
+        &[
+            "host access to pinned memory",
+            "while an asynchronous device-to-host copy into it may still be running",
+        ],
+    );
+}
+
+#[test]
+fn info_names_the_virtual_gpu_and_a_bad_selection_is_an_error() {
+    if !built_or_skip("info_names_the_virtual_gpu_and_a_bad_selection_is_an_error") {
+        return;
+    }
+    let exe = std::env::var("INVASPREAD_EXE")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_invaspread").to_string());
+    let out = Command::new(&exe)
+        .arg("info")
+        .env("INVASPREAD_GPU", "virtual")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("virtual GPU"),
+        "{text}"
+    );
+    let out = Command::new(&exe)
+        .arg("info")
+        .env("INVASPREAD_GPU", "virtaul")
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr_of(&out)
+    );
+    assert!(
+        all.contains("INVASPREAD_GPU=\"virtaul\": expected one of auto, virtual, real, none"),
+        "{all}"
+    );
+}

@@ -108,6 +108,7 @@ pub fn build_virtual_gpu(
     kernels_cmd
         .args([
             "-O1",
+            "-fvisibility=hidden",
             "-fsanitize=thread",
             "--param=tsan-instrument-func-entry-exit=0",
             "-Wno-tsan",
@@ -121,7 +122,7 @@ pub fn build_virtual_gpu(
     let mut engine_cmd = Command::new(cxx);
     common(&mut engine_cmd);
     engine_cmd
-        .arg("-O2")
+        .args(["-O2", "-fvisibility=hidden"])
         .arg("-c")
         .arg(vgpu.join("engine.cpp"))
         .arg("-o")

@@ -84,8 +84,17 @@ bool racecheck_on = true;
 std::vector<std::uint64_t> shadow_write, shadow_read;
 std::uint64_t next_serial = 1;
 
-// The cached allocation bounds of the last device access (the fibers of a block share them).
-std::uintptr_t cached_lo = 0, cached_hi = 0;
+// The bounds of the allocations this copy's kernels touched since the last free anywhere (the
+// fibers of a block share them). A kernel reads and writes several buffers in turn (x, w and
+// col in im2col), so one cached range missed on nearly every access and each miss took the
+// driver's allocation lock; a handful of ranges, scanned in order, hit almost always. A free
+// bumps the generation and empties the cache, so an access to freed memory is still caught.
+constexpr int kCachedRanges = 16;
+struct Range {
+    std::uintptr_t lo, hi;
+};
+Range cached[kCachedRanges] = {};
+int cached_count = 0, cached_next = 0;
 std::uint64_t cached_generation = ~0ull;
 
 std::string source_line(const void* pc) {
@@ -294,11 +303,18 @@ void check_shared(std::uintptr_t addr, std::size_t size, bool write, const void*
 
 void check_global(std::uintptr_t addr, std::size_t size, bool write, const void* pc) {
     const std::uint64_t generation = __atomic_load_n(host.generation, __ATOMIC_ACQUIRE);
-    if (generation == cached_generation && addr >= cached_lo && addr + size <= cached_hi) return;
+    if (generation == cached_generation) {
+        for (int i = 0; i < cached_count; ++i)
+            if (addr >= cached[i].lo && addr + size <= cached[i].hi) return;
+    } else {
+        cached_count = 0, cached_next = 0, cached_generation = generation;
+    }
     std::uintptr_t lo = 0, hi = 0;
     char what[256] = {};
     if (host.find(addr, &lo, &hi, what, sizeof what) && addr + size <= hi) {
-        cached_lo = lo, cached_hi = hi, cached_generation = generation;
+        cached[cached_next] = Range{lo, hi};
+        cached_next = (cached_next + 1) % kCachedRanges;
+        if (cached_count < kCachedRanges) ++cached_count;
         return;
     }
     if (what[0] == 0) std::snprintf(what, sizeof what, "%zu bytes past the end of [0x%" PRIxPTR ", 0x%" PRIxPTR ")",
@@ -352,18 +368,18 @@ extern "C" unsigned char (*emu_warp_slots())[8] { return block.slots[current->th
 
 // ---- the library's entry points (vgpu.h) ---------------------------------------------------
 
-extern "C" void vk_configure(const VkHost* h, int racecheck) {
+extern "C" VK_EXPORT void vk_configure(const VkHost* h, int racecheck) {
     host = *h;
     racecheck_on = racecheck != 0;
 }
 
-extern "C" const VkKernel* vk_find(const char* name) {
+extern "C" VK_EXPORT const VkKernel* vk_find(const char* name) {
     for (int i = 0; i < vk_kernel_count; ++i)
         if (std::strcmp(vk_kernel_table[i].name, name) == 0) return &vk_kernel_table[i];
     return nullptr;
 }
 
-extern "C" int vk_run_block(const VkKernel* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned threads,
+extern "C" VK_EXPORT int vk_run_block(const VkKernel* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned threads,
                             unsigned bx, unsigned by, unsigned bz, void** args, VkReport* report_to) {
     if (threads == 0 || threads > kMaxThreads) return 1;
     shadow_fit();
@@ -431,7 +447,7 @@ extern "C" int vk_run_block(const VkKernel* kernel, unsigned gx, unsigned gy, un
     return __atomic_load_n(&report_to->errors, __ATOMIC_SEQ_CST) - errors_before;
 }
 
-extern "C" int vk_where(char* out, std::size_t len) {
+extern "C" VK_EXPORT int vk_where(char* out, std::size_t len) {
     if (!running_here || !current || !pthread_equal(runner, pthread_self())) return 0;
     std::snprintf(out, len, "%s", where(*current).c_str());
     return 1;
@@ -440,7 +456,7 @@ extern "C" int vk_where(char* out, std::size_t len) {
 // The tests' kernel emulator (tests/emulator): kernel `name` on a gx x gy grid of `threads`,
 // blocks one after another on the calling thread, addresses in host memory (no memcheck; the
 // racecheck runs). Returns 0, 1 for an unknown kernel, 2 when a check failed (on stderr).
-extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned threads, void** args) {
+extern "C" VK_EXPORT int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned threads, void** args) {
     const VkKernel* k = vk_find(name);
     if (!k) return 1;
     // One block at a time in this library copy (its shared memory and engine state are global).

@@ -39,6 +39,11 @@ struct VkReport {
     char message[2048];
 };
 
+// The kernel library is compiled with -fvisibility=hidden, so the engine's callbacks (every load
+// and store calls one) are direct calls rather than calls through the PLT; only the entry points
+// that the driver and the tests look up by name are exported.
+#define VK_EXPORT __attribute__((visibility("default")))
+
 extern "C" {
 // kernels.cpp
 extern const VkKernel vk_kernel_table[];

@@ -18,6 +18,12 @@ pub fn gpu_required() -> bool {
     std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1")
 }
 
+/// Says on the terminal (not the captured test output, which a passing test never shows) what a
+/// GPU test does differently on the virtual GPU: smaller sizes, cases left to a real GPU.
+pub fn virtual_gpu_note(test: &str, what: &str) {
+    let _ = writeln!(std::io::stderr(), "virtual GPU: {test}: {what}");
+}
+
 /// The process-wide GPU for tests, or `None` after printing `SKIPPED (no GPU): name`.
 /// Panics (fails the test) when `REQUIRE_GPU=1` and no GPU or no kernels are available.
 pub fn gpu_or_skip(name: &str) -> Option<Arc<Gpu>> {

@@ -69,7 +69,10 @@ fn runs_here(gpu: &invaspread::cuda::Gpu, n: usize, d: usize, skipped: &mut usiz
 
 fn report_skipped(test: &str, skipped: usize) {
     if skipped > 0 {
-        eprintln!("virtual GPU: {test}: {skipped} cases above N = 300 or N x d = 256 x 130 left to a real GPU");
+        invaspread::testing::virtual_gpu_note(
+            test,
+            &format!("{skipped} cases above N = 300 or N x d = 256 x 130 left to a real GPU"),
+        );
     }
 }
 

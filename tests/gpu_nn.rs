@@ -234,11 +234,25 @@ fn conv2d_matches_cpu_forward_and_backward() {
         (5, 16, 6, 6, 32, 1, 2, 0),
         (2, 3, 5, 5, 4, 3, 1, 0),
         (1, 1, 1, 1, 1, 1, 1, 0),
-        (130, 64, 32, 32, 64, 3, 1, 1),
     ];
     for (i, &g) in cases.iter().enumerate() {
         let (xs, conv) = conv_case(g);
         check_conv(&cpu, &cuda, i, xs, &conv, 1e-5);
+    }
+    // Several im2col groups, the last one partial: 130 images at the default workspace on a
+    // GPU; on the virtual GPU (38 s for that case) 9 images with a workspace of 2 images.
+    let (xs, conv) = conv_case((130, 64, 32, 32, 64, 3, 1, 1));
+    if cuda.gpu().is_virtual() {
+        let (xs, conv) = conv_case((9, 16, 16, 16, 16, 3, 1, 1));
+        let per_image = conv.patch() * conv.out_shape(xs).h * conv.out_shape(xs).w;
+        invaspread::testing::virtual_gpu_note(
+            "conv2d_matches_cpu_forward_and_backward",
+            "the 130-image case runs as 9 images in groups of 2 (a smaller workspace)",
+        );
+        let cuda = cuda.with_conv_workspace_cap(2 * per_image);
+        check_conv(&cpu, &cuda, cases.len(), xs, &conv, 1e-5);
+    } else {
+        check_conv(&cpu, &cuda, cases.len(), xs, &conv, 1e-5);
     }
 }
 
@@ -609,28 +623,60 @@ fn step_on<B: Backend>(b: B, kind: ModelKind, images: usize, steps: usize) -> (V
     (state, loss)
 }
 
+/// Steps on CUDA against the float64 CPU backend, the truth. Parameters (and running
+/// statistics) are compared by their change, relative to the largest change of that tensor.
+///
+/// A fixed float32 tolerance is not enough: a step's gradient is ill-conditioned (batchnorm's
+/// backward subtracts two nearly equal terms per channel), so two float32 paths can each be
+/// percents away from float64. Measured on resnet18-cifar, 16 images: the CPU's float32 path
+/// is up to 7e-2 away (layer 4), the virtual GPU (float64 GEMM sums) within 5e-5. So CUDA must
+/// be within `TOLERANCE`, or no more than `SLACK` times as far as the CPU's own float32 path
+/// plus `TOLERANCE`: as accurate as float32 on this step can be, and far from a broken kernel,
+/// which is off by O(1).
 fn compare_steps(kind: ModelKind, images: usize, steps: usize, cuda: CudaBackend) {
-    let before = step_on(Cpu::<f32>::new(), kind, images, 0).0;
-    let (want, loss_cpu) = step_on(Cpu::<f32>::new(), kind, images, steps);
+    const TOLERANCE: f64 = 5e-3;
+    const SLACK: f64 = 3.0;
+    let before = step_on(Cpu::<f64>::new(), kind, images, 0).0;
+    let (truth, loss_f64) = step_on(Cpu::<f64>::new(), kind, images, steps);
+    let (cpu, loss_cpu) = step_on(Cpu::<f32>::new(), kind, images, steps);
     let (got, loss_gpu) = step_on(cuda, kind, images, steps);
     assert!(
-        (loss_cpu - loss_gpu).abs() <= 1e-4 * loss_cpu.abs(),
-        "{}: loss {loss_gpu} on CUDA, {loss_cpu} on the CPU",
+        (loss_f64 - loss_gpu).abs() <= 1e-4 * loss_f64.abs(),
+        "{}: loss {loss_gpu} on CUDA, {loss_f64} in float64 (CPU float32: {loss_cpu})",
         kind.name()
     );
-    // Parameters (and running statistics) are compared by their change: a float32 rounding
-    // difference in a gradient moves an update by a tiny fraction of the update itself.
-    assert_eq!(got.len(), want.len());
-    for (i, ((g, w), b0)) in got.iter().zip(&want).zip(&before).enumerate() {
-        let du_g: Vec<f32> = g.iter().zip(b0).map(|(a, b)| a - b).collect();
-        let du_w: Vec<f32> = w.iter().zip(b0).map(|(a, b)| a - b).collect();
-        assert_close(
-            &format!("{} parameter or statistic {i} update", kind.name()),
-            &du_g,
-            &du_w,
-            5e-3,
+    assert_eq!(got.len(), truth.len());
+    let update = |after: &[f32], b0: &[f32]| -> Vec<f32> {
+        after.iter().zip(b0).map(|(a, b)| a - b).collect()
+    };
+    let mut worst = (0.0f64, 0usize);
+    for (i, ((g, c), (t, b0))) in got
+        .iter()
+        .zip(&cpu)
+        .zip(truth.iter().zip(&before))
+        .enumerate()
+    {
+        let du_true = update(t, b0);
+        let e_gpu = rel_err(&update(g, b0), &du_true);
+        let e_cpu = rel_err(&update(c, b0), &du_true);
+        let bound = TOLERANCE + SLACK * e_cpu;
+        assert!(
+            e_gpu <= bound,
+            "{} parameter or statistic {i} update: CUDA is {e_gpu:.3e} from float64, beyond \
+             {bound:.3e} (the CPU's float32 path is {e_cpu:.3e} from it)",
+            kind.name()
         );
+        if e_gpu >= worst.0 {
+            worst = (e_gpu, i);
+        }
     }
+    eprintln!(
+        "{}: {steps} step(s) on CUDA: loss {loss_gpu} (float64 {loss_f64}); largest update \
+         error against float64 {:.2e} (tensor {})",
+        kind.name(),
+        worst.0,
+        worst.1
+    );
 }
 
 #[test]

@@ -91,6 +91,8 @@ pub struct CudaBackend {
     loss_version: CudaLossVersion,
     kernels: EncoderKernels,
     precision: GemmPrecision,
+    /// The largest im2col buffer of one group of images, in floats.
+    conv_workspace_cap: usize,
     losses: Mutex<HashMap<(usize, usize), CudaLoss>>,
     conv: Mutex<ConvWorkspace>,
     knn: Mutex<Option<KnnScratch>>,
@@ -143,6 +145,7 @@ impl CudaBackend {
             loss_version,
             kernels: EncoderKernels::default(),
             precision: GemmPrecision::F32,
+            conv_workspace_cap: CONV_WORKSPACE,
             losses: Mutex::new(HashMap::new()),
             conv: Mutex::new(conv),
             knn: Mutex::new(None),
@@ -159,6 +162,14 @@ impl CudaBackend {
     /// The same backend with these encoder kernel versions.
     pub fn with_kernels(mut self, kernels: EncoderKernels) -> Self {
         self.kernels = kernels;
+        self
+    }
+
+    /// The same backend with convolutions split into groups whose im2col buffer holds at most
+    /// `floats` (at least one image a group): a small cap runs a small batch in the several
+    /// groups a large batch needs at the default 256 MB (tests on the virtual GPU use it).
+    pub fn with_conv_workspace_cap(mut self, floats: usize) -> Self {
+        self.conv_workspace_cap = floats;
         self
     }
 
@@ -186,7 +197,7 @@ impl CudaBackend {
         xs: Shape4,
         conv: &conv2d::Conv,
     ) -> Result<(MutexGuard<'_, ConvWorkspace>, (usize, usize))> {
-        let lens = conv2d::cuda::workspace_len(xs, conv, CONV_WORKSPACE);
+        let lens = conv2d::cuda::workspace_len(xs, conv, self.conv_workspace_cap);
         let mut ws = lock(&self.conv)?;
         let stream = self.gpu.stream();
         if ws.col.len() < lens.0 {

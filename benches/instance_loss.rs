@@ -2,7 +2,10 @@
 //! (f32, f64) and every CUDA version, forward and forward+backward, d = 128.
 //!
 //! N in {256, 1024, 4096, 16384, 65536}, capped by INVASPREAD_BENCH_MAX_N (default 4096 on the
-//! CPU, where one N = 65536 iteration takes tens of seconds on 2 cores; no cap on the GPU).
+//! CPU, where one N = 65536 iteration takes tens of seconds on 2 cores; no cap on a GPU, 256 on
+//! the virtual GPU, which says so). Before a version is timed its output is checked against the
+//! float64 truth (`loss::check`); a wrong one fails the run. `cargo test --bench instance_loss`
+//! runs every case once, so CI runs these checks (on the virtual GPU too).
 //! GPU times come from CUDA events (iter_custom). Throughput is reported in similarity pairs
 //! (N^2) per second. Without a GPU the CUDA group prints `SKIPPED (no GPU)` and is left out.
 
@@ -12,10 +15,12 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use cudarc::driver::sys::CUevent_flags;
+use invaspread::bench::{bench_input, pass_name};
+use invaspread::loss::check::{Truth, FLOAT32_TOLERANCE};
 use invaspread::loss::cuda::{CudaLoss, CudaLossVersion};
 use invaspread::loss::{cpu, reference, LossConfig};
 use invaspread::names::Named;
-use invaspread::testing::{gpu_or_skip, random_matrix, rng};
+use invaspread::testing::{gpu_or_skip, virtual_gpu_note};
 
 const D: usize = 128;
 const SIZES: [usize; 5] = [256, 1024, 4096, 16384, 65536];
@@ -25,6 +30,14 @@ fn max_n(default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Panics (fails the run) when `version`'s output is off the truth; see the module doc.
+fn check(truth: &Truth, version: &str, n: usize, with_grad: bool, loss: f64, grad: Option<&[f32]>) {
+    let what = format!("{version} N={n} d={D} {}", pass_name(with_grad));
+    truth
+        .check(&what, loss, grad, FLOAT32_TOLERANCE)
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn cpu_benches(c: &mut Criterion) {
@@ -37,8 +50,29 @@ fn cpu_benches(c: &mut Criterion) {
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(3));
         for n in SIZES.into_iter().filter(|&n| n <= max_n(4096)) {
-            let z = random_matrix(&mut rng(n as u64), n, D);
+            let z = bench_input(n, D);
             let z64: Vec<f64> = z.iter().map(|&x| f64::from(x)).collect();
+            let truth = Truth::of(&z, n, D, &cfg, with_grad).unwrap();
+            let as_f32 =
+                |g: Option<Vec<f64>>| g.map(|g| g.iter().map(|&x| x as f32).collect::<Vec<f32>>());
+            let out = cpu::instance_loss(&z64, n, D, &cfg, with_grad).unwrap();
+            check(
+                &truth,
+                "fused-f64",
+                n,
+                with_grad,
+                out.loss,
+                as_f32(out.grad_z).as_deref(),
+            );
+            let out = cpu::instance_loss(&z, n, D, &cfg, with_grad).unwrap();
+            check(
+                &truth,
+                "fused-f32",
+                n,
+                with_grad,
+                out.loss,
+                out.grad_z.as_deref(),
+            );
             group.throughput(Throughput::Elements((n * n) as u64));
             if n <= 4096 {
                 group.bench_with_input(BenchmarkId::new("reference-f64", n), &n, |b, &n| {
@@ -74,6 +108,15 @@ fn cuda_benches(c: &mut Criterion) {
     };
     let cfg = LossConfig::default();
     let stream = gpu.stream().clone();
+    let cap = if gpu.is_virtual() {
+        virtual_gpu_note(
+            "criterion cuda/instance_loss",
+            "N up to 256 (the emulator is slow)",
+        );
+        256
+    } else {
+        usize::MAX
+    };
     for with_grad in [false, true] {
         let pass = invaspread::bench::pass_name(with_grad);
         let mut group = c.benchmark_group(format!("cuda/{pass}"));
@@ -81,10 +124,10 @@ fn cuda_benches(c: &mut Criterion) {
             .sample_size(20)
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_secs(2));
-        for n in SIZES.into_iter().filter(|&n| n <= max_n(usize::MAX)) {
-            let z = stream
-                .clone_htod(&random_matrix(&mut rng(n as u64), n, D))
-                .unwrap();
+        for n in SIZES.into_iter().filter(|&n| n <= max_n(cap)) {
+            let z_host = bench_input(n, D);
+            let truth = Truth::of(&z_host, n, D, &cfg, with_grad).unwrap();
+            let z = stream.clone_htod(&z_host).unwrap();
             let mut dz = stream.alloc_zeros::<f32>(n * D).unwrap();
             group.throughput(Throughput::Elements((n * n) as u64));
             for version in CudaLossVersion::ALL {
@@ -96,6 +139,18 @@ fn cuda_benches(c: &mut Criterion) {
                     continue; // minutes per sample
                 }
                 let mut loss = CudaLoss::new(Arc::clone(&gpu), version, n, D).unwrap();
+                loss.enqueue(&z, if with_grad { Some(&mut dz) } else { None }, &cfg)
+                    .unwrap();
+                let grad = with_grad.then(|| stream.clone_dtoh(&dz).unwrap());
+                let value = loss.loss().unwrap();
+                check(
+                    &truth,
+                    &version.name(),
+                    n,
+                    with_grad,
+                    value,
+                    grad.as_deref(),
+                );
                 group.bench_with_input(BenchmarkId::new(version.name(), n), &n, |b, _| {
                     b.iter_custom(|iters| {
                         let start = stream

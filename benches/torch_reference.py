@@ -5,6 +5,10 @@ in the same table format, so that both run on the same machine and card in one s
 
 usage: python3 benches/torch_reference.py [--device cpu|cuda] [--n 256 1024 4096 ...] [--d 128]
            [--grad-semantics query-only|both-sides] [--min-seconds 1] [--modes eager compile]
+           [--check-max-n 16384]
+Each mode's output is checked against the same loss in float64 before it is timed, with the
+measure `invaspread bench-loss` uses (the loss relative; dL/dz scaled by row norms), printed in
+the last column.
 Not a dependency of the crate: PyTorch is on the GPU machines; on a CPU machine install it by hand.
 """
 import argparse
@@ -32,6 +36,28 @@ def reference_loss(z, tau, neg_m, both_sides):
     ln_pon = ln_pon.sum(1) - (-ln_pmt).add(1).log()
     ln_pmt = ln_pmt.log()
     return -(ln_pmt.sum(0) + neg_m * ln_pon.sum(0)) / n
+
+
+def float64_truth(z0, tau, both, with_grad):
+    """The loss (and dL/dz) of the same input in float64: what every mode is checked against."""
+    z = z0.double().clone().requires_grad_(with_grad)
+    loss = reference_loss(z, tau, 1.0, both)
+    if with_grad:
+        loss.backward()
+        return loss.item(), z.grad
+    return loss.item(), None
+
+
+def error_vs_truth(loss, grad, truth, z0):
+    """bench-loss's measure: the loss's relative error, and dL/dz with each row scaled by
+    ||z_a||, relative to the largest scaled truth entry; the worse of the two."""
+    t_loss, t_grad = truth
+    err = abs(loss - t_loss) / abs(t_loss)
+    if grad is not None:
+        norms = z0.double().norm(dim=1, keepdim=True)
+        got, want = grad.double() * norms, t_grad * norms
+        err = max(err, ((got - want).abs().max() / want.abs().max()).item())
+    return err if err == err else float("inf")
 
 
 def human_time(s):
@@ -82,6 +108,8 @@ def main():
     ap.add_argument("--grad-semantics", default="query-only", choices=["query-only", "both-sides"])
     ap.add_argument("--min-seconds", type=float, default=1.0)
     ap.add_argument("--modes", nargs="+", default=["eager", "compile"])
+    ap.add_argument("--check-max-n", type=int, default=16384,
+                    help="check against float64 up to this N (its N x N float64 matrices)")
     args = ap.parse_args()
     sizes = args.n or ([256, 1024, 4096, 16384, 65536] if args.device == "cuda" else [256, 1024, 4096])
     both = args.grad_semantics == "both-sides"
@@ -92,6 +120,7 @@ def main():
         gen = torch.Generator().manual_seed(n * 31 + args.d)
         z0 = torch.randn(n, args.d, generator=gen).to(args.device)
         for with_grad in (False, True):
+            truth = float64_truth(z0, args.tau, both, with_grad) if n <= args.check_max_n else None
             for mode in args.modes:
                 fn_loss = reference_loss if mode == "eager" else compiled
                 z = z0.clone().requires_grad_(with_grad)
@@ -110,29 +139,34 @@ def main():
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
+                    checked = None
+                    if truth is not None:
+                        loss = step()
+                        checked = error_vs_truth(loss.item(), z.grad if with_grad else None, truth, z0)
                     median, runs = measure(step, args.device, args.min_seconds)
                     if args.device == "cuda":
                         extra = torch.cuda.max_memory_allocated() - base
                     passes = 1 if not with_grad else (3 if both else 2)
                     tflops = passes * 2.0 * n * n * args.d / median / 1e12
-                    rows.append((version, n, "fwd+bwd" if with_grad else "fwd", median, runs, tflops, extra))
+                    rows.append((version, n, "fwd+bwd" if with_grad else "fwd", median, runs, tflops, extra, checked))
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     msg = "OOM" if "out of memory" in str(e).lower() else type(e).__name__
-                    rows.append((version, n, "fwd+bwd" if with_grad else "fwd", None, 0, None, msg))
+                    rows.append((version, n, "fwd+bwd" if with_grad else "fwd", None, 0, None, msg, None))
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
                 print("measured %s N=%d %s" % (version, n, rows[-1][2]), flush=True)
     base = {(r[1], r[2]): r[3] for r in rows if r[0] == "torch-eager" and r[3]}
-    print("\n| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs torch-eager |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for version, n, pas, median, runs, tflops, extra in rows:
+    print("\n| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs torch-eager | error vs f64 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for version, n, pas, median, runs, tflops, extra, checked in rows:
         if median is None:
-            print("| %s | %s | %d | %d | %s | %s | 0 | - | - | - |" % (dev_name, version, n, args.d, pas, extra))
+            print("| %s | %s | %d | %d | %s | %s | 0 | - | - | - | - |" % (dev_name, version, n, args.d, pas, extra))
             continue
         sp = base.get((n, pas))
-        print("| %s | %s | %d | %d | %s | %s | %d | %.3f | %s | %s |" % (
+        print("| %s | %s | %d | %d | %s | %s | %d | %.3f | %s | %s | %s |" % (
             dev_name, version, n, args.d, pas, human_time(median), runs, tflops,
-            extra if isinstance(extra, str) else human_bytes(extra), "%.2fx" % (sp / median) if sp else "-"))
+            extra if isinstance(extra, str) else human_bytes(extra), "%.2fx" % (sp / median) if sp else "-",
+            "unchecked" if checked is None else "%.1e" % checked))
     print("\ntorch %s; semantics %s, tau %s" % (torch.__version__, args.grad_semantics, args.tau))
 
 

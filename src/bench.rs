@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
+use crate::loss::check::{Truth, FLOAT32_TOLERANCE};
 use crate::loss::cuda::{CudaLoss, CudaLossVersion};
 use crate::loss::{cpu, reference, GradSemantics, LossConfig};
 use crate::names::Named;
@@ -35,6 +36,9 @@ pub struct BenchRow {
     pub extra_bytes: usize,
     /// Median of the baseline (reference on the CPU, unfused on the GPU) over this median.
     pub speedup: Option<f64>,
+    /// The output's error against the float64 truth ([`Truth::error`]), checked before timing;
+    /// `None` when the size was above the check's limit.
+    pub check_error: Option<f64>,
 }
 
 impl BenchRow {
@@ -62,6 +66,7 @@ impl BenchRow {
             tflops: useful_flops(n, d, with_grad, cfg.semantics) / median_s / 1e12,
             extra_bytes,
             speedup: None,
+            check_error: None,
         }
     }
 }
@@ -105,6 +110,40 @@ pub fn median_time(
     Ok((times[times.len() / 2], times.len()))
 }
 
+/// One measured configuration: the seeded input, its size, the loss settings and, when the
+/// size is within the check's limit, the float64 truth every version is checked against.
+pub struct Case<'a> {
+    pub z: &'a [f32],
+    pub n: usize,
+    pub d: usize,
+    pub cfg: &'a LossConfig,
+    pub with_grad: bool,
+    pub truth: Option<&'a Truth>,
+}
+
+impl Case<'_> {
+    /// Checks one output of `version` (before it is timed); the error, or `None` unchecked.
+    fn check(&self, version: &str, loss: f64, grad_z: Option<&[f32]>) -> Result<Option<f64>> {
+        let Some(truth) = self.truth else {
+            return Ok(None);
+        };
+        let what = format!(
+            "{version} N={} d={} {}",
+            self.n,
+            self.d,
+            pass_name(self.with_grad)
+        );
+        truth
+            .check(&what, loss, grad_z, FLOAT32_TOLERANCE)
+            .map(Some)
+    }
+}
+
+/// The seeded input of a measured size: the same for every version, so one truth serves all.
+pub fn bench_input(n: usize, d: usize) -> Vec<f32> {
+    random_matrix(&mut rng(n as u64 * 31 + d as u64), n, d)
+}
+
 /// Device memory (GPU) or heap (CPU) beyond z and dz that the fused CPU path needs: the
 /// normalized F, dF, one B x N buffer per thread and the row scalars.
 pub fn cpu_fused_extra_bytes(
@@ -143,22 +182,40 @@ impl CpuVersion {
     ];
 }
 
-/// Times one CPU version on seeded random input; `None` when the size is past what that
-/// version is meant for (the reference stores N x N).
+/// Times one CPU version on the case's input, after checking its output against the truth;
+/// `None` when the size is past what that version is meant for (the reference stores N x N).
 pub fn bench_cpu(
     version: CpuVersion,
-    n: usize,
-    d: usize,
-    cfg: &LossConfig,
-    with_grad: bool,
+    case: &Case<'_>,
     min_seconds: f64,
 ) -> Result<Option<BenchRow>> {
+    let (z, n, d, cfg, with_grad) = (case.z, case.n, case.d, case.cfg, case.with_grad);
     if version == CpuVersion::Reference && n > 8192 {
         return Ok(None);
     }
-    let z = random_matrix(&mut rng(n as u64 * 31 + d as u64), n, d);
     let z64: Vec<f64> = z.iter().map(|&x| f64::from(x)).collect();
     let threads = rayon::current_num_threads();
+    // One run of the version: its loss and dL/dz as float32 (what is checked).
+    let run = || -> Result<(f64, Option<Vec<f32>>)> {
+        Ok(match version {
+            CpuVersion::Reference => {
+                let out = reference::instance_loss(z, n, d, cfg, with_grad)?;
+                let grad = out.grad_z.map(|g| g.iter().map(|&x| x as f32).collect());
+                (out.loss, grad)
+            }
+            CpuVersion::FusedF64 => {
+                let out = cpu::instance_loss(&z64, n, d, cfg, with_grad)?;
+                let grad = out.grad_z.map(|g| g.iter().map(|&x| x as f32).collect());
+                (out.loss, grad)
+            }
+            CpuVersion::FusedF32 => {
+                let out = cpu::instance_loss(z, n, d, cfg, with_grad)?;
+                (out.loss, out.grad_z)
+            }
+        })
+    };
+    let (loss, grad) = run()?;
+    let check_error = case.check(&version.name(), loss, grad.as_deref())?;
     let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         let t = Instant::now();
         f()?;
@@ -166,13 +223,13 @@ pub fn bench_cpu(
     };
     let (median_s, runs) = match version {
         CpuVersion::Reference => median_time(3, 50, min_seconds, || {
-            timed(&mut || reference::instance_loss(&z, n, d, cfg, with_grad).map(drop))
+            timed(&mut || reference::instance_loss(z, n, d, cfg, with_grad).map(drop))
         })?,
         CpuVersion::FusedF64 => median_time(3, 50, min_seconds, || {
             timed(&mut || cpu::instance_loss(&z64, n, d, cfg, with_grad).map(drop))
         })?,
         CpuVersion::FusedF32 => median_time(3, 50, min_seconds, || {
-            timed(&mut || cpu::instance_loss(&z, n, d, cfg, with_grad).map(drop))
+            timed(&mut || cpu::instance_loss(z, n, d, cfg, with_grad).map(drop))
         })?,
     };
     let extra_bytes = match version {
@@ -180,7 +237,7 @@ pub fn bench_cpu(
         CpuVersion::FusedF64 => cpu_fused_extra_bytes(n, d, 8, threads, with_grad),
         CpuVersion::FusedF32 => cpu_fused_extra_bytes(n, d, 4, threads, with_grad),
     };
-    Ok(Some(BenchRow::new(
+    let mut row = BenchRow::new(
         format!("cpu ({threads} threads)"),
         &version.name(),
         n,
@@ -189,20 +246,21 @@ pub fn bench_cpu(
         with_grad,
         (median_s, runs),
         extra_bytes,
-    )))
+    );
+    row.check_error = check_error;
+    Ok(Some(row))
 }
 
-/// Times one GPU version with CUDA events (after a warm-up), on seeded random input.
-/// `None` when the version cannot hold the size in device memory.
+/// Times one GPU version with CUDA events (after a warm-up run whose output is checked against
+/// the truth), on the case's input. `None` when the version cannot hold the size in device
+/// memory.
 pub fn bench_cuda(
     gpu: &Arc<Gpu>,
     version: CudaLossVersion,
-    n: usize,
-    d: usize,
-    cfg: &LossConfig,
-    with_grad: bool,
+    case: &Case<'_>,
     min_seconds: f64,
 ) -> Result<Option<BenchRow>> {
+    let (n, d, cfg, with_grad) = (case.n, case.d, case.cfg, case.with_grad);
     let free = gpu.context().mem_get_info()?.0;
     let nxn = if version.stores_nxn() {
         3 * n * n * 4
@@ -213,16 +271,23 @@ pub fn bench_cuda(
         return Ok(None);
     }
     let stream = gpu.stream().clone();
-    let z = stream.clone_htod(&random_matrix(&mut rng(n as u64 * 31 + d as u64), n, d))?;
+    let z = stream.clone_htod(case.z)?;
     let mut dz = stream.alloc_zeros::<f32>(n * d)?;
     let mut loss = CudaLoss::new(gpu.clone(), version, n, d)?;
+    loss.enqueue(&z, if with_grad { Some(&mut dz) } else { None }, cfg)?;
+    let grad = if with_grad {
+        Some(stream.clone_dtoh(&dz)?)
+    } else {
+        None
+    };
+    let check_error = case.check(&version.name(), loss.loss()?, grad.as_deref())?;
     let (median_s, runs) = median_time(5, 200, min_seconds, || {
         let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         loss.enqueue(&z, if with_grad { Some(&mut dz) } else { None }, cfg)?;
         let stop = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         Ok(f64::from(start.elapsed_ms(&stop)?) / 1e3)
     })?;
-    Ok(Some(BenchRow::new(
+    let mut row = BenchRow::new(
         gpu.name()?,
         &version.name(),
         n,
@@ -231,7 +296,9 @@ pub fn bench_cuda(
         with_grad,
         (median_s, runs),
         loss.extra_bytes(),
-    )))
+    );
+    row.check_error = check_error;
+    Ok(Some(row))
 }
 
 /// Fills `speedup` of every row from the row of `baseline` with the same N, d and pass.
@@ -273,12 +340,15 @@ fn human_time(s: f64) -> String {
 /// The markdown table `bench-loss` prints (the same columns as benches/torch_reference.py).
 pub fn markdown_table(rows: &[BenchRow], baseline: &str) -> String {
     let mut out = format!(
-        "| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs {baseline} |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs {baseline} | error vs f64 |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for r in rows {
         let speedup = r.speedup.map_or("-".to_string(), |s| format!("{s:.2}x"));
+        let checked = r
+            .check_error
+            .map_or("unchecked".to_string(), |e| format!("{e:.1e}"));
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} |\n",
             r.device,
             r.version,
             r.n,
@@ -288,7 +358,8 @@ pub fn markdown_table(rows: &[BenchRow], baseline: &str) -> String {
             r.runs,
             r.tflops,
             human_bytes(r.extra_bytes),
-            speedup
+            speedup,
+            checked
         ));
     }
     out

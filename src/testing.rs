@@ -85,27 +85,4 @@ pub fn adversarial_matrix(rng: &mut impl Rng, n: usize, d: usize) -> Vec<f32> {
     z
 }
 
-/// Largest error of dL/dz with each row scaled by ||z_a|| (which makes every row's gradient
-/// comparable: dz_a ||z_a|| is the projected dL/df_a), relative to the largest such reference
-/// entry. NaN counts as infinitely wrong.
-pub fn scaled_grad_error(got: &[f64], want: &[f64], z: &[f32], d: usize) -> f64 {
-    let mut worst = 0.0f64;
-    let mut scale = 0.0f64;
-    for (a, zr) in z.chunks_exact(d).enumerate() {
-        let norm = zr
-            .iter()
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt();
-        for k in 0..d {
-            let (g, w) = (got[a * d + k] * norm, want[a * d + k] * norm);
-            worst = worst.max(if g.is_nan() {
-                f64::INFINITY
-            } else {
-                (g - w).abs()
-            });
-            scale = scale.max(w.abs());
-        }
-    }
-    worst / scale
-}
+pub use crate::loss::check::scaled_grad_error;

@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use invaspread::bench::{self, BenchRow, CpuVersion};
+use invaspread::bench::{self, BenchRow, Case, CpuVersion};
 use invaspread::cuda::Gpu;
+use invaspread::loss::check::{Truth, FLOAT32_TOLERANCE};
 use invaspread::loss::cuda::CudaLossVersion;
 use invaspread::loss::{GradSemantics, LossConfig};
 use invaspread::names::Named;
@@ -33,6 +34,10 @@ pub struct BenchLossArgs {
     /// Print JSON instead of the markdown table.
     #[arg(long)]
     json: bool,
+    /// Check every version's output against the float64 truth before timing it, up to this N
+    /// (the truth costs about one fused CPU run; larger sizes are timed unchecked).
+    #[arg(long, default_value_t = 65536)]
+    check_max_n: usize,
 }
 
 pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
@@ -51,58 +56,60 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
         args.n.clone()
     };
     let mut rows: Vec<BenchRow> = Vec::new();
-    let baseline = match args.device {
-        Device::Cpu => {
-            for &n in &sizes {
-                for with_grad in [false, true] {
+    let gpu = match args.device {
+        Device::Cpu => None,
+        Device::Cuda => Some(Arc::new(Gpu::require()?)),
+    };
+    for &n in &sizes {
+        let z = bench::bench_input(n, args.d);
+        for with_grad in [false, true] {
+            let truth = if n <= args.check_max_n {
+                eprintln!(
+                    "the float64 truth for N={n} d={} {}",
+                    args.d,
+                    bench::pass_name(with_grad)
+                );
+                Some(Truth::of(&z, n, args.d, &cfg, with_grad)?)
+            } else {
+                None
+            };
+            let case = Case {
+                z: &z,
+                n,
+                d: args.d,
+                cfg: &cfg,
+                with_grad,
+                truth: truth.as_ref(),
+            };
+            let progress = |version: &str| {
+                eprintln!(
+                    "measuring {version} N={n} d={} {}",
+                    args.d,
+                    bench::pass_name(with_grad)
+                )
+            };
+            match &gpu {
+                None => {
                     for version in CpuVersion::ALL {
-                        eprintln!(
-                            "measuring {} N={n} d={} {}",
-                            version.name(),
-                            args.d,
-                            bench::pass_name(with_grad)
-                        );
-                        rows.extend(bench::bench_cpu(
-                            version,
-                            n,
-                            args.d,
-                            &cfg,
-                            with_grad,
-                            args.min_seconds,
-                        )?);
+                        progress(&version.name());
+                        rows.extend(bench::bench_cpu(version, &case, args.min_seconds)?);
                     }
                 }
-            }
-            CpuVersion::Reference.name()
-        }
-        Device::Cuda => {
-            let gpu = Arc::new(Gpu::require()?);
-            for &n in &sizes {
-                for with_grad in [false, true] {
+                Some(gpu) => {
                     for version in CudaLossVersion::ALL {
-                        eprintln!(
-                            "measuring {} N={n} d={} {}",
-                            version.name(),
-                            args.d,
-                            bench::pass_name(with_grad)
-                        );
-                        match bench::bench_cuda(
-                            &gpu,
-                            version,
-                            n,
-                            args.d,
-                            &cfg,
-                            with_grad,
-                            args.min_seconds,
-                        )? {
+                        progress(&version.name());
+                        match bench::bench_cuda(gpu, version, &case, args.min_seconds)? {
                             Some(row) => rows.push(row),
                             None => eprintln!("  skipped: does not fit in device memory"),
                         }
                     }
                 }
             }
-            CudaLossVersion::Unfused.name()
         }
+    }
+    let baseline = match args.device {
+        Device::Cpu => CpuVersion::Reference.name(),
+        Device::Cuda => CudaLossVersion::Unfused.name(),
     };
     bench::fill_speedups(&mut rows, &baseline);
     if args.json {
@@ -110,6 +117,12 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
     } else {
         print!("{}", bench::markdown_table(&rows, &baseline));
         println!("\nuseful FLOPs: 2N^2d forward, x2 query-only fwd+bwd, x3 both-sides; semantics {}, tau {}", cfg.semantics, cfg.tau);
+        println!(
+            "error vs f64: each version's loss (relative) and dL/dz (scaled by row norms) against \
+             the float64 truth before timing, at most {FLOAT32_TOLERANCE:.0e} or the run stops; \
+             unchecked above N = {}",
+            args.check_max_n
+        );
     }
     Ok(())
 }

@@ -4,10 +4,12 @@
 //! - [`cpu`]: the fast CPU path, fused per row block, f32 or f64, never storing N x N.
 //! - [`cuda`]: every GPU kernel version (unfused, fused v1, v2), a file each, behind one
 //!   launcher that owns their scratch.
+//! - [`check`]: an output against the float64 truth (what the benchmarks check before timing).
 //!
 //! Batch layout: N = 2m rows; rows `0..m` are view A of images `0..m`, rows `m..2m` view B of
 //! the same images, so the partner of row `a` is `(a + m) mod N`.
 
+pub mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod reference;

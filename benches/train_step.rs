@@ -1,8 +1,12 @@
 //! Criterion benchmark of one training step (both views: forward, backward, SGD) for each
 //! encoder, 128 images of 32 x 32 (256 rows), float32, on the CPU and, when a GPU is there, on
-//! CUDA in each GEMM precision (each iteration waits for the device). Throughput is in images
+//! CUDA in each GEMM precision (each iteration waits for the device); `SKIPPED (no GPU)`
+//! without one, a failure then under REQUIRE_GPU=1. Throughput is in images
 //! per second (128 per step). Compare with benches/torch_train_reference.py on the same machine
-//! (`invaspread bench-train` prints the same numbers as a table).
+//! (`invaspread bench-train` prints the same numbers as a table). Before a CUDA case is timed
+//! its first step is checked against the CPU's float32 step (`nn::step::first_step_agreement`,
+//! the bounds of `bench-train`); `cargo test --bench train_step` runs every case once with the
+//! checks, so CI runs them on the virtual GPU, at 2 images a step there (it says so).
 
 use std::time::Duration;
 
@@ -17,35 +21,42 @@ use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::ParamStore;
-use invaspread::nn::step::queue_train_step;
+use invaspread::nn::step::{first_step_agreement, queue_train_step, step_tolerance};
 use invaspread::ops::Shape4;
-use invaspread::testing::{random_matrix, rng};
+use invaspread::testing::{gpu_or_skip, random_matrix, rng, virtual_gpu_note};
 
 const IMAGES: usize = 128;
+
+/// `images` images as two views (2 x images rows) of seeded random pixels.
+fn views(images: usize) -> (Shape4, Vec<f32>) {
+    let shape = Shape4 {
+        n: 2 * images,
+        c: 3,
+        h: 32,
+        w: 32,
+    };
+    (shape, random_matrix(&mut rng(1), 1, shape.len()))
+}
 
 fn bench_backend<B: Backend>(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     kind: ModelKind,
     device: &str,
     backend: B,
+    images: usize,
 ) {
     let mut store = ParamStore::default();
     let model = Model::new(kind, &mut store, &backend, 0).unwrap();
     let mut graph = Graph::new(backend, store);
     let mut sgd = Sgd::new(SgdConfig::default());
-    let shape = Shape4 {
-        n: 2 * IMAGES,
-        c: 3,
-        h: 32,
-        w: 32,
-    };
-    let views = random_matrix(&mut rng(1), 1, shape.len());
+    let (shape, views) = views(images);
     let cfg = LossConfig::default();
     let name = if device == "cpu" {
         kind.name()
     } else {
         format!("{}/{device}", kind.name())
     };
+    group.throughput(Throughput::Elements(images as u64));
     group.bench_function(name, |b| {
         b.iter(|| {
             queue_train_step(&mut graph, &model, &mut sgd, &views, shape, &cfg, 0.03).unwrap();
@@ -60,25 +71,38 @@ fn bench(c: &mut Criterion) {
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(20));
-    group.throughput(Throughput::Elements(IMAGES as u64));
-    let gpu = invaspread::cuda::Gpu::try_new()
-        .ok()
-        .flatten()
-        .map(std::sync::Arc::new);
+    let gpu = gpu_or_skip("criterion train_step cuda");
+    let gpu_images = match &gpu {
+        Some(g) if g.is_virtual() => {
+            virtual_gpu_note(
+                "criterion train_step cuda",
+                "2 images a step (the emulator is slow)",
+            );
+            2
+        }
+        _ => IMAGES,
+    };
     for kind in [ModelKind::ConvnetSmall, ModelKind::Resnet18Cifar] {
-        bench_backend(&mut group, kind, "cpu", Cpu::<f32>::new());
-        if let Some(gpu) = &gpu {
-            for precision in [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16] {
-                let backend = CudaBackend::new(gpu.clone())
+        bench_backend(&mut group, kind, "cpu", Cpu::<f32>::new(), IMAGES);
+        let Some(gpu) = &gpu else {
+            continue;
+        };
+        for precision in [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16] {
+            let device = format!("cuda-{}", precision.name());
+            let backend = || {
+                CudaBackend::new(gpu.clone())
                     .unwrap()
-                    .with_gemm_precision(precision);
-                bench_backend(
-                    &mut group,
-                    kind,
-                    &format!("cuda-{}", precision.name()),
-                    backend,
-                );
-            }
+                    .with_gemm_precision(precision)
+            };
+            let (shape, views) = views(gpu_images);
+            first_step_agreement(kind, backend(), &views, shape)
+                .unwrap()
+                .check(
+                    &format!("{}/{device}", kind.name()),
+                    step_tolerance(precision),
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+            bench_backend(&mut group, kind, &device, backend(), gpu_images);
         }
     }
     group.finish();

@@ -1,6 +1,8 @@
 //! `invaspread bench-train`: images per second of whole training steps (both views: forward,
 //! the instance loss, backward, SGD) on one device, as a markdown table in the format of
-//! benches/torch_train_reference.py, so that the two can be put side by side.
+//! benches/torch_train_reference.py, so that the two can be put side by side. On CUDA each
+//! precision's first step is checked against the CPU's float32 step before it is timed (the
+//! `checked:` lines under the table); a step beyond its bound stops the run.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +18,7 @@ use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::ParamStore;
-use invaspread::nn::step::queue_train_step;
+use invaspread::nn::step::{first_step_agreement, queue_train_step, step_tolerance};
 use invaspread::ops::Shape4;
 use invaspread::rng::{random_matrix, rng};
 
@@ -41,34 +43,38 @@ pub struct BenchTrainArgs {
     precision: Vec<GemmPrecision>,
 }
 
-/// The median over 3 repetitions of the mean step time of `steps` queued steps.
-fn time_steps<B: Backend>(
-    kind: ModelKind,
-    backend: B,
-    batch: usize,
-    steps: usize,
-) -> invaspread::Result<f64> {
-    let mut store = ParamStore::default();
-    let model = Model::new(kind, &mut store, &backend, 0)?;
-    let mut graph = Graph::new(backend, store);
-    let mut sgd = Sgd::new(SgdConfig::default());
+/// The timed batch: `batch` images as two views (2 x batch rows) of seeded random pixels.
+fn timed_batch(batch: usize) -> (Shape4, Vec<f32>) {
     let shape = Shape4 {
         n: 2 * batch,
         c: 3,
         h: 32,
         w: 32,
     };
-    let views = random_matrix(&mut rng(1), 1, shape.len());
+    (shape, random_matrix(&mut rng(1), 1, shape.len()))
+}
+
+/// The median over 3 repetitions of the mean step time of `steps` queued steps.
+fn time_steps<B: Backend>(
+    kind: ModelKind,
+    backend: B,
+    (shape, views): (Shape4, &[f32]),
+    steps: usize,
+) -> invaspread::Result<f64> {
+    let mut store = ParamStore::default();
+    let model = Model::new(kind, &mut store, &backend, 0)?;
+    let mut graph = Graph::new(backend, store);
+    let mut sgd = Sgd::new(SgdConfig::default());
     let cfg = LossConfig::default();
     for _ in 0..3 {
-        queue_train_step(&mut graph, &model, &mut sgd, &views, shape, &cfg, 0.03)?;
+        queue_train_step(&mut graph, &model, &mut sgd, views, shape, &cfg, 0.03)?;
     }
     graph.backend.synchronize()?;
     let mut means = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
         for _ in 0..steps {
-            queue_train_step(&mut graph, &model, &mut sgd, &views, shape, &cfg, 0.03)?;
+            queue_train_step(&mut graph, &model, &mut sgd, views, shape, &cfg, 0.03)?;
         }
         graph.backend.synchronize()?;
         means.push(t.elapsed().as_secs_f64() / steps.max(1) as f64);
@@ -83,13 +89,18 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
         Device::Cpu => None,
     };
     let version = env!("CARGO_PKG_VERSION");
+    let (shape, views) = timed_batch(args.batch);
+    let mut checks = Vec::new();
+    if gpu.as_ref().is_some_and(|g| g.is_virtual()) {
+        eprintln!("bench-train: on the virtual GPU the times are the CPU emulator's, not a GPU's");
+    }
     println!("| model | framework | device | mean step | images/s |");
     println!("|---|---|---|---|---|");
     for &kind in &args.models {
         match &gpu {
             None => {
                 let threads = rayon::current_num_threads();
-                let s = time_steps(kind, Cpu::<f32>::new(), args.batch, args.steps)?;
+                let s = time_steps(kind, Cpu::<f32>::new(), (shape, &views), args.steps)?;
                 println!(
                     "| {} | invaspread {version} cpu f32 | {threads} threads | {:.4} s | {:.1} |",
                     kind.name(),
@@ -99,8 +110,16 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
             }
             Some(gpu) => {
                 for &precision in &args.precision {
+                    let what = format!("{} cuda {}", kind.name(), precision.name());
                     let backend = CudaBackend::new(gpu.clone())?.with_gemm_precision(precision);
-                    let s = time_steps(kind, backend, args.batch, args.steps)?;
+                    let err = first_step_agreement(kind, backend, &views, shape)?
+                        .check(&what, step_tolerance(precision))?;
+                    checks.push(format!(
+                        "{what}: one step within {err:.1e} of the CPU's float32 step (at most {:.0e})",
+                        step_tolerance(precision)
+                    ));
+                    let backend = CudaBackend::new(gpu.clone())?.with_gemm_precision(precision);
+                    let s = time_steps(kind, backend, (shape, &views), args.steps)?;
                     println!(
                         "| {} | invaspread {version} cuda {} | {} | {:.4} s | {:.1} |",
                         kind.name(),
@@ -111,6 +130,12 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
                     );
                 }
             }
+        }
+    }
+    if !checks.is_empty() {
+        println!();
+        for line in &checks {
+            println!("checked: {line}");
         }
     }
     Ok(())

@@ -2,9 +2,11 @@
 //! the loss expects), forward, the instance loss, backward, SGD.
 
 use super::backend::Backend;
+use super::cpu_backend::Cpu;
 use super::graph::{Graph, Var};
-use super::models::Model;
+use super::models::{Model, ModelKind};
 use super::optim::Sgd;
+use crate::cuda::GemmPrecision;
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 use crate::ops::Shape4;
@@ -48,4 +50,115 @@ pub fn queue_train_step<B: Backend>(
     graph.backward(loss)?;
     sgd.update(&graph.backend, &mut graph.params, lr)?;
     Ok(loss)
+}
+
+/// How one training step on a backend agrees with the same step (same initialisation, batch
+/// and learning rate) on the float32 CPU backend. The training benchmarks check it before they
+/// time a backend: a fast step that computes something else is worth nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct StepAgreement {
+    /// The step's loss on the backend, and on the CPU.
+    pub loss: f64,
+    pub cpu_loss: f64,
+    /// ||du - du_cpu|| / ||du_cpu|| over every parameter's update at once (L2): one number that
+    /// the largest updates dominate, so that a tensor whose update cancels to noise in float32
+    /// (batchnorm's backward) does not decide it.
+    pub update_error: f64,
+}
+
+impl StepAgreement {
+    /// The worse of the loss's relative difference and the update error.
+    pub fn error(&self) -> f64 {
+        let loss = (self.loss - self.cpu_loss).abs() / self.cpu_loss.abs().max(f64::MIN_POSITIVE);
+        let worst = loss.max(self.update_error);
+        if worst.is_nan() {
+            f64::INFINITY
+        } else {
+            worst
+        }
+    }
+
+    /// [`StepAgreement::error`], or an error naming `what` when it is above `tolerance`.
+    pub fn check(&self, what: &str, tolerance: f64) -> Result<f64> {
+        let err = self.error();
+        if err <= tolerance {
+            Ok(err)
+        } else {
+            Err(Error::invalid(format!(
+                "{what}: one training step disagrees with the CPU's: loss {} against {}, update \
+                 error {:.3e}; {err:.3e} is above {tolerance:.1e}",
+                self.loss, self.cpu_loss, self.update_error
+            )))
+        }
+    }
+}
+
+/// How far one step on CUDA in `precision` may be from the CPU's float32 step ([`StepAgreement::error`]).
+/// Measured on the virtual GPU (whose GEMMs round operands as the tensor cores do), batches of
+/// 4 and 16 images: float32 3e-3 (the CPU's own float32 error: the step is ill-conditioned,
+/// batchnorm's backward cancelling), TF32 0.10, bf16 0.28 from convnet-small to resnet18-cifar.
+/// An unrelated update is about 1.4 away, so the TF32 and bf16 bounds catch gross breakage
+/// only; the float32 bound, and tests/gpu_nn.rs against float64, are the precise checks.
+pub fn step_tolerance(precision: GemmPrecision) -> f64 {
+    match precision {
+        GemmPrecision::F32 => 1e-2,
+        GemmPrecision::Tf32 => 0.25,
+        GemmPrecision::Bf16 => 0.6,
+    }
+}
+
+/// One step of `kind` (seed 0, SGD's defaults, lr 0.03) on `backend` and on the float32 CPU
+/// backend from the same initialisation and `views`; see [`StepAgreement`].
+pub fn first_step_agreement<B: Backend>(
+    kind: ModelKind,
+    backend: B,
+    views: &[f32],
+    shape: Shape4,
+) -> Result<StepAgreement> {
+    let (before, _) = one_step(kind, Cpu::<f32>::new(), views, shape, false)?;
+    let (want, cpu_loss) = one_step(kind, Cpu::<f32>::new(), views, shape, true)?;
+    let (got, loss) = one_step(kind, backend, views, shape, true)?;
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for ((g, w), b) in got.iter().zip(&want).zip(&before) {
+        let (du_g, du_w) = (f64::from(g - b), f64::from(w - b));
+        diff += (du_g - du_w) * (du_g - du_w);
+        norm += du_w * du_w;
+    }
+    Ok(StepAgreement {
+        loss,
+        cpu_loss,
+        update_error: (diff / norm.max(f64::MIN_POSITIVE)).sqrt(),
+    })
+}
+
+/// Every parameter after one step (or none) of `kind` from seed 0, concatenated, and the loss.
+fn one_step<B: Backend>(
+    kind: ModelKind,
+    backend: B,
+    views: &[f32],
+    shape: Shape4,
+    step: bool,
+) -> Result<(Vec<f32>, f64)> {
+    let mut store = super::params::ParamStore::default();
+    let model = Model::new(kind, &mut store, &backend, 0)?;
+    let mut graph = Graph::new(backend, store);
+    let mut sgd = Sgd::new(super::optim::SgdConfig::default());
+    let loss = if step {
+        train_step(
+            &mut graph,
+            &model,
+            &mut sgd,
+            views,
+            shape,
+            &LossConfig::default(),
+            0.03,
+        )?
+    } else {
+        0.0
+    };
+    let mut values = Vec::new();
+    for p in &graph.params.params {
+        values.extend(graph.backend.download(&p.value)?);
+    }
+    Ok((values, loss))
 }

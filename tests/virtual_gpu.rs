@@ -59,8 +59,8 @@ fn planted_library(tag: &str, file: &str, from: &str, to: &str) -> PathBuf {
 }
 
 /// Runs this test binary's ignored `child` test for `case` on the virtual GPU, with `library`
-/// as its kernel library (or the built one).
-fn run_child(case: &str, library: Option<&Path>) -> Output {
+/// as its kernel library (or the built one) and the streams' and blocks' seed (or the default).
+fn run_child(case: &str, library: Option<&Path>, seed: Option<&str>) -> Output {
     let exe = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
     cmd.args([
@@ -74,6 +74,9 @@ fn run_child(case: &str, library: Option<&Path>) -> Output {
     .env("INVASPREAD_VGPU_CHILD", case);
     if let Some(lib) = library {
         cmd.env("INVASPREAD_VGPU_KERNELS", lib);
+    }
+    if let Some(seed) = seed {
+        cmd.env("INVASPREAD_VGPU_SEED", seed);
     }
     cmd.output().expect("run the child test")
 }
@@ -97,7 +100,7 @@ fn assert_reports(out: &Output, needles: &[&str]) {
 #[ignore = "run by the planted-bug tests in a child process"]
 fn child() {
     let case = std::env::var("INVASPREAD_VGPU_CHILD").expect("run by the planted-bug tests");
-    let gpu = Gpu::try_new().unwrap().expect("the virtual GPU");
+    let gpu = std::sync::Arc::new(Gpu::try_new().unwrap().expect("the virtual GPU"));
     assert!(gpu.is_virtual());
     let stream = gpu.stream().clone();
     match case.as_str() {
@@ -108,7 +111,7 @@ fn child() {
             let mut norms = stream.alloc_zeros::<f32>(n).unwrap();
             use invaspread::ops::normalize_rows;
             normalize_rows::cuda::forward(
-                &gpu,
+                &*gpu,
                 normalize_rows::Version::V1,
                 DevPtr::of(&z),
                 DevPtrMut::of(&mut f),
@@ -123,9 +126,25 @@ fn child() {
             let x: Vec<f64> = (0..1000).map(f64::from).collect();
             let x = stream.clone_htod(&x).unwrap();
             let mut out = stream.alloc_zeros::<f64>(1).unwrap();
-            invaspread::ops::reduce::cuda::mean(&gpu, DevPtr::of(&x), DevPtrMut::of(&mut out))
+            invaspread::ops::reduce::cuda::mean(&*gpu, DevPtr::of(&x), DevPtrMut::of(&mut out))
                 .unwrap();
             let got = stream.clone_dtoh(&out);
+            eprintln!("child result: {got:?}");
+        }
+        "loss" => {
+            // 100 rows, a warp per row: block 12, thread 96 writes the last row (99).
+            let (n, d) = (100usize, 16usize);
+            let z = invaspread::testing::random_matrix(&mut invaspread::testing::rng(3), n, d);
+            let got = invaspread::loss::cuda::instance_loss(
+                gpu.clone(),
+                invaspread::loss::cuda::CudaLossVersion::FusedV2,
+                &z,
+                n,
+                d,
+                &Default::default(),
+                false,
+            )
+            .map(|(loss, _)| loss);
             eprintln!("child result: {got:?}");
         }
         "unsynchronised-read" => {
@@ -158,7 +177,7 @@ fn memcheck_reports_a_planted_out_of_bounds_write() {
         "if (lane == 0) norms[row] = norm;",
         "if (lane == 0) norms[row + 1] = norm;",
     );
-    let out = run_child("normalize", Some(&lib));
+    let out = run_child("normalize", Some(&lib), None);
     assert_reports(
         &out,
         &[
@@ -171,7 +190,7 @@ fn memcheck_reports_a_planted_out_of_bounds_write() {
         ],
     );
     // The unchanged kernels run the same child cleanly.
-    let clean = run_child("normalize", None);
+    let clean = run_child("normalize", None, None);
     assert!(
         !stderr_of(&clean).contains("memcheck") && stderr_of(&clean).contains("child result: Ok"),
         "the clean kernel library reported:\n{}",
@@ -193,21 +212,7 @@ fn racecheck_reports_a_removed_syncthreads() {
     );
     // Reported every time, whatever the schedule: run it under three seeds.
     for seed in ["1", "2", "0"] {
-        let exe = std::env::current_exe().unwrap();
-        let out = Command::new(exe)
-            .args([
-                "child",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("INVASPREAD_GPU", "virtual")
-            .env("INVASPREAD_VGPU_CHILD", "mean")
-            .env("INVASPREAD_VGPU_KERNELS", &lib)
-            .env("INVASPREAD_VGPU_SEED", seed)
-            .output()
-            .unwrap();
+        let out = run_child("mean", Some(&lib), Some(seed));
         assert_reports(
             &out,
             &[
@@ -218,10 +223,45 @@ fn racecheck_reports_a_removed_syncthreads() {
             ],
         );
     }
-    let clean = run_child("mean", None);
+    let clean = run_child("mean", None, None);
     assert!(
         !stderr_of(&clean).contains("racecheck")
             && stderr_of(&clean).contains("child result: Ok([499.5])"),
+        "the clean kernel library reported:\n{}",
+        stderr_of(&clean)
+    );
+}
+
+#[test]
+fn memcheck_sees_an_overrun_inside_carved_scratch() {
+    if !built_or_skip("memcheck_sees_an_overrun_inside_carved_scratch") {
+        return;
+    }
+    // fused-v2's inverse norms written one row on: the loss's scratch is one allocation cut
+    // into pieces (Carve), so the write stays inside the allocation, in the next piece's
+    // padding; it gave a wrong loss silently until the pieces were reported to the memcheck.
+    let lib = planted_library(
+        "carve",
+        "instance_loss_fused_v2.cu",
+        "inv_norms[row] = 1.f / fmaxf(norm, INVASPREAD_NORM_EPS);",
+        "inv_norms[row + 1] = 1.f / fmaxf(norm, INVASPREAD_NORM_EPS);",
+    );
+    let out = run_child("loss", Some(&lib), None);
+    assert_reports(
+        &out,
+        &[
+            "memcheck: invalid global write of 4 bytes",
+            "0 bytes past the end of the 400-byte piece at offset",
+            "carved allocation",
+            "kernel instance_loss_norms_v2",
+            "block (12,0,0), thread (96,0,0)",
+            "instance_loss_fused_v2.cu:",
+            "child result: Err",
+        ],
+    );
+    let clean = run_child("loss", None, None);
+    assert!(
+        !stderr_of(&clean).contains("memcheck") && stderr_of(&clean).contains("child result: Ok"),
         "the clean kernel library reported:\n{}",
         stderr_of(&clean)
     );
@@ -232,7 +272,7 @@ fn a_host_read_of_an_unsynchronised_read_back_is_reported() {
     if !built_or_skip("a_host_read_of_an_unsynchronised_read_back_is_reported") {
         return;
     }
-    let out = run_child("unsynchronised-read", None);
+    let out = run_child("unsynchronised-read", None, None);
     assert_eq!(out.status.code(), Some(86), "{}", stderr_of(&out));
     assert_reports(
         &out,

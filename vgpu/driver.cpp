@@ -98,15 +98,26 @@ std::uint64_t free_generation = 0;
 struct Allocation {
     std::size_t size;
     bool live;
+    bool carved;  // the crate cut it into pieces (vgpu_mark_piece): accesses are checked by piece
 };
 std::shared_mutex allocations_lock;
 std::map<std::uintptr_t, Allocation> allocations;  // by base address
+// Pieces of carved allocations (scratch that the crate lays out in one allocation, src/cuda/
+// launch.rs `Carve`), by base address: an access must fall in one piece, so a kernel that runs
+// past its piece is caught although it stays inside the allocation (the crate leaves a gap
+// after each piece on the virtual GPU, so that a short overrun lands in no piece).
+std::map<std::uintptr_t, std::size_t> pieces;
 std::size_t bytes_live = 0;
 constexpr std::size_t kTotalMemory = std::size_t(16) << 30;  // what the device reports
 
 std::size_t page() { static const std::size_t p = (std::size_t)sysconf(_SC_PAGESIZE); return p; }
 
-int find_allocation(std::uintptr_t addr, std::uintptr_t* lo, std::uintptr_t* hi, char* what, std::size_t len) {
+// The live allocation holding `addr` ([lo, hi) its bounds), or 0 with the reason in `what`. With
+// `by_piece`, an address in a carved allocation must lie in one of its pieces, whose bounds are
+// then returned (kernel accesses, copies, memsets); without it (pointer parameters: a pointer to
+// an empty piece is valid), the allocation's.
+int find_range(std::uintptr_t addr, std::uintptr_t* lo, std::uintptr_t* hi, char* what, std::size_t len,
+               bool by_piece) {
     std::shared_lock<std::shared_mutex> g(allocations_lock);
     auto it = allocations.upper_bound(addr);
     if (it == allocations.begin()) {
@@ -121,18 +132,52 @@ int find_allocation(std::uintptr_t addr, std::uintptr_t* lo, std::uintptr_t* hi,
         if (what) std::snprintf(what, len, "in the freed %zu-byte allocation at 0x%" PRIxPTR, it->second.size, base);
         return 0;
     }
-    if (addr < end) return 1;
-    if (what) std::snprintf(what, len, "%zu bytes past the end of the %zu-byte allocation at 0x%" PRIxPTR,
-                            (std::size_t)(addr - end), it->second.size, base);
+    if (addr >= end) {
+        if (what)
+            std::snprintf(what, len, "%zu bytes past the end of the %zu-byte allocation at 0x%" PRIxPTR,
+                          (std::size_t)(addr - end), it->second.size, base);
+        return 0;
+    }
+    if (!by_piece || !it->second.carved) return 1;
+    auto p = pieces.upper_bound(addr);
+    if (p != pieces.begin()) {
+        --p;
+        if (p->first >= base && addr < p->first + p->second) {
+            if (lo) *lo = p->first;
+            if (hi) *hi = p->first + p->second;
+            return 1;
+        }
+        if (p->first >= base) {
+            if (lo) *lo = p->first;
+            if (hi) *hi = p->first + p->second;
+            if (what)
+                std::snprintf(what, len,
+                              "%zu bytes past the end of the %zu-byte piece at offset %zu of the %zu-byte carved "
+                              "allocation at 0x%" PRIxPTR,
+                              (std::size_t)(addr - p->first - p->second), p->second, (std::size_t)(p->first - base),
+                              it->second.size, base);
+            return 0;
+        }
+    }
+    if (what)
+        std::snprintf(what, len, "before the first piece of the %zu-byte carved allocation at 0x%" PRIxPTR,
+                      it->second.size, base);
     return 0;
 }
 
-// Whether [addr, addr + bytes) lies in one live allocation; if not, says why.
+// For the engine: kernels' loads and stores, by piece.
+int find_allocation(std::uintptr_t addr, std::uintptr_t* lo, std::uintptr_t* hi, char* what, std::size_t len) {
+    return find_range(addr, lo, hi, what, len, true);
+}
+
+// Whether [addr, addr + bytes) lies in one live allocation; if not, says why. Copies, memsets
+// and cuBLAS operands are checked by allocation, not by piece: zeroing a whole carved
+// allocation, or one copy over several of its pieces, is legitimate.
 bool range_ok(CUdeviceptr addr, std::size_t bytes, std::string* why) {
     if (bytes == 0) return true;
     std::uintptr_t lo = 0, hi = 0;
     char what[256] = {};
-    if (find_allocation(addr, &lo, &hi, what, sizeof what) && addr + bytes <= hi) return true;
+    if (find_range(addr, &lo, &hi, what, sizeof what, false) && addr + bytes <= hi) return true;
     if (what[0] == 0)
         std::snprintf(what, sizeof what, "runs %zu bytes past the end of the %zu-byte allocation at 0x%" PRIxPTR,
                       (std::size_t)(addr + bytes - hi), (std::size_t)(hi - lo), lo);
@@ -165,7 +210,7 @@ CUresult device_alloc(CUdeviceptr* out, std::size_t bytes, const char* call) {
     std::memset(arena + base, 0xFF, bytes);  // NaN until written
     arena_next = base + bytes + kGap;
     const auto addr = reinterpret_cast<std::uintptr_t>(arena + base);
-    allocations[addr] = Allocation{bytes, true};
+    allocations[addr] = Allocation{bytes, true, false};
     bytes_live += bytes;
     *out = addr;
     return CUDA_SUCCESS;
@@ -180,6 +225,7 @@ CUresult device_free(CUdeviceptr addr, const char* call) {
                               it == allocations.end() ? "" : " (freed twice)"));
     it->second.live = false;
     bytes_live -= it->second.size;
+    pieces.erase(pieces.lower_bound(addr), pieces.lower_bound(addr + it->second.size));
     // Pages wholly inside the freed range become inaccessible (kernels' accesses to the rest
     // are caught by the engine through find_allocation).
     const std::size_t off = addr - reinterpret_cast<std::uintptr_t>(arena);
@@ -483,7 +529,7 @@ void run_launch(const Function& f, unsigned gx, unsigned gy, unsigned gz, unsign
         if (p == 0) continue;
         std::uintptr_t lo = 0, hi = 0;
         char what[256] = {};
-        if (!find_allocation(p, &lo, &hi, what, sizeof what) && p != hi) {  // one past the end is a valid empty range
+        if (!find_range(p, &lo, &hi, what, sizeof what, false) && p != hi) {  // one past the end is a valid empty range
             fail(CUDA_ERROR_ILLEGAL_ADDRESS,
                  format("memcheck: kernel %s parameter %d is 0x%" PRIxPTR ", not in a live device allocation (%s)",
                         f.name.c_str(), i, p, what));
@@ -644,6 +690,32 @@ extern "C" void vgpu_enqueue(CUstream stream, void (*run)(void*), void* closure)
 }
 
 extern "C" void vgpu_fail(const char* message) { fail(CUDA_ERROR_ILLEGAL_ADDRESS, message); }
+
+// ---- for the crate (src/cuda/virtual_gpu.rs), on the virtual GPU only ---------------------
+
+// [addr, addr + bytes) is a piece that the crate carved from a live allocation; from now on
+// accesses to that allocation are checked piece by piece. Marking the same piece again (every
+// call lays its scratch out anew) changes nothing; a new layout replaces the pieces it overlaps.
+// Returns 0, or 1 (with a message on stderr) when the range is not inside one live allocation.
+extern "C" int vgpu_mark_piece(CUdeviceptr addr, std::size_t bytes) {
+    if (bytes == 0) return 0;
+    std::unique_lock<std::shared_mutex> g(allocations_lock);
+    auto it = allocations.upper_bound(addr);
+    if (it == allocations.begin() || !(--it)->second.live || addr + bytes > it->first + it->second.size) {
+        std::fprintf(stderr, "invaspread virtual GPU: vgpu_mark_piece(0x%llx, %zu): not inside a live allocation\n",
+                     (unsigned long long)addr, bytes);
+        return 1;
+    }
+    auto same = pieces.find(addr);
+    if (same != pieces.end() && same->second == bytes && it->second.carved) return 0;
+    auto first = pieces.upper_bound(addr);
+    if (first != pieces.begin() && std::prev(first)->first + std::prev(first)->second > addr) --first;
+    pieces.erase(first, pieces.lower_bound(addr + bytes));
+    pieces[addr] = bytes;
+    it->second.carved = true;
+    __atomic_fetch_add(&free_generation, 1, __ATOMIC_RELEASE);  // the engines' cached ranges
+    return 0;
+}
 
 // ---- the driver API ------------------------------------------------------------------------
 
@@ -1018,7 +1090,7 @@ CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) { return cuEvent
 CUresult cuPointerGetAttribute(void* data, int attribute, CUdeviceptr p) {
     if (attribute == 2) {  // CU_POINTER_ATTRIBUTE_MEMORY_TYPE
         std::uintptr_t lo, hi;
-        *static_cast<unsigned*>(data) = find_allocation(p, &lo, &hi, nullptr, 0) ? 2u : 1u;
+        *static_cast<unsigned*>(data) = find_range(p, &lo, &hi, nullptr, 0, false) ? 2u : 1u;
         return CUDA_SUCCESS;
     }
     return CUDA_ERROR_NOT_SUPPORTED;

@@ -54,6 +54,15 @@ pub fn run(args: InfoArgs) -> invaspread::Result<()> {
         }
         Err(e) => println!("cuda devices:  error: {e}"),
     }
+    let active = if cuda::virtual_gpu::is_active() {
+        "in use (INVASPREAD_GPU=virtual)"
+    } else {
+        "not in use (INVASPREAD_GPU=virtual selects it)"
+    };
+    match cuda::virtual_gpu::library_dir() {
+        Ok(dir) => println!("virtual GPU:   {active}\nvirtual GPU libraries: {dir}"),
+        Err(why) => println!("virtual GPU:   {why}"),
+    }
     if args.kernels {
         println!();
         print_versions();

@@ -186,6 +186,12 @@ impl<'a, T> DevPtrMut<'a, T> {
 /// Typed pieces cut from one untyped allocation, each aligned to 256 bytes (as cudaMalloc's
 /// own allocations are): scratch that is laid out once, allocated once and shared by every
 /// device the same way.
+///
+/// On the virtual GPU each piece is followed by a gap and reported to its memcheck
+/// ([`virtual_gpu::mark_piece`]), so that a kernel running past its piece is caught although it
+/// stays inside the allocation. The sizing pass adds the same gaps, so sizes always agree.
+///
+/// [`virtual_gpu::mark_piece`]: super::virtual_gpu::mark_piece
 pub struct Carve<'a> {
     base: u64,
     capacity: usize,
@@ -231,9 +237,13 @@ impl<'a> Carve<'a> {
                     size_of::<T>()
                 ))
             })?;
-        self.used = bytes;
+        self.used = bytes + super::virtual_gpu::carve_gap();
+        let addr = self.base + start as u64;
+        if self.base != 0 {
+            super::virtual_gpu::mark_piece(addr, bytes - start)?;
+        }
         Ok(DevPtrMut {
-            addr: self.base + start as u64,
+            addr,
             len,
             _mem: PhantomData,
         })

@@ -46,12 +46,53 @@ pub fn selection() -> Result<Selection> {
     }
 }
 
-/// The folder with the virtual GPU's libraries, or why it was not built.
-pub fn library_dir() -> std::result::Result<&'static str, &'static str> {
-    generated::DIR
+/// The folder the virtual GPU's libraries are loaded from: `INVASPREAD_VGPU_DIR` when set
+/// (another build of them: one with AddressSanitizer, or the copy in a device bundle), else the
+/// one build.rs made; or why there is none.
+pub fn library_dir() -> std::result::Result<String, String> {
+    match std::env::var("INVASPREAD_VGPU_DIR") {
+        Ok(dir) if !dir.is_empty() => Ok(dir),
+        _ => generated::DIR
+            .map(str::to_string)
+            .map_err(|e| format!("the virtual GPU was not built ({e})")),
+    }
 }
 
 static LOADED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+
+/// The stand-in driver's `vgpu_mark_piece` (vgpu/driver.cpp), resolved when it is loaded.
+type MarkPieceFn = unsafe extern "C" fn(u64, usize) -> i32;
+static MARK_PIECE: OnceLock<MarkPieceFn> = OnceLock::new();
+
+/// Bytes left free after each piece of a [`Carve`](super::Carve) on the virtual GPU: a kernel
+/// that runs a little past its piece then touches no piece, which the memcheck reports (on a
+/// real GPU, 0: the layout is the tight one).
+pub fn carve_gap() -> usize {
+    if is_active() {
+        256
+    } else {
+        0
+    }
+}
+
+/// Tells the virtual GPU's memcheck that `[addr, addr + bytes)` is one piece of scratch carved
+/// from a larger allocation, so that accesses are checked against the piece rather than the
+/// whole allocation (which an overrun into the next piece, or the padding, stays inside). Does
+/// nothing on a real GPU.
+pub(crate) fn mark_piece(addr: u64, bytes: usize) -> Result<()> {
+    let Some(mark) = MARK_PIECE.get().filter(|_| is_active()) else {
+        return Ok(());
+    };
+    // SAFETY: the stand-in's own function (vgpu/driver.cpp), which takes the range by value and
+    // only records it.
+    if unsafe { mark(addr, bytes) } == 0 {
+        Ok(())
+    } else {
+        Err(Error::Cuda(format!(
+            "virtual GPU: the carved piece of {bytes} bytes at {addr:#x} is not inside a live allocation"
+        )))
+    }
+}
 
 /// Whether this process runs on the virtual GPU (it was selected and loaded).
 pub fn is_active() -> bool {
@@ -75,13 +116,7 @@ pub(crate) fn prepare() -> Result<bool> {
 }
 
 fn load() -> std::result::Result<(), String> {
-    // INVASPREAD_VGPU_DIR: another build of the libraries (a sanitized one, while debugging it).
-    let dir = match std::env::var("INVASPREAD_VGPU_DIR") {
-        Ok(dir) if !dir.is_empty() => dir,
-        _ => library_dir()
-            .map_err(|e| format!("the virtual GPU was not built ({e})"))?
-            .to_string(),
-    };
+    let dir = library_dir()?;
     let dir = dir.as_str();
     // libcuda first: libcublas.so needs it (and resolves it by SONAME once it is loaded).
     for name in ["libcuda.so", "libcublas.so"] {
@@ -102,6 +137,20 @@ fn load() -> std::result::Result<(), String> {
                 }
             };
             return Err(format!("loading {}: {why}", path.display()));
+        }
+        if name == "libcuda.so" {
+            // SAFETY: dlsym on the handle just opened; the symbol, when present, has the
+            // MarkPieceFn signature (vgpu/driver.cpp).
+            let sym = unsafe { libc::dlsym(handle, c"vgpu_mark_piece".as_ptr()) };
+            if sym.is_null() {
+                return Err(format!(
+                    "{} has no vgpu_mark_piece: an old build",
+                    path.display()
+                ));
+            }
+            // SAFETY: as above; a function pointer of that signature.
+            let _ = MARK_PIECE
+                .set(unsafe { std::mem::transmute::<*mut libc::c_void, MarkPieceFn>(sym) });
         }
     }
     Ok(())

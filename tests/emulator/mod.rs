@@ -31,7 +31,7 @@ fn build() -> Option<Emulator> {
     // The virtual GPU's kernel library (vgpu/, built by build.rs): every kernels/*.cu on the
     // engine, exported as `emu_launch` for this synchronous, host-memory use.
     let dir = invaspread::cuda::virtual_gpu::library_dir().ok()?;
-    let lib = std::path::Path::new(dir).join("libvgpu_kernels.so");
+    let lib = std::path::Path::new(&dir).join("libvgpu_kernels.so");
     let path = CString::new(lib.to_str().unwrap()).unwrap();
     // SAFETY: dlopen/dlsym of the library build.rs built; the symbol has the LaunchFn signature
     // (vgpu/engine.cpp). The handle is never closed (the tests hold the function for good).

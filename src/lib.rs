@@ -14,16 +14,16 @@
 //! | [`nn`] | the encoder: autodiff tape, the `Backend` trait and its CPU and CUDA implementations, ResNet18/ConvNet, SGD, checkpoints, embeddings |
 //! | [`eval`] | metrics of embeddings: weighted kNN, Recall@K, k-means NMI |
 //! | [`data`] | datasets, one file each (synthetic default, digits, CIFAR-10, STL-10, image folders), and the recipe's augmentation |
-//! | [`loss`] | the instance loss: config and validation; [`loss::reference`], the float64 truth; [`loss::cpu`], the fused CPU path; [`loss::cuda`], every GPU version, a file each |
+//! | [`bench`](mod@bench) | timing of the loss implementations for `bench-loss` and criterion, each checked against the float64 truth first |
+//! | [`testing`] | adversarial inputs, error measures, the `SKIPPED (no GPU)` guard and the virtual GPU's notes for tests and benches |
+//! | [`loss`] | the instance loss: config and validation; [`loss::reference`], the float64 truth; [`loss::check`], an output against it; [`loss::cpu`], the fused CPU path; [`loss::cuda`], every GPU version, a file each |
 //! | [`ops`] | one folder per op: its math and parameter structs, `cpu.rs`, `cuda.rs` (the launchers of `kernels/<op>.cu`) |
-//! | [`cuda`] | the GPU runtime only: [`cuda::Gpu`] and its module cache, launches ([`cuda::Queue`]), the one cuBLAS front, staged copies |
-//! | [`bench`](mod@bench) | timing of the loss implementations for `bench-loss` and criterion |
+//! | [`cuda`] | the GPU runtime only: [`cuda::Gpu`] and its module cache, launches ([`cuda::Queue`]), the one cuBLAS front, staged copies, the choice of device and the virtual GPU ([`cuda::virtual_gpu`]) |
 //! | [`linalg`], [`simd`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors for the CPU paths |
 //! | [`npy`] | `.npy` reading and writing with clear errors, atomic writes |
 //! | [`names`] | one spelling for every named choice (clap's `ValueEnum` names, also in config files) |
 //! | [`rng`] | seeded generators |
 //! | [`error`] | the crate's [`Error`] type |
-//! | [`testing`] | adversarial inputs, error measures and the `SKIPPED (no GPU)` guard for tests and benches |
 //!
 //! The CUDA sources live in `kernels/` (see `kernels/README.md` for the table of kernels and
 //! versions); `build.rs` compiles them with nvcc into fat binaries embedded in this crate.

@@ -187,11 +187,11 @@ impl<'a, T> DevPtrMut<'a, T> {
 /// own allocations are): scratch that is laid out once, allocated once and shared by every
 /// device the same way.
 ///
-/// On the virtual GPU each piece is followed by a gap and reported to its memcheck
-/// ([`virtual_gpu::mark_piece`]), so that a kernel running past its piece is caught although it
-/// stays inside the allocation. The sizing pass adds the same gaps, so sizes always agree.
+/// On the virtual GPU each piece is followed by a gap ([`virtual_gpu::carve_gap`]) and reported
+/// to its memcheck, so that a kernel running past its piece is caught although it stays inside
+/// the allocation. The sizing pass adds the same gaps, so sizes always agree.
 ///
-/// [`virtual_gpu::mark_piece`]: super::virtual_gpu::mark_piece
+/// [`virtual_gpu::carve_gap`]: super::virtual_gpu::carve_gap
 pub struct Carve<'a> {
     base: u64,
     capacity: usize,

@@ -2,7 +2,7 @@
 //! before it times it (a fast kernel that computes the wrong loss is worth nothing) and as the
 //! tests measure error.
 //!
-//! The truth is the float64 [`reference`] up to [`REFERENCE_MAX_N`] (it keeps N x N), and the
+//! The truth is the float64 [`reference`](mod@reference) up to [`REFERENCE_MAX_N`] (it keeps N x N), and the
 //! fused CPU path in float64 above (tested against the reference in tests/cpu_loss.rs, and
 //! O(N) in memory). The loss is compared relatively; dL/dz with each row scaled by ||z_a||
 //! ([`scaled_grad_error`]), because dL/dz_a shrinks as 1/||z_a|| and rows of any norm must count.

@@ -119,6 +119,20 @@ fn assert_clear_error(args: &[&str]) {
     );
 }
 
+/// `train --device cuda --precision f32 --steps S` with `common` flags into `out`.
+fn cuda_train_args<'a>(common: &[&'a str], steps: &'a str, out: &'a str) -> Vec<&'a str> {
+    let on_cuda = [
+        "train",
+        "--device",
+        "cuda",
+        "--precision",
+        "f32",
+        "--steps",
+        steps,
+    ];
+    [&on_cuda[..], common, &["--out", out][..]].concat()
+}
+
 #[test]
 fn train_eval_embed_on_cuda_match_the_cpu() {
     let scratch = Scratch::new("gpu-cli");
@@ -132,8 +146,6 @@ fn train_eval_embed_on_cuda_match_the_cpu() {
         "folder",
         "--data-dir",
         &data,
-        "--steps",
-        "3",
         "--batch",
         "8",
         "--k",
@@ -141,32 +153,17 @@ fn train_eval_embed_on_cuda_match_the_cpu() {
         "--seed",
         "3",
     ];
-    let train_gpu = [
-        &[
-            "train",
-            "--device",
-            "cuda",
-            "--precision",
-            "f32",
-            "--out",
-            &gpu_run,
-        ][..],
-        &common[..],
-    ]
-    .concat();
+    let train_gpu = |steps, out| cuda_train_args(&common, steps, out);
     let Some(_gpu) = gpu_or_skip("train_eval_embed_on_cuda_match_the_cpu") else {
-        assert_clear_error(&train_gpu);
+        assert_clear_error(&train_gpu("3", &gpu_run));
         return;
     };
-    let stderr = run_ok(&train_gpu);
+    let stderr = run_ok(&train_gpu("3", &gpu_run));
     assert!(stderr.contains("training on"), "{stderr}");
-    run_ok(
-        &[
-            &["train", "--device", "cpu", "--out", &cpu_run][..],
-            &common[..],
-        ]
-        .concat(),
-    );
+    let on_cpu = [
+        "train", "--device", "cpu", "--steps", "3", "--out", &cpu_run,
+    ];
+    run_ok(&[&on_cpu[..], &common[..]].concat());
 
     // The same losses step by step: two float32 paths (fused-v2 on the GPU, the fused CPU loss).
     let (on_gpu, on_cpu) = (step_losses(&gpu_run), step_losses(&cpu_run));
@@ -179,6 +176,18 @@ fn train_eval_embed_on_cuda_match_the_cpu() {
         );
     }
     assert_backend(&gpu_run, "fused-v2", "f32");
+
+    // Stopped after 2 steps and resumed to 3 on CUDA: the same step losses, bit for bit (the
+    // optimizer's momentum, batchnorm's statistics and the data order all come back).
+    let resumed = scratch.path("cuda-resumed");
+    run_ok(&train_gpu("2", &resumed));
+    run_ok(&[&train_gpu("3", &resumed)[..], &["--resume"][..]].concat());
+    let read = |run: &str| std::fs::read_to_string(Path::new(run).join("steps.csv")).unwrap();
+    assert_eq!(
+        read(&resumed),
+        read(&gpu_run),
+        "the resumed CUDA run differs"
+    );
 
     // The GPU's checkpoint on the CPU: eval runs, and its embeddings match the CPU run's (same
     // steps to float32 rounding) and the GPU's own embeddings of it.

@@ -21,22 +21,10 @@ use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::ParamStore;
-use invaspread::nn::step::{first_step_agreement, queue_train_step, step_tolerance};
-use invaspread::ops::Shape4;
-use invaspread::testing::{gpu_or_skip, random_matrix, rng, virtual_gpu_note};
+use invaspread::nn::step::{first_step_agreement, queue_train_step, random_views, step_tolerance};
+use invaspread::testing::{gpu_or_skip, virtual_gpu_note};
 
 const IMAGES: usize = 128;
-
-/// `images` images as two views (2 x images rows) of seeded random pixels.
-fn views(images: usize) -> (Shape4, Vec<f32>) {
-    let shape = Shape4 {
-        n: 2 * images,
-        c: 3,
-        h: 32,
-        w: 32,
-    };
-    (shape, random_matrix(&mut rng(1), 1, shape.len()))
-}
 
 fn bench_backend<B: Backend>(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
@@ -49,7 +37,7 @@ fn bench_backend<B: Backend>(
     let model = Model::new(kind, &mut store, &backend, 0).unwrap();
     let mut graph = Graph::new(backend, store);
     let mut sgd = Sgd::new(SgdConfig::default());
-    let (shape, views) = views(images);
+    let (shape, views) = random_views(images, 1);
     let cfg = LossConfig::default();
     let name = if device == "cpu" {
         kind.name()
@@ -94,7 +82,7 @@ fn bench(c: &mut Criterion) {
                     .unwrap()
                     .with_gemm_precision(precision)
             };
-            let (shape, views) = views(gpu_images);
+            let (shape, views) = random_views(gpu_images, 1);
             first_step_agreement(kind, backend(), &views, shape)
                 .unwrap()
                 .check(

@@ -95,6 +95,15 @@ fn assert_reports(out: &Output, needles: &[&str]) {
     }
 }
 
+/// The unchanged kernel library runs `case` with no report, and its result starts `result`.
+fn assert_clean(case: &str, result: &str) {
+    let err = stderr_of(&run_child(case, None, None));
+    assert!(
+        !err.contains("memcheck") && !err.contains("racecheck") && err.contains(result),
+        "the clean kernel library reported:\n{err}"
+    );
+}
+
 /// The child's side: one launch through the crate's launcher; prints what the sync returned.
 #[test]
 #[ignore = "run by the planted-bug tests in a child process"]
@@ -190,12 +199,7 @@ fn memcheck_reports_a_planted_out_of_bounds_write() {
         ],
     );
     // The unchanged kernels run the same child cleanly.
-    let clean = run_child("normalize", None, None);
-    assert!(
-        !stderr_of(&clean).contains("memcheck") && stderr_of(&clean).contains("child result: Ok"),
-        "the clean kernel library reported:\n{}",
-        stderr_of(&clean)
-    );
+    assert_clean("normalize", "child result: Ok");
 }
 
 #[test]
@@ -223,13 +227,7 @@ fn racecheck_reports_a_removed_syncthreads() {
             ],
         );
     }
-    let clean = run_child("mean", None, None);
-    assert!(
-        !stderr_of(&clean).contains("racecheck")
-            && stderr_of(&clean).contains("child result: Ok([499.5])"),
-        "the clean kernel library reported:\n{}",
-        stderr_of(&clean)
-    );
+    assert_clean("mean", "child result: Ok([499.5])");
 }
 
 #[test]
@@ -259,12 +257,7 @@ fn memcheck_sees_an_overrun_inside_carved_scratch() {
             "child result: Err",
         ],
     );
-    let clean = run_child("loss", None, None);
-    assert!(
-        !stderr_of(&clean).contains("memcheck") && stderr_of(&clean).contains("child result: Ok"),
-        "the clean kernel library reported:\n{}",
-        stderr_of(&clean)
-    );
+    assert_clean("loss", "child result: Ok");
 }
 
 #[test]

@@ -18,9 +18,8 @@ use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::ParamStore;
-use invaspread::nn::step::{first_step_agreement, queue_train_step, step_tolerance};
+use invaspread::nn::step::{first_step_agreement, queue_train_step, random_views, step_tolerance};
 use invaspread::ops::Shape4;
-use invaspread::rng::{random_matrix, rng};
 
 use super::Device;
 
@@ -41,17 +40,6 @@ pub struct BenchTrainArgs {
     /// GEMM precisions to time on CUDA (float32 storage and accumulation in every case).
     #[arg(long, value_enum, num_args = 1.., default_values_t = [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16])]
     precision: Vec<GemmPrecision>,
-}
-
-/// The timed batch: `batch` images as two views (2 x batch rows) of seeded random pixels.
-fn timed_batch(batch: usize) -> (Shape4, Vec<f32>) {
-    let shape = Shape4 {
-        n: 2 * batch,
-        c: 3,
-        h: 32,
-        w: 32,
-    };
-    (shape, random_matrix(&mut rng(1), 1, shape.len()))
 }
 
 /// The median over 3 repetitions of the mean step time of `steps` queued steps.
@@ -89,7 +77,7 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
         Device::Cpu => None,
     };
     let version = env!("CARGO_PKG_VERSION");
-    let (shape, views) = timed_batch(args.batch);
+    let (shape, views) = random_views(args.batch, 1);
     let mut checks = Vec::new();
     if gpu.as_ref().is_some_and(|g| g.is_virtual()) {
         eprintln!("bench-train: on the virtual GPU the times are the CPU emulator's, not a GPU's");

@@ -52,6 +52,21 @@ pub fn queue_train_step<B: Backend>(
     Ok(loss)
 }
 
+/// A batch of `images` images of 32 x 32 as two views (2 x images rows, view A first) of seeded
+/// random pixels: what the training benchmarks time and check.
+pub fn random_views(images: usize, seed: u64) -> (Shape4, Vec<f32>) {
+    let shape = Shape4 {
+        n: 2 * images,
+        c: 3,
+        h: 32,
+        w: 32,
+    };
+    (
+        shape,
+        crate::rng::random_matrix(&mut crate::rng::rng(seed), 1, shape.len()),
+    )
+}
+
 /// How one training step on a backend agrees with the same step (same initialisation, batch
 /// and learning rate) on the float32 CPU backend. The training benchmarks check it before they
 /// time a backend: a fast step that computes something else is worth nothing.

@@ -33,6 +33,7 @@ pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod limits;
 pub mod linalg;
 pub mod loss;
 pub mod names;

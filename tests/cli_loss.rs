@@ -183,11 +183,11 @@ fn bad_files_and_values_give_clear_errors_and_a_nonzero_exit() {
 
     assert_fails_with(
         &["loss", "--input", &p("good.npy"), "--mu", "0.5"],
-        &["mu = 0.5 is invalid"],
+        &["'0.5' for '--mu <MU>'", "expected 1 <= mu <= 1000"],
     );
     assert_fails_with(
         &["loss", "--input", &p("good.npy"), "--tau", "0"],
-        &["tau = 0 is invalid"],
+        &["'0' for '--tau <TAU>'", "expected 0.025 <= tau <= 100"],
     );
     assert_fails_with(
         &["loss", "--input", &p("missing.npy")],

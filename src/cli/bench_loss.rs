@@ -16,20 +16,20 @@ pub struct BenchLossArgs {
     /// Where to measure.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
-    /// Batch sizes N (rows); default 256 1024 4096, and 16384 65536 on CUDA.
-    #[arg(long, num_args = 1..)]
+    /// Batch sizes N (rows); default 256 1024 4096, and 16384 65536 on CUDA [2 <= n <= 16777216].
+    #[arg(long, num_args = 1.., value_parser = super::ranges::rows)]
     n: Vec<usize>,
-    /// Embedding dimension.
-    #[arg(long, default_value_t = 128)]
+    /// Embedding dimension [1 <= d <= 65536].
+    #[arg(long, default_value_t = 128, value_parser = super::ranges::dim)]
     d: usize,
-    /// Temperature.
-    #[arg(long, default_value_t = 0.1)]
+    /// Temperature [0.025 <= tau <= 100].
+    #[arg(long, default_value_t = 0.1, value_parser = super::ranges::tau, allow_negative_numbers = true)]
     tau: f64,
     /// Gradient semantics of the fwd+bwd rows.
     #[arg(long, value_enum, default_value_t = GradSemantics::QueryOnly)]
     grad_semantics: GradSemantics,
-    /// Keep repeating each measurement for at least this long (seconds).
-    #[arg(long, default_value_t = 1.0)]
+    /// Keep repeating each measurement for at least this long (seconds) [0 <= min_seconds <= 3600].
+    #[arg(long, default_value_t = 1.0, value_parser = super::ranges::min_seconds, allow_negative_numbers = true)]
     min_seconds: f64,
     /// Print JSON instead of the markdown table.
     #[arg(long)]
@@ -61,6 +61,20 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
         Device::Cuda => Some(Arc::new(Gpu::require()?)),
     };
     for &n in &sizes {
+        // z, dz, the normalized rows and their gradient in float64 for the truth, and the
+        // reference's N x N coefficients where it is the truth: checked before allocating.
+        let elements = (n as u64).checked_mul(args.d as u64);
+        let nxn = if n <= invaspread::loss::check::REFERENCE_MAX_N {
+            (n * n) as u64 * 8
+        } else {
+            0
+        };
+        invaspread::limits::check_allocation(
+            &format!("bench-loss --n {n} --d {}", args.d),
+            elements
+                .and_then(|e| e.checked_mul(4 * 4 + 8 * 3))
+                .and_then(|b| b.checked_add(nxn)),
+        )?;
         let z = bench::bench_input(n, args.d);
         for with_grad in [false, true] {
             let truth = if n <= args.check_max_n {

@@ -31,11 +31,12 @@ pub struct BenchTrainArgs {
     /// Encoders to time.
     #[arg(long, value_enum, num_args = 1.., default_values_t = [ModelKind::ConvnetSmall, ModelKind::Resnet18Cifar])]
     models: Vec<ModelKind>,
-    /// Images per step (2 x batch rows).
-    #[arg(long, default_value_t = 128)]
+    /// Images per step (2 x batch rows) [2 <= batch <= 4096].
+    #[arg(long, default_value_t = 128, value_parser = super::ranges::bench_batch)]
     batch: usize,
-    /// Timed steps per repetition (after 3 warm-up steps); the median of 3 repetitions is shown.
-    #[arg(long, default_value_t = 10)]
+    /// Timed steps per repetition (after 3 warm-up steps); the median of 3 repetitions is shown
+    /// [1 <= steps <= 100000].
+    #[arg(long, default_value_t = 10, value_parser = super::ranges::bench_steps)]
     steps: usize,
     /// GEMM precisions to time on CUDA (float32 storage and accumulation in every case).
     #[arg(long, value_enum, num_args = 1.., default_values_t = [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16])]

@@ -13,8 +13,8 @@ pub struct DataArgs {
     /// The dataset's folder (or file: digits.csv.gz, or a .tar.gz of an image folder).
     #[arg(long, value_name = "PATH")]
     pub data_dir: Option<PathBuf>,
-    /// Resize every image to S x S.
-    #[arg(long, value_name = "S")]
+    /// Resize every image to S x S [1 <= image_size <= 1024].
+    #[arg(long, value_name = "S", value_parser = super::ranges::image_size)]
     pub image_size: Option<usize>,
     /// What to do with an image file that cannot be decoded.
     #[arg(long, value_enum, default_value_t = DataConfig::default().on_bad_image)]

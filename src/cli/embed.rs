@@ -35,6 +35,7 @@ pub struct EmbedArgs {
 }
 
 pub fn run(args: EmbedArgs) -> invaspread::Result<()> {
+    refuse_to_overwrite(&args)?;
     match args.device {
         Device::Cpu => embed_on(args, Cpu::<f32>::new()),
         Device::Cuda => embed_on(args, cuda_backend()?),
@@ -54,5 +55,28 @@ fn embed_on<B: Backend>(args: EmbedArgs, backend: B) -> invaspread::Result<()> {
     let labels_path = args.out.with_extension("labels.npy");
     npy::write(&labels_path, &[split.len()], &split.labels)?;
     eprintln!("wrote {} and {}", args.out.display(), labels_path.display());
+    Ok(())
+}
+
+/// The outputs (the embeddings and the labels beside them) must not be the checkpoint read,
+/// nor its optimizer file: compared by canonical path, so `./x` and a symbolic link count too.
+fn refuse_to_overwrite(args: &EmbedArgs) -> invaspread::Result<()> {
+    let same = |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize())
+    {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    let optimizer = args.checkpoint.with_extension("optimizer.safetensors");
+    for out in [args.out.clone(), args.out.with_extension("labels.npy")] {
+        for input in [&args.checkpoint, &optimizer] {
+            if same(&out, input) {
+                return Err(invaspread::Error::invalid(format!(
+                    "--out {}: writing there would overwrite {}, which embed reads; choose another --out",
+                    args.out.display(),
+                    input.display()
+                )));
+            }
+        }
+    }
     Ok(())
 }

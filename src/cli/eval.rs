@@ -23,9 +23,11 @@ pub struct EvalArgs {
     checkpoint: PathBuf,
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, default_value_t = KnnConfig::default().k)]
+    /// kNN neighbours [1 <= k <= 100000].
+    #[arg(long, default_value_t = KnnConfig::default().k, value_parser = super::ranges::k)]
     k: usize,
-    #[arg(long, default_value_t = KnnConfig::default().sigma)]
+    /// kNN temperature [0.001 <= sigma <= 100].
+    #[arg(long, default_value_t = KnnConfig::default().sigma, value_parser = super::ranges::sigma, allow_negative_numbers = true)]
     sigma: f64,
     /// Print JSON instead of text.
     #[arg(long)]

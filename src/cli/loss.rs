@@ -32,11 +32,11 @@ pub struct LossArgs {
     /// N x d raw embeddings, float32 or float64, C order; rows 0..N/2 are view A, N/2..N view B.
     #[arg(long, value_name = "Z.npy")]
     input: PathBuf,
-    /// Temperature.
-    #[arg(long, default_value_t = 0.1)]
+    /// Temperature [0.025 <= tau <= 100].
+    #[arg(long, default_value_t = 0.1, value_parser = super::ranges::tau, allow_negative_numbers = true)]
     tau: f64,
-    /// Weight of the negatives (negM); at least 1.
-    #[arg(long, default_value_t = 1.0)]
+    /// Weight of the negatives (negM) [1 <= mu <= 1000].
+    #[arg(long, default_value_t = 1.0, value_parser = super::ranges::mu, allow_negative_numbers = true)]
     mu: f64,
     /// Which gradient --grad-out holds.
     #[arg(long, value_enum, default_value_t = GradSemantics::QueryOnly)]

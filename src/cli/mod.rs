@@ -9,6 +9,7 @@ mod eval;
 mod info;
 mod loss;
 mod random;
+mod ranges;
 mod step;
 mod train;
 
@@ -19,8 +20,8 @@ use clap::{ArgMatches, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "invaspread", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
-    /// CPU worker threads (default: all cores).
-    #[arg(long, global = true, value_name = "T")]
+    /// CPU worker threads (default: all cores) [1 <= threads <= 1024].
+    #[arg(long, global = true, value_name = "T", value_parser = ranges::threads)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,

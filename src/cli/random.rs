@@ -7,11 +7,11 @@ use invaspread::{npy, Error};
 
 #[derive(Debug, clap::Args)]
 pub struct RandomArgs {
-    /// Rows (an even number: two views of N/2 images).
-    #[arg(long, default_value_t = 256)]
+    /// Rows (an even number: two views of N/2 images) [2 <= n <= 16777216].
+    #[arg(long, default_value_t = 256, value_parser = super::ranges::rows)]
     n: usize,
-    /// Columns (the embedding dimension).
-    #[arg(long, default_value_t = 128)]
+    /// Columns (the embedding dimension) [1 <= d <= 65536].
+    #[arg(long, default_value_t = 128, value_parser = super::ranges::dim)]
     d: usize,
     /// Seed of the generator; the same seed gives the same file.
     #[arg(long, default_value_t = 0)]
@@ -31,6 +31,14 @@ pub fn run(args: RandomArgs) -> invaspread::Result<()> {
             args.n, args.d
         )));
     }
+    // float32 rows, then a float64 copy when asked for: checked before anything is allocated.
+    let per_element = if args.f64 { 12 } else { 4 };
+    invaspread::limits::check_allocation(
+        &format!("random --n {} --d {}", args.n, args.d),
+        (args.n as u64)
+            .checked_mul(args.d as u64)
+            .and_then(|e| e.checked_mul(per_element)),
+    )?;
     let z = random_matrix(&mut rng(args.seed), args.n, args.d);
     if args.f64 {
         let z64: Vec<f64> = z.iter().map(|&x| f64::from(x)).collect();

@@ -26,9 +26,11 @@ pub struct StepArgs {
     /// Where to write the model after the step.
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value_t = SgdConfig::default().lr)]
+    /// Learning rate [0 < lr <= 10].
+    #[arg(long, default_value_t = SgdConfig::default().lr, value_parser = super::ranges::lr, allow_negative_numbers = true)]
     lr: f64,
-    #[arg(long, default_value_t = LossConfig::default().tau)]
+    /// Temperature [0.025 <= tau <= 100].
+    #[arg(long, default_value_t = LossConfig::default().tau, value_parser = super::ranges::tau, allow_negative_numbers = true)]
     tau: f64,
 }
 

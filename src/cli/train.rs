@@ -18,6 +18,7 @@ use invaspread::trainer::{self, config, BackendChoice, RunOptions, TrainConfig};
 use invaspread::Error;
 
 use super::data::{self, DataArgs};
+use super::ranges;
 use super::Device;
 
 /// The recipe's defaults, the one source of the flags' defaults.
@@ -58,31 +59,38 @@ pub struct TrainArgs {
     /// The encoder.
     #[arg(long, value_enum, default_value_t = defaults().model)]
     model: ModelKind,
-    /// Epochs (passes over the training split, the last incomplete batch dropped).
-    #[arg(long, conflicts_with = "steps")]
+    /// Epochs (passes over the training split, the last incomplete batch dropped)
+    /// [0 <= epochs <= 1000000].
+    #[arg(long, conflicts_with = "steps", value_parser = ranges::epochs)]
     epochs: Option<usize>,
-    /// Steps instead of epochs; 0 writes the initialised network's checkpoint.
-    #[arg(long)]
+    /// Steps instead of epochs; 0 writes the initialised network's checkpoint
+    /// [0 <= steps <= 1000000000].
+    #[arg(long, value_parser = ranges::steps)]
     steps: Option<usize>,
-    /// Images per step (2 x batch rows: two views each).
-    #[arg(long, default_value_t = defaults().batch)]
+    /// Images per step (2 x batch rows: two views each) [2 <= batch <= 65536].
+    #[arg(long, default_value_t = defaults().batch, value_parser = ranges::batch)]
     batch: usize,
-    #[arg(long, default_value_t = defaults().sgd.lr)]
+    /// Learning rate [0 < lr <= 10].
+    #[arg(long, default_value_t = defaults().sgd.lr, value_parser = ranges::lr, allow_negative_numbers = true)]
     lr: f64,
-    #[arg(long, default_value_t = defaults().sgd.momentum)]
+    /// SGD momentum [0 <= momentum < 1].
+    #[arg(long, default_value_t = defaults().sgd.momentum, value_parser = ranges::momentum, allow_negative_numbers = true)]
     momentum: f64,
-    #[arg(long, default_value_t = defaults().sgd.weight_decay)]
+    /// Weight decay [0 <= weight_decay < 1].
+    #[arg(long, default_value_t = defaults().sgd.weight_decay, value_parser = ranges::weight_decay, allow_negative_numbers = true)]
     weight_decay: f64,
     #[arg(long)]
     nesterov: bool,
     #[arg(long, value_enum, default_value_t = ScheduleArg::Step)]
     schedule: ScheduleArg,
-    /// Linear learning-rate warm-up over this many steps.
-    #[arg(long, default_value_t = defaults().warmup_steps)]
+    /// Linear learning-rate warm-up over this many steps [0 <= warmup_steps <= 1000000000].
+    #[arg(long, default_value_t = defaults().warmup_steps, value_parser = ranges::warmup_steps)]
     warmup_steps: usize,
-    #[arg(long, default_value_t = defaults().loss.tau)]
+    /// Temperature [0.025 <= tau <= 100].
+    #[arg(long, default_value_t = defaults().loss.tau, value_parser = ranges::tau, allow_negative_numbers = true)]
     tau: f64,
-    #[arg(long, default_value_t = defaults().loss.mu)]
+    /// Weight of the negatives [1 <= mu <= 1000].
+    #[arg(long, default_value_t = defaults().loss.mu, value_parser = ranges::mu, allow_negative_numbers = true)]
     mu: f64,
     #[arg(long, value_enum, default_value_t = defaults().loss.semantics)]
     grad_semantics: GradSemantics,
@@ -106,10 +114,11 @@ pub struct TrainArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
-    /// kNN neighbours and temperature of the per-epoch evaluation.
-    #[arg(long, default_value_t = defaults().knn.k)]
+    /// kNN neighbours of the per-epoch evaluation [1 <= k <= 100000].
+    #[arg(long, default_value_t = defaults().knn.k, value_parser = ranges::k)]
     k: usize,
-    #[arg(long, default_value_t = defaults().knn.sigma)]
+    /// kNN temperature [0.001 <= sigma <= 100].
+    #[arg(long, default_value_t = defaults().knn.sigma, value_parser = ranges::sigma, allow_negative_numbers = true)]
     sigma: f64,
 }
 

@@ -47,11 +47,54 @@ pub fn write(cfg: &TrainConfig, ds: &Dataset, out: &Path) -> Result<()> {
     write_atomically(&out.join("config.json"), text.as_bytes())
 }
 
-/// Reads a configuration written by [`write()`] (or by hand). `recorded` is kept for the
-/// caller to compare with; a run writes its own in its place.
+/// Reads a configuration written by [`write()`] (or by hand) and checks every value's range
+/// ([`validate`]). `recorded` is kept for the caller to compare with; a run writes its own in
+/// its place.
 pub fn read(path: &Path) -> Result<TrainConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    parse(&text).map_err(|message| Error::bad_file(path, message))
+    let cfg = parse(&text).map_err(|message| Error::bad_file(path, message))?;
+    validate(&cfg).map_err(|e| Error::bad_file(path, e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Every numeric setting within its range ([`crate::limits`]: the ranges the flags take), so a
+/// configuration file or a library caller cannot pass what the command line refuses.
+pub fn validate(cfg: &TrainConfig) -> Result<()> {
+    use crate::limits;
+    limits::TAU.check(cfg.loss.tau)?;
+    limits::MU.check(cfg.loss.mu)?;
+    limits::LR.check(cfg.sgd.lr)?;
+    limits::MOMENTUM.check(cfg.sgd.momentum)?;
+    limits::WEIGHT_DECAY.check(cfg.sgd.weight_decay)?;
+    limits::SIGMA.check(cfg.knn.sigma)?;
+    limits::K.check_usize(cfg.knn.k)?;
+    limits::BATCH.check_usize(cfg.batch)?;
+    limits::WARMUP_STEPS.check_usize(cfg.warmup_steps)?;
+    if let Some(e) = cfg.epochs {
+        limits::EPOCHS.check_usize(e)?;
+    }
+    if let Some(s) = cfg.steps {
+        limits::STEPS.check_usize(s)?;
+    }
+    if let Some(s) = cfg.data.image_size {
+        limits::IMAGE_SIZE.check_usize(s)?;
+    }
+    if let Some(n) = cfg.loss_read_every {
+        limits::STEPS.check_usize(n.max(1))?;
+        if n == 0 {
+            return Err(Error::invalid(
+                "loss_read_every = 0: expected at least 1 step",
+            ));
+        }
+    }
+    if let crate::nn::optim::Schedule::Step { gamma, .. } = &cfg.schedule {
+        if !(gamma.is_finite() && *gamma > 0.0 && *gamma <= 1.0) {
+            return Err(Error::invalid(format!(
+                "schedule.gamma = {gamma}: expected 0 < gamma <= 1 (the factor at each milestone)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Parses a configuration; the error says which field (as a path) and why.
@@ -86,6 +129,25 @@ mod tests {
         assert_eq!(value["backend"]["device"], "cpu");
         assert_eq!(value["loss"]["grad_semantics"], "query-only");
         assert_eq!(parse(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn out_of_range_values_in_a_file_name_the_field() {
+        let mut value = serde_json::to_value(TrainConfig::default()).unwrap();
+        value["sgd"]["momentum"] = serde_json::json!(1.5);
+        let cfg = parse(&value.to_string()).unwrap();
+        let err = validate(&cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("sgd.momentum in config.json") && err.contains("1.5"),
+            "{err}"
+        );
+        value["sgd"]["momentum"] = serde_json::json!(0.9);
+        value["schedule"]["gamma"] = serde_json::json!(-1.0);
+        let err = validate(&parse(&value.to_string()).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("schedule.gamma = -1"), "{err}");
+        assert!(validate(&TrainConfig::default()).is_ok());
     }
 
     #[test]

@@ -18,6 +18,7 @@
 pub mod batches;
 pub mod config;
 pub mod evaluate;
+pub mod lock;
 pub mod losses;
 pub mod outputs;
 pub mod run;

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use super::batches::BatchWorker;
 use super::evaluate::{knn_accuracy, raw_pixel_knn};
+use super::lock::RunLock;
 use super::losses::{EpochLoss, LossReader};
 use super::outputs::{self, EpochMetrics, StepLog, BEST, LAST, LAST_OPT};
 use super::{config, stop_flag, RunOptions, TrainConfig, TrainSummary};
@@ -41,6 +42,8 @@ pub struct Run<'a, B: Backend> {
     /// Every epoch's row so far, earlier invocations' included.
     metrics: Vec<EpochMetrics>,
     summary: TrainSummary,
+    /// This process's claim on `--out`, held until the run is dropped.
+    _lock: RunLock,
 }
 
 /// Steps per epoch and in all, or an error naming the flag at fault.
@@ -61,7 +64,11 @@ fn step_counts(cfg: &TrainConfig, ds: &Dataset) -> Result<(usize, usize)> {
     }
     let total_steps = match (cfg.steps, cfg.epochs) {
         (Some(s), _) => s,
-        (None, Some(e)) => e * steps_per_epoch,
+        (None, Some(e)) => e.checked_mul(steps_per_epoch).ok_or_else(|| {
+            Error::invalid(format!(
+                "--epochs {e} x {steps_per_epoch} steps per epoch overflows the step count"
+            ))
+        })?,
         (None, None) => return Err(Error::invalid("give --epochs E or --steps S")),
     };
     Ok((steps_per_epoch, total_steps))
@@ -76,9 +83,11 @@ impl<'a, B: Backend> Run<'a, B> {
         ds: Arc<Dataset>,
         backend: B,
     ) -> Result<Self> {
+        config::validate(cfg)?;
         cfg.loss.validate()?;
         let (steps_per_epoch, total_steps) = step_counts(cfg, &ds)?;
         std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+        let lock = RunLock::acquire(&opts.out)?;
         let mut store = ParamStore::default();
         let model = Model::new(cfg.model, &mut store, &backend, cfg.seed)?;
         let mut run = Run {
@@ -99,6 +108,7 @@ impl<'a, B: Backend> Run<'a, B> {
                 interrupted: false,
                 knn_at_start: None,
             },
+            _lock: lock,
         };
         let last = opts.out.join(LAST);
         if opts.resume {

@@ -1,0 +1,254 @@
+//! Careless and hostile input to the command line: every case must end in a clear error that
+//! names the flag or file, the value and what was expected, with no panic and no abort. Each case
+//! here crashed, hung, aborted or was accepted silently before it had a check.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::invaspread;
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Fails with `code` and every needle in stderr, without a panic or an abort.
+fn assert_refused(args: &[&str], code: i32, needles: &[&str]) {
+    let out = invaspread(args);
+    let err = stderr_of(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "invaspread {}: {err}",
+        args.join(" ")
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("memory allocation"),
+        "{err}"
+    );
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "invaspread {}: expected {needle:?} in\n{err}",
+            args.join(" ")
+        );
+    }
+}
+
+#[test]
+fn numeric_flags_outside_their_range_are_usage_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["train", "--out", "/tmp/x", "--lr", "nan"],
+            "expected 0 < lr <= 10",
+        ),
+        (
+            &["train", "--out", "/tmp/x", "--lr", "-0.1"],
+            "expected 0 < lr <= 10",
+        ),
+        (
+            &["train", "--out", "/tmp/x", "--momentum", "nan"],
+            "expected 0 <= momentum < 1",
+        ),
+        (
+            &["train", "--out", "/tmp/x", "--weight-decay", "-1"],
+            "0 <= weight_decay < 1",
+        ),
+        (
+            &["train", "--out", "/tmp/x", "--sigma", "0"],
+            "0.001 <= sigma <= 100",
+        ),
+        (
+            &["train", "--out", "/tmp/x", "--k", "0"],
+            "1 <= k <= 100000",
+        ),
+        (
+            &["train", "--out", "/tmp/x", "--mu", "1e9"],
+            "1 <= mu <= 1000",
+        ),
+        (
+            &["train", "--out", "/tmp/x", "--tau", "1e-6"],
+            "0.025 <= tau <= 100",
+        ),
+        (
+            &["train", "--out", "/tmp/x", "--image-size", "0"],
+            "1 <= image_size <= 1024",
+        ),
+        (
+            &["train", "--out", "/tmp/x", "--image-size", "4294967297"],
+            "1 <= image_size <= 1024",
+        ),
+        (
+            &[
+                "train",
+                "--out",
+                "/tmp/x",
+                "--epochs",
+                "18446744073709551615",
+            ],
+            "0 <= epochs <= 1000000",
+        ),
+        (
+            &["--threads", "100000", "train", "--out", "/tmp/x"],
+            "1 <= threads <= 1024",
+        ),
+        (
+            &["eval", "--checkpoint", "x", "--k", "0"],
+            "1 <= k <= 100000",
+        ),
+        (
+            &["random", "--n", "1000000000", "--out", "/tmp/x.npy"],
+            "2 <= n <= 16777216",
+        ),
+        (&["bench-loss", "--n", "4294967296"], "2 <= n <= 16777216"),
+        (
+            &["loss", "--input", "x", "--tau", "0"],
+            "0.025 <= tau <= 100",
+        ),
+    ];
+    for (args, range) in cases {
+        assert_refused(args, 2, &["invalid value", range]);
+    }
+}
+
+#[test]
+fn sizes_beyond_memory_are_refused_before_allocating() {
+    // Within the flags' ranges, but terabytes: a clear error, not an abort in the allocator.
+    assert_refused(
+        &[
+            "random",
+            "--n",
+            "16777216",
+            "--d",
+            "65536",
+            "--out",
+            "/tmp/never.npy",
+        ],
+        1,
+        &[
+            "random --n 16777216 --d 65536: needs",
+            "GB of memory available",
+        ],
+    );
+    assert_refused(
+        &["bench-loss", "--n", "16777216", "--d", "65536"],
+        1,
+        &["bench-loss --n 16777216 --d 65536: needs"],
+    );
+}
+
+#[test]
+fn a_replayed_configuration_out_of_range_names_the_field() {
+    let dir = std::env::temp_dir().join(format!("invaspread-careless-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = serde_json::to_value(invaspread::trainer::TrainConfig::default()).unwrap();
+    cfg["sgd"]["momentum"] = serde_json::json!(1.5);
+    let path = dir.join("config.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let out = dir.join("run");
+    assert_refused(
+        &[
+            "train",
+            "--config",
+            path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        1,
+        &[
+            "config.json",
+            "sgd.momentum in config.json",
+            "1.5",
+            "0 <= momentum < 1",
+        ],
+    );
+    assert!(
+        !out.join("config.json").exists(),
+        "a refused run wrote its configuration"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn embed_refuses_to_overwrite_the_checkpoint_it_reads() {
+    let dir =
+        std::env::temp_dir().join(format!("invaspread-careless-embed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = dir.to_str().unwrap();
+    let out = invaspread(&["train", "--steps", "0", "--k", "5", "--out", run]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let ckpt = dir.join("last.safetensors");
+    let before = std::fs::read(&ckpt).unwrap();
+    // The same file by another spelling: ./ and a symbolic link.
+    let link = dir.join("link.safetensors");
+    std::os::unix::fs::symlink(&ckpt, &link).unwrap();
+    for target in [
+        format!("{run}/./last.safetensors"),
+        link.to_str().unwrap().to_string(),
+    ] {
+        assert_refused(
+            &[
+                "embed",
+                "--checkpoint",
+                ckpt.to_str().unwrap(),
+                "--out",
+                &target,
+            ],
+            1,
+            &[
+                "would overwrite",
+                "last.safetensors",
+                "choose another --out",
+            ],
+        );
+    }
+    assert_eq!(
+        std::fs::read(&ckpt).unwrap(),
+        before,
+        "the checkpoint changed"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_second_training_into_the_same_folder_is_refused_while_the_first_runs() {
+    let dir = std::env::temp_dir().join(format!("invaspread-careless-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let exe = std::env::var("INVASPREAD_EXE")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_invaspread").to_string());
+    let mut first = Command::new(&exe)
+        .args([
+            "train", "--epochs", "2", "--batch", "64", "--k", "20", "--out", out,
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The lock file holds the first run's process id once it is taken.
+    let lock = Path::new(out).join(".lock");
+    let pid = first.id().to_string();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&lock).unwrap_or_default() != pid {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "the first run never took the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_refused(
+        &[
+            "train", "--epochs", "2", "--batch", "64", "--k", "20", "--out", out, "--resume",
+        ],
+        1,
+        &["is in use by another training", &format!("process {pid}")],
+    );
+    let status = first.wait().unwrap();
+    assert!(status.success(), "the first run failed");
+    // Finished, the folder is free again: a resume of the finished run is accepted.
+    let again = invaspread(&[
+        "train", "--epochs", "2", "--batch", "64", "--k", "20", "--out", out, "--resume",
+    ]);
+    assert!(again.status.success(), "{}", stderr_of(&again));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

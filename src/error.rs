@@ -26,6 +26,10 @@ pub enum Error {
     /// `--device cuda` on a machine without a usable GPU.
     #[error("no CUDA device is available: {0}")]
     NoDevice(String),
+    /// A run stopped by a signal, its state saved: not a failure of the input, but the process
+    /// must not report success (exit status 128 + signal).
+    #[error("{message}")]
+    Interrupted { signal: i32, message: String },
 }
 
 /// The crate's result type.

@@ -21,6 +21,7 @@
 //! | [`cuda`] | the GPU runtime only: [`cuda::Gpu`] and its module cache, launches ([`cuda::Queue`]), the one cuBLAS front, staged copies, the choice of device and the virtual GPU ([`cuda::virtual_gpu`]) |
 //! | [`linalg`], [`simd`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors for the CPU paths |
 //! | [`npy`] | `.npy` reading and writing with clear errors, atomic writes |
+//! | [`limits`] | the range of every numeric setting (flags, config files, library calls) and the memory check before large allocations |
 //! | [`names`] | one spelling for every named choice (clap's `ValueEnum` names, also in config files) |
 //! | [`rng`] | seeded generators |
 //! | [`error`] | the crate's [`Error`] type |

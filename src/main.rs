@@ -21,6 +21,11 @@ fn main() -> ExitCode {
     };
     match cli::run(args, &matches) {
         Ok(()) => ExitCode::SUCCESS,
+        // Stopped by SIGINT or SIGTERM with its state saved: 128 + the signal, as shells do.
+        Err(invaspread::Error::Interrupted { signal, message }) => {
+            eprintln!("{message}");
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
+        }
         Err(err) => {
             eprintln!("error: {err}");
             ExitCode::FAILURE

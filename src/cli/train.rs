@@ -227,9 +227,9 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<
     if let Some(path) = &args.config {
         replay_note(path, &cfg);
     }
-    let flag = trainer::stop_flag();
-    ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
-        .map_err(|e| Error::invalid(format!("cannot install the Ctrl-C handler: {e}")))?;
+    // From here SIGINT and SIGTERM end the process at once, until the first step makes
+    // something worth saving (trainer::signals).
+    trainer::signals::install()?;
     let ds = Arc::new(data::load(&cfg.data, cfg.seed)?);
     let opts = RunOptions {
         out: args.out.clone(),
@@ -242,16 +242,22 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<
     } else {
         "done"
     };
-    match summary.metrics.last() {
-        Some(last) => eprintln!(
+    let message = match summary.metrics.last() {
+        Some(last) => format!(
             "{state}: epoch {} kNN top-1 {:.2}%; outputs in {}",
             last.epoch,
             100.0 * last.knn_top1,
             args.out.display()
         ),
-        None => eprintln!("{state}: outputs in {}", args.out.display()),
+        None => format!("{state}: outputs in {}", args.out.display()),
+    };
+    match trainer::signals::received().filter(|_| summary.interrupted) {
+        Some(signal) => Err(Error::Interrupted { signal, message }),
+        None => {
+            eprintln!("{message}");
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 /// Says what a replay runs, and warns when the thread count differs from the recorded run's

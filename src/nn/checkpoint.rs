@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 
 use super::backend::Backend;
 use super::optim::Sgd;
@@ -20,17 +20,70 @@ fn serialize(
     tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::invalid(format!("tensor {name}: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::tensor::serialize(views, Some(metadata))
-        .map_err(|e| Error::bad_file(path, e.to_string()))?;
+    let bytes = safetensors_bytes(tensors, metadata).map_err(|e| Error::bad_file(path, e))?;
     write_atomically(path, &bytes)
+}
+
+/// The safetensors file of `tensors` and `metadata`, laid out the same way every time: tensors
+/// by alignment (the widest dtype first, so that every tensor starts aligned to its element
+/// size, as the safetensors crate orders them) then by name, and the header's keys sorted.
+/// Identical runs so write identical bytes, and checkpoints can be compared by checksum (the
+/// crate's own writer keeps the metadata in a HashMap, whose order changes with every process).
+fn safetensors_bytes(
+    mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    metadata: HashMap<String, String>,
+) -> std::result::Result<Vec<u8>, String> {
+    let code = |dtype: Dtype| -> std::result::Result<(&'static str, usize), String> {
+        Ok(match dtype {
+            Dtype::F64 => ("F64", 8),
+            Dtype::I64 => ("I64", 8),
+            Dtype::F32 => ("F32", 4),
+            other => return Err(format!("dtype {other:?} is not written by this crate")),
+        })
+    };
+    for (name, dtype, shape, bytes) in &tensors {
+        let elements: usize = shape.iter().product();
+        if elements * code(*dtype)?.1 != bytes.len() {
+            return Err(format!(
+                "tensor {name}: {} bytes for shape {shape:?}",
+                bytes.len()
+            ));
+        }
+    }
+    tensors.sort_by(|a, b| {
+        let (sa, sb) = (code(a.1).map_or(0, |c| c.1), code(b.1).map_or(0, |c| c.1));
+        sb.cmp(&sa).then_with(|| a.0.cmp(&b.0))
+    });
+    // serde_json's Map is a BTreeMap (no preserve_order feature): its keys come out sorted.
+    let mut header = serde_json::Map::new();
+    let metadata: serde_json::Map<String, serde_json::Value> =
+        metadata.into_iter().map(|(k, v)| (k, v.into())).collect();
+    header.insert("__metadata__".into(), metadata.into());
+    let mut offset = 0usize;
+    for (name, dtype, shape, bytes) in &tensors {
+        let entry = serde_json::json!({
+            "dtype": code(*dtype)?.0,
+            "shape": shape,
+            "data_offsets": [offset, offset + bytes.len()],
+        });
+        if header.insert(name.clone(), entry).is_some() || name == "__metadata__" {
+            return Err(format!("tensor name {name:?} twice or reserved"));
+        }
+        offset += bytes.len();
+    }
+    let mut text = serde_json::to_string(&header).map_err(|e| e.to_string())?;
+    // The header padded with spaces to a multiple of 8 bytes, as the format's writers do, so
+    // that the data (and each 8-byte tensor at its front) starts aligned.
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + offset);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    for (_, _, _, bytes) in &tensors {
+        out.extend_from_slice(bytes);
+    }
+    Ok(out)
 }
 
 fn f32_bytes(values: &[f64]) -> Vec<u8> {
@@ -240,4 +293,62 @@ pub fn load_optimizer<B: Backend>(
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| Error::bad_file(path, "metadata has no integer 'step'"))?;
     Ok(metadata)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_contents_give_identical_bytes_that_the_safetensors_crate_reads() {
+        let tensors = || {
+            vec![
+                (
+                    "b.weight".to_string(),
+                    Dtype::F32,
+                    vec![2, 3],
+                    f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+                ),
+                (
+                    "a.count".to_string(),
+                    Dtype::I64,
+                    vec![],
+                    7i64.to_le_bytes().to_vec(),
+                ),
+                (
+                    "a.bias".to_string(),
+                    Dtype::F32,
+                    vec![3],
+                    f32_bytes(&[0.5, -0.5, 0.25]),
+                ),
+            ]
+        };
+        // Metadata maps built in different insertion orders (and so iteration orders).
+        let meta_a: HashMap<String, String> =
+            (0..20).map(|i| (format!("k{i}"), i.to_string())).collect();
+        let meta_b: HashMap<String, String> = (0..20)
+            .rev()
+            .map(|i| (format!("k{i}"), i.to_string()))
+            .collect();
+        let a = safetensors_bytes(tensors(), meta_a).unwrap();
+        let b = safetensors_bytes(tensors().into_iter().rev().collect(), meta_b).unwrap();
+        assert_eq!(a, b);
+        let header_len = u64::from_le_bytes(a[..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0);
+        let st = SafeTensors::deserialize(&a).unwrap();
+        let count = st.tensor("a.count").unwrap();
+        assert_eq!((count.dtype(), count.shape()), (Dtype::I64, &[][..]));
+        assert_eq!(count.data(), 7i64.to_le_bytes());
+        let w = st.tensor("b.weight").unwrap();
+        assert_eq!(w.shape(), &[2, 3]);
+        assert_eq!(
+            w.data(),
+            f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).as_slice()
+        );
+        let (_, meta) = SafeTensors::read_metadata(&a).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["k7"], "7");
+        // A size that does not match the shape is refused, not written.
+        let bad = vec![("x".to_string(), Dtype::F32, vec![4], vec![0u8; 12])];
+        assert!(safetensors_bytes(bad, HashMap::new()).is_err());
+    }
 }

@@ -22,6 +22,7 @@ pub mod lock;
 pub mod losses;
 pub mod outputs;
 pub mod run;
+pub mod signals;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;

@@ -205,6 +205,8 @@ impl<'a, B: Backend> Run<'a, B> {
 
     /// Steps `start..total`: each queued on the backend, its loss read back in windows.
     fn run_steps(&mut self) -> Result<()> {
+        // From the first step on, a signal stops the run after a step and saves it.
+        super::signals::set_saving(true);
         let (cfg, ds) = (self.cfg, self.ds.clone());
         let worker = BatchWorker::spawn(
             ds.clone(),

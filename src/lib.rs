@@ -20,7 +20,8 @@
 //! | [`ops`] | one folder per op: its math and parameter structs, `cpu.rs`, `cuda.rs` (the launchers of `kernels/<op>.cu`) |
 //! | [`cuda`] | the GPU runtime only: [`cuda::Gpu`] and its module cache, launches ([`cuda::Queue`]), the one cuBLAS front, staged copies, the choice of device and the virtual GPU ([`cuda::virtual_gpu`]) |
 //! | [`linalg`], [`simd`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors for the CPU paths |
-//! | [`npy`] | `.npy` reading and writing with clear errors, atomic writes |
+//! | [`npy`] | `.npy` reading and writing with clear errors |
+//! | [`durable`] | atomic, synced file writes; leftovers of killed writers; the crash-injection hook |
 //! | [`limits`] | the range of every numeric setting (flags, config files, library calls) and the memory check before large allocations |
 //! | [`names`] | one spelling for every named choice (clap's `ValueEnum` names, also in config files) |
 //! | [`rng`] | seeded generators |
@@ -32,6 +33,7 @@
 pub mod bench;
 pub mod cuda;
 pub mod data;
+pub mod durable;
 pub mod error;
 pub mod eval;
 pub mod limits;

@@ -252,3 +252,26 @@ fn a_second_training_into_the_same_folder_is_refused_while_the_first_runs() {
     assert!(again.status.success(), "{}", stderr_of(&again));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_resume_cannot_shorten_a_run_and_leaves_its_state_alone() {
+    let dir =
+        std::env::temp_dir().join(format!("invaspread-careless-short-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let run = invaspread(&[
+        "train", "--steps", "3", "--batch", "64", "--k", "5", "--out", out,
+    ]);
+    assert!(run.status.success(), "{}", stderr_of(&run));
+    let state = std::fs::read(dir.join("state.safetensors")).unwrap();
+    // It rewrote the checkpoint at step 0 before, and the next resume started over.
+    assert_refused(
+        &[
+            "train", "--steps", "0", "--batch", "64", "--k", "5", "--out", out, "--resume",
+        ],
+        1,
+        &["has done 3 steps", "can only be extended"],
+    );
+    assert_eq!(std::fs::read(dir.join("state.safetensors")).unwrap(), state);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -35,31 +35,6 @@ impl Drop for Scratch {
     }
 }
 
-/// ROOT/{train,test}/{horizontal,vertical}/NN.png: 16 x 16 stripes of two orientations with a
-/// per-image phase, period and colour, `per_class` training and half as many test images each.
-fn write_stripes(root: &Path, per_class: usize) {
-    for (split, count) in [("train", per_class), ("test", per_class / 2)] {
-        for (class, vertical) in [("horizontal", false), ("vertical", true)] {
-            let dir = root.join(split).join(class);
-            std::fs::create_dir_all(&dir).unwrap();
-            for i in 0..count {
-                let seed = i + if split == "test" { 100 } else { 0 };
-                let period = 3 + seed % 4;
-                let colour = [(40 * seed % 200) as u8, 90, (255 - 30 * seed % 200) as u8];
-                let img = image::RgbImage::from_fn(16, 16, |x, y| {
-                    let t = if vertical { x } else { y } as usize + seed;
-                    if (t / period) % 2 == 0 {
-                        image::Rgb(colour)
-                    } else {
-                        image::Rgb([250, 250, 250])
-                    }
-                });
-                img.save(dir.join(format!("{i:02}.png"))).unwrap();
-            }
-        }
-    }
-}
-
 fn run_ok(args: &[&str]) -> String {
     let out = invaspread(args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -137,7 +112,7 @@ fn cuda_train_args<'a>(common: &[&'a str], steps: &'a str, out: &'a str) -> Vec<
 fn train_eval_embed_on_cuda_match_the_cpu() {
     let scratch = Scratch::new("gpu-cli");
     let data = scratch.0.join("stripes");
-    write_stripes(&data, 16);
+    common::write_stripes(&data, 16);
     let data = data.to_str().unwrap().to_string();
     let (gpu_run, cpu_run) = (scratch.path("cuda"), scratch.path("cpu"));
     // 3 steps of 8 images (16 rows), float32 GEMMs on the GPU, the same seed on both devices.

@@ -12,8 +12,8 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use super::backend::Backend;
 use super::optim::Sgd;
 use super::params::ParamStore;
+use crate::durable::write_atomically;
 use crate::error::{Error, Result};
-use crate::npy::write_atomically;
 
 fn serialize(
     path: &Path,
@@ -93,13 +93,11 @@ fn f32_bytes(values: &[f64]) -> Vec<u8> {
         .collect()
 }
 
-/// Writes the model's state_dict (parameters and batchnorm buffers) with `metadata`.
-pub fn save_model<B: Backend>(
-    store: &ParamStore<B>,
-    backend: &B,
-    path: &Path,
-    metadata: HashMap<String, String>,
-) -> Result<()> {
+/// A tensor as written: name, dtype, shape, little-endian bytes.
+type Tensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// The model's state_dict: parameters and batchnorm buffers, as PyTorch names them.
+fn model_tensors<B: Backend>(store: &ParamStore<B>, backend: &B) -> Result<Vec<Tensor>> {
     let mut tensors = Vec::new();
     for p in &store.params {
         tensors.push((
@@ -130,7 +128,33 @@ pub fn save_model<B: Backend>(
             bn.num_batches_tracked.to_le_bytes().to_vec(),
         ));
     }
-    serialize(path, tensors, metadata)
+    Ok(tensors)
+}
+
+/// Every parameter's momentum buffer, `{name}.momentum_buffer`.
+fn optimizer_tensors<B: Backend>(store: &ParamStore<B>, backend: &B) -> Result<Vec<Tensor>> {
+    store
+        .params
+        .iter()
+        .map(|p| {
+            Ok((
+                format!("{}.momentum_buffer", p.name),
+                Dtype::F32,
+                p.shape.clone(),
+                f32_bytes(&backend.download_f64(&p.momentum)?),
+            ))
+        })
+        .collect()
+}
+
+/// Writes the model's state_dict (parameters and batchnorm buffers) with `metadata`.
+pub fn save_model<B: Backend>(
+    store: &ParamStore<B>,
+    backend: &B,
+    path: &Path,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    serialize(path, model_tensors(store, backend)?, metadata)
 }
 
 /// Reads the file and checks one tensor's dtype and shape; returns its raw bytes.
@@ -194,6 +218,19 @@ pub fn load_model<B: Backend>(
 ) -> Result<HashMap<String, String>> {
     let bytes = read(path)?;
     let (st, metadata) = parse(path, &bytes)?;
+    restore_model(&st, path, store, backend, &|_| false)?;
+    Ok(metadata)
+}
+
+/// The model's tensors of `st` into `store`; a tensor that is neither the model's nor
+/// `also_expected` is an error (another model's checkpoint).
+fn restore_model<B: Backend>(
+    st: &SafeTensors<'_>,
+    path: &Path,
+    store: &mut ParamStore<B>,
+    backend: &B,
+    also_expected: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let mut expected: Vec<String> = store.params.iter().map(|p| p.name.clone()).collect();
     for bn in &store.bns {
         for suffix in ["running_mean", "running_var", "num_batches_tracked"] {
@@ -203,7 +240,7 @@ pub fn load_model<B: Backend>(
     if let Some(extra) = st
         .names()
         .into_iter()
-        .find(|n| !expected.iter().any(|e| e == n))
+        .find(|n| !expected.iter().any(|e| e == n) && !also_expected(n))
     {
         return Err(Error::bad_file(
             path,
@@ -211,13 +248,13 @@ pub fn load_model<B: Backend>(
         ));
     }
     for p in &mut store.params {
-        let data = expect(&st, path, &p.name, Dtype::F32, &p.shape)?;
+        let data = expect(st, path, &p.name, Dtype::F32, &p.shape)?;
         backend.upload_f64(&f32_values(data), &mut p.value)?;
     }
     for bn in &mut store.bns {
         let c = backend.len(&bn.running_mean);
         let mean = expect(
-            &st,
+            st,
             path,
             &format!("{}.running_mean", bn.prefix),
             Dtype::F32,
@@ -225,7 +262,7 @@ pub fn load_model<B: Backend>(
         )?;
         backend.upload_f64(&f32_values(mean), &mut bn.running_mean)?;
         let var = expect(
-            &st,
+            st,
             path,
             &format!("{}.running_var", bn.prefix),
             Dtype::F32,
@@ -233,7 +270,7 @@ pub fn load_model<B: Backend>(
         )?;
         backend.upload_f64(&f32_values(var), &mut bn.running_var)?;
         let count = expect(
-            &st,
+            st,
             path,
             &format!("{}.num_batches_tracked", bn.prefix),
             Dtype::I64,
@@ -245,7 +282,7 @@ pub fn load_model<B: Backend>(
                 .map_err(|_| Error::bad_file(path, "num_batches_tracked is not 8 bytes"))?,
         );
     }
-    Ok(metadata)
+    Ok(())
 }
 
 /// Writes every parameter's momentum buffer and the optimiser's step.
@@ -256,17 +293,8 @@ pub fn save_optimizer<B: Backend>(
     path: &Path,
     mut metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let mut tensors = Vec::new();
-    for p in &store.params {
-        tensors.push((
-            format!("{}.momentum_buffer", p.name),
-            Dtype::F32,
-            p.shape.clone(),
-            f32_bytes(&backend.download_f64(&p.momentum)?),
-        ));
-    }
     metadata.insert("step".into(), sgd.step.to_string());
-    serialize(path, tensors, metadata)
+    serialize(path, optimizer_tensors(store, backend)?, metadata)
 }
 
 /// Loads momentum buffers and the step saved by [`save_optimizer`]; returns the metadata.
@@ -278,21 +306,92 @@ pub fn load_optimizer<B: Backend>(
 ) -> Result<HashMap<String, String>> {
     let bytes = read(path)?;
     let (st, metadata) = parse(path, &bytes)?;
+    restore_optimizer(&st, path, store, backend)?;
+    sgd.step = integer(path, &metadata, "step")?;
+    Ok(metadata)
+}
+
+fn restore_optimizer<B: Backend>(
+    st: &SafeTensors<'_>,
+    path: &Path,
+    store: &mut ParamStore<B>,
+    backend: &B,
+) -> Result<()> {
     for p in &mut store.params {
-        let data = expect(
-            &st,
-            path,
-            &format!("{}.momentum_buffer", p.name),
-            Dtype::F32,
-            &p.shape,
-        )?;
+        let name = format!("{}.momentum_buffer", p.name);
+        let data = expect(st, path, &name, Dtype::F32, &p.shape)?;
         backend.upload_f64(&f32_values(data), &mut p.momentum)?;
     }
-    sgd.step = metadata
-        .get("step")
+    Ok(())
+}
+
+/// An integer field of a file's metadata, or an error naming the file and the field.
+pub fn integer<T: std::str::FromStr>(
+    path: &Path,
+    meta: &HashMap<String, String>,
+    key: &str,
+) -> Result<T> {
+    meta.get(key)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::bad_file(path, "metadata has no integer 'step'"))?;
-    Ok(metadata)
+        .ok_or_else(|| Error::bad_file(path, format!("metadata has no integer '{key}'")))
+}
+
+/// The state of a run in one file, written in one atomic rename: the model, every momentum
+/// buffer, every step's loss so far (`run.step_losses`, float64) and `metadata` (the run's
+/// position, its metrics history), with the optimiser's step as `sgd_step`. A run resumes from
+/// this file alone, so a crash can never pair a model with another step's optimizer.
+pub fn save_run_state<B: Backend>(
+    store: &ParamStore<B>,
+    sgd: &Sgd,
+    backend: &B,
+    step_losses: &[f64],
+    path: &Path,
+    mut metadata: HashMap<String, String>,
+) -> Result<()> {
+    let mut tensors = model_tensors(store, backend)?;
+    tensors.extend(optimizer_tensors(store, backend)?);
+    let losses: Vec<u8> = step_losses.iter().flat_map(|l| l.to_le_bytes()).collect();
+    tensors.push((
+        STEP_LOSSES.into(),
+        Dtype::F64,
+        vec![step_losses.len()],
+        losses,
+    ));
+    metadata.insert("sgd_step".into(), sgd.step.to_string());
+    serialize(path, tensors, metadata)
+}
+
+const STEP_LOSSES: &str = "run.step_losses";
+
+/// Loads what [`save_run_state`] wrote into `store` and `sgd`; returns its metadata and the
+/// step losses.
+pub fn load_run_state<B: Backend>(
+    store: &mut ParamStore<B>,
+    sgd: &mut Sgd,
+    backend: &B,
+    path: &Path,
+) -> Result<(HashMap<String, String>, Vec<f64>)> {
+    let bytes = read(path)?;
+    let (st, metadata) = parse(path, &bytes)?;
+    let run_tensor = |n: &str| n == STEP_LOSSES || n.ends_with(".momentum_buffer");
+    restore_model(&st, path, store, backend, &run_tensor)?;
+    restore_optimizer(&st, path, store, backend)?;
+    sgd.step = integer(path, &metadata, "sgd_step")?;
+    let view = st
+        .tensor(STEP_LOSSES)
+        .map_err(|_| Error::bad_file(path, format!("missing tensor {STEP_LOSSES}")))?;
+    if view.dtype() != Dtype::F64 || view.shape().len() != 1 {
+        return Err(Error::bad_file(
+            path,
+            format!("{STEP_LOSSES} is not a float64 vector"),
+        ));
+    }
+    let losses = view
+        .data()
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    Ok((metadata, losses))
 }
 
 #[cfg(test)]

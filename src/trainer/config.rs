@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::TrainConfig;
 use crate::data::Dataset;
+use crate::durable::write_atomically;
 use crate::error::{Error, Result};
-use crate::npy::write_atomically;
 
 /// Facts of a run that are not configuration: what the dataset turned out to be, and the
 /// thread count (results reproduce only with the same one).

@@ -10,14 +10,16 @@ use serde::{Deserialize, Serialize};
 
 use super::TrainConfig;
 use crate::data::Dataset;
+use crate::durable::write_atomically;
 use crate::error::{Error, Result};
 use crate::names::Named;
 use crate::nn::backend::Backend;
 use crate::nn::checkpoint;
 use crate::nn::graph::Graph;
 use crate::nn::optim::Sgd;
-use crate::npy::write_atomically;
 
+/// The run's state, its one source of truth (see `run.rs`): everything else is derived.
+pub const STATE: &str = "state.safetensors";
 pub const LAST: &str = "last.safetensors";
 pub const LAST_OPT: &str = "last.optimizer.safetensors";
 pub const BEST: &str = "best.safetensors";
@@ -213,21 +215,15 @@ pub struct StepLog {
 }
 
 impl StepLog {
-    /// Opens the log for a run resuming after `start` steps (0: a new file), keeping the lines
-    /// of steps 1..=start only.
-    pub fn open(out: &Path, start: usize) -> Result<StepLog> {
+    /// Opens the log of a run whose steps so far had the losses `history` (empty: a new run),
+    /// rewriting it from them: the run state holds every loss, so the log is whole again after
+    /// any interruption.
+    pub fn open(out: &Path, history: &[f64]) -> Result<StepLog> {
+        use std::fmt::Write as _;
         let path = out.join("steps.csv");
         let mut text = String::from("step,loss\n");
-        if start > 0 {
-            if let Ok(old) = std::fs::read_to_string(&path) {
-                for line in old.lines().skip(1) {
-                    let step = line.split(',').next().and_then(|s| s.parse::<usize>().ok());
-                    if step.is_some_and(|s| s <= start) {
-                        text.push_str(line);
-                        text.push('\n');
-                    }
-                }
-            }
+        for (i, loss) in history.iter().enumerate() {
+            let _ = writeln!(text, "{},{loss}", i + 1);
         }
         write_atomically(&path, text.as_bytes())?;
         let file = std::fs::OpenOptions::new()

@@ -1,7 +1,15 @@
 //! One training run: [`Run::start`] checks the configuration, builds the model and, with
-//! `--resume`, loads the last checkpoint; [`Run::train`] evaluates the initial network, then
-//! runs the steps, with the end of every epoch (kNN, metrics, checkpoints) and a clean stop on
-//! Ctrl-C as their own steps.
+//! `--resume`, loads the run's state; [`Run::train`] evaluates the initial network, then runs
+//! the steps, with the end of every epoch (kNN, metrics, checkpoints) and a clean stop on a
+//! signal as their own steps.
+//!
+//! The run's state is one file, `state.safetensors` (model, momentum, every step's loss, the
+//! position and the metrics history), committed in one atomic rename at every save
+//! (`Run::commit`). A resume reads that file alone; every other file is derived from it and
+//! rewritten on resume (`last.safetensors` and its optimizer file, metrics.*, steps.csv), and
+//! `best.safetensors` is written before the commit that records it. So whatever moment a run
+//! dies at, a resume ends in the same files as a run that never stopped, and a full disk leaves
+//! the last committed state in place.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -12,7 +20,7 @@ use super::batches::BatchWorker;
 use super::evaluate::{knn_accuracy, raw_pixel_knn};
 use super::lock::RunLock;
 use super::losses::{EpochLoss, LossReader};
-use super::outputs::{self, EpochMetrics, StepLog, BEST, LAST, LAST_OPT};
+use super::outputs::{self, EpochMetrics, StepLog, BEST, LAST, LAST_OPT, STATE};
 use super::{config, stop_flag, RunOptions, TrainConfig, TrainSummary};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -41,6 +49,8 @@ pub struct Run<'a, B: Backend> {
     epoch: EpochLoss,
     /// Every epoch's row so far, earlier invocations' included.
     metrics: Vec<EpochMetrics>,
+    /// The losses of the steps before `start` (from the saved state).
+    history: Vec<f64>,
     summary: TrainSummary,
     /// This process's claim on `--out`, held until the run is dropped.
     _lock: RunLock,
@@ -88,6 +98,13 @@ impl<'a, B: Backend> Run<'a, B> {
         let (steps_per_epoch, total_steps) = step_counts(cfg, &ds)?;
         std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
         let lock = RunLock::acquire(&opts.out)?;
+        let leftovers = crate::durable::remove_leftovers(&opts.out)?;
+        if leftovers > 0 && opts.progress {
+            eprintln!(
+                "removed {leftovers} temporary file(s) of an interrupted write in {}",
+                opts.out.display()
+            );
+        }
         let mut store = ParamStore::default();
         let model = Model::new(cfg.model, &mut store, &backend, cfg.seed)?;
         let mut run = Run {
@@ -102,6 +119,7 @@ impl<'a, B: Backend> Run<'a, B> {
             start: 0,
             epoch: EpochLoss::default(),
             metrics: Vec::new(),
+            history: Vec::new(),
             summary: TrainSummary {
                 metrics: Vec::new(),
                 step_losses: Vec::new(),
@@ -110,53 +128,180 @@ impl<'a, B: Backend> Run<'a, B> {
             },
             _lock: lock,
         };
-        let last = opts.out.join(LAST);
+        let (state, last) = (opts.out.join(STATE), opts.out.join(LAST));
         if opts.resume {
-            run.resume(&last)?;
-        } else if last.exists() {
+            if state.exists() {
+                run.resume(&state)?;
+            } else if last.exists() {
+                run.resume_legacy(&last)?;
+            } else if opts.progress {
+                eprintln!(
+                    "{} holds no saved state yet: starting the run from the beginning",
+                    opts.out.display()
+                );
+            }
+        } else if let Some(held) = [&state, &last].into_iter().find(|p| p.exists()) {
             return Err(Error::invalid(format!(
                 "{} already holds a run ({}); pass --resume to continue it or choose another --out",
                 opts.out.display(),
-                last.display()
+                held.display()
+            )));
+        }
+        if run.start > run.total_steps {
+            return Err(Error::invalid(format!(
+                "the run in {} has done {} steps, and these settings end it after {}: a resumed \
+                 run can only be extended (raise --epochs or --steps)",
+                opts.out.display(),
+                run.start,
+                run.total_steps
             )));
         }
         config::write(cfg, &run.ds, &opts.out)?;
+        if run.start > 0 {
+            run.write_derived()?; // whatever a crash after the last commit left unwritten
+        }
         Ok(run)
     }
 
-    /// Loads the model, the optimizer and the position of the run from `last`.
-    fn resume(&mut self, last: &Path) -> Result<()> {
-        let m = checkpoint::load_model(&mut self.graph.params, &self.graph.backend, last)?;
-        let opt = self.opts.out.join(LAST_OPT);
-        checkpoint::load_optimizer(
-            &mut self.graph.params,
-            &mut self.sgd,
-            &self.graph.backend,
-            &opt,
-        )?;
+    /// Loads the model, the optimizer, the position, the metrics and every step's loss from
+    /// the run's state file.
+    fn resume(&mut self, state: &Path) -> Result<()> {
+        let (g, sgd) = (&mut self.graph, &mut self.sgd);
+        let (m, losses) = checkpoint::load_run_state(&mut g.params, sgd, &g.backend, state)?;
+        self.position(state, &m)?;
+        if losses.len() != self.start {
+            return Err(Error::bad_file(
+                state,
+                format!("holds {} step losses for step {}", losses.len(), self.start),
+            ));
+        }
+        self.history = losses;
+        let metrics = m
+            .get("metrics")
+            .ok_or_else(|| Error::bad_file(state, "metadata has no metrics"))?;
+        self.metrics = serde_json::from_str(metrics)
+            .map_err(|e| Error::bad_file(state, format!("metrics: {e}")))?;
+        Ok(())
+    }
+
+    /// The model name, step and current epoch's running loss from a saved file's metadata.
+    fn position(
+        &mut self,
+        path: &Path,
+        m: &std::collections::HashMap<String, String>,
+    ) -> Result<()> {
         let model = self.cfg.model.name();
         if m.get("model") != Some(&model) {
             return Err(Error::bad_file(
-                last,
+                path,
                 format!("holds model {:?}, not {model}", m.get("model")),
             ));
         }
-        let field = |k: &str| {
-            m.get(k)
-                .ok_or_else(|| Error::bad_file(last, format!("metadata has no {k}")))
-        };
-        let bad = |k: &str| Error::bad_file(last, format!("metadata {k} is not a number"));
-        self.start = field("step")?.parse().map_err(|_| bad("step"))?;
+        self.start = checkpoint::integer(path, m, "step")?;
+        let sum = m
+            .get("epoch_loss_sum")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::bad_file(path, "metadata epoch_loss_sum is not a number"))?;
         self.epoch = EpochLoss {
-            sum: field("epoch_loss_sum")?
-                .parse()
-                .map_err(|_| bad("epoch_loss_sum"))?,
-            count: field("epoch_loss_count")?
-                .parse()
-                .map_err(|_| bad("epoch_loss_count"))?,
+            sum,
+            count: checkpoint::integer(path, m, "epoch_loss_count")?,
         };
-        self.metrics = outputs::parse_metrics_csv(&self.opts.out.join("metrics.csv"))?;
         Ok(())
+    }
+
+    /// A run written before the state file existed: `last.safetensors` and its optimizer
+    /// file, which must be of the same step (two files renamed one after the other can be
+    /// from different saves if the writer died between the renames), and steps.csv.
+    fn resume_legacy(&mut self, last: &Path) -> Result<()> {
+        let m = checkpoint::load_model(&mut self.graph.params, &self.graph.backend, last)?;
+        let opt = self.opts.out.join(LAST_OPT);
+        let (g, sgd) = (&mut self.graph, &mut self.sgd);
+        checkpoint::load_optimizer(&mut g.params, sgd, &g.backend, &opt)?;
+        self.position(last, &m)?;
+        if self.sgd.step != self.start as u64 {
+            return Err(Error::bad_file(
+                &opt,
+                format!(
+                    "is from step {} but {} from step {}: a save was interrupted between them; \
+                     the run cannot be resumed from this pair",
+                    self.sgd.step,
+                    last.display(),
+                    self.start
+                ),
+            ));
+        }
+        self.metrics = outputs::parse_metrics_csv(&self.opts.out.join("metrics.csv"))?;
+        let log = std::fs::read_to_string(self.opts.out.join("steps.csv")).unwrap_or_default();
+        self.history = log
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(',').and_then(|(_, v)| v.parse().ok()))
+            .take(self.start)
+            .collect();
+        if self.history.len() != self.start {
+            return Err(Error::bad_file(
+                &self.opts.out.join("steps.csv"),
+                format!(
+                    "holds {} step losses, the checkpoint is at step {}",
+                    self.history.len(),
+                    self.start
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Commits the state after `step` steps (the current epoch's running loss in `epoch`), and
+    /// `best.safetensors` first when `best` (see the module documentation); then the derived
+    /// files.
+    fn commit(&mut self, step: usize, epoch: EpochLoss, best: bool) -> Result<()> {
+        let (out, g) = (&self.opts.out, &self.graph);
+        let mut meta = outputs::meta(self.cfg, &self.ds, step, epoch.sum, epoch.count);
+        let losses: Vec<f64> = self
+            .history
+            .iter()
+            .chain(&self.summary.step_losses)
+            .copied()
+            .collect();
+        if losses.len() != step {
+            return Err(Error::invalid(format!(
+                "internal: {} losses collected at step {step}",
+                losses.len()
+            )));
+        }
+        if best {
+            checkpoint::save_model(&g.params, &g.backend, &out.join(BEST), meta.clone())?;
+        }
+        let metrics = serde_json::to_string(&self.metrics)
+            .map_err(|e| Error::invalid(format!("serialising the metrics: {e}")))?;
+        meta.insert("metrics".into(), metrics);
+        checkpoint::save_run_state(
+            &g.params,
+            &self.sgd,
+            &g.backend,
+            &losses,
+            &out.join(STATE),
+            meta,
+        )?;
+        self.write_derived()
+    }
+
+    /// The files derived from the state: last.safetensors (+ its optimizer file) and metrics.*.
+    fn write_derived(&self) -> Result<()> {
+        let meta = outputs::meta(
+            self.cfg,
+            &self.ds,
+            self.current_step(),
+            self.epoch.sum,
+            self.epoch.count,
+        );
+        outputs::save_last(&self.graph, &self.sgd, &self.opts.out, meta)?;
+        outputs::write_metrics(&self.metrics, &self.opts.out)
+    }
+
+    /// Steps done so far.
+    fn current_step(&self) -> usize {
+        self.history.len() + self.summary.step_losses.len()
     }
 
     /// Runs the configured steps; see the module documentation.
@@ -165,8 +310,7 @@ impl<'a, B: Backend> Run<'a, B> {
             self.initial_evaluation()?;
         }
         if self.total_steps == 0 {
-            let meta = outputs::meta(self.cfg, &self.ds, 0, 0.0, 0);
-            outputs::save_last(&self.graph, &self.sgd, &self.opts.out, meta)?;
+            self.commit(0, EpochLoss::default(), false)?;
             self.summary.metrics = self.metrics;
             return Ok(self.summary);
         }
@@ -228,7 +372,7 @@ impl<'a, B: Backend> Run<'a, B> {
             .loss_read_every
             .unwrap_or_else(|| cfg.backend.loss_read_every());
         let mut reader = LossReader::new(&self.graph.backend, read_every)?;
-        let mut log = StepLog::open(&self.opts.out, self.start)?;
+        let mut log = StepLog::open(&self.opts.out, &self.history)?;
         let mut last_loss: Option<f64> = None;
         let (mut window, mut data_s) = (Instant::now(), 0.0f64);
         for step in self.start..self.total_steps {
@@ -318,26 +462,12 @@ impl<'a, B: Backend> Run<'a, B> {
         self.metrics.push(row.clone());
         self.summary.metrics.push(row);
         self.epoch = EpochLoss::default();
-        let out = &self.opts.out;
-        let meta = outputs::meta(self.cfg, &self.ds, step + 1, 0.0, 0);
-        outputs::save_last(&self.graph, &self.sgd, out, meta.clone())?;
-        if knn > best {
-            let (params, backend) = (&self.graph.params, &self.graph.backend);
-            checkpoint::save_model(params, backend, &out.join(BEST), meta)?;
-        }
-        outputs::write_metrics(&self.metrics, out)
+        self.commit(step + 1, EpochLoss::default(), knn > best)
     }
 
     /// After a step with Ctrl-C pressed: saves the position mid-epoch and says how to go on.
     fn stop(&mut self, step: usize, bar: &indicatif::ProgressBar) -> Result<()> {
-        let meta = outputs::meta(
-            self.cfg,
-            &self.ds,
-            step + 1,
-            self.epoch.sum,
-            self.epoch.count,
-        );
-        outputs::save_last(&self.graph, &self.sgd, &self.opts.out, meta)?;
+        self.commit(step + 1, self.epoch, false)?;
         let last = self.opts.out.join(LAST);
         bar.suspend(|| {
             eprintln!(

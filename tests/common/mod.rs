@@ -4,7 +4,7 @@
 // Every test binary compiles this module and uses a part of it.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Runs the binary under test; `INVASPREAD_EXE` overrides the build path (scripts/device-check.sh
@@ -47,4 +47,29 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     let e = rel_err(got, want);
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
+}
+
+/// ROOT/{train,test}/{horizontal,vertical}/NN.png: 16 x 16 stripes of two orientations with a
+/// per-image phase, period and colour, `per_class` training and half as many test images each.
+pub fn write_stripes(root: &Path, per_class: usize) {
+    for (split, count) in [("train", per_class), ("test", per_class / 2)] {
+        for (class, vertical) in [("horizontal", false), ("vertical", true)] {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..count {
+                let seed = i + if split == "test" { 100 } else { 0 };
+                let period = 3 + seed % 4;
+                let colour = [(40 * seed % 200) as u8, 90, (255 - 30 * seed % 200) as u8];
+                let img = image::RgbImage::from_fn(16, 16, |x, y| {
+                    let t = if vertical { x } else { y } as usize + seed;
+                    if (t / period) % 2 == 0 {
+                        image::Rgb(colour)
+                    } else {
+                        image::Rgb([250, 250, 250])
+                    }
+                });
+                img.save(dir.join(format!("{i:02}.png"))).unwrap();
+            }
+        }
+    }
 }

@@ -275,3 +275,62 @@ fn a_resume_cannot_shorten_a_run_and_leaves_its_state_alone() {
     assert_eq!(std::fs::read(dir.join("state.safetensors")).unwrap(), state);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_resume_keeps_the_saved_configuration_and_names_a_contradicting_flag() {
+    let dir =
+        std::env::temp_dir().join(format!("invaspread-careless-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let run = invaspread(&[
+        "train", "--steps", "2", "--batch", "64", "--k", "5", "--out", out,
+    ]);
+    assert!(run.status.success(), "{}", stderr_of(&run));
+    // Accepted before, and config.json overwritten: now each is refused, naming both values.
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--batch", "32"],
+            &["--batch gives batch = 32", "started with 64"],
+        ),
+        (
+            &["--lr", "0.05"],
+            &["--lr gives sgd.lr = 0.05", "started with 0.03"],
+        ),
+        (
+            &["--seed", "9"],
+            &["--seed gives seed = 9", "started with 0"],
+        ),
+        (
+            &["--dataset", "digits"],
+            &["--dataset gives data.dataset = \"digits\""],
+        ),
+        (&["--schedule", "cosine"], &["--schedule gives schedule"]),
+    ];
+    for (flag, needles) in cases {
+        let args = [&["train", "--out", out, "--resume"][..], flag].concat();
+        assert_refused(&args, 1, needles);
+    }
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(
+        config.contains("\"batch\": 64"),
+        "config.json was rewritten: {config}"
+    );
+    // The flags that may change, and no flags at all (the saved settings): accepted.
+    let more = invaspread(&[
+        "train", "--out", out, "--resume", "--steps", "4", "--batch", "64",
+    ]);
+    assert!(more.status.success(), "{}", stderr_of(&more));
+    let lines = std::fs::read_to_string(dir.join("steps.csv"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(lines, 5, "4 steps and the header");
+    let again = invaspread(&["train", "--out", out, "--resume"]);
+    assert!(again.status.success(), "{}", stderr_of(&again));
+    assert_refused(
+        &["train", "--out", out, "--resume", "--config", "x.json"],
+        2,
+        &["--config"],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -111,8 +111,10 @@ pub struct TrainArgs {
     /// Output folder: metrics, plot, checkpoints, configuration.
     #[arg(long)]
     out: PathBuf,
-    /// Continue the run in --out from its last checkpoint.
-    #[arg(long)]
+    /// Continue the run in --out from its saved state. Its config.json gives every setting;
+    /// only --epochs, --steps (to extend the run) and --threads may differ from it, and any other
+    /// flag given must agree with it.
+    #[arg(long, conflicts_with = "config")]
     resume: bool,
     /// kNN neighbours of the per-epoch evaluation [1 <= k <= 100000].
     #[arg(long, default_value_t = defaults().knn.k, value_parser = ranges::k)]
@@ -219,8 +221,87 @@ fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::R
     Ok(cfg)
 }
 
+/// Where each flag lives in config.json; what a resume compares.
+const FIELDS: [(&str, &str); 23] = [
+    ("dataset", "/data/dataset"),
+    ("data_dir", "/data/data_dir"),
+    ("image_size", "/data/image_size"),
+    ("on_bad_image", "/data/on_bad_image"),
+    ("stl10_unlabeled", "/data/stl10_unlabeled"),
+    ("model", "/model"),
+    ("batch", "/batch"),
+    ("lr", "/sgd/lr"),
+    ("momentum", "/sgd/momentum"),
+    ("weight_decay", "/sgd/weight_decay"),
+    ("nesterov", "/sgd/nesterov"),
+    ("schedule", "/schedule"),
+    ("warmup_steps", "/warmup_steps"),
+    ("tau", "/loss/tau"),
+    ("mu", "/loss/mu"),
+    ("grad_semantics", "/loss/grad_semantics"),
+    ("device", "/backend"),
+    ("loss", "/backend"),
+    ("precision", "/backend"),
+    ("kernels", "/backend"),
+    ("seed", "/seed"),
+    ("k", "/knn/k"),
+    ("sigma", "/knn/sigma"),
+];
+
+/// A resumed run's configuration: the run's own config.json, with the flags that may change
+/// (--epochs, --steps) applied; any other flag given must agree with it, or the resume is an
+/// error naming the flag, the saved value and the given one. Without a config.json (the run
+/// died before it was written) the flags make a new run.
+fn resume_config(
+    args: &TrainArgs,
+    matches: Option<&ArgMatches>,
+) -> invaspread::Result<TrainConfig> {
+    let path = args.out.join("config.json");
+    if !path.exists() {
+        return train_config(args, matches);
+    }
+    let saved = config::read(&path)?;
+    let given =
+        |id: &str| matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine));
+    let mut cfg = saved.clone();
+    apply_flags(&mut cfg, args, &given)?;
+    let as_json = |c: &TrainConfig| {
+        serde_json::to_value(c).map_err(|e| Error::invalid(format!("config: {e}")))
+    };
+    let (was, now) = (as_json(&saved)?, as_json(&cfg)?);
+    for (flag, field) in FIELDS {
+        let (a, b) = (was.pointer(field), now.pointer(field));
+        if given(flag) && a != b {
+            let show = |v: Option<&serde_json::Value>| v.map_or("none".into(), |v| v.to_string());
+            return Err(Error::invalid(format!(
+                "--{} gives {} = {}, but the run in {} was started with {}; a resumed run keeps \
+                 its configuration (only --epochs, --steps and --threads may change), or start a \
+                 new run in another --out",
+                flag.replace('_', "-"),
+                field.trim_start_matches('/').replace('/', "."),
+                show(b),
+                args.out.display(),
+                show(a)
+            )));
+        }
+    }
+    let recorded = saved.recorded.as_ref().map(|r| r.threads);
+    let threads = rayon::current_num_threads();
+    if let Some(r) = recorded.filter(|&r| r != threads) {
+        eprintln!(
+            "note: the run used {r} threads, this resume {threads}: it continues correctly, but \
+             bit for bit like an uninterrupted run only with --threads {r}"
+        );
+    }
+    Ok(cfg)
+}
+
 pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<()> {
-    let cfg = train_config(&args, matches)?;
+    let cfg = if args.resume {
+        resume_config(&args, matches)?
+    } else {
+        train_config(&args, matches)?
+    };
     if matches!(cfg.backend, BackendChoice::Cuda { .. }) {
         Gpu::require()?; // before minutes of decoding a dataset, not after
     }

@@ -26,6 +26,10 @@ pub enum Error {
     /// `--device cuda` on a machine without a usable GPU.
     #[error("no CUDA device is available: {0}")]
     NoDevice(String),
+    /// A value that became NaN or infinite (an input's entry, a loss, a parameter): the trainer
+    /// reports it as divergence at its step.
+    #[error("{0}")]
+    NonFinite(String),
     /// A run stopped by a signal, its state saved: not a failure of the input, but the process
     /// must not report success (exit status 128 + signal).
     #[error("{message}")]
@@ -57,7 +61,7 @@ impl Error {
     /// Attaches a file name to an input error found after the file was read.
     pub fn in_file(self, path: &Path) -> Self {
         match self {
-            Error::InvalidInput(message) => Error::BadFile {
+            Error::InvalidInput(message) | Error::NonFinite(message) => Error::BadFile {
                 path: path.to_path_buf(),
                 message,
             },

@@ -334,3 +334,55 @@ fn a_resume_keeps_the_saved_configuration_and_names_a_contradicting_flag() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_diverging_run_stops_at_its_step_and_keeps_the_last_good_state() {
+    let dir = std::env::temp_dir().join(format!("invaspread-careless-nan-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    common::write_stripes(&dir.join("data"), 16); // 4 steps an epoch at batch 8
+    let (data, out) = (dir.join("data"), dir.join("run"));
+    // lr x weight decay near 10: every step multiplies the weights by about -9, to infinity.
+    let run = invaspread(&[
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--steps",
+        "60",
+        "--batch",
+        "8",
+        "--k",
+        "5",
+        "--lr",
+        "10",
+        "--weight-decay",
+        "0.99",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr_of(&run);
+    // Before: "z[0, 0] = -inf is not finite", naming no step nor flag, or NaN checkpoints.
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("training diverged at step")
+            && err.contains("still holds step")
+            && err.contains("--lr (this one 10)")
+            && err.contains("--weight-decay (0.99)"),
+        "{err}"
+    );
+    // The last committed state is whole and finite: its checkpoint evaluates.
+    let eval = invaspread(&[
+        "eval",
+        "--checkpoint",
+        out.join("last.safetensors").to_str().unwrap(),
+        "--dataset",
+        "folder",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--k",
+        "5",
+    ]);
+    assert!(eval.status.success(), "{}", stderr_of(&eval));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -98,7 +98,7 @@ pub fn validate_input<T: Copy + Into<f64>>(z: &[T], n: usize, d: usize) -> Resul
         for (k, &x) in row.iter().enumerate() {
             let x: f64 = x.into();
             if !x.is_finite() {
-                return Err(Error::invalid(format!(
+                return Err(Error::NonFinite(format!(
                     "z[{a}, {k}] = {x} is not finite: expected finite values"
                 )));
             }

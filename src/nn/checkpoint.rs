@@ -86,6 +86,18 @@ fn safetensors_bytes(
     Ok(out)
 }
 
+/// `values` as float32 bytes, or an error naming `name` when one is not finite: a diverged
+/// network is never written into a checkpoint.
+fn finite_f32_bytes(name: &str, values: &[f64]) -> Result<Vec<u8>> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(Error::NonFinite(format!(
+            "{name}[{i}] = {} is not finite",
+            values[i]
+        ))),
+        None => Ok(f32_bytes(values)),
+    }
+}
+
 fn f32_bytes(values: &[f64]) -> Vec<u8> {
     values
         .iter()
@@ -104,7 +116,7 @@ fn model_tensors<B: Backend>(store: &ParamStore<B>, backend: &B) -> Result<Vec<T
             p.name.clone(),
             Dtype::F32,
             p.shape.clone(),
-            f32_bytes(&backend.download_f64(&p.value)?),
+            finite_f32_bytes(&p.name, &backend.download_f64(&p.value)?)?,
         ));
     }
     for bn in &store.bns {
@@ -113,13 +125,13 @@ fn model_tensors<B: Backend>(store: &ParamStore<B>, backend: &B) -> Result<Vec<T
             format!("{}.running_mean", bn.prefix),
             Dtype::F32,
             vec![c],
-            f32_bytes(&backend.download_f64(&bn.running_mean)?),
+            finite_f32_bytes(&bn.prefix, &backend.download_f64(&bn.running_mean)?)?,
         ));
         tensors.push((
             format!("{}.running_var", bn.prefix),
             Dtype::F32,
             vec![c],
-            f32_bytes(&backend.download_f64(&bn.running_var)?),
+            finite_f32_bytes(&bn.prefix, &backend.download_f64(&bn.running_var)?)?,
         ));
         tensors.push((
             format!("{}.num_batches_tracked", bn.prefix),
@@ -137,12 +149,9 @@ fn optimizer_tensors<B: Backend>(store: &ParamStore<B>, backend: &B) -> Result<V
         .params
         .iter()
         .map(|p| {
-            Ok((
-                format!("{}.momentum_buffer", p.name),
-                Dtype::F32,
-                p.shape.clone(),
-                f32_bytes(&backend.download_f64(&p.momentum)?),
-            ))
+            let name = format!("{}.momentum_buffer", p.name);
+            let bytes = finite_f32_bytes(&name, &backend.download_f64(&p.momentum)?)?;
+            Ok((name, Dtype::F32, p.shape.clone(), bytes))
         })
         .collect()
 }

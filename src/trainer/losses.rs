@@ -116,8 +116,9 @@ fn collect(
     let mut last = f64::NAN;
     for (&step, &loss) in w.steps.iter().zip(&values) {
         if !loss.is_finite() {
-            return Err(Error::invalid(format!(
-                "the loss became {loss} at step {step}; lower --lr or raise --tau"
+            return Err(Error::NonFinite(format!(
+                "the loss is {loss} at step {}",
+                step + 1
             )));
         }
         losses.push(loss);

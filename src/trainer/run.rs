@@ -51,6 +51,10 @@ pub struct Run<'a, B: Backend> {
     metrics: Vec<EpochMetrics>,
     /// The losses of the steps before `start` (from the saved state).
     history: Vec<f64>,
+    /// The step being run (0-based), for the report of a divergence.
+    at_step: usize,
+    /// The step of the last committed state, if any.
+    committed: Option<usize>,
     summary: TrainSummary,
     /// This process's claim on `--out`, held until the run is dropped.
     _lock: RunLock,
@@ -120,6 +124,8 @@ impl<'a, B: Backend> Run<'a, B> {
             epoch: EpochLoss::default(),
             metrics: Vec::new(),
             history: Vec::new(),
+            at_step: 0,
+            committed: None,
             summary: TrainSummary {
                 metrics: Vec::new(),
                 step_losses: Vec::new(),
@@ -176,6 +182,7 @@ impl<'a, B: Backend> Run<'a, B> {
             ));
         }
         self.history = losses;
+        self.committed = Some(self.start);
         let metrics = m
             .get("metrics")
             .ok_or_else(|| Error::bad_file(state, "metadata has no metrics"))?;
@@ -283,6 +290,7 @@ impl<'a, B: Backend> Run<'a, B> {
             &out.join(STATE),
             meta,
         )?;
+        self.committed = Some(step);
         self.write_derived()
     }
 
@@ -347,8 +355,35 @@ impl<'a, B: Backend> Run<'a, B> {
         Ok(bar)
     }
 
-    /// Steps `start..total`: each queued on the backend, its loss read back in windows.
+    /// [`Run::steps`], with a value that turned NaN or infinite (the loss, the encoder's output,
+    /// a parameter) reported as the run's divergence: its step, the state kept, what to change.
     fn run_steps(&mut self) -> Result<()> {
+        match self.steps() {
+            Err(Error::NonFinite(what)) => {
+                let kept = match self.committed {
+                    Some(step) => format!(
+                        "{} still holds step {step}",
+                        self.opts.out.join(STATE).display()
+                    ),
+                    None => "no state had been saved yet".into(),
+                };
+                let sgd = &self.cfg.sgd;
+                Err(Error::invalid(format!(
+                    "training diverged at step {}: {what}. Nothing of it was saved: {kept}. \
+                     Start a new run with a lower --lr (this one {}), --momentum ({}) or \
+                     --weight-decay ({})",
+                    self.at_step + 1,
+                    sgd.lr,
+                    sgd.momentum,
+                    sgd.weight_decay
+                )))
+            }
+            other => other,
+        }
+    }
+
+    /// Steps `start..total`: each queued on the backend, its loss read back in windows.
+    fn steps(&mut self) -> Result<()> {
         // From the first step on, a signal stops the run after a step and saves it.
         super::signals::set_saving(true);
         let (cfg, ds) = (self.cfg, self.ds.clone());
@@ -376,6 +411,7 @@ impl<'a, B: Backend> Run<'a, B> {
         let mut last_loss: Option<f64> = None;
         let (mut window, mut data_s) = (Instant::now(), 0.0f64);
         for step in self.start..self.total_steps {
+            self.at_step = step;
             let wait = Instant::now();
             let views = worker.next(step)?;
             data_s += wait.elapsed().as_secs_f64();

@@ -70,6 +70,19 @@ impl Error {
     }
 }
 
+/// At most the first 60 characters of a piece of bad input, quoted, with its length when cut:
+/// what an error message quotes, so that a hostile file cannot make the message itself huge.
+pub fn excerpt(text: &str) -> String {
+    const SHOWN: usize = 60;
+    let mut chars = text.chars();
+    let head: String = chars.by_ref().take(SHOWN).collect();
+    if chars.next().is_none() {
+        format!("{head:?}")
+    } else {
+        format!("{head:?}... ({} bytes)", text.len())
+    }
+}
+
 impl From<cudarc::driver::DriverError> for Error {
     fn from(e: cudarc::driver::DriverError) -> Self {
         Error::Cuda(e.to_string())

@@ -85,7 +85,10 @@ pub fn recall_at_k(emb: &[f32], labels: &[i64], d: usize, ks: &[usize]) -> Resul
 /// k-means (k-means++ initialisation, seeded; Lloyd iterations until no assignment changes,
 /// at most 100) on the rows of `x`; returns each row's cluster.
 pub fn kmeans(x: &[f32], d: usize, k: usize, seed: u64) -> Vec<usize> {
-    let n = x.len() / d;
+    let n = x.len() / d.max(1);
+    if n == 0 || k == 0 {
+        return vec![0; n];
+    }
     let row = |i: usize| &x[i * d..(i + 1) * d];
     let dist = |a: &[f32], b: &[f32]| {
         a.iter()

@@ -147,7 +147,7 @@ fn image_folders_sort_classes_convert_grey_and_report_bad_files() {
                 .unwrap();
         }
     }
-    let ds = data::folder(&root, None, OnBadImage::Stop).unwrap();
+    let ds = data::folder(&root, &folder_opts(None, OnBadImage::Stop)).unwrap();
     assert_eq!(ds.classes, vec!["a", "b"]);
     assert_eq!((ds.train.len(), ds.test.len(), ds.size), (2, 2, 4));
     assert_eq!(ds.train.labels, vec![0, 1]);
@@ -160,25 +160,25 @@ fn image_folders_sort_classes_convert_grey_and_report_bad_files() {
     image::RgbImage::from_pixel(6, 6, image::Rgb([1, 2, 3]))
         .save(root.join("test/b/4.png"))
         .unwrap();
-    let err = data::folder(&root, None, OnBadImage::Stop)
+    let err = data::folder(&root, &folder_opts(None, OnBadImage::Stop))
         .unwrap_err()
         .to_string();
     assert!(
         err.contains("4.png is 6x6") && err.contains("--image-size"),
         "{err}"
     );
-    let resized = data::folder(&root, Some(8), OnBadImage::Stop).unwrap();
+    let resized = data::folder(&root, &folder_opts(Some(8), OnBadImage::Stop)).unwrap();
     assert_eq!((resized.size, resized.test.len()), (8, 3));
 
     std::fs::write(root.join("train/a/broken.png"), b"not an image").unwrap();
-    let err = data::folder(&root, Some(8), OnBadImage::Stop)
+    let err = data::folder(&root, &folder_opts(Some(8), OnBadImage::Stop))
         .unwrap_err()
         .to_string();
     assert!(
         err.contains("broken.png") && err.contains("cannot decode"),
         "{err}"
     );
-    let skipped = data::folder(&root, Some(8), OnBadImage::Skip).unwrap();
+    let skipped = data::folder(&root, &folder_opts(Some(8), OnBadImage::Skip)).unwrap();
     assert_eq!(skipped.skipped, 1);
     std::fs::remove_dir_all(&root).unwrap();
 }
@@ -314,7 +314,7 @@ fn learning_on_cifar10_jpeg_copy_beats_initialisation() {
         eprintln!("SKIPPED (no ../shared/data/cifar10-jpg): learning_on_cifar10_jpeg_copy_beats_initialisation");
         return;
     }
-    let mut ds = data::folder(&path, None, OnBadImage::Stop).unwrap();
+    let mut ds = data::folder(&path, &folder_opts(None, OnBadImage::Stop)).unwrap();
     // 10,000 training and 2,000 test images keep the run to a couple of minutes on 2 cores.
     let keep = |split: &mut data::Split, n: usize, size: usize| {
         let order: Vec<usize> = (0..split.len())
@@ -434,4 +434,13 @@ fn unlabelled_images_join_training_but_not_the_knn_bank() {
     // 80 labelled + 80 unlabelled images at batch 16: 10 steps are one epoch.
     assert_eq!(summary.metrics.len(), 1);
     assert_eq!(summary.metrics[0].step, 10);
+}
+
+/// The options of an image folder read with `image_size` and `on_bad`.
+fn folder_opts(image_size: Option<usize>, on_bad: OnBadImage) -> data::DataConfig {
+    data::DataConfig {
+        image_size,
+        on_bad_image: on_bad,
+        ..data::DataConfig::default()
+    }
 }

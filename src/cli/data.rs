@@ -22,6 +22,10 @@ pub struct DataArgs {
     /// STL-10: also train on unlabeled_X.bin (the paper's "train + 100k unlabelled").
     #[arg(long)]
     pub stl10_unlabeled: bool,
+    /// Image folders: also read symbolic links that point outside the folder (only regular
+    /// files are ever read: no devices or FIFOs).
+    #[arg(long)]
+    pub follow_links: bool,
 }
 
 impl DataArgs {
@@ -32,6 +36,7 @@ impl DataArgs {
             image_size: self.image_size,
             on_bad_image: self.on_bad_image,
             stl10_unlabeled: self.stl10_unlabeled,
+            follow_links: self.follow_links,
         }
     }
 }

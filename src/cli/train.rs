@@ -174,6 +174,7 @@ fn apply_flags(
         "image_size" => cfg.data.image_size, data.image_size;
         "on_bad_image" => cfg.data.on_bad_image, data.on_bad_image;
         "stl10_unlabeled" => cfg.data.stl10_unlabeled, data.stl10_unlabeled;
+        "follow_links" => cfg.data.follow_links, data.follow_links;
         "model" => cfg.model, args.model;
         "batch" => cfg.batch, args.batch;
         "lr" => cfg.sgd.lr, args.lr;
@@ -222,12 +223,13 @@ fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::R
 }
 
 /// Where each flag lives in config.json; what a resume compares.
-const FIELDS: [(&str, &str); 23] = [
+const FIELDS: [(&str, &str); 24] = [
     ("dataset", "/data/dataset"),
     ("data_dir", "/data/data_dir"),
     ("image_size", "/data/image_size"),
     ("on_bad_image", "/data/on_bad_image"),
     ("stl10_unlabeled", "/data/stl10_unlabeled"),
+    ("follow_links", "/data/follow_links"),
     ("model", "/model"),
     ("batch", "/batch"),
     ("lr", "/sgd/lr"),

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 pub fn cifar10_binary(dir: &Path) -> Result<Dataset> {
     let read_batch = |name: &str, split: &mut Split| -> Result<()> {
         let path = dir.join(name);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = super::read_file(&path)?;
         if bytes.is_empty() || bytes.len() % 3073 != 0 {
             return Err(Error::bad_file(
                 &path,

@@ -23,7 +23,11 @@ pub fn digits(dir: &Path) -> Result<Dataset> {
             .map_err(|_| {
                 Error::bad_file(
                     &path,
-                    format!("row {}: expected 65 integers, got {line:?}", row + 1),
+                    format!(
+                        "row {}: expected 65 integers, got {}",
+                        row + 1,
+                        crate::error::excerpt(line)
+                    ),
                 )
             })?;
         if values.len() != 65 || values[..64].iter().any(|&v| v > 16) || values[64] > 9 {

@@ -106,6 +106,10 @@ pub struct DataConfig {
     pub on_bad_image: OnBadImage,
     /// STL-10: also train on unlabeled_X.bin (the paper's "train + 100k unlabelled").
     pub stl10_unlabeled: bool,
+    /// Image folders: read symbolic links that point outside the folder (never followed
+    /// otherwise).
+    #[serde(default)]
+    pub follow_links: bool,
 }
 
 impl Default for DataConfig {
@@ -116,6 +120,7 @@ impl Default for DataConfig {
             image_size: None,
             on_bad_image: OnBadImage::Stop,
             stl10_unlabeled: false,
+            follow_links: false,
         }
     }
 }
@@ -133,23 +138,82 @@ pub fn load(opts: &DataConfig, seed: u64) -> Result<Dataset> {
         DatasetKind::Digits => digits::digits(&need_dir("digits")?)?,
         DatasetKind::Cifar10 => cifar10::cifar10_binary(&need_dir("cifar10")?)?,
         DatasetKind::Stl10 => stl10::stl10_binary(&need_dir("stl10")?, opts.stl10_unlabeled)?,
-        DatasetKind::Folder => {
-            folder::folder(&need_dir("folder")?, opts.image_size, opts.on_bad_image)?
-        }
+        DatasetKind::Folder => folder::folder(&need_dir("folder")?, opts)?,
     };
+    for (split, len) in [("training", ds.train.len()), ("test", ds.test.len())] {
+        if len == 0 {
+            return Err(Error::invalid(format!(
+                "dataset {}: its {split} split is empty; training needs both splits (the \
+                 per-epoch kNN runs on the test split, against the training split) and eval \
+                 measures the test split",
+                ds.name
+            )));
+        }
+    }
     match opts.image_size {
         Some(s) if s != ds.size && kind != DatasetKind::Folder => resize_dataset(ds, s),
         _ => Ok(ds),
     }
 }
 
-/// The whole content of a gzip file.
-fn read_gz(path: &Path) -> Result<Vec<u8>> {
+/// The most a gzip file the datasets read (the digits CSV: 360 kB) may decompress to; more is
+/// refused before it is held (a gzip bomb of a few MB can unpack to gigabytes).
+pub const MAX_GZ_BYTES: u64 = 256 << 20;
+
+/// The largest dataset file read whole: STL-10's unlabeled_X.bin is 2.8 GB.
+pub const MAX_DATA_FILE_BYTES: u64 = 4 << 30;
+
+/// Opens `path` when it is a regular file (a FIFO or a device would hang or never end) of at
+/// most `max` bytes; returns it with its size.
+fn open_regular(path: &Path, max: u64) -> Result<(std::fs::File, u64)> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::bad_file(
+            path,
+            "is not a regular file (a device, a FIFO or a socket)",
+        ));
+    }
+    if meta.len() > max {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "is {} bytes, more than the {} MB expected at most",
+                meta.len(),
+                max >> 20
+            ),
+        ));
+    }
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    Ok((file, meta.len()))
+}
+
+/// The whole of a regular dataset file of at most [`MAX_DATA_FILE_BYTES`].
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    let (file, len) = open_regular(path, MAX_DATA_FILE_BYTES)?;
+    let mut out = Vec::with_capacity(len as usize);
+    file.take(MAX_DATA_FILE_BYTES)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(out)
+}
+
+/// The whole content of a gzip file, at most [`MAX_GZ_BYTES`].
+fn read_gz(path: &Path) -> Result<Vec<u8>> {
+    let (file, _) = open_regular(path, MAX_DATA_FILE_BYTES)?;
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(file)
+        .take(MAX_GZ_BYTES + 1)
         .read_to_end(&mut out)
         .map_err(|e| Error::bad_file(path, format!("not a readable gzip file: {e}")))?;
+    if out.len() as u64 > MAX_GZ_BYTES {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "decompresses to more than {} MB; refused",
+                MAX_GZ_BYTES >> 20
+            ),
+        ));
+    }
     Ok(out)
 }
 

@@ -23,8 +23,8 @@ pub fn stl10_binary(dir: &Path, unlabeled: bool) -> Result<Dataset> {
     };
     let read = |x: &str, y: &str| -> Result<Split> {
         let (xp, yp) = (dir.join(x), dir.join(y));
-        let xb = std::fs::read(&xp).map_err(|e| Error::io(&xp, e))?;
-        let yb = std::fs::read(&yp).map_err(|e| Error::io(&yp, e))?;
+        let xb = super::read_file(&xp)?;
+        let yb = super::read_file(&yp)?;
         if xb.len() != yb.len() * S * S * 3 {
             return Err(Error::bad_file(
                 &xp,
@@ -53,7 +53,7 @@ pub fn stl10_binary(dir: &Path, unlabeled: bool) -> Result<Dataset> {
     let mut extra = Split::default();
     if unlabeled {
         let up = dir.join("unlabeled_X.bin");
-        let ub = std::fs::read(&up).map_err(|e| Error::io(&up, e))?;
+        let ub = super::read_file(&up)?;
         if ub.len() % (S * S * 3) != 0 {
             return Err(Error::bad_file(
                 &up,

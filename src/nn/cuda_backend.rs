@@ -60,7 +60,7 @@ impl std::str::FromStr for EncoderKernels {
             map.insert(op.trim().into(), version.trim().into());
         }
         serde_json::from_value(serde_json::Value::Object(map))
-            .map_err(|e| Error::invalid(format!("--kernels {s:?}: {e}")))
+            .map_err(|e| Error::invalid(format!("--kernels {}: {e}", crate::error::excerpt(s))))
     }
 }
 

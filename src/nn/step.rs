@@ -37,9 +37,9 @@ pub fn queue_train_step<B: Backend>(
     loss_cfg: &LossConfig,
     lr: f64,
 ) -> Result<Var> {
-    if shape.n % 2 != 0 || shape.c != 3 {
+    if shape.n % 2 != 0 || shape.n < 4 || shape.c != 3 || shape.h == 0 || shape.w == 0 {
         return Err(Error::invalid(format!(
-            "a training batch is 2m x 3 x H x W, got {shape:?}"
+            "a training batch is 2m x 3 x H x W with m >= 2 and H, W >= 1, got {shape:?}"
         )));
     }
     graph.begin();

@@ -72,7 +72,12 @@ pub fn parse_metrics_csv(path: &Path) -> Result<Vec<EpochMetrics>> {
         .filter(|l| !l.trim().is_empty())
         .map(|line| {
             let f: Vec<&str> = line.split(',').collect();
-            let bad = || Error::bad_file(path, format!("malformed metrics line {line:?}"));
+            let bad = || {
+                Error::bad_file(
+                    path,
+                    format!("malformed metrics line {}", crate::error::excerpt(line)),
+                )
+            };
             if f.len() != 6 {
                 return Err(bad());
             }

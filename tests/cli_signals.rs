@@ -187,3 +187,78 @@ fn sigterm_mid_training_saves_exits_143_and_resume_ends_as_an_uninterrupted_run(
     std::fs::remove_dir_all(&whole).unwrap();
     std::fs::remove_file(&log).unwrap();
 }
+
+#[test]
+fn a_signal_during_an_epochs_evaluation_saves_it_pending_and_resume_evaluates_it() {
+    let dir = scratch("eval");
+    let data = dir.join("data");
+    common::write_stripes(&data, 16); // 4 steps an epoch at batch 8
+    let run = |out: &Path, resume: bool, hook: bool| {
+        let mut cmd = Command::new(exe());
+        cmd.args([
+            "train",
+            "--dataset",
+            "folder",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--steps",
+            "9",
+            "--batch",
+            "8",
+            "--k",
+            "5",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        if resume {
+            cmd.arg("--resume");
+        }
+        if hook {
+            // SIGTERM as the first end-of-epoch evaluation begins (trainer::signals).
+            cmd.env("INVASPREAD_SIGNAL_AT_EVAL", "1");
+        }
+        cmd.output().unwrap()
+    };
+    let (cut, whole) = (dir.join("cut"), dir.join("whole"));
+    let out = run(&cut, false, true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(
+        err.contains("interrupted during the evaluation of epoch 1: saved step 4"),
+        "{err}"
+    );
+    assert!(
+        !cut.join("metrics.csv").exists()
+            || !std::fs::read_to_string(cut.join("metrics.csv"))
+                .unwrap()
+                .contains("\n1,4,")
+    );
+    assert!(run(&cut, true, false).status.success());
+    assert!(run(&whole, false, false).status.success());
+    for file in [
+        "last.safetensors",
+        "last.optimizer.safetensors",
+        "best.safetensors",
+        "steps.csv",
+        "metrics.png",
+    ] {
+        let (a, b) = (
+            std::fs::read(cut.join(file)).unwrap(),
+            std::fs::read(whole.join(file)).unwrap(),
+        );
+        assert!(
+            a == b,
+            "{file} differs between the resumed and the uninterrupted run"
+        );
+    }
+    let rows = |d: &Path| {
+        std::fs::read_to_string(d.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(rows(&cut), rows(&whole), "the pending evaluation's row");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

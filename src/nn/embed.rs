@@ -22,9 +22,27 @@ pub fn embed_split<B: Backend>(
     size: usize,
     batch: usize,
 ) -> Result<B::Buffer> {
+    let never = || false;
+    let f = embed_split_until(graph, model, split, size, batch, &never)?;
+    f.ok_or_else(|| crate::error::Error::invalid("internal: an embedding pass stopped unasked"))
+}
+
+/// [`embed_split`], stopping between batches once `stop()` holds (None then): how a run's
+/// evaluation gives way to a signal.
+pub fn embed_split_until<B: Backend>(
+    graph: &mut Graph<B>,
+    model: &Model,
+    split: &Split,
+    size: usize,
+    batch: usize,
+    stop: &dyn Fn() -> bool,
+) -> Result<Option<B::Buffer>> {
     let mut bank = graph.backend.zeros(split.len() * EMBED_DIM)?;
     let mut start = 0;
     while start < split.len() {
+        if stop() {
+            return Ok(None);
+        }
         let end = (start + batch).min(split.len());
         let x = augment::test_batch(split, size, start..end);
         graph.begin();
@@ -46,7 +64,7 @@ pub fn embed_split<B: Backend>(
     let b = &graph.backend;
     let mut f = b.zeros(0)?;
     b.normalize_rows(&bank, (split.len(), EMBED_DIM), &mut f)?;
-    Ok(f)
+    Ok(Some(f))
 }
 
 /// [`embed_split`] on the host.

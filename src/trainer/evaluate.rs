@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::eval;
 use crate::linalg::{matmul, MatRef};
 use crate::nn::backend::Backend;
-use crate::nn::embed::{embed_split, knn_top1, EVAL_BATCH};
+use crate::nn::embed::{embed_split_until, knn_top1, EVAL_BATCH};
 use crate::nn::graph::Graph;
 use crate::nn::models::Model;
 use crate::ops::normalize_rows;
@@ -21,8 +21,26 @@ pub fn knn_accuracy<B: Backend>(
     ds: &Dataset,
     knn: &KnnConfig,
 ) -> Result<f64> {
-    let bank = embed_split(graph, model, &ds.train, ds.size, EVAL_BATCH)?;
-    let queries = embed_split(graph, model, &ds.test, ds.size, EVAL_BATCH)?;
+    let never = || false;
+    let knn = knn_accuracy_until(graph, model, ds, knn, &never)?;
+    knn.ok_or_else(|| crate::error::Error::invalid("internal: an evaluation stopped unasked"))
+}
+
+/// [`knn_accuracy`], given up (None) once `stop()` holds between embedding batches.
+pub fn knn_accuracy_until<B: Backend>(
+    graph: &mut Graph<B>,
+    model: &Model,
+    ds: &Dataset,
+    knn: &KnnConfig,
+    stop: &dyn Fn() -> bool,
+) -> Result<Option<f64>> {
+    let Some(bank) = embed_split_until(graph, model, &ds.train, ds.size, EVAL_BATCH, stop)? else {
+        return Ok(None);
+    };
+    let Some(queries) = embed_split_until(graph, model, &ds.test, ds.size, EVAL_BATCH, stop)?
+    else {
+        return Ok(None);
+    };
     knn_top1(
         &graph.backend,
         &bank,
@@ -33,6 +51,7 @@ pub fn knn_accuracy<B: Backend>(
         knn.k,
         knn.sigma,
     )
+    .map(Some)
 }
 
 /// Width of the random projection of raw pixels.

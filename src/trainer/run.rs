@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::batches::BatchWorker;
-use super::evaluate::{knn_accuracy, raw_pixel_knn};
+use super::evaluate::{knn_accuracy, knn_accuracy_until, raw_pixel_knn};
 use super::lock::RunLock;
 use super::losses::{EpochLoss, LossReader};
 use super::outputs::{self, EpochMetrics, StepLog, BEST, LAST, LAST_OPT, STATE};
@@ -408,6 +408,24 @@ impl<'a, B: Backend> Run<'a, B> {
             .unwrap_or_else(|| cfg.backend.loss_read_every());
         let mut reader = LossReader::new(&self.graph.backend, read_every)?;
         let mut log = StepLog::open(&self.opts.out, &self.history)?;
+        // A run stopped during an epoch's evaluation saved the epoch with its loss still open
+        // (count > 0 at the epoch's boundary): that evaluation comes first.
+        let boundary = self.start % self.steps_per_epoch == 0 || self.start == self.total_steps;
+        if self.start > 0 && self.epoch.count > 0 && boundary {
+            let step = self.start - 1;
+            let lr = learning_rate(
+                cfg.sgd.lr,
+                &cfg.schedule,
+                step,
+                self.total_steps,
+                self.steps_per_epoch,
+                cfg.warmup_steps,
+            );
+            if !self.end_of_epoch(step, lr, run_start, &bar)? {
+                bar.finish_and_clear();
+                return Ok(());
+            }
+        }
         let mut last_loss: Option<f64> = None;
         let (mut window, mut data_s) = (Instant::now(), 0.0f64);
         for step in self.start..self.total_steps {
@@ -449,7 +467,9 @@ impl<'a, B: Backend> Run<'a, B> {
                 (window, data_s) = (Instant::now(), 0.0);
             }
             if end_of_epoch {
-                self.end_of_epoch(step, lr, run_start, &bar)?;
+                if !self.end_of_epoch(step, lr, run_start, &bar)? {
+                    break; // a signal during the evaluation: saved with it pending
+                }
                 window = Instant::now(); // the kNN is not training time
             }
             if stopping {
@@ -462,14 +482,33 @@ impl<'a, B: Backend> Run<'a, B> {
     }
 
     /// After the last step of an epoch: kNN, the metrics row, checkpoints, metrics files.
+    /// A signal during the evaluation stops it: the epoch's steps are committed with the
+    /// evaluation pending (the epoch's loss not yet closed), which `--resume` runs first; then
+    /// false.
     fn end_of_epoch(
         &mut self,
         step: usize,
         lr: f64,
         run_start: Instant,
         bar: &indicatif::ProgressBar,
-    ) -> Result<()> {
-        let knn = knn_accuracy(&mut self.graph, &self.model, &self.ds, &self.cfg.knn)?;
+    ) -> Result<bool> {
+        super::signals::hook_at_evaluation();
+        let stop = stop_flag();
+        let stopped = || stop.load(Ordering::SeqCst);
+        let (g, m, ds) = (&mut self.graph, &self.model, &self.ds);
+        let Some(knn) = knn_accuracy_until(g, m, ds, &self.cfg.knn, &stopped)? else {
+            self.commit(step + 1, self.epoch, false)?;
+            bar.suspend(|| {
+                eprintln!(
+                    "interrupted during the evaluation of epoch {}: saved step {}; --resume \
+                     evaluates it first",
+                    step / self.steps_per_epoch + 1,
+                    step + 1
+                )
+            });
+            self.summary.interrupted = true;
+            return Ok(false);
+        };
         let row = EpochMetrics {
             epoch: step / self.steps_per_epoch + 1,
             step: step + 1,
@@ -498,7 +537,8 @@ impl<'a, B: Backend> Run<'a, B> {
         self.metrics.push(row.clone());
         self.summary.metrics.push(row);
         self.epoch = EpochLoss::default();
-        self.commit(step + 1, EpochLoss::default(), knn > best)
+        self.commit(step + 1, EpochLoss::default(), knn > best)?;
+        Ok(true)
     }
 
     /// After a step with Ctrl-C pressed: saves the position mid-epoch and says how to go on.

@@ -78,6 +78,18 @@ fn on_signal(signal: i32) {
     );
 }
 
+/// Test hook: with `INVASPREAD_SIGNAL_AT_EVAL=1`, the first end-of-epoch evaluation begins as
+/// if SIGTERM had just arrived (through [`on_signal`], as the watcher delivers it), so that
+/// tests/cli_signals.rs can stop a run there at a known moment.
+pub fn hook_at_evaluation() {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if std::env::var("INVASPREAD_SIGNAL_AT_EVAL").is_ok_and(|v| v == "1")
+        && !DONE.swap(true, Ordering::SeqCst)
+    {
+        on_signal(SIGTERM);
+    }
+}
+
 /// Whether a signal from now on should stop the run after a step and save (true), or end the
 /// process at once (false: nothing is worth saving yet).
 pub fn set_saving(saving: bool) {

@@ -55,14 +55,13 @@ impl Real {
         if self.contains(v) {
             Ok(v)
         } else {
-            Err(Error::invalid(format!(
-                "{}{} = {v}: expected {} ({})",
-                flag_name(self.flag),
-                self.field
-                    .map_or(String::new(), |f| format!(" ({f} in config.json)")),
-                self.describe(),
-                self.why
-            )))
+            Err(out_of_range(
+                self.flag,
+                self.field,
+                &v,
+                &self.describe(),
+                self.why,
+            ))
         }
     }
 }
@@ -86,14 +85,13 @@ impl Count {
         if (self.min..=self.max).contains(&v) {
             Ok(v)
         } else {
-            Err(Error::invalid(format!(
-                "{}{} = {v}: expected {} ({})",
-                flag_name(self.flag),
-                self.field
-                    .map_or(String::new(), |f| format!(" ({f} in config.json)")),
-                self.describe(),
-                self.why
-            )))
+            Err(out_of_range(
+                self.flag,
+                self.field,
+                &v,
+                &self.describe(),
+                self.why,
+            ))
         }
     }
 
@@ -105,6 +103,21 @@ impl Count {
 
 fn flag_name(flag: &str) -> String {
     format!("--{}", flag.replace('_', "-"))
+}
+
+/// The error for `value` outside a range: the flag, the config field, the value, the range, why.
+fn out_of_range(
+    flag: &str,
+    field: Option<&str>,
+    value: &dyn std::fmt::Display,
+    range: &str,
+    why: &str,
+) -> Error {
+    let field = field.map_or(String::new(), |f| format!(" ({f} in config.json)"));
+    Error::invalid(format!(
+        "{}{field} = {value}: expected {range} ({why})",
+        flag_name(flag)
+    ))
 }
 
 macro_rules! real {

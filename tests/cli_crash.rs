@@ -33,6 +33,10 @@ impl Case {
 
     /// 9 steps: epochs end (and save) after steps 4, 8 and 9.
     fn train(&self, out: &Path, resume: bool) -> Command {
+        self.train_steps(out, resume, "9")
+    }
+
+    fn train_steps(&self, out: &Path, resume: bool, steps: &str) -> Command {
         let mut cmd = Command::new(exe());
         cmd.args([
             "--threads",
@@ -44,7 +48,7 @@ impl Case {
             &self.data,
         ])
         .args([
-            "--steps", "9", "--batch", "8", "--k", "5", "--seed", "3", "--out",
+            "--steps", steps, "--batch", "8", "--k", "5", "--seed", "3", "--out",
         ])
         .arg(out);
         if resume {
@@ -183,22 +187,7 @@ fn a_full_disk_mid_save_keeps_the_last_state_and_the_run_resumes_once_there_is_r
     // The first commit's state file, then a limit just above it: the later, larger commits
     // (more step losses, more metrics) fail as on a full disk.
     let first = case.root.join("first");
-    let out = Command::new(exe())
-        .args([
-            "--threads",
-            "1",
-            "train",
-            "--dataset",
-            "folder",
-            "--data-dir",
-            &case.data,
-        ])
-        .args([
-            "--steps", "4", "--batch", "8", "--k", "5", "--seed", "3", "--out",
-        ])
-        .arg(&first)
-        .output()
-        .unwrap();
+    let out = case.train_steps(&first, false, "4").output().unwrap();
     assert!(out.status.success());
     let limit = std::fs::metadata(first.join("state.safetensors"))
         .unwrap()

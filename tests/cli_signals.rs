@@ -59,6 +59,27 @@ fn exit_code_within(child: &mut Child, limit: Duration) -> Option<i32> {
     }
 }
 
+/// The checkpoints, the step log and the plot of two runs are byte-identical.
+fn assert_same_files(cut: &Path, whole: &Path) {
+    let files = [
+        "last.safetensors",
+        "last.optimizer.safetensors",
+        "best.safetensors",
+        "steps.csv",
+        "metrics.png",
+    ];
+    for file in files {
+        let (a, b) = (
+            std::fs::read(cut.join(file)).unwrap(),
+            std::fs::read(whole.join(file)).unwrap(),
+        );
+        assert!(
+            a == b,
+            "{file} differs between the resumed and the uninterrupted run"
+        );
+    }
+}
+
 const RUN: [&str; 7] = ["train", "--epochs", "3", "--batch", "64", "--k", "20"];
 
 #[test]
@@ -168,21 +189,7 @@ fn sigterm_mid_training_saves_exits_143_and_resume_ends_as_an_uninterrupted_run(
         "{}",
         String::from_utf8_lossy(&full.stderr)
     );
-    for file in [
-        "last.safetensors",
-        "last.optimizer.safetensors",
-        "best.safetensors",
-        "steps.csv",
-    ] {
-        let (a, b) = (
-            std::fs::read(cut.join(file)).unwrap(),
-            std::fs::read(whole.join(file)).unwrap(),
-        );
-        assert!(
-            a == b,
-            "{file} differs between the resumed and the uninterrupted run"
-        );
-    }
+    assert_same_files(&cut, &whole);
     std::fs::remove_dir_all(&cut).unwrap();
     std::fs::remove_dir_all(&whole).unwrap();
     std::fs::remove_file(&log).unwrap();
@@ -237,22 +244,7 @@ fn a_signal_during_an_epochs_evaluation_saves_it_pending_and_resume_evaluates_it
     );
     assert!(run(&cut, true, false).status.success());
     assert!(run(&whole, false, false).status.success());
-    for file in [
-        "last.safetensors",
-        "last.optimizer.safetensors",
-        "best.safetensors",
-        "steps.csv",
-        "metrics.png",
-    ] {
-        let (a, b) = (
-            std::fs::read(cut.join(file)).unwrap(),
-            std::fs::read(whole.join(file)).unwrap(),
-        );
-        assert!(
-            a == b,
-            "{file} differs between the resumed and the uninterrupted run"
-        );
-    }
+    assert_same_files(&cut, &whole);
     let rows = |d: &Path| {
         std::fs::read_to_string(d.join("metrics.csv"))
             .unwrap()

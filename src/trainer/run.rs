@@ -307,6 +307,19 @@ impl<'a, B: Backend> Run<'a, B> {
         outputs::write_metrics(&self.metrics, &self.opts.out)
     }
 
+    /// The learning rate of `step` (0-based) under the schedule and warm-up.
+    fn lr_at(&self, step: usize) -> f64 {
+        let cfg = self.cfg;
+        learning_rate(
+            cfg.sgd.lr,
+            &cfg.schedule,
+            step,
+            self.total_steps,
+            self.steps_per_epoch,
+            cfg.warmup_steps,
+        )
+    }
+
     /// Steps done so far.
     fn current_step(&self) -> usize {
         self.history.len() + self.summary.step_losses.len()
@@ -413,14 +426,7 @@ impl<'a, B: Backend> Run<'a, B> {
         let boundary = self.start % self.steps_per_epoch == 0 || self.start == self.total_steps;
         if self.start > 0 && self.epoch.count > 0 && boundary {
             let step = self.start - 1;
-            let lr = learning_rate(
-                cfg.sgd.lr,
-                &cfg.schedule,
-                step,
-                self.total_steps,
-                self.steps_per_epoch,
-                cfg.warmup_steps,
-            );
+            let lr = self.lr_at(step);
             if !self.end_of_epoch(step, lr, run_start, &bar)? {
                 bar.finish_and_clear();
                 return Ok(());
@@ -433,14 +439,7 @@ impl<'a, B: Backend> Run<'a, B> {
             let wait = Instant::now();
             let views = worker.next(step)?;
             data_s += wait.elapsed().as_secs_f64();
-            let lr = learning_rate(
-                cfg.sgd.lr,
-                &cfg.schedule,
-                step,
-                self.total_steps,
-                self.steps_per_epoch,
-                cfg.warmup_steps,
-            );
+            let lr = self.lr_at(step);
             let (graph, model, sgd) = (&mut self.graph, &self.model, &mut self.sgd);
             let loss = queue_train_step(graph, model, sgd, &views, shape, &cfg.loss, lr)?;
             reader.record(&self.graph, loss, step)?;

@@ -14,12 +14,12 @@
 //! | [`nn`] | the encoder: autodiff tape, the `Backend` trait and its CPU and CUDA implementations, ResNet18/ConvNet, SGD, checkpoints, embeddings |
 //! | [`eval`] | metrics of embeddings: weighted kNN, Recall@K, k-means NMI |
 //! | [`data`] | datasets, one file each (synthetic default, digits, CIFAR-10, STL-10, image folders), and the recipe's augmentation |
-//! | [`bench`](mod@bench) | timing of the loss implementations for `bench-loss` and criterion, each checked against the float64 truth first |
+//! | [`bench`](mod@bench) | timing of the loss implementations for `bench-loss` and criterion, each checked against the float64 truth first; floors from rates measured on the machine ([`bench::floor`]) |
 //! | [`testing`] | adversarial inputs, error measures, the `SKIPPED (no GPU)` guard and the virtual GPU's notes for tests and benches |
 //! | [`loss`] | the instance loss: config and validation; [`loss::reference`], the float64 truth; [`loss::check`], an output against it; [`loss::cpu`], the fused CPU path; [`loss::cuda`], every GPU version, a file each |
 //! | [`ops`] | one folder per op: its math and parameter structs, `cpu.rs`, `cuda.rs` (the launchers of `kernels/<op>.cu`) |
 //! | [`cuda`] | the GPU runtime only: [`cuda::Gpu`] and its module cache, launches ([`cuda::Queue`]), the one cuBLAS front, staged copies, the choice of device and the virtual GPU ([`cuda::virtual_gpu`]) |
-//! | [`linalg`], [`simd`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors for the CPU paths |
+//! | [`linalg`], [`simd`], [`scratch`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors for the CPU paths; scratch buffers kept between calls |
 //! | [`npy`] | `.npy` reading and writing with clear errors |
 //! | [`durable`] | atomic, synced file writes; leftovers of killed writers; the crash-injection hook |
 //! | [`limits`] | the range of every numeric setting (flags, config files, library calls) and the memory check before large allocations |
@@ -44,6 +44,7 @@ pub mod nn;
 pub mod npy;
 pub mod ops;
 pub mod rng;
+pub mod scratch;
 pub mod simd;
 pub mod testing;
 pub mod trainer;

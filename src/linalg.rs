@@ -70,6 +70,22 @@ fn check_extent(
     Ok(())
 }
 
+/// The shape of `count` products of an `m x k` by a `k x n` matrix (what an op runs, for floors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GemmShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub count: usize,
+}
+
+impl GemmShape {
+    /// 2 m n k per product.
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.m * self.n * self.k * self.count) as f64
+    }
+}
+
 /// Element types the product is available for.
 pub trait GemmScalar: Copy + 'static + Send + Sync {
     const ZERO: Self;

@@ -1,10 +1,15 @@
 //! Timing of the loss implementations, shared by `invaspread bench-loss` and the criterion
 //! benchmark: medians over repeated runs, useful FLOP counts, extra memory, markdown tables.
 //!
+//! On the CPU every row also has a floor ([`floor`]): the time of its products and
+//! exponentials at the rates measured on the machine, and the ratio of the median to it.
+//!
 //! Useful FLOPs are the fewest an implementation must do, so that versions compare fairly:
 //! forward = one N x N x d product (2 N^2 d), query-only backward one more (G F), both-sides
 //! two more (G F and G^T F). Recomputation is not counted: a version that recomputes tiles
 //! shows it as a lower achieved rate.
+
+pub mod floor;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,6 +44,8 @@ pub struct BenchRow {
     /// The output's error against the float64 truth ([`Truth::error`]), checked before timing;
     /// `None` when the size was above the check's limit.
     pub check_error: Option<f64>,
+    /// The least time on this machine ([`floor`]); `None` where none is computed (GPU).
+    pub floor_s: Option<f64>,
 }
 
 impl BenchRow {
@@ -67,6 +74,7 @@ impl BenchRow {
             extra_bytes,
             speedup: None,
             check_error: None,
+            floor_s: None,
         }
     }
 }
@@ -188,6 +196,7 @@ pub fn bench_cpu(
     version: CpuVersion,
     case: &Case<'_>,
     min_seconds: f64,
+    rates: &mut floor::Rates,
 ) -> Result<Option<BenchRow>> {
     let (z, n, d, cfg, with_grad) = (case.z, case.n, case.d, case.cfg, case.with_grad);
     if version == CpuVersion::Reference && n > 8192 {
@@ -248,6 +257,13 @@ pub fn bench_cpu(
         extra_bytes,
     );
     row.check_error = check_error;
+    let shape = (n, d, cpu::ROW_BLOCK);
+    row.floor_s = Some(match version {
+        CpuVersion::FusedF32 => rates.loss_seconds::<f32>(shape, with_grad, cfg.semantics)?,
+        CpuVersion::Reference | CpuVersion::FusedF64 => {
+            rates.loss_seconds::<f64>(shape, with_grad, cfg.semantics)?
+        }
+    });
     Ok(Some(row))
 }
 
@@ -327,7 +343,7 @@ fn human_bytes(b: usize) -> String {
     }
 }
 
-fn human_time(s: f64) -> String {
+pub fn human_time(s: f64) -> String {
     if s >= 1.0 {
         format!("{s:.3} s")
     } else if s >= 1e-3 {
@@ -340,15 +356,19 @@ fn human_time(s: f64) -> String {
 /// The markdown table `bench-loss` prints (the same columns as benches/torch_reference.py).
 pub fn markdown_table(rows: &[BenchRow], baseline: &str) -> String {
     let mut out = format!(
-        "| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs {baseline} | error vs f64 |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs {baseline} | error vs f64 | floor | vs floor |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for r in rows {
         let speedup = r.speedup.map_or("-".to_string(), |s| format!("{s:.2}x"));
         let checked = r
             .check_error
             .map_or("unchecked".to_string(), |e| format!("{e:.1e}"));
+        let (floor, ratio) = match r.floor_s {
+            Some(f) => (human_time(f), format!("{:.2}x", r.median_s / f)),
+            None => ("-".to_string(), "-".to_string()),
+        };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} | {} |\n",
             r.device,
             r.version,
             r.n,
@@ -359,7 +379,9 @@ pub fn markdown_table(rows: &[BenchRow], baseline: &str) -> String {
             r.tflops,
             human_bytes(r.extra_bytes),
             speedup,
-            checked
+            checked,
+            floor,
+            ratio
         ));
     }
     out

@@ -56,6 +56,7 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
         args.n.clone()
     };
     let mut rows: Vec<BenchRow> = Vec::new();
+    let mut rates = bench::floor::Rates::default();
     let gpu = match args.device {
         Device::Cpu => None,
         Device::Cuda => Some(Arc::new(Gpu::require()?)),
@@ -106,7 +107,12 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
                 None => {
                     for version in CpuVersion::ALL {
                         progress(&version.name());
-                        rows.extend(bench::bench_cpu(version, &case, args.min_seconds)?);
+                        rows.extend(bench::bench_cpu(
+                            version,
+                            &case,
+                            args.min_seconds,
+                            &mut rates,
+                        )?);
                     }
                 }
                 Some(gpu) => {
@@ -137,6 +143,14 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
              unchecked above N = {}",
             args.check_max_n
         );
+        if gpu.is_none() {
+            println!(
+                "floor: the version's products (blocks of {} query rows by N x d, one per pass) at \
+                 the gemm crate's rate on that shape and N^2 exponentials at the SIMD exp's rate, \
+                 both measured on this machine with every thread busy; vs floor: median / floor",
+                invaspread::loss::cpu::ROW_BLOCK
+            );
+        }
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use invaspread::bench::floor;
 use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::Gpu;
 use invaspread::loss::LossConfig;
@@ -15,10 +16,11 @@ use invaspread::nn::backend::Backend;
 use invaspread::nn::cpu_backend::Cpu;
 use invaspread::nn::cuda_backend::CudaBackend;
 use invaspread::nn::graph::Graph;
-use invaspread::nn::models::{Model, ModelKind};
+use invaspread::nn::models::{Model, ModelKind, EMBED_DIM};
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::ParamStore;
 use invaspread::nn::step::{first_step_agreement, queue_train_step, random_views, step_tolerance};
+use invaspread::ops::conv2d::{self, Conv, CpuVersion};
 use invaspread::ops::Shape4;
 
 use super::Device;
@@ -41,15 +43,19 @@ pub struct BenchTrainArgs {
     /// GEMM precisions to time on CUDA (float32 storage and accumulation in every case).
     #[arg(long, value_enum, num_args = 1.., default_values_t = [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16])]
     precision: Vec<GemmPrecision>,
+    /// Convolution versions to time on the CPU.
+    #[arg(long, value_enum, num_args = 1.., default_values_t = [CpuVersion::Im2col, CpuVersion::Winograd])]
+    cpu_conv: Vec<CpuVersion>,
 }
 
-/// The median over 3 repetitions of the mean step time of `steps` queued steps.
+/// The median over 3 repetitions of the mean step time of `steps` queued steps, and the step's
+/// convolutions with their input shapes.
 fn time_steps<B: Backend>(
     kind: ModelKind,
     backend: B,
     (shape, views): (Shape4, &[f32]),
     steps: usize,
-) -> invaspread::Result<f64> {
+) -> invaspread::Result<(f64, Vec<(Conv, Shape4)>)> {
     let mut store = ParamStore::default();
     let model = Model::new(kind, &mut store, &backend, 0)?;
     let mut graph = Graph::new(backend, store);
@@ -69,7 +75,25 @@ fn time_steps<B: Backend>(
         means.push(t.elapsed().as_secs_f64() / steps.max(1) as f64);
     }
     means.sort_by(f64::total_cmp);
-    Ok(means[1])
+    Ok((means[1], graph.convolutions()))
+}
+
+/// The floor of a CPU training step: every convolution's products (forward, dW and dx) as
+/// `version` runs them and the loss's, at the rates the gemm crate and the SIMD exp reach on
+/// this machine ([`floor`]).
+fn cpu_step_floor(
+    rates: &mut floor::Rates,
+    version: CpuVersion,
+    convs: &[(Conv, Shape4)],
+    rows: usize,
+) -> invaspread::Result<f64> {
+    let mut s = 0.0;
+    for (conv, xs) in convs {
+        s += rates.gemm_seconds::<f32>(&conv2d::cpu::gemm_shapes(version, conv, *xs))?;
+    }
+    let cfg = LossConfig::default();
+    let shape = (rows, EMBED_DIM, invaspread::loss::cpu::ROW_BLOCK);
+    Ok(s + rates.loss_seconds::<f32>(shape, true, cfg.semantics)?)
 }
 
 pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
@@ -83,19 +107,27 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
     if gpu.as_ref().is_some_and(|g| g.is_virtual()) {
         eprintln!("bench-train: on the virtual GPU the times are the CPU emulator's, not a GPU's");
     }
-    println!("| model | framework | device | mean step | images/s |");
-    println!("|---|---|---|---|---|");
+    let mut rates = floor::Rates::default();
+    println!("| model | framework | device | mean step | images/s | floor | vs floor |");
+    println!("|---|---|---|---|---|---|---|");
     for &kind in &args.models {
         match &gpu {
             None => {
                 let threads = rayon::current_num_threads();
-                let s = time_steps(kind, Cpu::<f32>::new(), (shape, &views), args.steps)?;
-                println!(
-                    "| {} | invaspread {version} cpu f32 | {threads} threads | {:.4} s | {:.1} |",
-                    kind.name(),
-                    s,
-                    args.batch as f64 / s
-                );
+                for &conv in &args.cpu_conv {
+                    let backend = Cpu::<f32>::new().with_conv(conv);
+                    let (s, convs) = time_steps(kind, backend, (shape, &views), args.steps)?;
+                    let floor = cpu_step_floor(&mut rates, conv, &convs, shape.n)?;
+                    println!(
+                        "| {} | invaspread {version} cpu f32 {} | {threads} threads | {:.4} s | {:.1} | {:.4} s | {:.2}x |",
+                        kind.name(),
+                        conv.name(),
+                        s,
+                        args.batch as f64 / s,
+                        floor,
+                        s / floor
+                    );
+                }
             }
             Some(gpu) => {
                 for &precision in &args.precision {
@@ -108,9 +140,9 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
                         step_tolerance(precision)
                     ));
                     let backend = CudaBackend::new(gpu.clone())?.with_gemm_precision(precision);
-                    let s = time_steps(kind, backend, (shape, &views), args.steps)?;
+                    let (s, _) = time_steps(kind, backend, (shape, &views), args.steps)?;
                     println!(
-                        "| {} | invaspread {version} cuda {} | {} | {:.4} s | {:.1} |",
+                        "| {} | invaspread {version} cuda {} | {} | {:.4} s | {:.1} | - | - |",
                         kind.name(),
                         precision.name(),
                         gpu.name()?,
@@ -120,6 +152,15 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
                 }
             }
         }
+    }
+    if gpu.is_none() {
+        println!();
+        println!(
+            "floor: the step's matrix products (every convolution's forward, dW and dx as the \
+             version runs them, and the loss's) at the gemm crate's rate on each shape, plus the \
+             loss's exponentials, measured on this machine with every thread busy; the rest \
+             (im2col, Winograd transforms, batchnorm, SGD) is what vs floor shows"
+        );
     }
     if !checks.is_empty() {
         println!();

@@ -14,6 +14,7 @@ use invaspread::names::Named;
 use invaspread::nn::cuda_backend::EncoderKernels;
 use invaspread::nn::models::ModelKind;
 use invaspread::nn::optim::Schedule;
+use invaspread::ops::conv2d::CpuVersion;
 use invaspread::trainer::{self, config, BackendChoice, RunOptions, TrainConfig};
 use invaspread::Error;
 
@@ -106,6 +107,10 @@ pub struct TrainArgs {
     /// named run their newest version.
     #[arg(long, value_name = "OP=VERSION,...", default_value = "")]
     kernels: EncoderKernels,
+    /// The convolution's version on the CPU: winograd (F(4x4, 3x3) for 3 x 3 stride-1
+    /// convolutions, im2col for the rest) or im2col (im2col + GEMM for all, the first version).
+    #[arg(long, value_enum, default_value_t = CpuVersion::Winograd)]
+    cpu_conv: CpuVersion,
     #[arg(long, default_value_t = defaults().seed)]
     seed: u64,
     /// Output folder: metrics, plot, checkpoints, configuration.
@@ -134,9 +139,11 @@ fn backend_choice(args: &TrainArgs) -> invaspread::Result<BackendChoice> {
     Ok(match (args.device, args.loss) {
         (Device::Cpu, LossArg::Reference) => BackendChoice::Cpu {
             reference_loss: true,
+            conv: args.cpu_conv,
         },
         (Device::Cpu, LossArg::Fused) => BackendChoice::Cpu {
             reference_loss: false,
+            conv: args.cpu_conv,
         },
         (Device::Cuda, LossArg::Fused | LossArg::FusedV2) => cuda(CudaLossVersion::FusedV2),
         (Device::Cuda, LossArg::FusedV1) => cuda(CudaLossVersion::FusedV1),
@@ -199,7 +206,7 @@ fn apply_flags(
             ScheduleArg::Cosine => Schedule::Cosine,
         };
     }
-    if ["device", "loss", "precision", "kernels"]
+    if ["device", "loss", "precision", "kernels", "cpu_conv"]
         .iter()
         .any(|id| given(id))
     {
@@ -223,7 +230,7 @@ fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::R
 }
 
 /// Where each flag lives in config.json; what a resume compares.
-const FIELDS: [(&str, &str); 24] = [
+const FIELDS: [(&str, &str); 25] = [
     ("dataset", "/data/dataset"),
     ("data_dir", "/data/data_dir"),
     ("image_size", "/data/image_size"),
@@ -245,6 +252,7 @@ const FIELDS: [(&str, &str); 24] = [
     ("loss", "/backend"),
     ("precision", "/backend"),
     ("kernels", "/backend"),
+    ("cpu_conv", "/backend"),
     ("seed", "/seed"),
     ("k", "/knn/k"),
     ("sigma", "/knn/sigma"),

@@ -1,6 +1,7 @@
 //! The CPU backend: buffers are `Vec<T>` (f32 for training, f64 for gradient checks) and every
 //! op is a call into `ops::<op>::cpu`. The loss op runs the fused CPU loss, or the float64
-//! reference when built with [`Cpu::with_reference_loss`].
+//! reference when built with [`Cpu::with_reference_loss`]; the convolution runs the version
+//! chosen with [`Cpu::with_conv`] (Winograd by default).
 
 use std::marker::PhantomData;
 
@@ -19,6 +20,7 @@ use crate::simd::CpuFloat;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Cpu<T> {
     reference_loss: bool,
+    conv: conv2d::CpuVersion,
     _elem: PhantomData<T>,
 }
 
@@ -26,6 +28,7 @@ impl<T> Cpu<T> {
     pub fn new() -> Self {
         Cpu {
             reference_loss: false,
+            conv: conv2d::CpuVersion::default(),
             _elem: PhantomData,
         }
     }
@@ -33,7 +36,14 @@ impl<T> Cpu<T> {
     pub fn with_reference_loss() -> Self {
         Cpu {
             reference_loss: true,
-            _elem: PhantomData,
+            ..Cpu::new()
+        }
+    }
+    /// The convolution runs `version`.
+    pub fn with_conv(self, version: conv2d::CpuVersion) -> Self {
+        Cpu {
+            conv: version,
+            ..self
         }
     }
 }
@@ -88,10 +98,10 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     }
 
     fn conv2d_forward(&self, a: conv2d::Forward<In<'_, Self>, Out<'_, Self>>) -> Result<()> {
-        conv2d::cpu::forward(a.map(slice, slice_mut))
+        conv2d::cpu::forward_by(self.conv, a.map(slice, slice_mut))
     }
     fn conv2d_backward(&self, a: conv2d::Backward<In<'_, Self>, Out<'_, Self>>) -> Result<()> {
-        conv2d::cpu::backward(a.map(slice, slice_mut))
+        conv2d::cpu::backward_by(self.conv, a.map(slice, slice_mut))
     }
     fn batchnorm_forward(
         &self,

@@ -102,6 +102,18 @@ impl<B: Backend> Graph<B> {
         self.len = 0;
     }
 
+    /// The convolutions recorded this step, with their input shapes (what a floor is computed
+    /// from).
+    pub fn convolutions(&self) -> Vec<(Conv, Shape4)> {
+        self.nodes[..self.len]
+            .iter()
+            .filter_map(|node| match node.op {
+                Op::Conv2d { x, conv, .. } => Some((conv, self.nodes[x.0].shape)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Ops recorded this step.
     pub fn len(&self) -> usize {
         self.len

@@ -6,7 +6,7 @@
 //!
 //! | op | what | CPU | CUDA kernels |
 //! |---|---|---|---|
-//! | [`conv2d`] | 2-d convolution, no bias, forward, dW and dx | im2col + GEMM per image group | `conv2d.cu`: im2col, col2im, layout permutes; cuBLAS GEMMs |
+//! | [`conv2d`] | 2-d convolution, no bias, forward, dW and dx | im2col + GEMM per image group; Winograd F(4x4, 3x3) for 3 x 3 stride 1 (`winograd/`) | `conv2d.cu`: im2col, col2im, layout permutes; cuBLAS GEMMs |
 //! | [`batchnorm`] | BatchNorm2d, training and eval | float64 sums per channel | `batchnorm.cu` |
 //! | [`elementwise`] | relu, copy/add, axpy | rayon chunks | `elementwise.cu` |
 //! | [`pool`] | k x k average pooling, stride k | per plane | `pool.cu` |

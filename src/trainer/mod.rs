@@ -41,6 +41,7 @@ use crate::nn::cpu_backend::Cpu;
 use crate::nn::cuda_backend::{CudaBackend, EncoderKernels};
 use crate::nn::models::ModelKind;
 use crate::nn::optim::{Schedule, SgdConfig};
+use crate::ops::conv2d;
 
 pub use config::Recorded;
 pub use outputs::EpochMetrics;
@@ -88,6 +89,7 @@ impl Default for TrainConfig {
             loss: LossConfig::default(),
             backend: BackendChoice::Cpu {
                 reference_loss: false,
+                conv: conv2d::CpuVersion::default(),
             },
             loss_read_every: None,
             seed: 0,
@@ -129,8 +131,13 @@ pub struct RunOptions {
 #[serde(tag = "device", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum BackendChoice {
     /// The CPU backend (float32); `reference_loss` runs the float64 reference loss instead of
-    /// the fused CPU loss.
-    Cpu { reference_loss: bool },
+    /// the fused CPU loss; `conv` is the convolution's version (configurations written before
+    /// the choice existed ran im2col, and resume with it).
+    Cpu {
+        reference_loss: bool,
+        #[serde(default = "conv2d::CpuVersion::legacy")]
+        conv: conv2d::CpuVersion,
+    },
     /// The CUDA backend on device 0 with the given loss kernels, GEMM precision and encoder
     /// kernel versions.
     Cuda {
@@ -147,10 +154,12 @@ impl BackendChoice {
         match self {
             BackendChoice::Cpu {
                 reference_loss: true,
-            } => "cpu reference".into(),
+                conv,
+            } => format!("cpu reference, {} convolutions", conv.name()),
             BackendChoice::Cpu {
                 reference_loss: false,
-            } => "cpu fused".into(),
+                conv,
+            } => format!("cpu fused, {} convolutions", conv.name()),
             BackendChoice::Cuda {
                 loss, precision, ..
             } => {
@@ -192,12 +201,16 @@ pub fn stop_flag() -> Arc<AtomicBool> {
 /// Trains as configured on `ds`; see the module documentation.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions, ds: Arc<Dataset>) -> Result<TrainSummary> {
     match cfg.backend {
-        BackendChoice::Cpu { reference_loss } => {
+        BackendChoice::Cpu {
+            reference_loss,
+            conv,
+        } => {
             let backend: Cpu<f32> = if reference_loss {
                 Cpu::with_reference_loss()
             } else {
                 Cpu::new()
             };
+            let backend = backend.with_conv(conv);
             run::Run::start(cfg, opts, ds, backend)?.train()
         }
         BackendChoice::Cuda {

@@ -5,19 +5,42 @@
 
 use rayon::prelude::*;
 
-use super::{Backward, Conv, Forward};
+use super::{winograd, Backward, Conv, CpuVersion, Forward};
 use crate::error::Result;
-use crate::linalg::{matmul, MatRef};
+use crate::linalg::{matmul, GemmShape, MatRef};
 use crate::ops::Shape4;
+use crate::scratch;
 use crate::simd::CpuFloat;
 
 /// Contiguous image ranges, one per thread: the order of partial sums depends only on the
 /// thread count.
-fn image_ranges(n: usize) -> Vec<std::ops::Range<usize>> {
+pub(super) fn image_ranges(n: usize) -> Vec<std::ops::Range<usize>> {
     let parts = rayon::current_num_threads().clamp(1, n.max(1));
     (0..parts)
         .map(|p| (p * n / parts)..((p + 1) * n / parts))
         .collect()
+}
+
+/// `dx` cut into the images of each range (`image` elements an image), or no cuts without dx.
+pub(super) fn split_by_ranges<'a, T>(
+    dx: Option<&'a mut [T]>,
+    ranges: &[std::ops::Range<usize>],
+    image: usize,
+) -> Vec<Option<&'a mut [T]>> {
+    match dx {
+        Some(dx) => {
+            let mut rest = dx;
+            ranges
+                .iter()
+                .map(|r| {
+                    let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * image);
+                    rest = tail;
+                    Some(head)
+                })
+                .collect()
+        }
+        None => ranges.iter().map(|_| None).collect(),
+    }
 }
 
 /// Images per GEMM: enough that B H_out W_out columns keep the product efficient even where
@@ -125,12 +148,117 @@ fn col2im_add<T: CpuFloat>(
     }
 }
 
-/// Per-thread scratch of the convolution: the im2col block and an output block.
-fn scratch<T: CpuFloat>(conv: &Conv, p: usize, group: usize) -> (Vec<T>, Vec<T>) {
-    (
-        vec![T::ZERO; conv.patch() * group * p],
-        vec![T::ZERO; conv.c_out * group * p],
-    )
+/// Per-thread scratch of the convolution (kept between calls by [`scratch`]'s pool).
+#[derive(Default)]
+struct Im2colScratch<T> {
+    /// The im2col block of a group, C_in k k x B P.
+    col: Vec<T>,
+    /// A group's output (or gathered dy) block, C_out x B P.
+    out: Vec<T>,
+    /// The thread's partial weight gradient.
+    part: Vec<T>,
+}
+
+/// Runs `f` on each thread's contiguous image range of `0..n` at once, with that range's part
+/// of `out` (`image` elements an image; none without `out`) and a pooled scratch set; returns
+/// the sets in range order (for partial sums; the caller gives them back to the pool).
+pub(super) fn per_range<T: Send, S: Default + Send + 'static>(
+    n: usize,
+    out: Option<&mut [T]>,
+    image: usize,
+    f: impl Fn(std::ops::Range<usize>, Option<&mut [T]>, &mut S) -> Result<()> + Sync,
+) -> Result<Vec<S>> {
+    let ranges = image_ranges(n);
+    let mut outs = split_by_ranges(out, &ranges, image);
+    ranges
+        .into_par_iter()
+        .zip(outs.par_iter_mut())
+        .map(|(range, out)| {
+            let mut s: S = scratch::take();
+            f(range, out.as_deref_mut(), &mut s)?;
+            Ok(s)
+        })
+        .collect()
+}
+
+/// The matrix products `version` runs for one forward and one backward pass (with dx) of
+/// `conv` on `xs`, in float32: what a floor is computed from.
+pub fn gemm_shapes(version: CpuVersion, conv: &Conv, xs: Shape4) -> Vec<GemmShape> {
+    if version == CpuVersion::Winograd && winograd::applies(conv, xs) {
+        return winograd::gemm_shapes(conv, xs);
+    }
+    let ys = conv.out_shape(xs);
+    let (k, p) = (conv.patch(), ys.h * ys.w);
+    let group = images_per_gemm(p).min(xs.n.max(1));
+    let mut shapes = Vec::new();
+    for b in group_sizes(0..xs.n, group) {
+        shapes.push(GemmShape {
+            m: conv.c_out,
+            n: b * p,
+            k,
+            count: 1,
+        });
+    }
+    for range in image_ranges(xs.n) {
+        for b in group_sizes(range, group) {
+            shapes.push(GemmShape {
+                m: conv.c_out,
+                n: k,
+                k: b * p,
+                count: 1,
+            });
+            shapes.push(GemmShape {
+                m: k,
+                n: b * p,
+                k: conv.c_out,
+                count: 1,
+            });
+        }
+    }
+    merge_shapes(shapes)
+}
+
+/// The sizes of consecutive groups of at most `group` images over `range`.
+pub(super) fn group_sizes(range: std::ops::Range<usize>, group: usize) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let mut n0 = range.start;
+    while n0 < range.end {
+        let b = group.max(1).min(range.end - n0);
+        sizes.push(b);
+        n0 += b;
+    }
+    sizes
+}
+
+/// Equal shapes counted once with their multiplicity.
+pub(super) fn merge_shapes(shapes: Vec<GemmShape>) -> Vec<GemmShape> {
+    let mut merged: Vec<GemmShape> = Vec::new();
+    for s in shapes {
+        match merged
+            .iter_mut()
+            .find(|m| (m.m, m.n, m.k) == (s.m, s.n, s.k))
+        {
+            Some(m) => m.count += s.count,
+            None => merged.push(s),
+        }
+    }
+    merged
+}
+
+/// y = conv(x, w) by `version` (im2col where Winograd does not apply).
+pub fn forward_by<T: CpuFloat>(version: CpuVersion, a: Forward<&[T], &mut [T]>) -> Result<()> {
+    match version {
+        CpuVersion::Winograd if winograd::applies(&a.conv, a.xs) => winograd::forward(a),
+        _ => forward(a),
+    }
+}
+
+/// The backward pass by `version` (im2col where Winograd does not apply).
+pub fn backward_by<T: CpuFloat>(version: CpuVersion, a: Backward<&[T], &mut [T]>) -> Result<()> {
+    match version {
+        CpuVersion::Winograd if winograd::applies(&a.conv, a.xs) => winograd::backward(a),
+        _ => backward(a),
+    }
 }
 
 /// y = conv(x, w); w is C_out x C_in x k x k. Groups of images share one GEMM:
@@ -142,37 +270,48 @@ pub fn forward<T: CpuFloat>(a: Forward<&[T], &mut [T]>) -> Result<()> {
     let (k, p) = (conv.patch(), ys.h * ys.w);
     let group = images_per_gemm(p).min(xs.n.max(1));
     let wm = MatRef::row_major(w, conv.c_out, k);
-    y.par_chunks_mut(group * ys.image())
-        .zip(x.par_chunks(group * xs.image()))
-        .try_for_each_init(
-            || scratch::<T>(conv, p, group),
-            |(col, out), (yg, xg)| -> Result<()> {
-                let b = xg.len() / xs.image();
+    let sets = per_range(
+        xs.n,
+        Some(y),
+        ys.image(),
+        |range, y_r, s: &mut Im2colScratch<T>| {
+            let Some(y_r) = y_r else { return Ok(()) };
+            let mut n0 = range.start;
+            for b in group_sizes(range.clone(), group) {
                 let ld = b * p;
+                scratch::ensure_len(&mut s.col, k * ld);
+                scratch::ensure_len(&mut s.out, conv.c_out * ld);
+                let xg = &x[n0 * xs.image()..][..b * xs.image()];
                 for (i, xn) in xg.chunks_exact(xs.image()).enumerate() {
-                    im2col(xn, xs, conv, ys, col, ld, i * p);
+                    im2col(xn, xs, conv, ys, &mut s.col, ld, i * p);
                 }
                 matmul(
                     wm,
-                    MatRef::row_major(&col[..k * ld], k, ld),
-                    &mut out[..conv.c_out * ld],
+                    MatRef::row_major(&s.col, k, ld),
+                    &mut s.out,
                     ld,
                     T::ONE,
                     false,
                 )?;
+                let yg = &mut y_r[(n0 - range.start) * ys.image()..][..b * ys.image()];
                 for (i, yn) in yg.chunks_exact_mut(ys.image()).enumerate() {
                     for (co, dst) in yn.chunks_exact_mut(p).enumerate() {
-                        dst.copy_from_slice(&out[co * ld + i * p..][..p]);
+                        dst.copy_from_slice(&s.out[co * ld + i * p..][..p]);
                     }
                 }
-                Ok(())
-            },
-        )?;
+                n0 += b;
+            }
+            Ok(())
+        },
+    )?;
+    sets.into_iter().for_each(scratch::give);
     Ok(())
 }
 
 /// Accumulates dw += sum_n dy_n col_n^T and, when `dx` is given, writes (or adds) dx =
-/// conv^T(dy); both through GEMMs over groups of images as in the forward pass.
+/// conv^T(dy); both through GEMMs over groups of images as in the forward pass. One pass per
+/// thread over its image range: im2col and the gathered dy serve both the weight gradient (a
+/// partial per thread, summed in range order) and dx.
 pub fn backward<T: CpuFloat>(a: Backward<&[T], &mut [T]>) -> Result<()> {
     let Backward {
         x,
@@ -192,84 +331,49 @@ pub fn backward<T: CpuFloat>(a: Backward<&[T], &mut [T]>) -> Result<()> {
     let (k, p) = (conv.patch(), ys.h * ys.w);
     let group = images_per_gemm(p).min(xs.n.max(1));
     let wt = MatRef::transposed(w, conv.c_out, k); // k x C_out
-                                                   // Gathers dy of images n0.. into a C_out x B P block.
-    let gather = |n0: usize, b: usize, out: &mut [T]| {
-        let ld = b * p;
-        for i in 0..b {
-            let dyn_ = &dy[(n0 + i) * ys.image()..][..ys.image()];
-            for (co, src) in dyn_.chunks_exact(p).enumerate() {
-                out[co * ld + i * p..][..p].copy_from_slice(src);
-            }
-        }
-    };
-    // One pass per thread over its image range: im2col and the gathered dy serve both the
-    // weight gradient (a partial per thread, summed in range order) and dx.
-    let ranges = image_ranges(xs.n);
-    let mut dx_ranges: Vec<Option<&mut [T]>> = match dx {
-        Some(dx) => {
-            let mut rest = dx;
-            ranges
-                .iter()
-                .map(|r| {
-                    let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * xs.image());
-                    rest = tail;
-                    Some(head)
-                })
-                .collect()
-        }
-        None => ranges.iter().map(|_| None).collect(),
-    };
-    let partials: Vec<Vec<T>> = ranges
-        .into_par_iter()
-        .zip(dx_ranges.par_iter_mut())
-        .map(|(range, dx_range)| -> Result<Vec<T>> {
-            let mut part = vec![T::ZERO; dw.len()];
-            let (mut col, mut dyb) = scratch::<T>(conv, p, group);
+    let sets = per_range(
+        xs.n,
+        dx,
+        xs.image(),
+        |range, mut dx_r, s: &mut Im2colScratch<T>| {
+            scratch::zeroed(&mut s.part, dw.len());
             let mut n0 = range.start;
-            while n0 < range.end {
-                let b = group.min(range.end - n0);
+            for b in group_sizes(range.clone(), group) {
                 let ld = b * p;
+                scratch::ensure_len(&mut s.col, k * ld);
+                scratch::ensure_len(&mut s.out, conv.c_out * ld);
                 for i in 0..b {
-                    im2col(
-                        &x[(n0 + i) * xs.image()..][..xs.image()],
-                        xs,
-                        conv,
-                        ys,
-                        &mut col,
-                        ld,
-                        i * p,
-                    );
+                    let xn = &x[(n0 + i) * xs.image()..][..xs.image()];
+                    im2col(xn, xs, conv, ys, &mut s.col, ld, i * p);
+                    // dy of the group gathered into a C_out x B P block.
+                    let dyn_ = &dy[(n0 + i) * ys.image()..][..ys.image()];
+                    for (co, src) in dyn_.chunks_exact(p).enumerate() {
+                        s.out[co * ld + i * p..][..p].copy_from_slice(src);
+                    }
                 }
-                gather(n0, b, &mut dyb);
-                let dyb_m = MatRef::row_major(&dyb[..conv.c_out * ld], conv.c_out, ld);
-                matmul(
-                    dyb_m,
-                    MatRef::transposed(&col[..k * ld], k, ld),
-                    &mut part,
-                    k,
-                    T::ONE,
-                    true,
-                )?;
-                if let Some(dxr) = dx_range.as_deref_mut() {
-                    matmul(wt, dyb_m, &mut col[..k * ld], ld, T::ONE, false)?;
-                    let off = (n0 - range.start) * xs.image();
-                    let dxg = &mut dxr[off..off + b * xs.image()];
+                let dyb = MatRef::row_major(&s.out, conv.c_out, ld);
+                let col_t = MatRef::transposed(&s.col, k, ld);
+                matmul(dyb, col_t, &mut s.part, k, T::ONE, true)?;
+                if let Some(dxr) = dx_r.as_deref_mut() {
+                    matmul(wt, dyb, &mut s.col, ld, T::ONE, false)?;
+                    let dxg = &mut dxr[(n0 - range.start) * xs.image()..][..b * xs.image()];
                     if !dx_accumulate {
                         dxg.fill(T::ZERO);
                     }
                     for (i, dxn) in dxg.chunks_exact_mut(xs.image()).enumerate() {
-                        col2im_add(&col, ld, i * p, xs, conv, ys, dxn);
+                        col2im_add(&s.col, ld, i * p, xs, conv, ys, dxn);
                     }
                 }
                 n0 += b;
             }
-            Ok(part)
-        })
-        .collect::<Result<_>>()?;
-    for part in partials {
-        for (d, p) in dw.iter_mut().zip(part) {
+            Ok(())
+        },
+    )?;
+    for s in sets {
+        for (d, &p) in dw.iter_mut().zip(&s.part) {
             *d = *d + p;
         }
+        scratch::give(s);
     }
     Ok(())
 }

@@ -5,10 +5,13 @@
 //! backward: dW += the same sum with dy, dx (=|+=) its transpose.
 //!
 //! Both devices compute it as im2col + GEMM over groups of images: the column matrix of a
-//! group (C_in k k rows, B H_out W_out columns) times the weights.
+//! group (C_in k k rows, B H_out W_out columns) times the weights. The CPU has a second
+//! version for 3 x 3 kernels of stride 1, Winograd's F(4 x 4, 3 x 3) (`winograd.rs`): a
+//! quarter of the multiplies.
 
 pub mod cpu;
 pub mod cuda;
+pub mod winograd;
 
 use super::{Grad, Shape4};
 use crate::cuda::to_i32;
@@ -98,6 +101,25 @@ impl<X, Y> Backward<X, Y> {
             dx: self.dx.map(|g| g.map(&mut fy)),
             dw: fy(self.dw),
         }
+    }
+}
+
+/// The CPU versions of the convolution, selected per run (`train --cpu-conv`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CpuVersion {
+    /// im2col + GEMM for every convolution (the first version).
+    Im2col,
+    /// Winograd F(4x4, 3x3) for the 3 x 3 convolutions of stride 1 (and padding at most 2),
+    /// im2col + GEMM for the others.
+    #[default]
+    Winograd,
+}
+crate::serde_by_name!(CpuVersion);
+
+impl CpuVersion {
+    /// The version of runs whose configuration predates the choice (they resume unchanged).
+    pub fn legacy() -> CpuVersion {
+        CpuVersion::Im2col
     }
 }
 

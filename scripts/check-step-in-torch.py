@@ -4,7 +4,8 @@
 BatchCriterion with keys detached, SGD lr 0.03 / momentum 0.9 / weight decay 5e-4) must give the
 same loss and the same parameters and batchnorm statistics afterwards.
 
-usage: python3 scripts/check-step-in-torch.py INVASPREAD_BINARY CHECKPOINT [IMAGE_SIZE]
+usage: python3 scripts/check-step-in-torch.py INVASPREAD_BINARY CHECKPOINT [IMAGE_SIZE] [STEP FLAGS...]
+(for example `32 --cpu-conv im2col` to check the first convolution version)
 Needs torch, numpy and safetensors; not run by CI (no PyTorch there).
 """
 import os
@@ -25,6 +26,7 @@ from torch_train_reference import ConvnetSmall, ResNet18Cifar, batch_criterion  
 def main():
     exe, ckpt = sys.argv[1:3]
     size = int(sys.argv[3]) if len(sys.argv) > 3 else 32
+    step_flags = sys.argv[4:]
     with safe_open(ckpt, "pt") as f:
         kind = f.metadata()["model"]
     torch.manual_seed(0)
@@ -32,7 +34,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         xin, out = os.path.join(tmp, "x.npy"), os.path.join(tmp, "after.safetensors")
         np.save(xin, x.numpy())
-        ours_loss = float(subprocess.run([exe, "step", "--checkpoint", ckpt, "--input", xin, "--out", out],
+        ours_loss = float(subprocess.run([exe, "step", "--checkpoint", ckpt, "--input", xin, "--out", out] + step_flags,
                                          check=True, capture_output=True, text=True).stdout)
         ours = load_file(out)
     before = load_file(ckpt)

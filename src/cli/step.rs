@@ -10,6 +10,7 @@ use invaspread::nn::checkpoint as nn_checkpoint;
 use invaspread::nn::cpu_backend::Cpu;
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::step::train_step;
+use invaspread::ops::conv2d::CpuVersion;
 use invaspread::ops::Shape4;
 use invaspread::{npy, Error};
 
@@ -32,10 +33,14 @@ pub struct StepArgs {
     /// Temperature [0.025 <= tau <= 100].
     #[arg(long, default_value_t = LossConfig::default().tau, value_parser = super::ranges::tau, allow_negative_numbers = true)]
     tau: f64,
+    /// The convolution's version (as `train --cpu-conv`).
+    #[arg(long, value_enum, default_value_t = CpuVersion::Winograd)]
+    cpu_conv: CpuVersion,
 }
 
 pub fn run(args: StepArgs) -> invaspread::Result<()> {
-    let (mut graph, model) = checkpoint::load(&args.checkpoint, Cpu::<f32>::new())?;
+    let (mut graph, model) =
+        checkpoint::load(&args.checkpoint, Cpu::<f32>::new().with_conv(args.cpu_conv))?;
     let array = npy::read(&args.input)?;
     let shape = match array.shape[..] {
         [n, 3, h, w] => Shape4 { n, c: 3, h, w },

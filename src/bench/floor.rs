@@ -1,7 +1,8 @@
 //! Floors on the CPU: the least time a version could take on the machine it runs on, from rates
 //! measured there and then. A version's floor is the time its matrix products would take at
 //! the rate the `gemm` crate reaches on exactly those shapes (each thread running its own
-//! product, as the ops do), plus, for the loss, its exponentials at the rate of our SIMD `exp`.
+//! product, as the ops do), plus, for the loss, its exponentials and logarithms at the rates
+//! of our SIMD `exp` and `ln_one_minus`.
 //! Everything else (im2col, transforms, batchnorm, memory traffic) counts as overhead: the
 //! ratio of a measured time to its floor says how much of it there is.
 
@@ -20,6 +21,7 @@ use crate::simd::CpuFloat;
 pub struct Rates {
     gemm: HashMap<(usize, usize, usize, &'static str), f64>,
     exp: HashMap<&'static str, f64>,
+    ln: HashMap<&'static str, f64>,
 }
 
 /// At least this long per measurement, and the best of [`REPEATS`].
@@ -91,6 +93,22 @@ impl Rates {
         Ok(rate)
     }
 
+    /// Logarithms ln(1 - q) per second of the SIMD `ln_one_minus` in T, all threads.
+    pub fn ln<T: CpuFloat>(&mut self) -> Result<f64> {
+        if let Some(&r) = self.ln.get(T::NAME) {
+            return Ok(r);
+        }
+        const LEN: usize = 4096;
+        let rate = parallel_rate(LEN as f64, || {
+            let mut row: Vec<T> = (0..LEN).map(|i| T::of((i % 100) as f64 * 0.009)).collect();
+            crate::simd::map_row(&mut row, T::ZERO, T::ln_one_minus);
+            std::hint::black_box(&row);
+            Ok(())
+        })?;
+        self.ln.insert(T::NAME, rate);
+        Ok(rate)
+    }
+
     /// Seconds the products `shapes` take at the measured rates.
     pub fn gemm_seconds<T: CpuFloat>(&mut self, shapes: &[GemmShape]) -> Result<f64> {
         let mut s = 0.0;
@@ -102,7 +120,7 @@ impl Rates {
 
     /// The fused CPU loss's floor: its useful products in blocks of `row_block` query rows
     /// (a block's N x d similarity product, and per gradient pass one more of the same size),
-    /// and N^2 exponentials.
+    /// N^2 exponentials and N^2 logarithms (every negative's log(1 - Q_ab)).
     pub fn loss_seconds<T: CpuFloat>(
         &mut self,
         (n, d, row_block): (usize, usize, usize),
@@ -122,7 +140,8 @@ impl Rates {
             count: blocks * passes,
         };
         let gemm = self.gemm_seconds::<T>(&[block])?;
-        Ok(gemm + (n * n) as f64 / self.exp::<T>()?)
+        let pairs = (n * n) as f64;
+        Ok(gemm + pairs / self.exp::<T>()? + pairs / self.ln::<T>()?)
     }
 }
 
@@ -150,6 +169,6 @@ mod tests {
             }])
             .unwrap();
         assert!(small > 0.0 && large > small, "{small} {large}");
-        assert!(r.exp::<f32>().unwrap() > 0.0);
+        assert!(r.exp::<f32>().unwrap() > 0.0 && r.ln::<f64>().unwrap() > 0.0);
     }
 }

@@ -146,8 +146,9 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
         if gpu.is_none() {
             println!(
                 "floor: the version's products (blocks of {} query rows by N x d, one per pass) at \
-                 the gemm crate's rate on that shape and N^2 exponentials at the SIMD exp's rate, \
-                 both measured on this machine with every thread busy; vs floor: median / floor",
+                 the gemm crate's rate on that shape, plus N^2 exponentials and N^2 logarithms at \
+                 the SIMD exp's and ln's rates, all measured on this machine with every thread \
+                 busy; vs floor: median / floor",
                 invaspread::loss::cpu::ROW_BLOCK
             );
         }

@@ -158,7 +158,7 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
         println!(
             "floor: the step's matrix products (every convolution's forward, dW and dx as the \
              version runs them, and the loss's) at the gemm crate's rate on each shape, plus the \
-             loss's exponentials, measured on this machine with every thread busy; the rest \
+             loss's exponentials and logarithms, measured on this machine with every thread busy; the rest \
              (im2col, Winograd transforms, batchnorm, SGD) is what vs floor shows"
         );
     }

@@ -220,7 +220,7 @@ fn query_row<T: CpuFloat>(
     let [log_one_minus_q, r_rest] = sum_row(row, |e| {
         let q = e * inv_denom_v;
         let one_minus_q = one - q;
-        [T::ln(one_minus_q), q / one_minus_q]
+        [T::ln_one_minus(q), q / one_minus_q]
     });
     // b*'s terms from 1 - Q_ab* = (e_ap + mu * rest + (mu - 1) e_ab*) / D_a.
     let (q_max, one_minus_q_max) = if dominant == a {

@@ -8,15 +8,16 @@ use invaspread::ops::{Grad, Shape4};
 use invaspread::simd::CpuFloat;
 use invaspread::testing::{random_matrix, rng};
 
-/// y[n][co][oy][ox] = sum_{c, ki, kj} w[co][c][ki][kj] x[n][c][oy s + ki - p][ox s + kj - p].
-fn direct_forward(x: &[f64], xs: Shape4, w: &[f64], conv: &Conv) -> Vec<f64> {
+/// Calls `term(yi, xi, wi)` for every product w[wi] x[xi] of the direct sum
+/// y[n][co][oy][ox] = sum_{c, ki, kj} w[co][c][ki][kj] x[n][c][oy s + ki - p][ox s + kj - p]
+/// (padding contributes no terms), in plain loops.
+fn direct_terms(xs: Shape4, conv: &Conv, mut term: impl FnMut(usize, usize, usize)) {
     let ys = conv.out_shape(xs);
-    let mut y = vec![0.0; ys.len()];
     for n in 0..xs.n {
         for co in 0..conv.c_out {
             for oy in 0..ys.h {
                 for ox in 0..ys.w {
-                    let mut sum = 0.0;
+                    let yi = ((n * ys.c + co) * ys.h + oy) * ys.w + ox;
                     for c in 0..conv.c_in {
                         for ki in 0..conv.k {
                             for kj in 0..conv.k {
@@ -25,17 +26,22 @@ fn direct_forward(x: &[f64], xs: Shape4, w: &[f64], conv: &Conv) -> Vec<f64> {
                                 if iy < 0 || ix < 0 || iy >= xs.h as isize || ix >= xs.w as isize {
                                     continue;
                                 }
-                                let xv =
-                                    x[((n * xs.c + c) * xs.h + iy as usize) * xs.w + ix as usize];
-                                sum += w[((co * conv.c_in + c) * conv.k + ki) * conv.k + kj] * xv;
+                                let xi = ((n * xs.c + c) * xs.h + iy as usize) * xs.w + ix as usize;
+                                let wi = ((co * conv.c_in + c) * conv.k + ki) * conv.k + kj;
+                                term(yi, xi, wi);
                             }
                         }
                     }
-                    y[((n * ys.c + co) * ys.h + oy) * ys.w + ox] = sum;
                 }
             }
         }
     }
+}
+
+/// y = the direct sum, in float64.
+fn direct_forward(x: &[f64], xs: Shape4, w: &[f64], conv: &Conv) -> Vec<f64> {
+    let mut y = vec![0.0; conv.out_shape(xs).len()];
+    direct_terms(xs, conv, |yi, xi, wi| y[yi] += w[wi] * x[xi]);
     y
 }
 
@@ -48,32 +54,11 @@ fn direct_backward(
     conv: &Conv,
     dy: &[f64],
 ) -> (Vec<f64>, Vec<f64>) {
-    let ys = conv.out_shape(xs);
     let (mut dw, mut dx) = (vec![0.0; w.len()], vec![0.0; x.len()]);
-    for n in 0..xs.n {
-        for co in 0..conv.c_out {
-            for oy in 0..ys.h {
-                for ox in 0..ys.w {
-                    let g = dy[((n * ys.c + co) * ys.h + oy) * ys.w + ox];
-                    for c in 0..conv.c_in {
-                        for ki in 0..conv.k {
-                            for kj in 0..conv.k {
-                                let iy = (oy * conv.stride + ki) as isize - conv.pad as isize;
-                                let ix = (ox * conv.stride + kj) as isize - conv.pad as isize;
-                                if iy < 0 || ix < 0 || iy >= xs.h as isize || ix >= xs.w as isize {
-                                    continue;
-                                }
-                                let xi = ((n * xs.c + c) * xs.h + iy as usize) * xs.w + ix as usize;
-                                let wi = ((co * conv.c_in + c) * conv.k + ki) * conv.k + kj;
-                                dw[wi] += g * x[xi];
-                                dx[xi] += g * w[wi];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    direct_terms(xs, conv, |yi, xi, wi| {
+        dw[wi] += dy[yi] * x[xi];
+        dx[xi] += dy[yi] * w[wi];
+    });
     (dw, dx)
 }
 
@@ -181,35 +166,23 @@ fn run<T: CpuFloat>(
     )
     .unwrap();
     let mut dw = vec![T::ZERO; w.len()];
-    let mut dx = vec![T::of(f64::NAN); x.len()];
-    cpu::backward_by(
-        version,
-        Backward {
-            x: &x,
+    let backward = |dx: &mut [T], accumulate: bool, dw: &mut [T]| {
+        let a = Backward {
+            x: &x[..],
             xs: c.xs,
-            w: &w,
+            w: &w[..],
             conv: c.conv,
-            dy: &dy,
-            dx: Some(Grad::new(&mut dx, false)),
-            dw: &mut dw,
-        },
-    )
-    .unwrap();
+            dy: &dy[..],
+            dx: Some(Grad::new(dx, accumulate)),
+            dw,
+        };
+        cpu::backward_by(version, a).unwrap();
+    };
+    let mut dx = vec![T::of(f64::NAN); x.len()];
+    backward(&mut dx, false, &mut dw);
     // Accumulating: dx onto ones, and dw onto the dw just computed (so twice the gradient).
     let mut dx_acc = vec![T::ONE; x.len()];
-    cpu::backward_by(
-        version,
-        Backward {
-            x: &x,
-            xs: c.xs,
-            w: &w,
-            conv: c.conv,
-            dy: &dy,
-            dx: Some(Grad::new(&mut dx_acc, true)),
-            dw: &mut dw,
-        },
-    )
-    .unwrap();
+    backward(&mut dx_acc, true, &mut dw);
     let half: Vec<f64> = back(&dw).iter().map(|v| v / 2.0).collect();
     [back(&y), half, back(&dx), back(&dx_acc)]
 }

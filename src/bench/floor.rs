@@ -20,8 +20,8 @@ use crate::simd::CpuFloat;
 #[derive(Debug, Default)]
 pub struct Rates {
     gemm: HashMap<(usize, usize, usize, &'static str), f64>,
-    exp: HashMap<&'static str, f64>,
-    ln: HashMap<&'static str, f64>,
+    /// (function, element type) -> elements per second.
+    simd: HashMap<(&'static str, &'static str), f64>,
 }
 
 /// At least this long per measurement, and the best of [`REPEATS`].
@@ -77,35 +77,34 @@ impl Rates {
 
     /// Exponentials per second of the SIMD `exp` in T (an L1-resident row), all threads.
     pub fn exp<T: CpuFloat>(&mut self) -> Result<f64> {
-        if let Some(&r) = self.exp.get(T::NAME) {
-            return Ok(r);
-        }
-        const LEN: usize = 4096;
-        let rate = parallel_rate(LEN as f64, || {
-            let mut row: Vec<T> = (0..LEN)
-                .map(|i| T::of(-((i % 100) as f64) * 0.01))
-                .collect();
-            crate::simd::map_row(&mut row, T::ZERO, T::exp);
-            std::hint::black_box(&row);
-            Ok(())
-        })?;
-        self.exp.insert(T::NAME, rate);
-        Ok(rate)
+        let input = |i: usize| -((i % 100) as f64) * 0.01;
+        self.simd_rate::<T>("exp", input, T::exp)
     }
 
     /// Logarithms ln(1 - q) per second of the SIMD `ln_one_minus` in T, all threads.
     pub fn ln<T: CpuFloat>(&mut self) -> Result<f64> {
-        if let Some(&r) = self.ln.get(T::NAME) {
+        let input = |i: usize| (i % 100) as f64 * 0.009;
+        self.simd_rate::<T>("ln", input, T::ln_one_minus)
+    }
+
+    /// Elements per second of `f` over an L1-resident row of `input(i)` in T, all threads.
+    fn simd_rate<T: CpuFloat>(
+        &mut self,
+        name: &'static str,
+        input: impl Fn(usize) -> f64 + Sync,
+        f: impl Fn(T::V) -> T::V + Sync,
+    ) -> Result<f64> {
+        if let Some(&r) = self.simd.get(&(name, T::NAME)) {
             return Ok(r);
         }
         const LEN: usize = 4096;
         let rate = parallel_rate(LEN as f64, || {
-            let mut row: Vec<T> = (0..LEN).map(|i| T::of((i % 100) as f64 * 0.009)).collect();
-            crate::simd::map_row(&mut row, T::ZERO, T::ln_one_minus);
+            let mut row: Vec<T> = (0..LEN).map(|i| T::of(input(i))).collect();
+            crate::simd::map_row(&mut row, T::ZERO, &f);
             std::hint::black_box(&row);
             Ok(())
         })?;
-        self.ln.insert(T::NAME, rate);
+        self.simd.insert((name, T::NAME), rate);
         Ok(rate)
     }
 
@@ -152,22 +151,11 @@ mod tests {
     #[test]
     fn rates_are_positive_and_a_larger_product_takes_longer() {
         let mut r = Rates::default();
-        let small = r
-            .gemm_seconds::<f32>(&[GemmShape {
-                m: 16,
-                n: 16,
-                k: 16,
-                count: 1,
-            }])
-            .unwrap();
-        let large = r
-            .gemm_seconds::<f32>(&[GemmShape {
-                m: 64,
-                n: 256,
-                k: 64,
-                count: 4,
-            }])
-            .unwrap();
+        let mut seconds = |m, n, k, count| {
+            let shape = GemmShape { m, n, k, count };
+            r.gemm_seconds::<f32>(&[shape]).unwrap()
+        };
+        let (small, large) = (seconds(16, 16, 16, 1), seconds(64, 256, 64, 4));
         assert!(small > 0.0 && large > small, "{small} {large}");
         assert!(r.exp::<f32>().unwrap() > 0.0 && r.ln::<f64>().unwrap() > 0.0);
     }

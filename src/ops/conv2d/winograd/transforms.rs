@@ -142,27 +142,8 @@ pub(super) fn transform_inputs<T: CpuFloat>(
     in_off: &[usize],
     v: &mut Vec<T>,
 ) {
-    let tp = in_off.len();
-    scratch::ensure_len(v, POINTS * channels * tp);
-    let plane = images * tiling.ph * tiling.pw;
-    for c in 0..channels {
-        let planes = &padded[c * plane..][..plane];
-        for t0 in (0..tp).step_by(T::LANES) {
-            let d = gather::<T, PATCH>(planes, &in_off[t0..], tiling.pw);
-            let mut cols = [[T::splat(T::ZERO); PATCH]; PATCH];
-            for k in 0..PATCH {
-                let col = input_1d::<T>(std::array::from_fn(|r| d[r][k]));
-                for i in 0..PATCH {
-                    cols[i][k] = col[i];
-                }
-            }
-            for (i, row) in cols.into_iter().enumerate() {
-                for (j, value) in input_1d::<T>(row).into_iter().enumerate() {
-                    T::store(value, &mut v[((i * PATCH + j) * channels + c) * tp + t0..]);
-                }
-            }
-        }
-    }
+    let planes = (padded, images * tiling.ph * tiling.pw, tiling.pw);
+    transform_tiles::<T, PATCH>(planes, channels, in_off, v, input_1d::<T>);
 }
 
 /// A dy^ A^T for every output channel and tile (the weight gradient's transformed dy): `planes`
@@ -175,23 +156,40 @@ pub(super) fn transform_output_grads<T: CpuFloat>(
     out_off: &[usize],
     g: &mut Vec<T>,
 ) {
-    let tp = out_off.len();
-    scratch::ensure_len(g, POINTS * channels * tp);
-    let plane = images * tiling.oh * tiling.ow;
+    let planes = (planes, images * tiling.oh * tiling.ow, tiling.ow);
+    transform_tiles::<T, TILE>(planes, channels, out_off, g, output_grad_1d::<T>);
+}
+
+/// `out[xi][c][t] = (F p F^T)[xi]` for the N x N patch p of every channel c and tile t, where
+/// `one_d` is the 1-d factor F (N values to 6); `planes` = (the channels' planes, the length
+/// of one channel's, their row stride); `offsets` holds each tile's patch origin.
+#[inline(always)]
+fn transform_tiles<T: CpuFloat, const N: usize>(
+    (planes, plane, stride): (&[T], usize, usize),
+    channels: usize,
+    offsets: &[usize],
+    out: &mut Vec<T>,
+    one_d: impl Fn([T::V; N]) -> [T::V; PATCH],
+) {
+    let tp = offsets.len();
+    scratch::ensure_len(out, POINTS * channels * tp);
     for c in 0..channels {
-        let planes = &planes[c * plane..][..plane];
+        let channel = &planes[c * plane..][..plane];
         for t0 in (0..tp).step_by(T::LANES) {
-            let y = gather::<T, TILE>(planes, &out_off[t0..], tiling.ow);
-            let mut cols = [[T::splat(T::ZERO); TILE]; PATCH];
-            for k in 0..TILE {
-                let col = output_grad_1d::<T>(std::array::from_fn(|r| y[r][k]));
+            let p = gather::<T, N>(channel, &offsets[t0..], stride);
+            let mut cols = [[T::splat(T::ZERO); N]; PATCH];
+            for k in 0..N {
+                let col = one_d(std::array::from_fn(|r| p[r][k]));
                 for i in 0..PATCH {
                     cols[i][k] = col[i];
                 }
             }
             for (i, row) in cols.into_iter().enumerate() {
-                for (j, value) in output_grad_1d::<T>(row).into_iter().enumerate() {
-                    T::store(value, &mut g[((i * PATCH + j) * channels + c) * tp + t0..]);
+                for (j, value) in one_d(row).into_iter().enumerate() {
+                    T::store(
+                        value,
+                        &mut out[((i * PATCH + j) * channels + c) * tp + t0..],
+                    );
                 }
             }
         }

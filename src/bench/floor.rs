@@ -53,6 +53,9 @@ fn parallel_rate(work: f64, f: impl Fn() -> Result<()> + Sync) -> Result<f64> {
 
 impl Rates {
     /// FLOP/s of `gemm` on `m x k` times `k x n` in T, all threads each running one product.
+    /// Both operands are row-major here: a version whose operands are transposed or strided
+    /// (the loss's F^T, Winograd's kernels) pays the difference in packing, and it shows in
+    /// its ratio to the floor.
     pub fn gemm<T: CpuFloat>(&mut self, m: usize, n: usize, k: usize) -> Result<f64> {
         if let Some(&r) = self.gemm.get(&(m, n, k, T::NAME)) {
             return Ok(r);

@@ -15,12 +15,12 @@ use invaspread::names::Named;
 use invaspread::nn::backend::Backend;
 use invaspread::nn::cpu_backend::Cpu;
 use invaspread::nn::cuda_backend::CudaBackend;
-use invaspread::nn::graph::Graph;
+use invaspread::nn::graph::{ConvUse, Graph};
 use invaspread::nn::models::{Model, ModelKind, EMBED_DIM};
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::ParamStore;
 use invaspread::nn::step::{first_step_agreement, queue_train_step, random_views, step_tolerance};
-use invaspread::ops::conv2d::{self, Conv, CpuVersion};
+use invaspread::ops::conv2d::{self, CpuVersion};
 use invaspread::ops::Shape4;
 
 use super::Device;
@@ -55,7 +55,7 @@ fn time_steps<B: Backend>(
     backend: B,
     (shape, views): (Shape4, &[f32]),
     steps: usize,
-) -> invaspread::Result<(f64, Vec<(Conv, Shape4)>)> {
+) -> invaspread::Result<(f64, Vec<ConvUse>)> {
     let mut store = ParamStore::default();
     let model = Model::new(kind, &mut store, &backend, 0)?;
     let mut graph = Graph::new(backend, store);
@@ -84,12 +84,13 @@ fn time_steps<B: Backend>(
 fn cpu_step_floor(
     rates: &mut floor::Rates,
     version: CpuVersion,
-    convs: &[(Conv, Shape4)],
+    convs: &[ConvUse],
     rows: usize,
 ) -> invaspread::Result<f64> {
     let mut s = 0.0;
-    for (conv, xs) in convs {
-        s += rates.gemm_seconds::<f32>(&conv2d::cpu::gemm_shapes(version, conv, *xs))?;
+    for c in convs {
+        let shapes = conv2d::cpu::gemm_shapes(version, &c.conv, c.input, c.with_dx);
+        s += rates.gemm_seconds::<f32>(&shapes)?;
     }
     let cfg = LossConfig::default();
     let shape = (rows, EMBED_DIM, invaspread::loss::cpu::ROW_BLOCK);

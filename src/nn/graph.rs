@@ -70,6 +70,20 @@ struct Node<B: Backend> {
     bn_saved: B::BnSaved,
 }
 
+/// A convolution of a step: its geometry, its input's shape, whether its backward forms dx.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvUse {
+    pub conv: Conv,
+    pub input: Shape4,
+    pub with_dx: bool,
+}
+
+/// Whether the backward pass forms the gradient of a value made by `op`: every op's output
+/// does, a graph input only when `input_grads` is on.
+fn receives_grad(input_grads: bool, op: &Op) -> bool {
+    input_grads || !matches!(op, Op::Input)
+}
+
 /// The nodes before `i` (an op's inputs) and node `i` itself.
 fn split<B: Backend>(nodes: &mut [Node<B>], i: usize) -> (&mut [Node<B>], &mut Node<B>) {
     let (before, rest) = nodes.split_at_mut(i);
@@ -102,13 +116,20 @@ impl<B: Backend> Graph<B> {
         self.len = 0;
     }
 
-    /// The convolutions recorded this step, with their input shapes (what a floor is computed
-    /// from).
-    pub fn convolutions(&self) -> Vec<(Conv, Shape4)> {
+    /// The convolutions recorded this step: each with its input shape and whether its backward
+    /// pass forms dx (what a floor is computed from).
+    pub fn convolutions(&self) -> Vec<ConvUse> {
         self.nodes[..self.len]
             .iter()
             .filter_map(|node| match node.op {
-                Op::Conv2d { x, conv, .. } => Some((conv, self.nodes[x.0].shape)),
+                Op::Conv2d { x, conv, .. } => {
+                    let input = &self.nodes[x.0];
+                    Some(ConvUse {
+                        conv,
+                        input: input.shape,
+                        with_dx: receives_grad(self.input_grads, &input.op),
+                    })
+                }
                 _ => None,
             })
             .collect()
@@ -429,7 +450,7 @@ impl<B: Backend> BackwardStep<'_, B> {
             Op::Input => {}
             Op::Conv2d { x, w, conv } => {
                 let xs = before[x.0].shape;
-                let needs_dx = self.input_grads || !matches!(before[x.0].op, Op::Input);
+                let needs_dx = receives_grad(self.input_grads, &before[x.0].op);
                 let acc = needs_dx && take(x);
                 let p = &mut params.params[w.0];
                 let xn = &mut before[x.0];

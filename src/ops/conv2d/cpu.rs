@@ -181,11 +181,11 @@ pub(super) fn per_range<T: Send, S: Default + Send + 'static>(
         .collect()
 }
 
-/// The matrix products `version` runs for one forward and one backward pass (with dx) of
-/// `conv` on `xs`, in float32: what a floor is computed from.
-pub fn gemm_shapes(version: CpuVersion, conv: &Conv, xs: Shape4) -> Vec<GemmShape> {
+/// The matrix products `version` runs for one forward and one backward pass (dx included when
+/// `with_dx`) of `conv` on `xs`, in float32: what a floor is computed from.
+pub fn gemm_shapes(version: CpuVersion, conv: &Conv, xs: Shape4, with_dx: bool) -> Vec<GemmShape> {
     if version == CpuVersion::Winograd && winograd::applies(conv, xs) {
-        return winograd::gemm_shapes(conv, xs);
+        return winograd::gemm_shapes(conv, xs, with_dx);
     }
     let ys = conv.out_shape(xs);
     let (k, p) = (conv.patch(), ys.h * ys.w);
@@ -207,12 +207,14 @@ pub fn gemm_shapes(version: CpuVersion, conv: &Conv, xs: Shape4) -> Vec<GemmShap
                 k: b * p,
                 count: 1,
             });
-            shapes.push(GemmShape {
-                m: k,
-                n: b * p,
-                k: conv.c_out,
-                count: 1,
-            });
+            if with_dx {
+                shapes.push(GemmShape {
+                    m: k,
+                    n: b * p,
+                    k: conv.c_out,
+                    count: 1,
+                });
+            }
         }
     }
     merge_shapes(shapes)

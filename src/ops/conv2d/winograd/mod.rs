@@ -98,7 +98,8 @@ struct Scratch<T> {
     v: Vec<T>,
     /// GEMM results M (or the transformed dy of the weight gradient), [xi][C_out][tiles].
     m: Vec<T>,
-    /// Output planes rounded up to whole tiles, [C_out][image][oh][ow].
+    /// The backward pass's dy in output planes rounded up to whole tiles, [C_out][image][oh][ow]
+    /// (the forward pass writes its output directly).
     out: Vec<T>,
     /// Per tile: its patch's offset in a padded input plane, its output tile's in an output plane.
     in_off: Vec<usize>,
@@ -263,8 +264,9 @@ fn images_per_group(n: usize, per_image: usize) -> usize {
     n.div_ceil(groups).max(1)
 }
 
-/// The matrix products of one forward and one backward pass (with dx), in float32.
-pub fn gemm_shapes(conv: &Conv, xs: Shape4) -> Vec<GemmShape> {
+/// The matrix products of one forward and one backward pass (dx included when `with_dx`), in
+/// float32.
+pub fn gemm_shapes(conv: &Conv, xs: Shape4, with_dx: bool) -> Vec<GemmShape> {
     let tiling = Tiling::new(conv.out_shape(xs));
     let group = images_per_group(xs.n, tiling.per_image());
     let (ci, co) = (conv.c_in, conv.c_out);
@@ -288,12 +290,14 @@ pub fn gemm_shapes(conv: &Conv, xs: Shape4) -> Vec<GemmShape> {
                 k: tiles,
                 count: POINTS,
             });
-            shapes.push(GemmShape {
-                m: ci,
-                n: padded(b),
-                k: co,
-                count: POINTS,
-            });
+            if with_dx {
+                shapes.push(GemmShape {
+                    m: ci,
+                    n: padded(b),
+                    k: co,
+                    count: POINTS,
+                });
+            }
         }
     }
     super::cpu::merge_shapes(shapes)

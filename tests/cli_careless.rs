@@ -305,6 +305,15 @@ fn a_resume_keeps_the_saved_configuration_and_names_a_contradicting_flag() {
             &["--dataset gives data.dataset = \"digits\""],
         ),
         (&["--schedule", "cosine"], &["--schedule gives schedule"]),
+        (
+            &["--cpu-conv", "im2col"],
+            &[
+                "--cpu-conv gives backend",
+                "im2col",
+                "started with",
+                "winograd",
+            ],
+        ),
     ];
     for (flag, needles) in cases {
         let args = [&["train", "--out", out, "--resume"][..], flag].concat();

@@ -169,4 +169,19 @@ mod tests {
         let err = parse(&value.to_string()).unwrap_err();
         assert!(err.contains("lrr"), "{err}");
     }
+
+    #[test]
+    fn a_configuration_from_before_the_convolution_choice_keeps_im2col() {
+        let mut value = serde_json::to_value(TrainConfig::default()).unwrap();
+        assert_eq!(value["backend"]["conv"], "winograd", "new runs: Winograd");
+        value["backend"].as_object_mut().unwrap().remove("conv");
+        let cfg = parse(&value.to_string()).unwrap();
+        assert_eq!(
+            cfg.backend,
+            crate::trainer::BackendChoice::Cpu {
+                reference_loss: false,
+                conv: crate::ops::conv2d::CpuVersion::Im2col,
+            }
+        );
+    }
 }

@@ -22,7 +22,7 @@ pub(super) fn image_ranges(n: usize) -> Vec<std::ops::Range<usize>> {
 }
 
 /// `dx` cut into the images of each range (`image` elements an image), or no cuts without dx.
-pub(super) fn split_by_ranges<'a, T>(
+fn split_by_ranges<'a, T>(
     dx: Option<&'a mut [T]>,
     ranges: &[std::ops::Range<usize>],
     image: usize,
@@ -191,16 +191,15 @@ pub fn gemm_shapes(version: CpuVersion, conv: &Conv, xs: Shape4, with_dx: bool) 
     let (k, p) = (conv.patch(), ys.h * ys.w);
     let group = images_per_gemm(p).min(xs.n.max(1));
     let mut shapes = Vec::new();
-    for b in group_sizes(0..xs.n, group) {
-        shapes.push(GemmShape {
-            m: conv.c_out,
-            n: b * p,
-            k,
-            count: 1,
-        });
-    }
+    // Forward and backward both run groups within each thread's image range.
     for range in image_ranges(xs.n) {
         for b in group_sizes(range, group) {
+            shapes.push(GemmShape {
+                m: conv.c_out,
+                n: b * p,
+                k,
+                count: 1,
+            });
             shapes.push(GemmShape {
                 m: conv.c_out,
                 n: k,

@@ -273,17 +273,16 @@ pub fn gemm_shapes(conv: &Conv, xs: Shape4, with_dx: bool) -> Vec<GemmShape> {
     // Tiles of b images, rounded up to whole f32 vectors as the products see them.
     let padded = |b: usize| (b * tiling.per_image()).div_ceil(8) * 8;
     let mut shapes = Vec::new();
-    for b in super::cpu::group_sizes(0..xs.n, group) {
-        shapes.push(GemmShape {
-            m: co,
-            n: padded(b),
-            k: ci,
-            count: POINTS,
-        });
-    }
+    // Forward and backward both run groups within each thread's image range.
     for range in super::cpu::image_ranges(xs.n) {
-        for b in super::cpu::group_sizes(range, group) {
+        for b in group_sizes(range, group) {
             let tiles = b * tiling.per_image();
+            shapes.push(GemmShape {
+                m: co,
+                n: padded(b),
+                k: ci,
+                count: POINTS,
+            });
             shapes.push(GemmShape {
                 m: co,
                 n: ci,

@@ -82,72 +82,154 @@ pub fn recall_at_k(emb: &[f32], labels: &[i64], d: usize, ks: &[usize]) -> Resul
         .collect())
 }
 
-/// k-means (k-means++ initialisation, seeded; Lloyd iterations until no assignment changes,
-/// at most 100) on the rows of `x`; returns each row's cluster.
-pub fn kmeans(x: &[f32], d: usize, k: usize, seed: u64) -> Vec<usize> {
-    let n = x.len() / d.max(1);
-    if n == 0 || k == 0 {
-        return vec![0; n];
+/// k-means++ starts of the official evaluation (scikit-learn's `KMeans` of 2019, `n_init = 10`).
+pub const KMEANS_STARTS: usize = 10;
+
+/// Lloyd iterations at most per start (scikit-learn's `max_iter`).
+pub const KMEANS_MAX_ITERATIONS: usize = 300;
+
+/// A k-means result: each row's cluster and the sum of squared distances to the centres.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Clustering {
+    pub assign: Vec<usize>,
+    pub inertia: f64,
+}
+
+/// k-means of the rows of `x` (`d` wide) into `k` clusters as the official evaluation ran it
+/// (scikit-learn's `KMeans` of 2019): `starts` runs, each from a greedy k-means++ seeding
+/// (2 + ln k candidates per centre, the one that lowers the potential most kept), then Lloyd
+/// iterations until no assignment changes (at most [`KMEANS_MAX_ITERATIONS`]); the run of
+/// lowest inertia is returned. Seeded: the same `seed` gives the same clusters on any thread
+/// count (the parallel loops only compute per-row values; every sum runs in row order).
+pub fn kmeans(x: &[f32], d: usize, k: usize, starts: usize, seed: u64) -> Result<Clustering> {
+    if d == 0 || x.len() % d != 0 {
+        return Err(crate::error::Error::invalid(format!(
+            "k-means: {} values are not rows of {d}",
+            x.len()
+        )));
     }
-    let row = |i: usize| &x[i * d..(i + 1) * d];
-    let dist = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(p, q)| f64::from(p - q).powi(2))
-            .sum::<f64>()
-    };
+    let n = x.len() / d;
+    if k == 0 || k > n {
+        return Err(crate::error::Error::invalid(format!(
+            "k-means: {k} clusters of {n} rows: expected 1 <= clusters <= rows"
+        )));
+    }
+    let x: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
     let mut r = rng(seed);
-    let mut centres: Vec<Vec<f32>> = vec![row(r.random_range(0..n)).to_vec()];
-    let mut best: Vec<f64> = (0..n).map(|i| dist(row(i), &centres[0])).collect();
-    while centres.len() < k.min(n) {
-        let total: f64 = best.iter().sum();
-        let mut target = r.random::<f64>() * total;
-        let mut pick = n - 1;
-        for (i, &b) in best.iter().enumerate() {
-            if target < b {
-                pick = i;
-                break;
-            }
-            target -= b;
+    let mut best: Option<Clustering> = None;
+    for _ in 0..starts.max(1) {
+        let start_seed = r.random::<u64>();
+        let run = kmeans_once(&x, d, k, start_seed);
+        if best.as_ref().is_none_or(|b| run.inertia < b.inertia) {
+            best = Some(run);
         }
-        centres.push(row(pick).to_vec());
-        let c = centres.last().map(|c| c.as_slice()).unwrap_or(&[]);
-        best.par_iter_mut()
-            .enumerate()
-            .for_each(|(i, b)| *b = b.min(dist(row(i), c)));
     }
-    let mut assign = vec![usize::MAX; n];
-    for _ in 0..100 {
-        let next: Vec<usize> = (0..n)
+    best.ok_or_else(|| crate::error::Error::invalid("internal: k-means ran no start"))
+}
+
+fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum()
+}
+
+/// The index of the first prefix of `weights` whose sum exceeds `target` (sampling a row with
+/// probability proportional to its weight; the last row when rounding runs past the end).
+fn sample_by_weight(weights: &[f64], mut target: f64) -> usize {
+    for (i, &w) in weights.iter().enumerate() {
+        if target < w {
+            return i;
+        }
+        target -= w;
+    }
+    weights.len() - 1
+}
+
+/// Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, with scikit-learn's local trials).
+fn kmeans_plus_plus(x: &[f64], d: usize, k: usize, r: &mut impl Rng) -> Vec<Vec<f64>> {
+    let n = x.len() / d;
+    let row = |i: usize| &x[i * d..(i + 1) * d];
+    let trials = 2 + (k as f64).ln() as usize;
+    let first = r.random_range(0..n);
+    let mut centres = vec![row(first).to_vec()];
+    let mut closest: Vec<f64> = (0..n)
+        .into_par_iter()
+        .map(|i| squared_distance(row(i), row(first)))
+        .collect();
+    while centres.len() < k {
+        let potential: f64 = closest.iter().sum();
+        let mut pick: Option<(f64, usize, Vec<f64>)> = None;
+        for _ in 0..trials {
+            let candidate = sample_by_weight(&closest, r.random::<f64>() * potential);
+            let with: Vec<f64> = (0..n)
+                .into_par_iter()
+                .map(|i| closest[i].min(squared_distance(row(i), row(candidate))))
+                .collect();
+            let total: f64 = with.iter().sum();
+            if pick.as_ref().is_none_or(|p| total < p.0) {
+                pick = Some((total, candidate, with));
+            }
+        }
+        if let Some((_, candidate, with)) = pick {
+            centres.push(row(candidate).to_vec());
+            closest = with;
+        }
+    }
+    centres
+}
+
+/// One k-means run from a k-means++ seeding drawn with `seed`.
+fn kmeans_once(x: &[f64], d: usize, k: usize, seed: u64) -> Clustering {
+    let n = x.len() / d;
+    let row = |i: usize| &x[i * d..(i + 1) * d];
+    let mut centres = kmeans_plus_plus(x, d, k, &mut rng(seed));
+    let nearest = |centres: &[Vec<f64>]| -> Vec<(usize, f64)> {
+        (0..n)
             .into_par_iter()
             .map(|i| {
-                (0..centres.len())
-                    .map(|c| (dist(row(i), &centres[c]), c))
-                    .fold((f64::INFINITY, 0), |a, b| if b.0 < a.0 { b } else { a })
-                    .1
+                centres
+                    .iter()
+                    .enumerate()
+                    .map(|(c, centre)| (c, squared_distance(row(i), centre)))
+                    .fold((0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a })
             })
-            .collect();
+            .collect()
+    };
+    let mut assign: Vec<usize> = Vec::new();
+    let mut found = nearest(&centres);
+    for _ in 0..KMEANS_MAX_ITERATIONS {
+        let next: Vec<usize> = found.iter().map(|&(c, _)| c).collect();
         if next == assign {
             break;
         }
         assign = next;
-        let mut sums = vec![vec![0.0f64; d]; centres.len()];
-        let mut counts = vec![0usize; centres.len()];
+        let mut sums = vec![vec![0.0f64; d]; k];
+        let mut counts = vec![0usize; k];
         for (i, &c) in assign.iter().enumerate() {
             counts[c] += 1;
             for (s, &v) in sums[c].iter_mut().zip(row(i)) {
-                *s += f64::from(v);
+                *s += v;
             }
         }
-        for (c, centre) in centres.iter_mut().enumerate() {
-            if counts[c] > 0 {
-                for (v, s) in centre.iter_mut().zip(&sums[c]) {
-                    *v = (s / counts[c] as f64) as f32;
+        // An emptied cluster restarts at the row farthest from its centre (scikit-learn's
+        // relocation), so k clusters stay k.
+        let mut far: Vec<usize> = (0..n).collect();
+        far.sort_by(|&a, &b| found[b].1.total_cmp(&found[a].1));
+        let mut far = far.into_iter();
+        for c in 0..k {
+            if counts[c] == 0 {
+                if let Some(i) = far.next() {
+                    centres[c] = row(i).to_vec();
+                }
+            } else {
+                for (v, s) in centres[c].iter_mut().zip(&sums[c]) {
+                    *v = s / counts[c] as f64;
                 }
             }
         }
+        found = nearest(&centres);
     }
-    assign
+    let assign: Vec<usize> = found.iter().map(|&(c, _)| c).collect();
+    let inertia = found.iter().map(|&(_, dist)| dist).sum();
+    Clustering { assign, inertia }
 }
 
 /// Normalized mutual information, 2 I(U; V) / (H(U) + H(V)) (scikit-learn's default).
@@ -222,8 +304,8 @@ mod tests {
             recall_at_k(&emb, &labels, EMBED_DIM, &[1, 2]).unwrap(),
             vec![1.0, 1.0]
         );
-        let clusters = kmeans(&emb, EMBED_DIM, 2, 0);
+        let clusters = kmeans(&emb, EMBED_DIM, 2, KMEANS_STARTS, 0).unwrap();
         let as_usize: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
-        assert!((nmi(&clusters, &as_usize) - 1.0).abs() < 1e-12);
+        assert!((nmi(&clusters.assign, &as_usize) - 1.0).abs() < 1e-12);
     }
 }

@@ -9,10 +9,18 @@ use crate::error::Result;
 use crate::ops::topk::{cpu::nearest, Neighbours};
 use crate::rng::rng;
 
-/// Weighted kNN top-1 accuracy of `d`-wide embeddings: each of the k nearest training
-/// embeddings votes for its label with weight exp(similarity / sigma).
+/// Weighted kNN accuracy: top-1 (the winning label is the query's own) and top-5 (its own is
+/// among the five labels of most votes), as lemniscate reports them.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KnnAccuracy {
+    pub top1: f64,
+    pub top5: f64,
+}
+
+/// Weighted kNN accuracy of `d`-wide embeddings (Wu et al. 2018): each of the k nearest
+/// training embeddings votes for its label with weight exp(similarity / sigma).
 #[allow(clippy::too_many_arguments)] // the bank, the queries, their labels and the kNN's k, sigma
-pub fn knn_top1(
+pub fn weighted_knn(
     train: &[f32],
     train_labels: &[i64],
     test: &[f32],
@@ -21,20 +29,21 @@ pub fn knn_top1(
     classes: usize,
     k: usize,
     sigma: f64,
-) -> Result<f64> {
+) -> Result<KnnAccuracy> {
     let neighbours = nearest(test, train, d, k, false)?;
-    weighted_vote_accuracy(&neighbours, train_labels, test_labels, classes, sigma)
+    weighted_vote(&neighbours, train_labels, test_labels, classes, sigma)
 }
 
 /// The weighted kNN vote of each query's neighbours (as [`nearest`] returns them): the share
-/// of queries whose winning label is their own.
-pub fn weighted_vote_accuracy(
+/// of queries whose own label wins (top-1) or is among the five of most votes (top-5; ties go
+/// to the lower class index, as in top-1).
+pub fn weighted_vote(
     neighbours: &Neighbours,
     train_labels: &[i64],
     test_labels: &[i64],
     classes: usize,
     sigma: f64,
-) -> Result<f64> {
+) -> Result<KnnAccuracy> {
     if neighbours.len() != test_labels.len() {
         return Err(crate::error::Error::invalid(format!(
             "kNN: {} neighbour lists for {} test labels",
@@ -42,26 +51,40 @@ pub fn weighted_vote_accuracy(
             test_labels.len()
         )));
     }
-    let correct = neighbours
+    let in_range = |l: i64| l >= 0 && (l as usize) < classes;
+    if let Some(&bad) = train_labels
+        .iter()
+        .chain(test_labels)
+        .find(|&&l| !in_range(l))
+    {
+        return Err(crate::error::Error::invalid(format!(
+            "kNN: label {bad} outside the {classes} classes"
+        )));
+    }
+    let ranks: Vec<usize> = neighbours
         .par_iter()
         .zip(test_labels)
-        .filter(|(nb, &label)| {
+        .map(|(nb, &label)| {
             let mut votes = vec![0.0f64; classes];
             for &(s, j) in nb.iter() {
                 votes[train_labels[j] as usize] += (f64::from(s) / sigma).exp();
             }
-            let best = votes
+            let own = votes[label as usize];
+            // Classes ahead of the query's own: more votes, or as many and a lower index.
+            votes
                 .iter()
                 .enumerate()
-                .fold(
-                    (0, f64::NEG_INFINITY),
-                    |b, (c, &v)| if v > b.1 { (c, v) } else { b },
-                )
-                .0;
-            best as i64 == label
+                .filter(|&(c, &v)| v > own || (v == own && c < label as usize))
+                .count()
         })
-        .count();
-    Ok(correct as f64 / test_labels.len().max(1) as f64)
+        .collect();
+    let share = |within: usize| {
+        ranks.iter().filter(|&&r| r < within).count() as f64 / test_labels.len().max(1) as f64
+    };
+    Ok(KnnAccuracy {
+        top1: share(1),
+        top5: share(5),
+    })
 }
 
 /// Recall@K on one set of `d`-wide embeddings: a query is a hit when one of its K nearest
@@ -280,6 +303,50 @@ mod tests {
         assert!(nmi(&[0, 1, 0, 1], &[0, 0, 1, 1]).abs() < 1e-12);
     }
 
+    #[test]
+    fn top5_counts_the_own_label_among_the_five_of_most_votes() {
+        // One query, seven classes; its neighbours vote 3 x class 6, 2 x class 5, then one each
+        // for 4, 3, 2, 1 at falling similarity: class 1 ranks 6th, class 2 5th.
+        let sims = [0.9f32, 0.9, 0.9, 0.8, 0.8, 0.7, 0.6, 0.5, 0.4];
+        let bank_labels = [6i64, 6, 6, 5, 5, 4, 3, 2, 1];
+        let neighbours: Neighbours = vec![sims.iter().copied().zip(0..9).collect()];
+        let vote = |label: i64| weighted_vote(&neighbours, &bank_labels, &[label], 7, 0.1).unwrap();
+        assert_eq!(
+            vote(6),
+            KnnAccuracy {
+                top1: 1.0,
+                top5: 1.0
+            }
+        );
+        assert_eq!(
+            vote(2),
+            KnnAccuracy {
+                top1: 0.0,
+                top5: 1.0
+            }
+        );
+        assert_eq!(
+            vote(1),
+            KnnAccuracy {
+                top1: 0.0,
+                top5: 0.0
+            }
+        );
+        assert_eq!(
+            vote(0),
+            KnnAccuracy {
+                top1: 0.0,
+                top5: 0.0
+            },
+            "no votes: ranks last"
+        );
+        let err = weighted_vote(&neighbours, &bank_labels, &[7], 7, 0.1).unwrap_err();
+        assert!(
+            err.to_string().contains("label 7 outside the 7 classes"),
+            "{err}"
+        );
+    }
+
     const EMBED_DIM: usize = 128;
 
     #[test]
@@ -297,7 +364,9 @@ mod tests {
             .unwrap()
             .0;
         assert_eq!(
-            knn_top1(&emb, &labels, &emb, &labels, EMBED_DIM, 2, 5, 0.1).unwrap(),
+            weighted_knn(&emb, &labels, &emb, &labels, EMBED_DIM, 2, 5, 0.1)
+                .unwrap()
+                .top1,
             1.0
         );
         assert_eq!(

@@ -21,6 +21,7 @@
 //! | [`cuda`] | the GPU runtime only: [`cuda::Gpu`] and its module cache, launches ([`cuda::Queue`]), the one cuBLAS front, staged copies, the choice of device and the virtual GPU ([`cuda::virtual_gpu`]) |
 //! | [`linalg`], [`simd`], [`scratch`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors for the CPU paths; scratch buffers kept between calls |
 //! | [`npy`] | `.npy` reading and writing with clear errors |
+//! | [`plot`] | charts as PNG with axes, ticks, labels and legends: `metrics.png`, `invaspread plot`, `embed --png` |
 //! | [`durable`] | atomic, synced file writes; leftovers of killed writers; the crash-injection hook |
 //! | [`limits`] | the range of every numeric setting (flags, config files, library calls) and the memory check before large allocations |
 //! | [`names`] | one spelling for every named choice (clap's `ValueEnum` names, also in config files) |
@@ -43,6 +44,7 @@ pub mod names;
 pub mod nn;
 pub mod npy;
 pub mod ops;
+pub mod plot;
 pub mod rng;
 pub mod scratch;
 pub mod simd;

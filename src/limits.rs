@@ -175,6 +175,20 @@ count!(
     1..=100_000,
     "neighbours of the kNN vote, 200 in the paper"
 );
+count!(
+    EVAL_EVERY,
+    "eval_every",
+    Some("knn.every"),
+    1..=1_000_000,
+    "epochs between kNN evaluations (the last epoch is always evaluated)"
+);
+count!(
+    MILESTONE,
+    "milestones",
+    Some("schedule.milestones"),
+    1..=1_000_000,
+    "the epochs at which the step schedule multiplies the learning rate by 0.1"
+);
 
 // The run.
 count!(

@@ -15,14 +15,17 @@ fn train_then_eval_and_embed_the_checkpoint() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(
-        stderr.contains("kNN top-1 at initialisation") && stderr.contains("epoch   1"),
+        stderr.contains("kNN at initialisation: top-1") && stderr.contains("epoch   1"),
         "{stderr}"
     );
     let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "epoch,step,loss,knn_top1,knn_top5,lr,seconds");
     assert!(
-        csv.starts_with("epoch,step,loss,knn_top1,lr,seconds\n1,31,"),
-        "{csv}"
+        lines[1].starts_with("0,0,,0."),
+        "the initialised network: {csv}"
     );
+    assert!(lines[2].starts_with("1,31,"), "{csv}");
 
     let ckpt = dir.join("last.safetensors");
     let eval = invaspread(&[
@@ -39,7 +42,7 @@ fn train_then_eval_and_embed_the_checkpoint() {
         String::from_utf8_lossy(&eval.stderr)
     );
     let json = String::from_utf8(eval.stdout).unwrap();
-    for key in ["knn_top1", "recall_at_1", "recall_at_8", "nmi"] {
+    for key in ["knn_top1", "knn_top5", "recall_at_1", "recall_at_8", "nmi"] {
         assert!(json.contains(key), "{json}");
     }
 
@@ -215,4 +218,145 @@ fn train_config_replays_a_finished_run_and_flags_override_its_fields() {
         "{stderr}"
     );
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The digits set in ../shared (CI has it); None, with a visible skip, where it is absent.
+fn digits(test: &str) -> Option<std::path::PathBuf> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/sklearn-digits");
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!("SKIPPED (no ../shared/data): {test}");
+        None
+    }
+}
+
+#[test]
+fn eval_every_milestones_and_no_pixel_baseline_shape_the_run() {
+    let Some(data) = digits("eval_every_milestones_and_no_pixel_baseline_shape_the_run") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("invaspread-cli-every-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (data, out) = (data.to_str().unwrap(), dir.to_str().unwrap());
+    let run = invaspread(&[
+        "train",
+        "--dataset",
+        "digits",
+        "--data-dir",
+        data,
+        "--epochs",
+        "5",
+        "--batch",
+        "64",
+        "--eval-every",
+        "2",
+        "--milestones",
+        "2,4",
+        "--no-pixel-baseline",
+        "--k",
+        "20",
+        "--out",
+        out,
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(!stderr.contains("raw pixels"), "{stderr}");
+    let rows = invaspread::trainer::outputs::parse_metrics_csv(&dir.join("metrics.csv")).unwrap();
+    let evaluated: Vec<usize> = rows
+        .iter()
+        .filter(|r| r.knn_top1.is_some() && r.knn_top5.is_some())
+        .map(|r| r.epoch)
+        .collect();
+    assert_eq!(
+        evaluated,
+        [0, 2, 4, 5],
+        "epoch 0, every second epoch and the last"
+    );
+    assert!(rows[0].loss.is_none() && rows[1..].iter().all(|r| r.loss.is_some()));
+    let lrs: Vec<f64> = rows[1..].iter().map(|r| r.lr).collect();
+    let expected = [0.03, 0.03, 0.003, 0.003, 0.0003];
+    for (lr, want) in lrs.iter().zip(expected) {
+        assert!(
+            (lr - want).abs() < 1e-12,
+            "lr per epoch {lrs:?}, expected {expected:?}"
+        );
+    }
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["schedule"]["milestones"], serde_json::json!([2, 4]));
+    assert_eq!(config["knn"]["every"], 2);
+    assert_eq!(config["knn"]["pixel_baseline"], false);
+
+    // A resume must keep them: another --eval-every is refused naming both values.
+    let again = invaspread(&[
+        "train",
+        "--resume",
+        "--epochs",
+        "6",
+        "--eval-every",
+        "3",
+        "--out",
+        out,
+    ]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--eval-every") && stderr.contains("knn.every = 3"),
+        "{stderr}"
+    );
+
+    // `plot` draws runs side by side; bad arguments are named.
+    let png = dir.join("curves.png");
+    let plot = invaspread(&[
+        "plot",
+        out,
+        out,
+        "--labels",
+        "one,two",
+        "--top5",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(
+        plot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plot.stderr)
+    );
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (1640, 540), "two panels");
+    let missing = dir.join("no-such-run");
+    for (args, expected) in [
+        (
+            vec!["plot", out, out, "--labels", "one"],
+            "--labels gives 1 names for 2 runs",
+        ),
+        (
+            vec!["plot", missing.to_str().unwrap()],
+            "no-such-run: no metrics.csv",
+        ),
+    ] {
+        let mut args = args;
+        args.extend(["--out", png.to_str().unwrap()]);
+        let bad = invaspread(&args);
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(
+            !bad.status.success() && stderr.contains(expected),
+            "{stderr}"
+        );
+    }
+
+    for (flag, value, expected) in [
+        ("--milestones", "4,2", "increasing order"),
+        ("--milestones", "0", "1 <= milestones"),
+        ("--milestones", "3,x", "not a whole number"),
+        ("--eval-every", "0", "1 <= eval_every"),
+    ] {
+        let bad = invaspread(&["train", "--epochs", "1", flag, value, "--out", out]);
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert_eq!(bad.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(expected), "{flag} {value}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -8,7 +8,7 @@ use invaspread::eval;
 use invaspread::nn::backend::Backend;
 use invaspread::nn::cpu_backend::Cpu;
 use invaspread::nn::cuda_backend::CudaBackend;
-use invaspread::nn::embed::{embed_split, knn_top1, EVAL_BATCH};
+use invaspread::nn::embed::{embed_split, weighted_knn, EVAL_BATCH};
 use invaspread::nn::models::EMBED_DIM;
 use invaspread::trainer::KnnConfig;
 use serde::Serialize;
@@ -41,6 +41,7 @@ pub struct EvalArgs {
 #[derive(Debug, Serialize)]
 struct Report {
     knn_top1: f64,
+    knn_top5: f64,
     k: usize,
     sigma: f64,
     recall_at_1: f64,
@@ -72,7 +73,7 @@ fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
     let b = &graph.backend;
     let (labels_train, labels_test) = (&ds.train.labels, &ds.test.labels);
     let classes = ds.classes.len();
-    let knn = knn_top1(
+    let knn = weighted_knn(
         b,
         &train,
         labels_train,
@@ -89,7 +90,8 @@ fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
     let nmi = eval::nmi(&clusters, &labels);
     if args.json {
         let report = Report {
-            knn_top1: knn,
+            knn_top1: knn.top1,
+            knn_top5: knn.top5,
             k: args.k,
             sigma: args.sigma,
             recall_at_1: recall[0],
@@ -104,10 +106,11 @@ fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
         println!("{text}");
     } else {
         println!(
-            "kNN top-1 (k={}, sigma={}): {:.2}%",
+            "kNN (k={}, sigma={}): top-1 {:.2}%, top-5 {:.2}%",
             args.k,
             args.sigma,
-            100.0 * knn
+            100.0 * knn.top1,
+            100.0 * knn.top5
         );
         println!(
             "Recall@1/2/4/8: {:.2}% {:.2}% {:.2}% {:.2}%",

@@ -8,6 +8,7 @@ mod embed;
 mod eval;
 mod info;
 mod loss;
+mod plot;
 mod random;
 mod ranges;
 mod step;
@@ -45,6 +46,8 @@ enum Command {
     BenchLoss(bench_loss::BenchLossArgs),
     /// Images per second of whole training steps on one device, as a markdown table.
     BenchTrain(bench_train::BenchTrainArgs),
+    /// Several runs' kNN per epoch on one chart, with a legend (PNG).
+    Plot(plot::PlotArgs),
     /// Seeded random N x d embeddings as .npy (an input for `loss` and the benchmarks).
     Random(random::RandomArgs),
 }
@@ -68,6 +71,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> invaspread::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Step(args) => step::run(args),
+        Command::Plot(args) => plot::run(args),
     }
 }
 

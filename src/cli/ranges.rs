@@ -40,6 +40,7 @@ parsers! {
     real sigma = limits::SIGMA;
     real min_seconds = limits::MIN_SECONDS;
     count k = limits::K;
+    count eval_every = limits::EVAL_EVERY;
     count batch = limits::BATCH;
     count epochs = limits::EPOCHS;
     count steps = limits::STEPS;
@@ -50,6 +51,25 @@ parsers! {
     count dim = limits::DIM;
     count bench_batch = limits::BENCH_BATCH;
     count bench_steps = limits::BENCH_STEPS;
+}
+
+/// Epochs of the step schedule, as `--milestones` gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Milestones(pub Vec<usize>);
+
+/// `--milestones E1,E2,...`: epochs in increasing order, each in its range.
+pub fn milestones(s: &str) -> Result<Milestones, String> {
+    let epochs = s
+        .split(',')
+        .map(|e| count(&limits::MILESTONE, e).map(|v| v as usize))
+        .collect::<Result<Vec<usize>, String>>()
+        .map_err(|e| format!("{:?}: {e}", s.trim()))?;
+    if epochs.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!(
+            "{s:?}: expected epochs in increasing order, e.g. 120,160"
+        ));
+    }
+    Ok(Milestones(epochs))
 }
 
 #[cfg(test)]
@@ -73,6 +93,7 @@ mod tests {
             ("train", "mu", R(limits::MU)),
             ("train", "sigma", R(limits::SIGMA)),
             ("train", "k", C(limits::K)),
+            ("train", "eval-every", C(limits::EVAL_EVERY)),
             ("train", "batch", C(limits::BATCH)),
             ("train", "epochs", C(limits::EPOCHS)),
             ("train", "steps", C(limits::STEPS)),

@@ -1,6 +1,6 @@
 //! Embeddings of a dataset split under the test transform (batchnorm in eval mode), kept on
 //! the graph's backend and L2-normalized there, and the weighted kNN over them: the neighbour
-//! search runs on the backend, the vote ([`eval::weighted_vote_accuracy`]) on the host.
+//! search runs on the backend, the vote ([`eval::weighted_vote`]) on the host.
 
 use super::backend::Backend;
 use super::graph::Graph;
@@ -78,10 +78,11 @@ pub fn embed_split_host<B: Backend>(
     graph.backend.download(&f)
 }
 
-/// Weighted kNN top-1 (Wu et al. 2018): each of the k nearest bank embeddings votes for its
-/// label with weight exp(similarity / sigma); the search runs on `backend`.
+/// Weighted kNN accuracy (Wu et al. 2018; [`eval::weighted_vote`]): each of the k nearest
+/// bank embeddings votes for its label with weight exp(similarity / sigma); the search runs on
+/// `backend`.
 #[allow(clippy::too_many_arguments)] // the bank, the queries, their labels and the kNN's k, sigma
-pub fn knn_top1<B: Backend>(
+pub fn weighted_knn<B: Backend>(
     backend: &B,
     bank: &B::Buffer,
     bank_labels: &[i64],
@@ -90,7 +91,7 @@ pub fn knn_top1<B: Backend>(
     classes: usize,
     k: usize,
     sigma: f64,
-) -> Result<f64> {
+) -> Result<eval::KnnAccuracy> {
     let neighbours = backend.nearest(queries, bank, EMBED_DIM, k)?;
-    eval::weighted_vote_accuracy(&neighbours, bank_labels, query_labels, classes, sigma)
+    eval::weighted_vote(&neighbours, bank_labels, query_labels, classes, sigma)
 }

@@ -68,6 +68,7 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
     limits::WEIGHT_DECAY.check(cfg.sgd.weight_decay)?;
     limits::SIGMA.check(cfg.knn.sigma)?;
     limits::K.check_usize(cfg.knn.k)?;
+    limits::EVAL_EVERY.check_usize(cfg.knn.every)?;
     limits::BATCH.check_usize(cfg.batch)?;
     limits::WARMUP_STEPS.check_usize(cfg.warmup_steps)?;
     if let Some(e) = cfg.epochs {
@@ -87,7 +88,15 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
             ));
         }
     }
-    if let crate::nn::optim::Schedule::Step { gamma, .. } = &cfg.schedule {
+    if let crate::nn::optim::Schedule::Step { gamma, milestones } = &cfg.schedule {
+        for &m in milestones {
+            limits::MILESTONE.check_usize(m)?;
+        }
+        if milestones.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::invalid(format!(
+                "schedule.milestones = {milestones:?}: expected epochs in increasing order"
+            )));
+        }
         if !(gamma.is_finite() && *gamma > 0.0 && *gamma <= 1.0) {
             return Err(Error::invalid(format!(
                 "schedule.gamma = {gamma}: expected 0 < gamma <= 1 (the factor at each milestone)"

@@ -6,21 +6,23 @@ use super::KnnConfig;
 use crate::data::{augment, Dataset, Split};
 use crate::error::Result;
 use crate::eval;
+use crate::eval::KnnAccuracy;
 use crate::linalg::{matmul, MatRef};
 use crate::nn::backend::Backend;
-use crate::nn::embed::{embed_split_until, knn_top1, EVAL_BATCH};
+use crate::nn::embed::{embed_split_until, weighted_knn, EVAL_BATCH};
 use crate::nn::graph::Graph;
 use crate::nn::models::Model;
 use crate::ops::normalize_rows;
 use crate::rng::{random_matrix, rng};
 
-/// kNN top-1 of the model on the dataset's test split (train split as the memory bank).
+/// Weighted kNN top-1 and top-5 of the model on the dataset's test split (train split as the
+/// memory bank).
 pub fn knn_accuracy<B: Backend>(
     graph: &mut Graph<B>,
     model: &Model,
     ds: &Dataset,
     knn: &KnnConfig,
-) -> Result<f64> {
+) -> Result<KnnAccuracy> {
     let never = || false;
     let knn = knn_accuracy_until(graph, model, ds, knn, &never)?;
     knn.ok_or_else(|| crate::error::Error::invalid("internal: an evaluation stopped unasked"))
@@ -33,7 +35,7 @@ pub fn knn_accuracy_until<B: Backend>(
     ds: &Dataset,
     knn: &KnnConfig,
     stop: &dyn Fn() -> bool,
-) -> Result<Option<f64>> {
+) -> Result<Option<KnnAccuracy>> {
     let Some(bank) = embed_split_until(graph, model, &ds.train, ds.size, EVAL_BATCH, stop)? else {
         return Ok(None);
     };
@@ -41,7 +43,7 @@ pub fn knn_accuracy_until<B: Backend>(
     else {
         return Ok(None);
     };
-    knn_top1(
+    weighted_knn(
         &graph.backend,
         &bank,
         &ds.train.labels,
@@ -58,7 +60,7 @@ pub fn knn_accuracy_until<B: Backend>(
 const PIXEL_DIM: usize = 128;
 
 /// kNN top-1 on raw pixels (test transform, L2-normalized): the baseline learning must beat.
-pub fn raw_pixel_knn(ds: &Dataset, knn: &KnnConfig) -> Result<f64> {
+pub fn raw_pixel_knn(ds: &Dataset, knn: &KnnConfig) -> Result<KnnAccuracy> {
     // Pixels are projected to 128 dimensions by a fixed random matrix so that the same kNN code
     // applies; random projections keep cosine similarities (Johnson-Lindenstrauss).
     let dim = 3 * ds.size * ds.size;
@@ -76,7 +78,7 @@ pub fn raw_pixel_knn(ds: &Dataset, knn: &KnnConfig) -> Result<f64> {
         )?;
         Ok(normalize_rows::cpu::forward(&out, split.len(), PIXEL_DIM)?.0)
     };
-    eval::knn_top1(
+    eval::weighted_knn(
         &project(&ds.train)?,
         &ds.train.labels,
         &project(&ds.test)?,

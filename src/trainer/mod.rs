@@ -99,7 +99,7 @@ impl Default for TrainConfig {
     }
 }
 
-/// The per-epoch weighted kNN evaluation.
+/// The weighted kNN evaluation of the initial network and of the epochs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KnnConfig {
@@ -107,11 +107,39 @@ pub struct KnnConfig {
     pub k: usize,
     /// Temperature of the vote weights exp(s / sigma).
     pub sigma: f64,
+    /// Evaluate every this many epochs (and always after the last); the epochs between get
+    /// their loss row without kNN. Configurations from before the option evaluated every one.
+    #[serde(default = "KnnConfig::every_epoch")]
+    pub every: usize,
+    /// Also print kNN on raw pixels at the start (the baseline to beat; about a minute on
+    /// CIFAR-10), when progress is shown.
+    #[serde(default = "KnnConfig::with_pixel_baseline")]
+    pub pixel_baseline: bool,
+}
+
+impl KnnConfig {
+    fn every_epoch() -> usize {
+        1
+    }
+
+    fn with_pixel_baseline() -> bool {
+        true
+    }
+
+    /// Whether the epoch `epoch` (1-based) is evaluated in a run of `epochs` (rounded up).
+    pub fn evaluates(&self, epoch: usize, last: bool) -> bool {
+        last || epoch % self.every.max(1) == 0
+    }
 }
 
 impl Default for KnnConfig {
     fn default() -> Self {
-        KnnConfig { k: 200, sigma: 0.1 }
+        KnnConfig {
+            k: 200,
+            sigma: 0.1,
+            every: KnnConfig::every_epoch(),
+            pixel_baseline: KnnConfig::with_pixel_baseline(),
+        }
     }
 }
 
@@ -188,7 +216,8 @@ pub struct TrainSummary {
     /// Every step's loss of this invocation (a resumed run starts at its first new step).
     pub step_losses: Vec<f64>,
     pub interrupted: bool,
-    pub knn_at_start: Option<f64>,
+    /// kNN of the initialised network (None for a resumed run that evaluated it before).
+    pub knn_at_start: Option<crate::eval::KnnAccuracy>,
 }
 
 /// Set by Ctrl-C; the loop saves and stops at the next step boundary.

@@ -1,5 +1,5 @@
-//! What a run writes into its folder: `metrics.csv` and `metrics.json` (one row per epoch),
-//! `metrics.png` (loss and kNN top-1 per epoch), `steps.csv` (every step's loss, appended as
+//! What a run writes into its folder: `metrics.csv` and `metrics.json` (the initialised
+//! network's row, then one per epoch), `metrics.png` (loss and kNN per epoch, [`crate::plot`]), `steps.csv` (every step's loss, appended as
 //! losses arrive), and the checkpoints (`last.safetensors` with its optimizer file, and
 //! `best.safetensors`). Every file but the appended step log is written atomically.
 
@@ -24,23 +24,56 @@ pub const LAST: &str = "last.safetensors";
 pub const LAST_OPT: &str = "last.optimizer.safetensors";
 pub const BEST: &str = "best.safetensors";
 
-/// One line of metrics, written after every epoch.
+/// One line of metrics: the initialised network (epoch 0, no loss), then one per epoch; kNN is
+/// empty for the epochs `--eval-every` skips.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
     pub step: usize,
-    pub loss: f64,
-    pub knn_top1: f64,
+    /// The epoch's mean training loss (None for epoch 0, the initialised network).
+    pub loss: Option<f64>,
+    pub knn_top1: Option<f64>,
+    /// Absent from the state of runs written before top-5 was measured.
+    #[serde(default)]
+    pub knn_top5: Option<f64>,
     pub lr: f64,
     pub seconds: f64,
 }
 
+impl EpochMetrics {
+    /// The row of the initialised network.
+    pub fn initial(knn: crate::eval::KnnAccuracy, lr: f64) -> EpochMetrics {
+        EpochMetrics {
+            epoch: 0,
+            step: 0,
+            loss: None,
+            knn_top1: Some(knn.top1),
+            knn_top5: Some(knn.top5),
+            lr,
+            seconds: 0.0,
+        }
+    }
+}
+
+/// The columns of metrics.csv.
+pub const METRICS_HEADER: &str = "epoch,step,loss,knn_top1,knn_top5,lr,seconds";
+
+/// The columns of metrics.csv before epoch 0 and top-5 (read when a legacy run resumes).
+const LEGACY_METRICS_HEADER: &str = "epoch,step,loss,knn_top1,lr,seconds";
+
 pub fn metrics_csv(rows: &[EpochMetrics]) -> String {
-    let mut s = String::from("epoch,step,loss,knn_top1,lr,seconds\n");
+    let cell = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+    let mut s = format!("{METRICS_HEADER}\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{},{},{:.3}\n",
-            r.epoch, r.step, r.loss, r.knn_top1, r.lr, r.seconds
+            "{},{},{},{},{},{},{:.3}\n",
+            r.epoch,
+            r.step,
+            cell(r.loss),
+            cell(r.knn_top1),
+            cell(r.knn_top5),
+            r.lr,
+            r.seconds
         ));
     }
     s
@@ -58,115 +91,98 @@ pub fn metrics_json(rows: &[EpochMetrics]) -> Result<String> {
 pub fn write_metrics(rows: &[EpochMetrics], out: &Path) -> Result<()> {
     write_atomically(&out.join("metrics.csv"), metrics_csv(rows).as_bytes())?;
     write_atomically(&out.join("metrics.json"), metrics_json(rows)?.as_bytes())?;
-    plot_png(rows, &out.join("metrics.png"))
+    metrics_png(rows, &out.join("metrics.png"))
 }
 
+/// `metrics.png`: the training loss per epoch (left) and kNN top-1 and top-5 per epoch from
+/// the initialised network, epoch 0, on (right, on whole tens of percent).
+pub fn metrics_png(rows: &[EpochMetrics], path: &Path) -> Result<()> {
+    use crate::plot::{panels_png, Panel, Scale, Series};
+    let series = |label: &str, f: &dyn Fn(&EpochMetrics) -> Option<f64>| Series {
+        label: label.into(),
+        points: rows
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.epoch as f64, v)))
+            .collect(),
+    };
+    let panels = [
+        Panel {
+            caption: "training loss".into(),
+            x_desc: "epoch".into(),
+            y_desc: "mean loss of the epoch".into(),
+            series: vec![series("loss", &|r| r.loss)],
+            scale: Scale::Fitted,
+        },
+        Panel {
+            caption: "weighted kNN on the test split".into(),
+            x_desc: "epoch (0: the initialised network)".into(),
+            y_desc: "accuracy (%)".into(),
+            series: vec![
+                series("kNN top-1", &|r| r.knn_top1.map(|v| 100.0 * v)),
+                series("kNN top-5", &|r| r.knn_top5.map(|v| 100.0 * v)),
+            ],
+            scale: Scale::Percent,
+        },
+    ];
+    panels_png(&panels, (560, 420), path)
+}
+
+/// Reads metrics.csv, in either layout ([`METRICS_HEADER`] or the legacy one); a missing
+/// file is no rows.
 pub fn parse_metrics_csv(path: &Path) -> Result<Vec<EpochMetrics>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(Error::io(path, e)),
     };
-    text.lines()
-        .skip(1)
+    let mut lines = text.lines();
+    let legacy = match lines.next().map(str::trim) {
+        Some(h) if h == METRICS_HEADER => false,
+        Some(h) if h == LEGACY_METRICS_HEADER => true,
+        other => {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "header {} is not {METRICS_HEADER:?}",
+                    crate::error::excerpt(other.unwrap_or(""))
+                ),
+            ))
+        }
+    };
+    lines
         .filter(|l| !l.trim().is_empty())
         .map(|line| {
-            let f: Vec<&str> = line.split(',').collect();
+            let mut f: Vec<&str> = line.split(',').collect();
             let bad = || {
                 Error::bad_file(
                     path,
                     format!("malformed metrics line {}", crate::error::excerpt(line)),
                 )
             };
-            if f.len() != 6 {
+            if legacy && f.len() == 6 {
+                f.insert(4, "");
+            }
+            if f.len() != 7 {
                 return Err(bad());
             }
+            let optional = |s: &str| -> Result<Option<f64>> {
+                if s.is_empty() {
+                    Ok(None)
+                } else {
+                    s.parse().map(Some).map_err(|_| bad())
+                }
+            };
             Ok(EpochMetrics {
                 epoch: f[0].parse().map_err(|_| bad())?,
                 step: f[1].parse().map_err(|_| bad())?,
-                loss: f[2].parse().map_err(|_| bad())?,
-                knn_top1: f[3].parse().map_err(|_| bad())?,
-                lr: f[4].parse().map_err(|_| bad())?,
-                seconds: f[5].parse().map_err(|_| bad())?,
+                loss: optional(f[2])?,
+                knn_top1: optional(f[3])?,
+                knn_top5: optional(f[4])?,
+                lr: f[5].parse().map_err(|_| bad())?,
+                seconds: f[6].parse().map_err(|_| bad())?,
             })
         })
         .collect()
-}
-
-/// A PNG with two panels: the loss per epoch (left) and kNN top-1 per epoch (right), each
-/// scaled to its own range; the numbers are in metrics.csv.
-pub fn plot_png(rows: &[EpochMetrics], path: &Path) -> Result<()> {
-    let (w, h) = (800u32, 300u32);
-    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
-    let panel = |img: &mut image::RgbImage, x0: u32, values: &[f64], colour: [u8; 3]| {
-        let (pw, ph, pad) = (380u32, 260u32, 20u32);
-        for x in x0 + pad..x0 + pad + pw {
-            img.put_pixel(x.min(w - 1), h - pad, image::Rgb([0, 0, 0]));
-        }
-        for y in pad..h - pad {
-            img.put_pixel(x0 + pad, y, image::Rgb([0, 0, 0]));
-        }
-        if values.is_empty() {
-            return;
-        }
-        let (lo, hi) = values
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
-                (a.min(v), b.max(v))
-            });
-        let span = if hi > lo { hi - lo } else { 1.0 };
-        let point = |i: usize, v: f64| {
-            let x = x0
-                + pad
-                + if values.len() > 1 {
-                    (i as u32 * (pw - 10)) / (values.len() as u32 - 1)
-                } else {
-                    pw / 2
-                };
-            let y = h - pad - 5 - (((v - lo) / span) * f64::from(ph - 20)) as u32;
-            (x as i64, y as i64)
-        };
-        for i in 0..values.len() {
-            let (x1, y1) = point(i, values[i]);
-            let (x0p, y0p) = if i == 0 {
-                (x1, y1)
-            } else {
-                point(i - 1, values[i - 1])
-            };
-            let steps = (x1 - x0p).abs().max((y1 - y0p).abs()).max(1);
-            for s in 0..=steps {
-                let x = x0p + (x1 - x0p) * s / steps;
-                let y = y0p + (y1 - y0p) * s / steps;
-                for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
-                    let (px, py) = (
-                        (x + dx).clamp(0, i64::from(w) - 1) as u32,
-                        (y + dy).clamp(0, i64::from(h) - 1) as u32,
-                    );
-                    img.put_pixel(px, py, image::Rgb(colour));
-                }
-            }
-        }
-    };
-    panel(
-        &mut img,
-        0,
-        &rows.iter().map(|r| r.loss).collect::<Vec<_>>(),
-        [200, 30, 30],
-    );
-    panel(
-        &mut img,
-        400,
-        &rows.iter().map(|r| r.knn_top1).collect::<Vec<_>>(),
-        [30, 60, 200],
-    );
-    let mut bytes = Vec::new();
-    image::DynamicImage::ImageRgb8(img)
-        .write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )
-        .map_err(|e| Error::invalid(format!("encoding the plot: {e}")))?;
-    write_atomically(path, &bytes)
 }
 
 /// The checkpoint metadata: model, step, the running loss of the current epoch.

@@ -327,28 +327,36 @@ impl<'a, B: Backend> Run<'a, B> {
 
     /// Runs the configured steps; see the module documentation.
     pub fn train(mut self) -> Result<TrainSummary> {
-        if self.total_steps == 0 || self.start == 0 {
+        if self.start == 0 && !self.metrics.iter().any(|m| m.epoch == 0) {
             self.initial_evaluation()?;
         }
         if self.total_steps == 0 {
             self.commit(0, EpochLoss::default(), false)?;
-            self.summary.metrics = self.metrics;
             return Ok(self.summary);
         }
         self.run_steps()?;
         Ok(self.summary)
     }
 
-    /// kNN of the initialised network (and, with progress shown, of raw pixels).
+    /// kNN of the initialised network, the metrics' epoch 0 (and, with progress shown and the
+    /// baseline asked for, kNN of raw pixels).
     fn initial_evaluation(&mut self) -> Result<()> {
         let knn = knn_accuracy(&mut self.graph, &self.model, &self.ds, &self.cfg.knn)?;
         self.summary.knn_at_start = Some(knn);
+        let row = EpochMetrics::initial(knn, self.lr_at(0));
+        self.metrics.push(row.clone());
+        self.summary.metrics.push(row);
         if self.opts.progress {
-            let raw = raw_pixel_knn(&self.ds, &self.cfg.knn)?;
+            let pixels = if self.cfg.knn.pixel_baseline {
+                let raw = raw_pixel_knn(&self.ds, &self.cfg.knn)?;
+                format!(" (raw pixels: {:.2}%)", 100.0 * raw.top1)
+            } else {
+                String::new()
+            };
             eprintln!(
-                "kNN top-1 at initialisation: {:.2}% (raw pixels: {:.2}%)",
-                100.0 * knn,
-                100.0 * raw
+                "kNN at initialisation: top-1 {:.2}%, top-5 {:.2}%{pixels}",
+                100.0 * knn.top1,
+                100.0 * knn.top5,
             );
         }
         Ok(())
@@ -480,10 +488,10 @@ impl<'a, B: Backend> Run<'a, B> {
         Ok(())
     }
 
-    /// After the last step of an epoch: kNN, the metrics row, checkpoints, metrics files.
-    /// A signal during the evaluation stops it: the epoch's steps are committed with the
-    /// evaluation pending (the epoch's loss not yet closed), which `--resume` runs first; then
-    /// false.
+    /// After the last step of an epoch: kNN (on the epochs `--eval-every` picks and the last),
+    /// the metrics row, checkpoints, metrics files. A signal during the evaluation stops it:
+    /// the epoch's steps are committed with the evaluation pending (the epoch's loss not yet
+    /// closed), which `--resume` runs first; then false.
     fn end_of_epoch(
         &mut self,
         step: usize,
@@ -491,52 +499,68 @@ impl<'a, B: Backend> Run<'a, B> {
         run_start: Instant,
         bar: &indicatif::ProgressBar,
     ) -> Result<bool> {
-        super::signals::hook_at_evaluation();
-        let stop = stop_flag();
-        let stopped = || stop.load(Ordering::SeqCst);
-        let (g, m, ds) = (&mut self.graph, &self.model, &self.ds);
-        let Some(knn) = knn_accuracy_until(g, m, ds, &self.cfg.knn, &stopped)? else {
-            self.commit(step + 1, self.epoch, false)?;
-            bar.suspend(|| {
-                eprintln!(
-                    "interrupted during the evaluation of epoch {}: saved step {}; --resume \
-                     evaluates it first",
-                    step / self.steps_per_epoch + 1,
-                    step + 1
-                )
-            });
-            self.summary.interrupted = true;
-            return Ok(false);
+        let epoch = step / self.steps_per_epoch + 1;
+        let knn = if self.cfg.knn.evaluates(epoch, step + 1 == self.total_steps) {
+            super::signals::hook_at_evaluation();
+            let stop = stop_flag();
+            let stopped = || stop.load(Ordering::SeqCst);
+            let (g, m, ds) = (&mut self.graph, &self.model, &self.ds);
+            let Some(knn) = knn_accuracy_until(g, m, ds, &self.cfg.knn, &stopped)? else {
+                self.commit(step + 1, self.epoch, false)?;
+                bar.suspend(|| {
+                    eprintln!(
+                        "interrupted during the evaluation of epoch {epoch}: saved step {}; \
+                         --resume evaluates it first",
+                        step + 1
+                    )
+                });
+                self.summary.interrupted = true;
+                return Ok(false);
+            };
+            Some(knn)
+        } else {
+            None
         };
         let row = EpochMetrics {
-            epoch: step / self.steps_per_epoch + 1,
+            epoch,
             step: step + 1,
-            loss: self.epoch.mean(),
-            knn_top1: knn,
+            loss: Some(self.epoch.mean()),
+            knn_top1: knn.map(|k| k.top1),
+            knn_top5: knn.map(|k| k.top5),
             lr,
             seconds: run_start.elapsed().as_secs_f64(),
         };
         if self.opts.progress {
+            let knn_text = match knn {
+                Some(k) => format!(
+                    "kNN top-1 {:.2}% top-5 {:.2}%",
+                    100.0 * k.top1,
+                    100.0 * k.top5
+                ),
+                None => "kNN not evaluated".into(),
+            };
             let line = format!(
-                "epoch {:>3}  step {:>6}  loss {:.4}  kNN top-1 {:.2}%  lr {:.4}  {:.0} s",
+                "epoch {:>3}  step {:>6}  loss {:.4}  {knn_text}  lr {:.4}  {:.0} s",
                 row.epoch,
                 row.step,
-                row.loss,
-                100.0 * knn,
+                self.epoch.mean(),
                 lr,
                 row.seconds
             );
             bar.suspend(|| eprintln!("{line}"));
         }
+        // The best of the trained epochs (the initialised network's row is not a candidate).
         let best = self
             .metrics
             .iter()
-            .map(|m| m.knn_top1)
+            .filter(|m| m.epoch > 0)
+            .filter_map(|m| m.knn_top1)
             .fold(f64::NEG_INFINITY, f64::max);
+        let is_best = knn.is_some_and(|k| k.top1 > best);
         self.metrics.push(row.clone());
         self.summary.metrics.push(row);
         self.epoch = EpochLoss::default();
-        self.commit(step + 1, EpochLoss::default(), knn > best)?;
+        self.commit(step + 1, EpochLoss::default(), is_best)?;
         Ok(true)
     }
 

@@ -257,6 +257,8 @@ fn eval_every_milestones_and_no_pixel_baseline_shape_the_run() {
         "--no-pixel-baseline",
         "--k",
         "20",
+        "--augment",
+        "flip,crop",
         "--out",
         out,
     ]);
@@ -288,6 +290,7 @@ fn eval_every_milestones_and_no_pixel_baseline_shape_the_run() {
     assert_eq!(config["schedule"]["milestones"], serde_json::json!([2, 4]));
     assert_eq!(config["knn"]["every"], 2);
     assert_eq!(config["knn"]["pixel_baseline"], false);
+    assert_eq!(config["augment"], serde_json::json!(["crop", "flip"]));
 
     // A resume must keep them: another --eval-every is refused naming both values.
     let again = invaspread(&[
@@ -352,6 +355,11 @@ fn eval_every_milestones_and_no_pixel_baseline_shape_the_run() {
         ("--milestones", "0", "1 <= milestones"),
         ("--milestones", "3,x", "not a whole number"),
         ("--eval-every", "0", "1 <= eval_every"),
+        (
+            "--augment",
+            "crop,blur",
+            "\"blur\": expected a comma-separated subset of crop",
+        ),
     ] {
         let bad = invaspread(&["train", "--epochs", "1", flag, value, "--out", out]);
         let stderr = String::from_utf8_lossy(&bad.stderr);

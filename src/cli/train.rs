@@ -8,6 +8,7 @@ use clap::parser::ValueSource;
 use clap::ArgMatches;
 use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::Gpu;
+use invaspread::data::augment::Augmentations;
 use invaspread::loss::cuda::CudaLossVersion;
 use invaspread::loss::GradSemantics;
 use invaspread::names::Named;
@@ -92,6 +93,15 @@ pub struct TrainArgs {
     /// Linear learning-rate warm-up over this many steps [0 <= warmup_steps <= 1000000000].
     #[arg(long, default_value_t = defaults().warmup_steps, value_parser = ranges::warmup_steps)]
     warmup_steps: usize,
+    /// The recipe's augmentations to apply: a comma-separated subset of crop (RandomResizedCrop),
+    /// jitter (ColorJitter), grey (RandomGrayscale), flip (RandomHorizontalFlip), or none
+    /// (the paper's ablation removes them one by one).
+    #[arg(
+        long,
+        value_name = "crop,jitter,grey,flip|none",
+        default_value = "crop,jitter,grey,flip"
+    )]
+    augment: Augmentations,
     /// Temperature [0.025 <= tau <= 100].
     #[arg(long, default_value_t = defaults().loss.tau, value_parser = ranges::tau, allow_negative_numbers = true)]
     tau: f64,
@@ -201,6 +211,7 @@ fn apply_flags(
         "weight_decay" => cfg.sgd.weight_decay, args.weight_decay;
         "nesterov" => cfg.sgd.nesterov, args.nesterov;
         "warmup_steps" => cfg.warmup_steps, args.warmup_steps;
+        "augment" => cfg.augment, args.augment;
         "tau" => cfg.loss.tau, args.tau;
         "mu" => cfg.loss.mu, args.mu;
         "grad_semantics" => cfg.loss.semantics, args.grad_semantics;
@@ -252,7 +263,7 @@ fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::R
 }
 
 /// Where each flag lives in config.json; what a resume compares.
-const FIELDS: [(&str, &str); 28] = [
+const FIELDS: [(&str, &str); 29] = [
     ("dataset", "/data/dataset"),
     ("data_dir", "/data/data_dir"),
     ("image_size", "/data/image_size"),
@@ -268,6 +279,7 @@ const FIELDS: [(&str, &str); 28] = [
     ("schedule", "/schedule"),
     ("milestones", "/schedule"),
     ("warmup_steps", "/warmup_steps"),
+    ("augment", "/augment"),
     ("tau", "/loss/tau"),
     ("mu", "/loss/mu"),
     ("grad_semantics", "/loss/grad_semantics"),

@@ -51,6 +51,132 @@ impl AugmentConfig {
     }
 }
 
+/// Which of the recipe's four augmentations a run applies (the paper's ablation removes them
+/// one by one): `crop` (RandomResizedCrop; without it the whole image), `jitter` (ColorJitter),
+/// `grey` (RandomGrayscale), `flip` (RandomHorizontalFlip). Written as a list of those names,
+/// `none` for the empty set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct Augmentations {
+    pub crop: bool,
+    pub jitter: bool,
+    pub grey: bool,
+    pub flip: bool,
+}
+
+impl Augmentations {
+    /// The names, in the recipe's order.
+    pub const NAMES: [&'static str; 4] = ["crop", "jitter", "grey", "flip"];
+
+    /// All four (the recipe; configurations from before the choice existed).
+    pub fn all() -> Self {
+        Augmentations {
+            crop: true,
+            jitter: true,
+            grey: true,
+            flip: true,
+        }
+    }
+
+    fn flags(&self) -> [bool; 4] {
+        [self.crop, self.jitter, self.grey, self.flip]
+    }
+
+    /// The recipe's parameters with the augmentations left out set to do nothing.
+    pub fn config(&self) -> AugmentConfig {
+        let (recipe, identity) = (AugmentConfig::recipe(), AugmentConfig::identity());
+        let pick = |on: bool| if on { recipe } else { identity };
+        AugmentConfig {
+            scale: pick(self.crop).scale,
+            ratio: pick(self.crop).ratio,
+            jitter: pick(self.jitter).jitter,
+            grayscale_p: pick(self.grey).grayscale_p,
+            flip_p: pick(self.flip).flip_p,
+        }
+    }
+}
+
+impl Default for Augmentations {
+    fn default() -> Self {
+        Augmentations::all()
+    }
+}
+
+impl std::str::FromStr for Augmentations {
+    type Err = String;
+
+    /// `crop,jitter,grey,flip` (any subset, any order), `none`, or `all`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "none" {
+            return Ok(Augmentations {
+                crop: false,
+                jitter: false,
+                grey: false,
+                flip: false,
+            });
+        }
+        if s == "all" {
+            return Ok(Augmentations::all());
+        }
+        let mut on = [false; 4];
+        for word in s.split(',').map(str::trim) {
+            let i = Self::NAMES.iter().position(|&n| n == word).ok_or_else(|| {
+                format!(
+                    "{}: expected a comma-separated subset of {}, or none or all",
+                    crate::error::excerpt(word),
+                    Self::NAMES.join(", ")
+                )
+            })?;
+            on[i] = true;
+        }
+        let [crop, jitter, grey, flip] = on;
+        Ok(Augmentations {
+            crop,
+            jitter,
+            grey,
+            flip,
+        })
+    }
+}
+
+impl std::fmt::Display for Augmentations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = Self::NAMES
+            .iter()
+            .zip(self.flags())
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect();
+        if names.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&names.join(","))
+        }
+    }
+}
+
+impl TryFrom<Vec<String>> for Augmentations {
+    type Error = String;
+    fn try_from(names: Vec<String>) -> Result<Self, String> {
+        if names.is_empty() {
+            return "none".parse();
+        }
+        names.join(",").parse()
+    }
+}
+
+impl From<Augmentations> for Vec<String> {
+    fn from(a: Augmentations) -> Vec<String> {
+        Augmentations::NAMES
+            .iter()
+            .zip(a.flags())
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| n.to_string())
+            .collect()
+    }
+}
+
 /// A generator for one (epoch, image, view): splitmix64 of the four numbers.
 pub fn view_rng(seed: u64, epoch: u64, index: u64, view: u64) -> ChaCha8Rng {
     let mut x = seed;
@@ -332,4 +458,68 @@ pub fn test_batch(split: &Split, size: usize, range: std::ops::Range<usize>) -> 
         .zip(range)
         .for_each(|(dst, i)| test_transform(split.image(i, size), size, dst));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn augmentation_sets_parse_print_and_round_trip_through_json() {
+        let all: Augmentations = "crop,jitter,grey,flip".parse().unwrap();
+        assert_eq!(all, Augmentations::all());
+        let some: Augmentations = "flip, crop".parse().unwrap();
+        assert_eq!(some.to_string(), "crop,flip");
+        let none: Augmentations = "none".parse().unwrap();
+        assert_eq!(none.to_string(), "none");
+        assert_eq!(serde_json::to_string(&none).unwrap(), "[]");
+        assert_eq!(serde_json::to_string(&some).unwrap(), r#"["crop","flip"]"#);
+        let back: Augmentations = serde_json::from_str(r#"["crop","flip"]"#).unwrap();
+        assert_eq!(back, some);
+        let err = "crop,blur".parse::<Augmentations>().unwrap_err();
+        assert!(
+            err.contains("blur") && err.contains("crop, jitter, grey, flip"),
+            "{err}"
+        );
+        assert!(serde_json::from_str::<Augmentations>(r#"["rotate"]"#).is_err());
+    }
+
+    #[test]
+    fn each_left_out_augmentation_does_nothing_and_none_is_the_test_transform() {
+        let (recipe, identity) = (AugmentConfig::recipe(), AugmentConfig::identity());
+        let without = |name: &str| {
+            let rest: Vec<&str> = Augmentations::NAMES
+                .iter()
+                .copied()
+                .filter(|&n| n != name)
+                .collect();
+            rest.join(",").parse::<Augmentations>().unwrap().config()
+        };
+        assert_eq!(
+            (without("crop").scale, without("crop").ratio),
+            (identity.scale, identity.ratio)
+        );
+        assert_eq!(without("crop").jitter, recipe.jitter);
+        assert_eq!(without("jitter").jitter, [0.0; 4]);
+        assert_eq!(without("jitter").scale, recipe.scale);
+        assert_eq!(without("grey").grayscale_p, 0.0);
+        assert_eq!(without("flip").flip_p, 0.0);
+        assert_eq!(without("flip").grayscale_p, recipe.grayscale_p);
+
+        let size = 16;
+        let img: Vec<u8> = (0..size * size * 3).map(|i| (i * 37 % 251) as u8).collect();
+        let mut plain = vec![0.0f32; img.len()];
+        test_transform(&img, size, &mut plain);
+        let none = "none".parse::<Augmentations>().unwrap().config();
+        let mut view = vec![0.0f32; img.len()];
+        for seed in 0..8 {
+            augment(&img, size, &none, &mut view_rng(seed, 0, 1, 0), &mut view);
+            assert_eq!(
+                view, plain,
+                "seed {seed}: no augmentation is the test transform"
+            );
+        }
+        augment(&img, size, &recipe, &mut view_rng(0, 0, 1, 0), &mut view);
+        assert_ne!(view, plain, "the recipe changes the image");
+    }
 }

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use rand::seq::SliceRandom;
 
-use crate::data::augment::{self, AugmentConfig};
+use crate::data::augment::{self, Augmentations};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::rng::rng;
@@ -27,16 +27,18 @@ pub struct BatchWorker {
 }
 
 impl BatchWorker {
-    /// Starts preparing steps `start..total` of `batch` images, `steps_per_epoch` a pass.
+    /// Starts preparing steps `start..total` of `batch` images, `steps_per_epoch` a pass,
+    /// with the augmentations `augment`.
     pub fn spawn(
         ds: Arc<Dataset>,
+        augment: Augmentations,
         seed: u64,
         batch: usize,
         steps_per_epoch: usize,
         (start, total): (usize, usize),
     ) -> BatchWorker {
         let (tx, rx) = mpsc::sync_channel::<(usize, Vec<f32>)>(2);
-        let aug = AugmentConfig::recipe();
+        let aug = augment.config();
         let handle = std::thread::spawn(move || {
             let mut order_epoch = usize::MAX;
             let mut order = Vec::new();

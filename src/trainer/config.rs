@@ -180,11 +180,19 @@ mod tests {
     }
 
     #[test]
-    fn a_configuration_from_before_the_convolution_choice_keeps_im2col() {
+    fn a_configuration_from_before_the_newer_fields_keeps_what_it_ran() {
         let mut value = serde_json::to_value(TrainConfig::default()).unwrap();
         assert_eq!(value["backend"]["conv"], "winograd", "new runs: Winograd");
         value["backend"].as_object_mut().unwrap().remove("conv");
+        value.as_object_mut().unwrap().remove("augment");
+        value["knn"].as_object_mut().unwrap().remove("every");
+        value["knn"]
+            .as_object_mut()
+            .unwrap()
+            .remove("pixel_baseline");
         let cfg = parse(&value.to_string()).unwrap();
+        assert_eq!(cfg.augment, crate::data::augment::Augmentations::all());
+        assert_eq!(cfg.knn, crate::trainer::KnnConfig::default());
         assert_eq!(
             cfg.backend,
             crate::trainer::BackendChoice::Cpu {

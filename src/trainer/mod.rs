@@ -60,6 +60,10 @@ pub struct TrainConfig {
     pub sgd: SgdConfig,
     pub schedule: Schedule,
     pub warmup_steps: usize,
+    /// The recipe's augmentations this run applies (configurations from before the choice
+    /// applied all four).
+    #[serde(default)]
+    pub augment: crate::data::augment::Augmentations,
     pub loss: LossConfig,
     /// Where the encoder trains, and which loss implementation it runs.
     pub backend: BackendChoice,
@@ -86,6 +90,7 @@ impl Default for TrainConfig {
             sgd: SgdConfig::default(),
             schedule: Schedule::paper_step(),
             warmup_steps: 0,
+            augment: crate::data::augment::Augmentations::all(),
             loss: LossConfig::default(),
             backend: BackendChoice::Cpu {
                 reference_loss: false,

@@ -410,6 +410,7 @@ impl<'a, B: Backend> Run<'a, B> {
         let (cfg, ds) = (self.cfg, self.ds.clone());
         let worker = BatchWorker::spawn(
             ds.clone(),
+            cfg.augment,
             cfg.seed,
             cfg.batch,
             self.steps_per_epoch,

@@ -310,6 +310,32 @@ fn eval_every_milestones_and_no_pixel_baseline_shape_the_run() {
         "{stderr}"
     );
 
+    // The linear probe beside the other metrics.
+    let ckpt = dir.join("last.safetensors");
+    let eval = invaspread(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--dataset",
+        "digits",
+        "--data-dir",
+        data,
+        "--linear",
+        "--json",
+    ]);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    let linear = json["linear_top1"].as_f64().unwrap();
+    assert!(
+        linear > 0.5 && linear <= 1.0,
+        "digits are easy for a linear probe: {json}"
+    );
+    assert!(json["knn_top5"].as_f64().unwrap() >= json["knn_top1"].as_f64().unwrap());
+
     // `plot` draws runs side by side; bad arguments are named.
     let png = dir.join("curves.png");
     let plot = invaspread(&[

@@ -32,6 +32,10 @@ pub struct EvalArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Also fit a linear probe: multinomial logistic regression on the frozen embeddings of the
+    /// train split, reported on the test split (the protocol is in src/eval/linear.rs).
+    #[arg(long)]
+    linear: bool,
     /// Where the embeddings and the kNN search run (Recall@K and k-means stay on the CPU).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
@@ -51,6 +55,9 @@ struct Report {
     nmi: f64,
     /// k-means starts behind `nmi` (the lowest inertia kept).
     kmeans_starts: usize,
+    /// The linear probe's test top-1 (with --linear).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    linear_top1: Option<f64>,
 }
 
 /// The CUDA backend for `eval` and `embed` (float32 GEMMs: the CPU's numbers to rounding).
@@ -88,6 +95,22 @@ fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
     let clusters = eval::kmeans(&test, EMBED_DIM, classes, eval::KMEANS_STARTS, 0)?.assign;
     let labels: Vec<usize> = labels_test.iter().map(|&l| l as usize).collect();
     let nmi = eval::nmi(&clusters, &labels);
+    let linear = if args.linear {
+        let bank = b.download(&train)?;
+        let cfg = eval::LinearProbeConfig::default();
+        let probe = eval::linear_probe(
+            &bank,
+            labels_train,
+            &test,
+            labels_test,
+            EMBED_DIM,
+            classes,
+            &cfg,
+        )?;
+        Some(probe)
+    } else {
+        None
+    };
     if args.json {
         let report = Report {
             knn_top1: knn.top1,
@@ -100,6 +123,7 @@ fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
             recall_at_8: recall[3],
             nmi,
             kmeans_starts: eval::KMEANS_STARTS,
+            linear_top1: linear.map(|p| p.test_top1),
         };
         let text = serde_json::to_string(&report)
             .map_err(|e| invaspread::Error::invalid(format!("eval JSON: {e}")))?;
@@ -123,6 +147,13 @@ fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
             "NMI (k-means, {classes} clusters, best of {} starts): {nmi:.4}",
             eval::KMEANS_STARTS
         );
+        if let Some(p) = linear {
+            println!(
+                "linear probe top-1: {:.2}% (train split {:.2}%)",
+                100.0 * p.test_top1,
+                100.0 * p.train_top1
+            );
+        }
     }
     Ok(())
 }

@@ -1,6 +1,11 @@
-//! Metrics of embeddings, on the host: weighted kNN top-1 (Wu et al. 2018), Recall@K, and NMI
-//! of k-means clusters. Embeddings are rows of `d` floats, L2-normalized; the neighbour search
-//! is `ops::topk` (`nn::embed::knn_top1` runs it on a training backend).
+//! Metrics of embeddings, on the host: weighted kNN top-1 and top-5 (Wu et al. 2018), Recall@K,
+//! NMI of k-means clusters, and the linear probe ([`linear`]). Embeddings are rows of `d`
+//! floats, L2-normalized; the neighbour search is `ops::topk` (`nn::embed::weighted_knn` runs
+//! it on a training backend).
+
+pub mod linear;
+
+pub use linear::{linear_probe, LinearProbe, LinearProbeConfig};
 
 use rand::Rng;
 use rayon::prelude::*;

@@ -15,12 +15,17 @@ fn train_then_eval_and_embed_the_checkpoint() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(
-        stderr.contains("kNN at initialisation: top-1") && stderr.contains("epoch   1"),
+        stderr.contains("kNN top-1")
+            && stderr.contains("at initialisation (raw pixels")
+            && stderr.contains("epoch   1"),
         "{stderr}"
     );
     let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines[0], "epoch,step,loss,knn_top1,knn_top5,lr,seconds");
+    assert_eq!(
+        lines[0],
+        "epoch,step,loss,knn_top1,knn_top5,recall_at_1,lr,seconds"
+    );
     assert!(
         lines[1].starts_with("0,0,,0."),
         "the initialised network: {csv}"
@@ -392,5 +397,163 @@ fn eval_every_milestones_and_no_pixel_baseline_shape_the_run() {
         assert_eq!(bad.status.code(), Some(2), "{flag} {value}: {stderr}");
         assert!(stderr.contains(expected), "{flag} {value}: {stderr}");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_unseen_class_run_reports_recall_and_eval_and_embed_use_only_those_classes() {
+    let Some(data) =
+        digits("an_unseen_class_run_reports_recall_and_eval_and_embed_use_only_those_classes")
+    else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("invaspread-cli-unseen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (data, out) = (data.to_str().unwrap(), dir.to_str().unwrap());
+    let run = invaspread(&[
+        "train",
+        "--dataset",
+        "digits",
+        "--data-dir",
+        data,
+        "--epochs",
+        "2",
+        "--batch",
+        "64",
+        "--classes",
+        "0-4",
+        "--eval-classes",
+        "5,6,7-9",
+        "--no-pixel-baseline",
+        "--out",
+        out,
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("training on 5 classes (0, 1, 2, 3, 4)")
+            && stderr.contains("trained on 0, 1, 2, 3, 4; evaluated on 5, 6, 7, 8, 9"),
+        "{stderr}"
+    );
+    let rows = invaspread::trainer::outputs::parse_metrics_csv(&dir.join("metrics.csv")).unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(
+        rows.iter()
+            .all(|r| r.knn_top1.is_none() && r.recall_at_1.is_some()),
+        "{rows:?}"
+    );
+    assert!(
+        dir.join("best.safetensors").exists(),
+        "best picked by Recall@1"
+    );
+    // 11 steps an epoch: the 5 training classes' 720-odd images, not all 1438.
+    assert_eq!(rows[1].step, 11, "{rows:?}");
+
+    let ckpt = dir.join("last.safetensors");
+    let eval = invaspread(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--dataset",
+        "digits",
+        "--data-dir",
+        data,
+        "--classes",
+        "5-9",
+        "--json",
+    ]);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(
+        json["classes"],
+        serde_json::json!(["5", "6", "7", "8", "9"])
+    );
+    assert_eq!(json["clusters"], 5);
+    let recall = json["recall_at_1"].as_f64().unwrap();
+    let run_recall = rows[2].recall_at_1.unwrap();
+    assert!(
+        (recall - run_recall).abs() < 1e-12,
+        "eval's Recall@1 {recall} on the held-out classes is the run's last {run_recall}"
+    );
+
+    let emb = dir.join("unseen.npy");
+    let e = invaspread(&[
+        "embed",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--dataset",
+        "digits",
+        "--data-dir",
+        data,
+        "--classes",
+        "5-9",
+        "--out",
+        emb.to_str().unwrap(),
+    ]);
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let arr = invaspread::npy::read(&emb).unwrap();
+    let all = invaspread::data::digits(std::path::Path::new(data)).unwrap();
+    let held_out = all.test.labels.iter().filter(|&&l| l >= 5).count();
+    assert_eq!(arr.shape, vec![held_out, 128]);
+    let labels = std::fs::read(dir.join("unseen.labels.npy")).unwrap();
+    assert!(!labels.is_empty());
+
+    let bad = invaspread(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--dataset",
+        "digits",
+        "--data-dir",
+        data,
+        "--classes",
+        "5-12",
+    ]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && stderr.contains("past the last index, 9"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn eval_regenerates_the_synthetic_set_with_the_checkpoint_seed() {
+    let dir = std::env::temp_dir().join(format!("invaspread-cli-seed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let run = invaspread(&[
+        "train", "--steps", "0", "--seed", "3", "--k", "20", "--out", out,
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let rows = invaspread::trainer::outputs::parse_metrics_csv(&dir.join("metrics.csv")).unwrap();
+    let ckpt = dir.join("last.safetensors");
+    let eval = invaspread(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--k",
+        "20",
+        "--json",
+    ]);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(
+        json["knn_top1"].as_f64().unwrap(),
+        rows[0].knn_top1.unwrap(),
+        "the run's own data (seed 3), not seed 0's"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

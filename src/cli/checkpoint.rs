@@ -12,6 +12,15 @@ use invaspread::{names, Error};
 
 /// The model a checkpoint names, on `backend`, with the checkpoint's values.
 pub fn load<B: Backend>(path: &Path, backend: B) -> invaspread::Result<(Graph<B>, Model)> {
+    let (graph, model, _) = load_with_metadata(path, backend)?;
+    Ok((graph, model))
+}
+
+/// [`load`], with the checkpoint's metadata (model, dataset, image_size, seed, step).
+pub fn load_with_metadata<B: Backend>(
+    path: &Path,
+    backend: B,
+) -> invaspread::Result<(Graph<B>, Model, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| Error::bad_file(path, format!("not a safetensors file: {e}")))?;
@@ -23,5 +32,45 @@ pub fn load<B: Backend>(path: &Path, backend: B) -> invaspread::Result<(Graph<B>
     let mut store = ParamStore::default();
     let model = Model::new(kind, &mut store, &backend, 0)?;
     checkpoint::load_model(&mut store, &backend, path)?;
-    Ok((Graph::new(backend, store), model))
+    Ok((Graph::new(backend, store), model, meta))
+}
+
+/// The dataset `args` names, as the checkpoint's run saw it: generated with the run's seed
+/// (the synthetic set depends on it) and resized to the run's image size unless
+/// `--image-size` says otherwise; restricted to `--classes` when given.
+pub fn dataset_for(
+    args: &super::data::DataArgs,
+    meta: &HashMap<String, String>,
+    path: &Path,
+) -> invaspread::Result<invaspread::data::Dataset> {
+    let number = |key: &str| -> invaspread::Result<Option<u64>> {
+        meta.get(key)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    Error::bad_file(path, format!("metadata {key} = {v:?} is not a number"))
+                })
+            })
+            .transpose()
+    };
+    let mut cfg = args.config();
+    if cfg.image_size.is_none() {
+        cfg.image_size = number("image_size")?.map(|s| s as usize);
+    }
+    let seed = number("seed")?.unwrap_or(0);
+    let ds = super::data::load(&cfg, seed)?;
+    match &cfg.classes {
+        Some(spec) => {
+            let picked = invaspread::data::classes::select(spec, &ds.classes, "--classes")?;
+            let ds = ds.restrict(&picked, "--classes")?;
+            eprintln!(
+                "using {} classes ({}): {} train and {} test images",
+                ds.classes.len(),
+                ds.classes.join(", "),
+                ds.train.len(),
+                ds.test.len()
+            );
+            Ok(ds)
+        }
+        None => Ok(ds),
+    }
 }

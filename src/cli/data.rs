@@ -26,6 +26,10 @@ pub struct DataArgs {
     /// files are ever read: no devices or FIFOs).
     #[arg(long)]
     pub follow_links: bool,
+    /// Use only these classes: a comma-separated list of class names, indices or index ranges
+    /// of the dataset's class list (`0-4`, `cat,dog`, `0,2,5-7`).
+    #[arg(long, value_name = "SPEC")]
+    pub classes: Option<String>,
 }
 
 impl DataArgs {
@@ -37,6 +41,7 @@ impl DataArgs {
             on_bad_image: self.on_bad_image,
             stl10_unlabeled: self.stl10_unlabeled,
             follow_links: self.follow_links,
+            classes: self.classes.clone(),
         }
     }
 }

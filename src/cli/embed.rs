@@ -8,7 +8,7 @@ use invaspread::nn::embed::embed_split_host;
 use invaspread::nn::models::EMBED_DIM;
 use invaspread::npy;
 
-use super::data::{self, DataArgs};
+use super::data::DataArgs;
 use super::eval::cuda_backend;
 use super::{checkpoint, Device};
 
@@ -43,8 +43,8 @@ pub fn run(args: EmbedArgs) -> invaspread::Result<()> {
 }
 
 fn embed_on<B: Backend>(args: EmbedArgs, backend: B) -> invaspread::Result<()> {
-    let ds = data::load(&args.data.config(), 0)?;
-    let (mut graph, model) = checkpoint::load(&args.checkpoint, backend)?;
+    let (mut graph, model, meta) = checkpoint::load_with_metadata(&args.checkpoint, backend)?;
+    let ds = checkpoint::dataset_for(&args.data, &meta, &args.checkpoint)?;
     let split = if args.split == SplitArg::Train {
         &ds.train
     } else {

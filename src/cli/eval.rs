@@ -13,7 +13,7 @@ use invaspread::nn::models::EMBED_DIM;
 use invaspread::trainer::KnnConfig;
 use serde::Serialize;
 
-use super::data::{self, DataArgs};
+use super::data::DataArgs;
 use super::{checkpoint, Device};
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +55,10 @@ struct Report {
     nmi: f64,
     /// k-means starts behind `nmi` (the lowest inertia kept).
     kmeans_starts: usize,
+    /// The classes evaluated (all of the dataset's, or those of --classes).
+    classes: Vec<String>,
+    /// Clusters of the k-means behind `nmi`: one per evaluated class.
+    clusters: usize,
     /// The linear probe's test top-1 (with --linear).
     #[serde(skip_serializing_if = "Option::is_none")]
     linear_top1: Option<f64>,
@@ -73,8 +77,8 @@ pub fn run(args: EvalArgs) -> invaspread::Result<()> {
 }
 
 fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
-    let ds = data::load(&args.data.config(), 0)?;
-    let (mut graph, model) = checkpoint::load(&args.checkpoint, backend)?;
+    let (mut graph, model, meta) = checkpoint::load_with_metadata(&args.checkpoint, backend)?;
+    let ds = checkpoint::dataset_for(&args.data, &meta, &args.checkpoint)?;
     let train = embed_split(&mut graph, &model, &ds.train, ds.size, EVAL_BATCH)?;
     let test = embed_split(&mut graph, &model, &ds.test, ds.size, EVAL_BATCH)?;
     let b = &graph.backend;
@@ -124,6 +128,8 @@ fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
             nmi,
             kmeans_starts: eval::KMEANS_STARTS,
             linear_top1: linear.map(|p| p.test_top1),
+            classes: ds.classes.clone(),
+            clusters: classes,
         };
         let text = serde_json::to_string(&report)
             .map_err(|e| invaspread::Error::invalid(format!("eval JSON: {e}")))?;

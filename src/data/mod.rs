@@ -10,6 +10,7 @@
 
 pub mod augment;
 pub mod cifar10;
+pub mod classes;
 pub mod digits;
 pub mod folder;
 pub mod stl10;
@@ -110,6 +111,11 @@ pub struct DataConfig {
     /// otherwise).
     #[serde(default)]
     pub follow_links: bool,
+    /// The classes used (`--classes`, [`classes::select`]); None: all. Applied by the user of
+    /// the dataset (training, eval, embed), not by [`load`], so that a run can evaluate on
+    /// classes it did not train on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<String>,
 }
 
 impl Default for DataConfig {
@@ -121,6 +127,7 @@ impl Default for DataConfig {
             on_bad_image: OnBadImage::Stop,
             stl10_unlabeled: false,
             follow_links: false,
+            classes: None,
         }
     }
 }

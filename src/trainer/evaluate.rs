@@ -1,6 +1,9 @@
-//! The evaluation a run prints and records: kNN top-1 on the test split with the training
-//! split as the memory bank, embeddings and neighbour search on the run's backend; and the
-//! baseline it must beat, kNN on raw pixels.
+//! The evaluation a run prints and records: weighted kNN on the test split with the training
+//! split as the memory bank, embeddings and neighbour search on the run's backend, or, for
+//! classes the run did not train on, Recall@1 among their test images; and the baseline it
+//! must beat, kNN on raw pixels.
+
+use std::sync::Arc;
 
 use super::KnnConfig;
 use crate::data::{augment, Dataset, Split};
@@ -11,7 +14,7 @@ use crate::linalg::{matmul, MatRef};
 use crate::nn::backend::Backend;
 use crate::nn::embed::{embed_split_until, weighted_knn, EVAL_BATCH};
 use crate::nn::graph::Graph;
-use crate::nn::models::Model;
+use crate::nn::models::{Model, EMBED_DIM};
 use crate::ops::normalize_rows;
 use crate::rng::{random_matrix, rng};
 
@@ -54,6 +57,53 @@ pub fn knn_accuracy_until<B: Backend>(
         knn.sigma,
     )
     .map(Some)
+}
+
+/// The classes a run evaluates and how.
+#[derive(Debug, Clone)]
+pub struct EvalSet {
+    /// The dataset restricted to the evaluated classes.
+    pub ds: Arc<Dataset>,
+    /// Some evaluated class is not trained on: Recall@1 among the test images instead of kNN
+    /// against the training images.
+    pub unseen: bool,
+}
+
+/// One evaluation's numbers: kNN for classes the run trains on, Recall@1 for unseen ones.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Evaluation {
+    Knn(KnnAccuracy),
+    RecallAt1(f64),
+}
+
+impl Evaluation {
+    /// The number a run ranks its epochs by (best.safetensors).
+    pub fn headline(&self) -> f64 {
+        match self {
+            Evaluation::Knn(k) => k.top1,
+            Evaluation::RecallAt1(r) => *r,
+        }
+    }
+}
+
+/// [`knn_accuracy_until`], or Recall@1 among the test images of an unseen-class set.
+pub fn evaluate_until<B: Backend>(
+    graph: &mut Graph<B>,
+    model: &Model,
+    set: &EvalSet,
+    knn: &KnnConfig,
+    stop: &dyn Fn() -> bool,
+) -> Result<Option<Evaluation>> {
+    if !set.unseen {
+        return Ok(knn_accuracy_until(graph, model, &set.ds, knn, stop)?.map(Evaluation::Knn));
+    }
+    let ds = &set.ds;
+    let Some(test) = embed_split_until(graph, model, &ds.test, ds.size, EVAL_BATCH, stop)? else {
+        return Ok(None);
+    };
+    let test = graph.backend.download(&test)?;
+    let recall = eval::recall_at_k(&test, &ds.test.labels, EMBED_DIM, &[1])?;
+    Ok(Some(Evaluation::RecallAt1(recall[0])))
 }
 
 /// Width of the random projection of raw pixels.

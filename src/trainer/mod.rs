@@ -72,6 +72,11 @@ pub struct TrainConfig {
     pub loss_read_every: Option<usize>,
     pub seed: u64,
     pub knn: KnnConfig,
+    /// The classes evaluated (`--eval-classes`, a class spec like `data.classes`); None: the
+    /// training classes. Classes outside the training ones make an unseen-category run, whose
+    /// per-epoch metric is Recall@1 among their test images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_classes: Option<String>,
     /// What the run found when it wrote config.json (the dataset's size, the thread count);
     /// ignored when the file is read back as a configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,6 +104,7 @@ impl Default for TrainConfig {
             loss_read_every: None,
             seed: 0,
             knn: KnnConfig::default(),
+            eval_classes: None,
             recorded: None,
         }
     }
@@ -221,8 +227,14 @@ pub struct TrainSummary {
     /// Every step's loss of this invocation (a resumed run starts at its first new step).
     pub step_losses: Vec<f64>,
     pub interrupted: bool,
-    /// kNN of the initialised network (None for a resumed run that evaluated it before).
+    /// kNN of the initialised network (None for a resumed run that evaluated it before, or an
+    /// unseen-class run).
     pub knn_at_start: Option<crate::eval::KnnAccuracy>,
+    /// The classes trained on and evaluated on (names).
+    pub classes_trained: Vec<String>,
+    pub classes_evaluated: Vec<String>,
+    /// The evaluated classes include some not trained on (Recall@1, not kNN).
+    pub unseen: bool,
 }
 
 /// Set by Ctrl-C; the loop saves and stops at the next step boundary.

@@ -36,27 +36,52 @@ pub struct EpochMetrics {
     /// Absent from the state of runs written before top-5 was measured.
     #[serde(default)]
     pub knn_top5: Option<f64>,
+    /// Recall@1 among the test images of unseen classes (their runs have no kNN).
+    #[serde(default)]
+    pub recall_at_1: Option<f64>,
     pub lr: f64,
     pub seconds: f64,
 }
 
 impl EpochMetrics {
-    /// The row of the initialised network.
-    pub fn initial(knn: crate::eval::KnnAccuracy, lr: f64) -> EpochMetrics {
+    /// A row with the numbers of `evaluation` (None: not evaluated).
+    pub fn new(
+        epoch: usize,
+        step: usize,
+        loss: Option<f64>,
+        evaluation: Option<super::evaluate::Evaluation>,
+        lr: f64,
+        seconds: f64,
+    ) -> EpochMetrics {
+        use super::evaluate::Evaluation;
+        let knn = match evaluation {
+            Some(Evaluation::Knn(k)) => Some(k),
+            _ => None,
+        };
+        let recall_at_1 = match evaluation {
+            Some(Evaluation::RecallAt1(r)) => Some(r),
+            _ => None,
+        };
         EpochMetrics {
-            epoch: 0,
-            step: 0,
-            loss: None,
-            knn_top1: Some(knn.top1),
-            knn_top5: Some(knn.top5),
+            epoch,
+            step,
+            loss,
+            knn_top1: knn.map(|k| k.top1),
+            knn_top5: knn.map(|k| k.top5),
+            recall_at_1,
             lr,
-            seconds: 0.0,
+            seconds,
         }
+    }
+
+    /// The number the run ranks epochs by: kNN top-1, or Recall@1 for unseen classes.
+    pub fn headline(&self) -> Option<f64> {
+        self.knn_top1.or(self.recall_at_1)
     }
 }
 
 /// The columns of metrics.csv.
-pub const METRICS_HEADER: &str = "epoch,step,loss,knn_top1,knn_top5,lr,seconds";
+pub const METRICS_HEADER: &str = "epoch,step,loss,knn_top1,knn_top5,recall_at_1,lr,seconds";
 
 /// The columns of metrics.csv before epoch 0 and top-5 (read when a legacy run resumes).
 const LEGACY_METRICS_HEADER: &str = "epoch,step,loss,knn_top1,lr,seconds";
@@ -66,12 +91,13 @@ pub fn metrics_csv(rows: &[EpochMetrics]) -> String {
     let mut s = format!("{METRICS_HEADER}\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{},{},{},{:.3}\n",
+            "{},{},{},{},{},{},{},{:.3}\n",
             r.epoch,
             r.step,
             cell(r.loss),
             cell(r.knn_top1),
             cell(r.knn_top5),
+            cell(r.recall_at_1),
             r.lr,
             r.seconds
         ));
@@ -114,13 +140,19 @@ pub fn metrics_png(rows: &[EpochMetrics], path: &Path) -> Result<()> {
             scale: Scale::Fitted,
         },
         Panel {
-            caption: "weighted kNN on the test split".into(),
+            caption: "evaluation on the test split".into(),
             x_desc: "epoch (0: the initialised network)".into(),
             y_desc: "accuracy (%)".into(),
-            series: vec![
-                series("kNN top-1", &|r| r.knn_top1.map(|v| 100.0 * v)),
-                series("kNN top-5", &|r| r.knn_top5.map(|v| 100.0 * v)),
-            ],
+            series: if rows.iter().any(|r| r.recall_at_1.is_some()) {
+                vec![series("Recall@1, unseen classes", &|r| {
+                    r.recall_at_1.map(|v| 100.0 * v)
+                })]
+            } else {
+                vec![
+                    series("kNN top-1", &|r| r.knn_top1.map(|v| 100.0 * v)),
+                    series("kNN top-5", &|r| r.knn_top5.map(|v| 100.0 * v)),
+                ]
+            },
             scale: Scale::Percent,
         },
     ];
@@ -160,9 +192,9 @@ pub fn parse_metrics_csv(path: &Path) -> Result<Vec<EpochMetrics>> {
                 )
             };
             if legacy && f.len() == 6 {
-                f.insert(4, "");
+                f.splice(4..4, ["", ""]);
             }
-            if f.len() != 7 {
+            if f.len() != 8 {
                 return Err(bad());
             }
             let optional = |s: &str| -> Result<Option<f64>> {
@@ -178,8 +210,9 @@ pub fn parse_metrics_csv(path: &Path) -> Result<Vec<EpochMetrics>> {
                 loss: optional(f[2])?,
                 knn_top1: optional(f[3])?,
                 knn_top5: optional(f[4])?,
-                lr: f[5].parse().map_err(|_| bad())?,
-                seconds: f[6].parse().map_err(|_| bad())?,
+                recall_at_1: optional(f[5])?,
+                lr: f[6].parse().map_err(|_| bad())?,
+                seconds: f[7].parse().map_err(|_| bad())?,
             })
         })
         .collect()
@@ -265,5 +298,54 @@ impl StepLog {
     pub fn flush(&mut self) -> Result<()> {
         use std::io::Write;
         self.file.flush().map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_csv_round_trips_and_legacy_files_still_read() {
+        let dir = std::env::temp_dir().join(format!("invaspread-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let knn = crate::eval::KnnAccuracy {
+            top1: 0.25,
+            top5: 0.75,
+        };
+        use super::super::evaluate::Evaluation;
+        let rows = vec![
+            EpochMetrics::new(0, 0, None, Some(Evaluation::Knn(knn)), 0.03, 0.0),
+            EpochMetrics::new(1, 10, Some(5.5), None, 0.03, 1.5),
+            EpochMetrics::new(
+                2,
+                20,
+                Some(5.25),
+                Some(Evaluation::RecallAt1(0.5)),
+                0.003,
+                3.0,
+            ),
+        ];
+        let path = dir.join("metrics.csv");
+        std::fs::write(&path, metrics_csv(&rows)).unwrap();
+        assert_eq!(parse_metrics_csv(&path).unwrap(), rows);
+        std::fs::write(
+            &path,
+            "epoch,step,loss,knn_top1,lr,seconds\n1,31,5.5,0.25,0.03,9.000\n",
+        )
+        .unwrap();
+        let legacy = parse_metrics_csv(&path).unwrap();
+        assert_eq!(legacy[0].knn_top1, Some(0.25));
+        assert_eq!(
+            (legacy[0].knn_top5, legacy[0].recall_at_1, legacy[0].lr),
+            (None, None, 0.03)
+        );
+        std::fs::write(&path, "epoch,loss\n").unwrap();
+        let err = parse_metrics_csv(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("header") && err.contains("metrics.csv"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::batches::BatchWorker;
-use super::evaluate::{knn_accuracy, knn_accuracy_until, raw_pixel_knn};
+use super::evaluate::{evaluate_until, raw_pixel_knn, EvalSet, Evaluation};
 use super::lock::RunLock;
 use super::losses::{EpochLoss, LossReader};
 use super::outputs::{self, EpochMetrics, StepLog, BEST, LAST, LAST_OPT, STATE};
@@ -38,7 +38,10 @@ use crate::ops::Shape4;
 pub struct Run<'a, B: Backend> {
     cfg: &'a TrainConfig,
     opts: &'a RunOptions,
+    /// The training images (of the training classes).
     ds: Arc<Dataset>,
+    /// What the epochs are evaluated on.
+    eval: EvalSet,
     graph: Graph<B>,
     model: Model,
     sgd: Sgd,
@@ -99,6 +102,10 @@ impl<'a, B: Backend> Run<'a, B> {
     ) -> Result<Self> {
         config::validate(cfg)?;
         cfg.loss.validate()?;
+        let (ds, eval) = class_split(cfg, &ds)?;
+        if opts.progress && (cfg.data.classes.is_some() || cfg.eval_classes.is_some()) {
+            eprintln!("{}", describe_classes(&ds, &eval));
+        }
         let (steps_per_epoch, total_steps) = step_counts(cfg, &ds)?;
         std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
         let lock = RunLock::acquire(&opts.out)?;
@@ -115,6 +122,7 @@ impl<'a, B: Backend> Run<'a, B> {
             cfg,
             opts,
             ds,
+            eval,
             graph: Graph::new(backend, store),
             model,
             sgd: Sgd::new(cfg.sgd),
@@ -131,6 +139,9 @@ impl<'a, B: Backend> Run<'a, B> {
                 step_losses: Vec::new(),
                 interrupted: false,
                 knn_at_start: None,
+                classes_trained: Vec::new(),
+                classes_evaluated: Vec::new(),
+                unseen: false,
             },
             _lock: lock,
         };
@@ -327,6 +338,9 @@ impl<'a, B: Backend> Run<'a, B> {
 
     /// Runs the configured steps; see the module documentation.
     pub fn train(mut self) -> Result<TrainSummary> {
+        self.summary.classes_trained = self.ds.classes.clone();
+        self.summary.classes_evaluated = self.eval.ds.classes.clone();
+        self.summary.unseen = self.eval.unseen;
         if self.start == 0 && !self.metrics.iter().any(|m| m.epoch == 0) {
             self.initial_evaluation()?;
         }
@@ -341,22 +355,26 @@ impl<'a, B: Backend> Run<'a, B> {
     /// kNN of the initialised network, the metrics' epoch 0 (and, with progress shown and the
     /// baseline asked for, kNN of raw pixels).
     fn initial_evaluation(&mut self) -> Result<()> {
-        let knn = knn_accuracy(&mut self.graph, &self.model, &self.ds, &self.cfg.knn)?;
-        self.summary.knn_at_start = Some(knn);
-        let row = EpochMetrics::initial(knn, self.lr_at(0));
+        let never = || false;
+        let (g, m, set) = (&mut self.graph, &self.model, &self.eval);
+        let evaluation = evaluate_until(g, m, set, &self.cfg.knn, &never)?
+            .ok_or_else(|| Error::invalid("internal: an evaluation stopped unasked"))?;
+        if let Evaluation::Knn(knn) = evaluation {
+            self.summary.knn_at_start = Some(knn);
+        }
+        let row = EpochMetrics::new(0, 0, None, Some(evaluation), self.lr_at(0), 0.0);
         self.metrics.push(row.clone());
         self.summary.metrics.push(row);
         if self.opts.progress {
-            let pixels = if self.cfg.knn.pixel_baseline {
-                let raw = raw_pixel_knn(&self.ds, &self.cfg.knn)?;
+            let pixels = if self.cfg.knn.pixel_baseline && !self.eval.unseen {
+                let raw = raw_pixel_knn(&self.eval.ds, &self.cfg.knn)?;
                 format!(" (raw pixels: {:.2}%)", 100.0 * raw.top1)
             } else {
                 String::new()
             };
             eprintln!(
-                "kNN at initialisation: top-1 {:.2}%, top-5 {:.2}%{pixels}",
-                100.0 * knn.top1,
-                100.0 * knn.top5,
+                "{} at initialisation{pixels}",
+                describe_evaluation(&evaluation)
             );
         }
         Ok(())
@@ -501,12 +519,12 @@ impl<'a, B: Backend> Run<'a, B> {
         bar: &indicatif::ProgressBar,
     ) -> Result<bool> {
         let epoch = step / self.steps_per_epoch + 1;
-        let knn = if self.cfg.knn.evaluates(epoch, step + 1 == self.total_steps) {
+        let evaluation = if self.cfg.knn.evaluates(epoch, step + 1 == self.total_steps) {
             super::signals::hook_at_evaluation();
             let stop = stop_flag();
             let stopped = || stop.load(Ordering::SeqCst);
-            let (g, m, ds) = (&mut self.graph, &self.model, &self.ds);
-            let Some(knn) = knn_accuracy_until(g, m, ds, &self.cfg.knn, &stopped)? else {
+            let (g, m, set) = (&mut self.graph, &self.model, &self.eval);
+            let Some(evaluation) = evaluate_until(g, m, set, &self.cfg.knn, &stopped)? else {
                 self.commit(step + 1, self.epoch, false)?;
                 bar.suspend(|| {
                     eprintln!(
@@ -518,28 +536,15 @@ impl<'a, B: Backend> Run<'a, B> {
                 self.summary.interrupted = true;
                 return Ok(false);
             };
-            Some(knn)
+            Some(evaluation)
         } else {
             None
         };
-        let row = EpochMetrics {
-            epoch,
-            step: step + 1,
-            loss: Some(self.epoch.mean()),
-            knn_top1: knn.map(|k| k.top1),
-            knn_top5: knn.map(|k| k.top5),
-            lr,
-            seconds: run_start.elapsed().as_secs_f64(),
-        };
+        let seconds = run_start.elapsed().as_secs_f64();
+        let loss = Some(self.epoch.mean());
+        let row = EpochMetrics::new(epoch, step + 1, loss, evaluation, lr, seconds);
         if self.opts.progress {
-            let knn_text = match knn {
-                Some(k) => format!(
-                    "kNN top-1 {:.2}% top-5 {:.2}%",
-                    100.0 * k.top1,
-                    100.0 * k.top5
-                ),
-                None => "kNN not evaluated".into(),
-            };
+            let knn_text = evaluation.map_or("not evaluated".into(), |e| describe_evaluation(&e));
             let line = format!(
                 "epoch {:>3}  step {:>6}  loss {:.4}  {knn_text}  lr {:.4}  {:.0} s",
                 row.epoch,
@@ -555,9 +560,9 @@ impl<'a, B: Backend> Run<'a, B> {
             .metrics
             .iter()
             .filter(|m| m.epoch > 0)
-            .filter_map(|m| m.knn_top1)
+            .filter_map(|m| m.headline())
             .fold(f64::NEG_INFINITY, f64::max);
-        let is_best = knn.is_some_and(|k| k.top1 > best);
+        let is_best = evaluation.is_some_and(|e| e.headline() > best);
         self.metrics.push(row.clone());
         self.summary.metrics.push(row);
         self.epoch = EpochLoss::default();
@@ -578,5 +583,68 @@ impl<'a, B: Backend> Run<'a, B> {
         });
         self.summary.interrupted = true;
         Ok(())
+    }
+}
+
+/// The training and evaluation datasets of a run's class split: `data.classes` restricts the
+/// training images, `eval_classes` (default: the training classes) the evaluated ones; an
+/// evaluated class outside the training classes makes an unseen-category run.
+fn class_split(cfg: &TrainConfig, full: &Arc<Dataset>) -> Result<(Arc<Dataset>, EvalSet)> {
+    use crate::data::classes::select;
+    let all: Vec<usize> = (0..full.classes.len()).collect();
+    let trained = match &cfg.data.classes {
+        Some(spec) => select(spec, &full.classes, "--classes")?,
+        None => all.clone(),
+    };
+    let evaluated = match &cfg.eval_classes {
+        Some(spec) => select(spec, &full.classes, "--eval-classes")?,
+        None => trained.clone(),
+    };
+    let unseen = evaluated.iter().any(|c| !trained.contains(c));
+    if unseen && evaluated.len() < 2 {
+        return Err(Error::invalid(
+            "--eval-classes: Recall@1 on unseen classes needs 2 classes or more",
+        ));
+    }
+    let restrict = |classes: &[usize], flag: &str| -> Result<Arc<Dataset>> {
+        if classes.len() == full.classes.len() {
+            Ok(full.clone())
+        } else {
+            Ok(Arc::new(full.restrict(classes, flag)?))
+        }
+    };
+    let ds = restrict(&trained, "--classes")?;
+    let eval = EvalSet {
+        ds: restrict(&evaluated, "--eval-classes")?,
+        unseen,
+    };
+    Ok((ds, eval))
+}
+
+/// Which classes a run trains and evaluates on, for its first lines.
+fn describe_classes(ds: &Dataset, eval: &EvalSet) -> String {
+    let how = if eval.unseen {
+        "Recall@1 among the test images of"
+    } else {
+        "kNN on"
+    };
+    format!(
+        "training on {} classes ({}); evaluating {how} {} classes ({})",
+        ds.classes.len(),
+        ds.classes.join(", "),
+        eval.ds.classes.len(),
+        eval.ds.classes.join(", ")
+    )
+}
+
+/// An evaluation as the progress lines print it.
+fn describe_evaluation(e: &Evaluation) -> String {
+    match e {
+        Evaluation::Knn(k) => format!(
+            "kNN top-1 {:.2}% top-5 {:.2}%",
+            100.0 * k.top1,
+            100.0 * k.top5
+        ),
+        Evaluation::RecallAt1(r) => format!("Recall@1 (unseen classes) {:.2}%", 100.0 * r),
     }
 }

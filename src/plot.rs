@@ -129,6 +129,26 @@ fn nice_step(span: f64) -> f64 {
         .unwrap_or(power)
 }
 
+/// Decimals that tell apart the ticks of an axis spanning `span` (about 10 ticks).
+fn decimals(span: f64) -> usize {
+    let step = nice_step(span);
+    if step >= 1.0 {
+        0
+    } else {
+        (-step.log10().floor()) as usize
+    }
+}
+
+/// A tick label with `decimals` decimals, never "-0".
+fn tick(v: f64, decimals: usize) -> String {
+    let s = format!("{v:.decimals$}");
+    if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') {
+        s[1..].to_string()
+    } else {
+        s
+    }
+}
+
 /// The kNN accuracy range in percent: whole tens holding every series.
 fn percent_range(series: &[Series]) -> Range<f64> {
     let values = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
@@ -304,6 +324,7 @@ pub fn scatter_png(
         }
     };
     let (xr, yr) = (span(&|p| p.0), span(&|p| p.1));
+    let (xd, yd) = (decimals(xr.end - xr.start), decimals(yr.end - yr.start));
     render(path, (900, 760), |root| {
         let mut chart = ChartBuilder::on(root)
             .caption(caption, (FONT, 20))
@@ -316,6 +337,8 @@ pub fn scatter_png(
             .configure_mesh()
             .x_desc(x_desc)
             .y_desc(y_desc)
+            .x_label_formatter(&|v| tick(*v, xd))
+            .y_label_formatter(&|v| tick(*v, yd))
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 15))
             .light_line_style(WHITE.mix(0.0))
@@ -365,6 +388,11 @@ mod tests {
         assert_eq!(nice_step(3.7), 0.5);
         assert_eq!(nice_step(0.08), 0.01);
         assert_eq!(nice_step(45.0), 5.0);
+        assert_eq!((decimals(1.6), decimals(0.05), decimals(30.0)), (1, 3, 0));
+        assert_eq!(
+            (tick(-0.01, 1), tick(-0.25, 1), tick(3.0, 0)),
+            ("0.0".into(), "-0.2".into(), "3".into())
+        );
     }
 
     /// Dark pixels (text, axes, ticks) in a rectangle of a decoded PNG.

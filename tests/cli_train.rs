@@ -493,14 +493,16 @@ fn an_unseen_class_run_reports_recall_and_eval_and_embed_use_only_those_classes(
         "5-9",
         "--out",
         emb.to_str().unwrap(),
+        "--png",
+        dir.join("unseen.png").to_str().unwrap(),
     ]);
     assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
     let arr = invaspread::npy::read(&emb).unwrap();
     let all = invaspread::data::digits(std::path::Path::new(data)).unwrap();
     let held_out = all.test.labels.iter().filter(|&&l| l >= 5).count();
     assert_eq!(arr.shape, vec![held_out, 128]);
-    let labels = std::fs::read(dir.join("unseen.labels.npy")).unwrap();
-    assert!(!labels.is_empty());
+    let png = image::open(dir.join("unseen.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (900, 760), "the PCA picture");
 
     let bad = invaspread(&[
         "eval",

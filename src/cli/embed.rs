@@ -29,6 +29,10 @@ pub struct EmbedArgs {
     /// Output: float32 N x 128; the labels go to a sibling .labels.npy (int64).
     #[arg(long, value_name = "E.npy")]
     out: PathBuf,
+    /// Also draw the embeddings' projection on their first two principal components,
+    /// coloured by class, into this PNG.
+    #[arg(long, value_name = "FILE.png")]
+    png: Option<PathBuf>,
     /// Where the encoder runs.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
@@ -55,6 +59,32 @@ fn embed_on<B: Backend>(args: EmbedArgs, backend: B) -> invaspread::Result<()> {
     let labels_path = args.out.with_extension("labels.npy");
     npy::write(&labels_path, &[split.len()], &split.labels)?;
     eprintln!("wrote {} and {}", args.out.display(), labels_path.display());
+    if let Some(png) = &args.png {
+        let p = invaspread::eval::pca_2d(&emb, EMBED_DIM)?;
+        let split_name = if args.split == SplitArg::Train {
+            "train"
+        } else {
+            "test"
+        };
+        let caption = format!(
+            "{} {split_name} split, {} embeddings: PCA",
+            ds.name,
+            split.len()
+        );
+        let axes = (
+            format!("PC 1 ({:.1}% of the variance)", 100.0 * p.explained[0]),
+            format!("PC 2 ({:.1}% of the variance)", 100.0 * p.explained[1]),
+        );
+        invaspread::plot::scatter_png(
+            &p.points,
+            &split.labels,
+            &ds.classes,
+            &caption,
+            (&axes.0, &axes.1),
+            png,
+        )?;
+        eprintln!("wrote {}", png.display());
+    }
     Ok(())
 }
 

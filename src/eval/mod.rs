@@ -1,11 +1,14 @@
 //! Metrics of embeddings, on the host: weighted kNN top-1 and top-5 (Wu et al. 2018), Recall@K,
-//! NMI of k-means clusters, and the linear probe ([`linear`]). Embeddings are rows of `d`
+//! NMI of k-means clusters, the linear probe ([`linear`]) and a 2-D PCA picture
+//! ([`projection`]). Embeddings are rows of `d`
 //! floats, L2-normalized; the neighbour search is `ops::topk` (`nn::embed::weighted_knn` runs
 //! it on a training backend).
 
 pub mod linear;
+pub mod projection;
 
 pub use linear::{linear_probe, LinearProbe, LinearProbeConfig};
+pub use projection::{pca_2d, Projection};
 
 use rand::Rng;
 use rayon::prelude::*;

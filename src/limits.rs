@@ -158,6 +158,9 @@ real!(TAU, "tau", Some("loss.tau"), 0.025 <= x <= 100.0,
 real!(MU, "mu", Some("loss.mu"), 1.0 <= x <= 1000.0,
       "the weight of the negatives; above 1000 float32 drifts from float64 by more than 1e-5");
 
+real!(NEGATIVE_FRACTION, "negative_fraction", Some("loss.negatives.fraction"), 0.0 < x <= 1.0,
+      "the share of each query's negatives kept by --negatives hard|easy; 0.5 in the paper");
+
 // SGD.
 real!(LR, "lr", Some("sgd.lr"), 0.0 < x <= 10.0, "a learning rate; 0.03 in the recipe");
 real!(MOMENTUM, "momentum", Some("sgd.momentum"), 0.0 <= x < 1.0,

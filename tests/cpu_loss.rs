@@ -59,6 +59,7 @@ fn every_size_against_the_reference() {
                     tau: taus[i as usize % 3],
                     mu: [1.0, 2.0][(i as usize / 3) % 2],
                     semantics,
+                    ..LossConfig::default()
                 };
                 let case = format!("random N={n} d={d} {cfg:?}");
                 check::<f32>(&z, n, d, cfg, &case);
@@ -74,6 +75,7 @@ fn every_size_against_the_reference() {
                 tau: 0.1,
                 mu: 1.0,
                 semantics,
+                ..LossConfig::default()
             };
             check::<f32>(&z, n, d, cfg, &format!("random N={n} d={d} {semantics}"));
         }
@@ -87,7 +89,12 @@ fn every_hyper_parameter_on_a_small_batch() {
     for tau in [0.05, 0.1, 0.5] {
         for mu in [1.0, 2.0] {
             for semantics in SEMANTICS {
-                let cfg = LossConfig { tau, mu, semantics };
+                let cfg = LossConfig {
+                    tau,
+                    mu,
+                    semantics,
+                    ..LossConfig::default()
+                };
                 check::<f32>(&z, n, d, cfg, &format!("{cfg:?}"));
                 check::<f64>(&z, n, d, cfg, &format!("{cfg:?}"));
             }
@@ -110,6 +117,7 @@ fn adversarial_inputs_against_the_reference() {
                     tau,
                     mu: 1.0,
                     semantics,
+                    ..LossConfig::default()
                 };
                 let case = format!("adversarial N={n} d={d} {cfg:?}");
                 check::<f32>(&z, n, d, cfg, &case);
@@ -127,6 +135,7 @@ fn results_are_deterministic() {
         tau: 0.1,
         mu: 1.0,
         semantics: GradSemantics::BothSides,
+        ..LossConfig::default()
     };
     let a = cpu::instance_loss(&z, n, d, &cfg, true).unwrap();
     let b = cpu::instance_loss(&z, n, d, &cfg, true).unwrap();

@@ -598,6 +598,7 @@ fn loss_kernels_match_the_float64_reference() {
                     tau: [0.1, 0.05, 0.5][i as usize % 3],
                     mu: [1.0, 2.0][i as usize % 2],
                     semantics,
+                    ..LossConfig::default()
                 };
                 let want = reference::instance_loss(&z, n, d, &cfg, true).unwrap();
                 let tol = if adversarial { 2e-4 } else { 5e-5 };

@@ -98,6 +98,7 @@ fn every_version_every_size_against_the_reference() {
                     tau: taus[i as usize % 3],
                     mu: [1.0, 2.0][(i as usize / 3) % 2],
                     semantics,
+                    ..LossConfig::default()
                 };
                 check_all_versions(&gpu, &z, n, d, cfg, &format!("random N={n} d={d} {cfg:?}"));
             }
@@ -121,6 +122,7 @@ fn sanitizer_sized_cases() {
                 tau: 0.1,
                 mu: 2.0,
                 semantics,
+                ..LossConfig::default()
             };
             check_all_versions(&gpu, &z, n, d, cfg, &format!("random N={n} d={d} {cfg:?}"));
         }
@@ -142,7 +144,12 @@ fn every_hyper_parameter() {
     for tau in [0.05, 0.1, 0.5] {
         for mu in [1.0, 2.0] {
             for semantics in SEMANTICS {
-                let cfg = LossConfig { tau, mu, semantics };
+                let cfg = LossConfig {
+                    tau,
+                    mu,
+                    semantics,
+                    ..LossConfig::default()
+                };
                 check_all_versions(&gpu, &z, n, d, cfg, &format!("random {cfg:?}"));
             }
         }
@@ -172,6 +179,7 @@ fn adversarial_inputs() {
                     tau,
                     mu: 1.0,
                     semantics,
+                    ..LossConfig::default()
                 };
                 check_all_versions(
                     &gpu,
@@ -202,6 +210,7 @@ fn every_version_is_deterministic() {
         tau: 0.1,
         mu: 1.0,
         semantics: GradSemantics::BothSides,
+        ..LossConfig::default()
     };
     for version in CudaLossVersion::ALL {
         let (l1, g1) = cuda::instance_loss(gpu.clone(), version, &z, n, d, &cfg, true).unwrap();

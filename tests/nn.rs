@@ -271,6 +271,7 @@ fn instance_loss_op_backward_matches_finite_differences() {
             tau: 0.5,
             mu: 1.0,
             semantics,
+            ..LossConfig::default()
         };
         let xs = Shape4 {
             n: 6,

@@ -22,7 +22,12 @@ const F: [f64; 12] = [
 ];
 
 fn cfg(tau: f64, mu: f64, semantics: GradSemantics) -> LossConfig {
-    LossConfig { tau, mu, semantics }
+    LossConfig {
+        tau,
+        mu,
+        semantics,
+        ..LossConfig::default()
+    }
 }
 
 fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {

@@ -45,6 +45,7 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
         tau: args.tau,
         mu: 1.0,
         semantics: args.grad_semantics,
+        ..LossConfig::default()
     };
     cfg.validate()?;
     let sizes = if args.n.is_empty() {

@@ -56,6 +56,8 @@ pub struct LossArgs {
     /// Arithmetic of the fused CPU path (f64 prints the loss to full float64 accuracy).
     #[arg(long, value_enum, default_value_t = Precision::F64)]
     precision: Precision,
+    #[command(flatten)]
+    negatives: NegativeArgs,
 }
 
 pub fn run(args: LossArgs) -> invaspread::Result<()> {
@@ -63,6 +65,7 @@ pub fn run(args: LossArgs) -> invaspread::Result<()> {
         tau: args.tau,
         mu: args.mu,
         semantics: args.grad_semantics,
+        negatives: args.negatives.choice(),
     };
     cfg.validate()?;
     let (n, d, array) = npy::read_matrix(&args.input)?;
@@ -107,4 +110,40 @@ pub fn run(args: LossArgs) -> invaspread::Result<()> {
         npy::write(path, &[n, d], &grad)?;
     }
     Ok(())
+}
+
+/// Which negatives enter the loss, as `--negatives` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NegativesArg {
+    /// Every negative (the method).
+    All,
+    /// The fraction of each query's negatives of highest similarity (the paper's ablation).
+    Hard,
+    /// The fraction of lowest similarity.
+    Easy,
+}
+
+/// `--negatives` and `--negative-fraction`, shared by `train` and `loss`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NegativeArgs {
+    /// Which of each query's negatives enter its loss term: all, or the hard or easy
+    /// --negative-fraction of them (the row then divided by kept + 1, as the official code's
+    /// first version).
+    #[arg(long, value_enum, default_value_t = NegativesArg::All)]
+    pub negatives: NegativesArg,
+    /// The share of negatives kept by --negatives hard|easy [0 < fraction <= 1].
+    #[arg(long, default_value_t = 0.5, value_parser = super::ranges::negative_fraction)]
+    pub negative_fraction: f64,
+}
+
+impl NegativeArgs {
+    pub fn choice(&self) -> invaspread::loss::Negatives {
+        use invaspread::loss::Negatives;
+        let fraction = self.negative_fraction;
+        match self.negatives {
+            NegativesArg::All => Negatives::All,
+            NegativesArg::Hard => Negatives::Hard { fraction },
+            NegativesArg::Easy => Negatives::Easy { fraction },
+        }
+    }
 }

@@ -38,6 +38,7 @@ parsers! {
     real momentum = limits::MOMENTUM;
     real weight_decay = limits::WEIGHT_DECAY;
     real sigma = limits::SIGMA;
+    real negative_fraction = limits::NEGATIVE_FRACTION;
     real min_seconds = limits::MIN_SECONDS;
     count k = limits::K;
     count eval_every = limits::EVAL_EVERY;
@@ -92,6 +93,8 @@ mod tests {
             ("train", "tau", R(limits::TAU)),
             ("train", "mu", R(limits::MU)),
             ("train", "sigma", R(limits::SIGMA)),
+            ("train", "negative-fraction", R(limits::NEGATIVE_FRACTION)),
+            ("loss", "negative-fraction", R(limits::NEGATIVE_FRACTION)),
             ("train", "k", C(limits::K)),
             ("train", "eval-every", C(limits::EVAL_EVERY)),
             ("train", "batch", C(limits::BATCH)),

@@ -110,6 +110,8 @@ pub struct TrainArgs {
     mu: f64,
     #[arg(long, value_enum, default_value_t = defaults().loss.semantics)]
     grad_semantics: GradSemantics,
+    #[command(flatten)]
+    negatives: super::loss::NegativeArgs,
     #[arg(long, value_enum, default_value_t = LossArg::Fused)]
     loss: LossArg,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
@@ -228,6 +230,9 @@ fn apply_flags(
         "eval_every" => cfg.knn.every, args.eval_every;
         "no_pixel_baseline" => cfg.knn.pixel_baseline, !args.no_pixel_baseline;
     }
+    if given("negatives") || given("negative_fraction") {
+        cfg.loss.negatives = args.negatives.choice();
+    }
     // --epochs and --steps replace each other.
     if given("epochs") || given("steps") {
         (cfg.epochs, cfg.steps) = (args.epochs, args.steps);
@@ -270,7 +275,7 @@ fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::R
 }
 
 /// Where each flag lives in config.json; what a resume compares.
-const FIELDS: [(&str, &str); 31] = [
+const FIELDS: [(&str, &str); 33] = [
     ("dataset", "/data/dataset"),
     ("data_dir", "/data/data_dir"),
     ("image_size", "/data/image_size"),
@@ -292,6 +297,8 @@ const FIELDS: [(&str, &str); 31] = [
     ("tau", "/loss/tau"),
     ("mu", "/loss/mu"),
     ("grad_semantics", "/loss/grad_semantics"),
+    ("negatives", "/loss/negatives"),
+    ("negative_fraction", "/loss/negatives"),
     ("device", "/backend"),
     ("loss", "/backend"),
     ("precision", "/backend"),

@@ -69,6 +69,9 @@ pub fn instance_loss<T: CpuFloat>(
     let mut row_loss = vec![0.0f64; n];
     let mut scalars = vec![RowScalars::<T>::default(); n];
     let grad_scale = T::of(1.0 / (n as f64 * cfg.tau));
+    let selecting = cfg.negatives != super::Negatives::All;
+    let record = with_grad && selecting && cfg.semantics == GradSemantics::BothSides;
+    let mut dropped = DroppedPairs::new(n, record)?;
 
     // Sweep 1: queries. Each block owns its rows of grad_f, row_loss and scalars.
     let grad_blocks: Vec<&mut [T]> = if with_grad {
@@ -80,16 +83,17 @@ pub fn instance_loss<T: CpuFloat>(
         .into_par_iter()
         .zip(row_loss.par_chunks_mut(ROW_BLOCK))
         .zip(scalars.par_chunks_mut(ROW_BLOCK))
+        .zip(dropped.rows.par_chunks_mut(ROW_BLOCK))
         .enumerate()
         .try_for_each_init(
             || vec![T::ZERO; ROW_BLOCK * n],
-            |buf, (block, ((grad_block, loss_block), scalar_block))| -> Result<()> {
+            |buf, (block, (((grad_block, loss_block), scalar_block), bits))| -> Result<()> {
                 let r0 = block * ROW_BLOCK;
                 let rows = loss_block.len();
                 let s = &mut buf[..rows * n];
                 similarity_rows(&f, r0, rows, n, d, s)?;
                 for (i, row) in s.chunks_exact_mut(n).enumerate() {
-                    let (loss, sc) = query_row(row, r0 + i, cfg, with_grad);
+                    let (loss, sc) = query_row(row, r0 + i, cfg, with_grad, &mut bits[i]);
                     loss_block[i] = loss;
                     scalar_block[i] = sc;
                 }
@@ -135,7 +139,8 @@ pub fn instance_loss<T: CpuFloat>(
                     let s = &mut buf[..rows * n];
                     similarity_rows(&f, r0, rows, n, d, s)?;
                     for (i, row) in s.chunks_exact_mut(n).enumerate() {
-                        key_row(row, r0 + i, cfg, [&shift, &inv_denom, &r]);
+                        let pairs = selecting.then_some(&dropped);
+                        key_row(row, r0 + i, cfg, [&shift, &inv_denom, &r], pairs);
                     }
                     let first = dominant.partition_point(|&(b, _, _)| b < r0);
                     for &(b, a, g) in dominant[first..]
@@ -188,12 +193,15 @@ fn query_row<T: CpuFloat>(
     a: usize,
     cfg: &LossConfig,
     with_grad: bool,
+    dropped_bits: &mut [u64],
 ) -> (f64, RowScalars<T>) {
     let n = row.len();
     let p = partner(a, n);
     let mu = cfg.mu;
     let inv_tau = T::of(1.0 / cfg.tau);
     let s_ap: f64 = row[p].into();
+    let dropped = cfg.negatives.dropped(row, a);
+    let row_scale = cfg.negatives.row_scale(n);
 
     // The diagonal never enters: put it below any cosine similarity for the maximum, then 0.
     row[a] = T::of(-3.0);
@@ -201,6 +209,13 @@ fn query_row<T: CpuFloat>(
     let (shift_v, inv_tau_v) = (T::splat(shift), T::splat(inv_tau));
     map_row(row, T::ZERO, |s| T::exp((s - shift_v) * inv_tau_v));
     row[a] = T::ZERO;
+    // Left-out negatives are absent: a zero term is one (like the diagonal's).
+    for &b in &dropped {
+        row[b] = T::ZERO;
+        if let Some(word) = dropped_bits.get_mut(b / 64) {
+            *word |= 1 << (b % 64);
+        }
+    }
 
     // D_a = e_ap + mu * (sum of the negatives). The partner and the largest negative b* are
     // zeroed while the rest is summed, so nothing is subtracted: D_a - e_ab* is exact too.
@@ -233,8 +248,8 @@ fn query_row<T: CpuFloat>(
     };
     let r = r_rest + q_max / one_minus_q_max;
     let shift64: f64 = shift.into();
-    let loss =
-        denom.ln() - (s_ap - shift64) / cfg.tau - mu * (log_one_minus_q + one_minus_q_max.ln());
+    let loss = row_scale
+        * (denom.ln() - (s_ap - shift64) / cfg.tau - mu * (log_one_minus_q + one_minus_q_max.ln()));
     let mut scalars = RowScalars {
         shift,
         inv_denom,
@@ -257,6 +272,11 @@ fn query_row<T: CpuFloat>(
         // The partner: g_ap = -1 + P_a - mu P_a R_a.
         let p_a = e_p64 / denom;
         row[p] = T::of(-1.0 + p_a - mu * p_a * r);
+        if row_scale != 1.0 {
+            let scale = T::splat(T::of(row_scale));
+            map_row(row, T::ZERO, |g| g * scale);
+            scalars.dominant_g = T::of(row_scale) * scalars.dominant_g;
+        }
     } else {
         row[p] = e_p;
         row[dominant] = e_max;
@@ -267,7 +287,13 @@ fn query_row<T: CpuFloat>(
 /// Row `b` as a key. On entry `row` holds s_ab over all queries a; on exit g_ab, rebuilt from
 /// each query's scalars (shift_a, 1/D_a, R_a). Entries where b is query a's largest negative
 /// are overwritten by the caller with the exact values of the first sweep.
-fn key_row<T: CpuFloat>(row: &mut [T], b: usize, cfg: &LossConfig, scalars: [&[T]; 3]) {
+fn key_row<T: CpuFloat>(
+    row: &mut [T],
+    b: usize,
+    cfg: &LossConfig,
+    scalars: [&[T]; 3],
+    dropped: Option<&DroppedPairs>,
+) {
     let n = row.len();
     let a_partner = partner(b, n); // the one query whose partner is b
     let s_partner: f64 = row[a_partner].into();
@@ -285,4 +311,44 @@ fn key_row<T: CpuFloat>(row: &mut [T], b: usize, cfg: &LossConfig, scalars: [&[T
     let [shift, inv_denom, r] = scalars.map(|v| v[a_partner].into());
     let p = ((s_partner - shift) / cfg.tau).exp() * inv_denom;
     row[a_partner] = T::of(-1.0 + p - mu * p * r);
+    if let Some(dropped) = dropped {
+        for (a, g) in row.iter_mut().enumerate() {
+            if dropped.contains(a, b) {
+                *g = T::ZERO;
+            }
+        }
+        let scale = T::splat(T::of(cfg.negatives.row_scale(n)));
+        map_row(row, T::ZERO, |g| g * scale);
+    }
+}
+
+/// Which (query, key) pairs a negative selection leaves out: a row of N bits per query, kept
+/// for the key sweep of `both-sides` (the selection of each query is made in the query sweep;
+/// remaking it from the key side could differ in the last bit of a tied similarity). One
+/// vector per row, so that each block of the query sweep writes only its own.
+struct DroppedPairs {
+    rows: Vec<Vec<u64>>,
+}
+
+impl DroppedPairs {
+    /// Bits for `n` rows when `record`, else empty rows.
+    fn new(n: usize, record: bool) -> Result<DroppedPairs> {
+        if !record {
+            return Ok(DroppedPairs {
+                rows: vec![Vec::new(); n],
+            });
+        }
+        let words = n.div_ceil(64) as u64;
+        crate::limits::check_allocation(
+            "the negative selection's N x N bits (both-sides)",
+            words.checked_mul(8 * n as u64),
+        )?;
+        Ok(DroppedPairs {
+            rows: vec![vec![0; words as usize]; n],
+        })
+    }
+
+    fn contains(&self, a: usize, b: usize) -> bool {
+        self.rows[a][b / 64] >> (b % 64) & 1 == 1
+    }
 }

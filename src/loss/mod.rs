@@ -33,6 +33,93 @@ impl std::fmt::Display for GradSemantics {
     }
 }
 
+/// Which negatives of each query enter its loss term: all (the method), or, for the paper's
+/// ablation (the official code's first version, `negM < 1`; ../shared/notes/recipe.md), the
+/// hard or easy fraction F of the 2m - 2: the K = round(F (2m - 2)) negatives (at least 1) of
+/// highest (hard) or lowest (easy) similarity, ties to the lower row index. The others leave
+/// D_a and the negative sum as if absent, and a row with a selection is divided by K + 1 as
+/// that code did. The choice is piecewise constant, so the gradient is that of the kept set.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Negatives {
+    #[default]
+    All,
+    Hard {
+        fraction: f64,
+    },
+    Easy {
+        fraction: f64,
+    },
+}
+
+impl Negatives {
+    /// K: the negatives kept of each of `n` rows' n - 2.
+    pub fn kept(&self, n: usize) -> usize {
+        let all = n.saturating_sub(2);
+        match self {
+            Negatives::All => all,
+            Negatives::Hard { fraction } | Negatives::Easy { fraction } => {
+                ((fraction * all as f64).round() as usize).clamp(1, all.max(1))
+            }
+        }
+    }
+
+    /// The factor on each row's loss term and gradient: 1, or 1/(K + 1) with a selection.
+    pub fn row_scale(&self, n: usize) -> f64 {
+        match self {
+            Negatives::All => 1.0,
+            _ => 1.0 / (self.kept(n) + 1) as f64,
+        }
+    }
+
+    /// The negatives of row `a` (its similarities `s`, length N) that the selection leaves
+    /// out, in no particular order (none for `All`).
+    pub fn dropped<T: Copy + PartialOrd>(&self, s: &[T], a: usize) -> Vec<usize> {
+        let n = s.len();
+        let hard = match self {
+            Negatives::All => return Vec::new(),
+            Negatives::Hard { .. } => true,
+            Negatives::Easy { .. } => false,
+        };
+        let p = partner(a, n);
+        let mut order: Vec<usize> = (0..n).filter(|&b| b != a && b != p).collect();
+        let keep = self.kept(n).min(order.len());
+        if keep == order.len() {
+            return Vec::new();
+        }
+        // The kept K first: by similarity (descending for hard, ascending for easy), ties to
+        // the lower index.
+        order.select_nth_unstable_by(keep, |&x, &y| {
+            let by_similarity = if hard {
+                s[y].partial_cmp(&s[x])
+            } else {
+                s[x].partial_cmp(&s[y])
+            };
+            by_similarity
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(x.cmp(&y))
+        });
+        order.split_off(keep)
+    }
+
+    /// Checks the fraction: 0 < F <= 1.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Negatives::All => Ok(()),
+            Negatives::Hard { fraction } | Negatives::Easy { fraction } => {
+                if fraction.is_finite() && *fraction > 0.0 && *fraction <= 1.0 {
+                    Ok(())
+                } else {
+                    Err(Error::invalid(format!(
+                        "negative fraction = {fraction} is invalid: expected 0 < F <= 1 (the \
+                         share of each query's negatives kept)"
+                    )))
+                }
+            }
+        }
+    }
+}
+
 /// The loss's hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +131,9 @@ pub struct LossConfig {
     /// Which gradient the backward pass returns.
     #[serde(rename = "grad_semantics")]
     pub semantics: GradSemantics,
+    /// Which negatives enter (configurations from before the choice: all).
+    #[serde(default)]
+    pub negatives: Negatives,
 }
 
 impl Default for LossConfig {
@@ -52,13 +142,15 @@ impl Default for LossConfig {
             tau: 0.1,
             mu: 1.0,
             semantics: GradSemantics::QueryOnly,
+            negatives: Negatives::All,
         }
     }
 }
 
 impl LossConfig {
-    /// Checks tau and mu (loss.md, "Numerics").
+    /// Checks tau, mu (loss.md, "Numerics") and the negatives' fraction.
     pub fn validate(&self) -> Result<()> {
+        self.negatives.validate()?;
         if !(self.tau.is_finite() && self.tau > 0.0) {
             return Err(Error::invalid(format!(
                 "tau = {} is invalid: expected a finite tau > 0",

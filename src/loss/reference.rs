@@ -175,6 +175,13 @@ fn row_terms(
         }
     }
 
+    // The negatives a selection leaves out (loss.md's sums then run over the kept ones only).
+    let mut kept = vec![true; n];
+    for b in cfg.negatives.dropped(&s, a) {
+        kept[b] = false;
+    }
+    let row_scale = cfg.negatives.row_scale(n);
+
     // Every ratio below is invariant to a common factor on e_ab, so subtract the row maximum:
     // then the largest term is exactly 1, nothing overflows, and D_a >= 1 never underflows
     // even for a tiny tau. (The kernels use the fixed offset 1/tau instead; see loss.md.)
@@ -189,7 +196,13 @@ fn row_terms(
     // directly, never as (row sum - positive), which would cancel when P_a -> 1.
     let weight = |b: usize| if b == p { 1.0 } else { mu };
     let t: Vec<f64> = (0..n)
-        .map(|b| if b == a { 0.0 } else { weight(b) * e(b) })
+        .map(|b| {
+            if b == a || !kept[b] {
+                0.0
+            } else {
+                weight(b) * e(b)
+            }
+        })
         .collect();
     // prefix[b] = sum_{c < b} t_c: D_a without term b is prefix[b] + (D_a - prefix[b+1]) would
     // cancel, so keep suffix sums too and add the two halves, both sums of positive terms.
@@ -214,15 +227,15 @@ fn row_terms(
     // and the loss may still come out inf; nothing in training is near that.)
     let neg_log_p = denom.ln() - (s[p] - shift);
     let mut log_one_minus_q = 0.0;
-    let mut r = 0.0; // R_a = sum_{c not in {a,p}} Q_ac / (1 - Q_ac)
+    let mut r = 0.0; // R_a = sum_{c not in {a,p}, kept} Q_ac / (1 - Q_ac)
     for b in 0..n {
-        if b != a && b != p {
+        if b != a && b != p && kept[b] {
             let numerator = one_minus_q_numerator(b);
             log_one_minus_q += numerator.ln() - denom.ln();
             r += e(b) / numerator; // Q / (1 - Q) = e_ab / (D_a - e_ab)
         }
     }
-    let loss = neg_log_p - mu * log_one_minus_q;
+    let loss = row_scale * (neg_log_p - mu * log_one_minus_q);
     if !with_grad {
         return RowTerms {
             loss,
@@ -234,7 +247,7 @@ fn row_terms(
     // (loss.md, query-only).
     let mut g = vec![0.0f64; n];
     for b in 0..n {
-        if b == a {
+        if b == a || !kept[b] {
             continue;
         }
         let q = e(b) / denom;
@@ -245,7 +258,7 @@ fn row_terms(
         } else {
             gab += mu * e(b) / one_minus_q_numerator(b);
         }
-        g[b] = gab;
+        g[b] = row_scale * gab;
     }
     RowTerms { loss, g }
 }

@@ -105,6 +105,12 @@ impl CudaLossVersion {
 /// Checks what the kernels need beyond the loss's own rules.
 pub fn validate_for_kernels(cfg: &LossConfig) -> Result<()> {
     cfg.validate()?;
+    if cfg.negatives != super::Negatives::All {
+        return Err(Error::invalid(
+            "--negatives hard|easy has no CUDA kernel version yet: the selection runs on the \
+             CPU (--device cpu, the fused CPU loss or the reference)",
+        ));
+    }
     if cfg.tau < MIN_TAU {
         return Err(Error::invalid(format!(
             "tau = {} is below {MIN_TAU}: the CUDA kernels' fixed offset exp((s - 1)/tau) can underflow in float32; use --device cpu",

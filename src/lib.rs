@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`trainer`] | `invaspread train` in parts: configuration as data (`config.json`), the run, the batch worker, loss read-back, outputs, evaluation |
 //! | [`nn`] | the encoder: autodiff tape, the `Backend` trait and its CPU and CUDA implementations, ResNet18/ConvNet, SGD, checkpoints, embeddings |
+//! | [`methods`] | the paper's baselines beside the method (`--method npid\|nce\|exemplar`): memory bank, NCE, exemplar classifier, their state |
 //! | [`eval`] | metrics of embeddings: weighted kNN, Recall@K, k-means NMI |
 //! | [`data`] | datasets, one file each (synthetic default, digits, CIFAR-10, STL-10, image folders), and the recipe's augmentation |
 //! | [`bench`](mod@bench) | timing of the loss implementations for `bench-loss` and criterion, each checked against the float64 truth first; floors from rates measured on the machine ([`bench::floor`]) |
@@ -40,6 +41,7 @@ pub mod eval;
 pub mod limits;
 pub mod linalg;
 pub mod loss;
+pub mod methods;
 pub mod names;
 pub mod nn;
 pub mod npy;

@@ -222,7 +222,7 @@ fn no_parser_panics_or_overallocates_on_mutated_files() {
     );
     checkpoint::save_model(&store, &backend, &model, meta.clone()).unwrap();
     checkpoint::save_optimizer(&store, &sgd, &backend, &opt, meta.clone()).unwrap();
-    checkpoint::save_run_state(&store, &sgd, &backend, &[1.5, 2.5], &state, meta).unwrap();
+    checkpoint::save_run_state(&store, &sgd, &backend, &[1.5, 2.5], &[], &state, meta).unwrap();
     let bound = 24 * MB;
     failures.extend(fuzz("model checkpoint", &model, bound, &mut || {
         checkpoint::load_model(&mut store, &backend, &model).is_ok()

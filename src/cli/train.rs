@@ -11,6 +11,7 @@ use invaspread::cuda::Gpu;
 use invaspread::data::augment::Augmentations;
 use invaspread::loss::cuda::CudaLossVersion;
 use invaspread::loss::GradSemantics;
+use invaspread::methods::Method;
 use invaspread::names::Named;
 use invaspread::nn::cuda_backend::EncoderKernels;
 use invaspread::nn::models::ModelKind;
@@ -112,6 +113,11 @@ pub struct TrainArgs {
     grad_semantics: GradSemantics,
     #[command(flatten)]
     negatives: super::loss::NegativeArgs,
+    /// How to learn: the instance loss (invaspread), or a baseline of the paper's comparison:
+    /// npid (memory bank, full softmax), nce (memory bank, NCE with 4096 noise entries),
+    /// exemplar (a classifier with one class per image).
+    #[arg(long, value_enum, default_value_t = Method::Invaspread)]
+    method: Method,
     #[arg(long, value_enum, default_value_t = LossArg::Fused)]
     loss: LossArg,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
@@ -221,6 +227,7 @@ fn apply_flags(
         "nesterov" => cfg.sgd.nesterov, args.nesterov;
         "warmup_steps" => cfg.warmup_steps, args.warmup_steps;
         "augment" => cfg.augment, args.augment;
+        "method" => cfg.method, args.method;
         "tau" => cfg.loss.tau, args.tau;
         "mu" => cfg.loss.mu, args.mu;
         "grad_semantics" => cfg.loss.semantics, args.grad_semantics;
@@ -275,7 +282,7 @@ fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::R
 }
 
 /// Where each flag lives in config.json; what a resume compares.
-const FIELDS: [(&str, &str); 33] = [
+const FIELDS: [(&str, &str); 34] = [
     ("dataset", "/data/dataset"),
     ("data_dir", "/data/data_dir"),
     ("image_size", "/data/image_size"),
@@ -294,6 +301,7 @@ const FIELDS: [(&str, &str); 33] = [
     ("milestones", "/schedule"),
     ("warmup_steps", "/warmup_steps"),
     ("augment", "/augment"),
+    ("method", "/method"),
     ("tau", "/loss/tau"),
     ("mu", "/loss/mu"),
     ("grad_semantics", "/loss/grad_semantics"),

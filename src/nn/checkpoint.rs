@@ -349,16 +349,22 @@ pub fn integer<T: std::str::FromStr>(
 /// buffer, every step's loss so far (`run.step_losses`, float64) and `metadata` (the run's
 /// position, its metrics history), with the optimiser's step as `sgd_step`. A run resumes from
 /// this file alone, so a crash can never pair a model with another step's optimizer.
+#[allow(clippy::too_many_arguments)] // the model, the optimizers, the losses and the file
 pub fn save_run_state<B: Backend>(
     store: &ParamStore<B>,
     sgd: &Sgd,
     backend: &B,
     step_losses: &[f64],
+    extra: &[(String, Vec<usize>, Vec<f32>)],
     path: &Path,
     mut metadata: HashMap<String, String>,
 ) -> Result<()> {
     let mut tensors = model_tensors(store, backend)?;
     tensors.extend(optimizer_tensors(store, backend)?);
+    for (name, shape, values) in extra {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((name.clone(), Dtype::F32, shape.clone(), bytes));
+    }
     let losses: Vec<u8> = step_losses.iter().flat_map(|l| l.to_le_bytes()).collect();
     tensors.push((
         STEP_LOSSES.into(),
@@ -372,6 +378,32 @@ pub fn save_run_state<B: Backend>(
 
 const STEP_LOSSES: &str = "run.step_losses";
 
+/// The prefix of the extra tensors a run state may hold (a baseline's state, `methods`).
+pub const EXTRA: &str = "method.";
+
+/// The float32 tensors of a run state whose names start with [`EXTRA`]: name -> (shape,
+/// values).
+pub fn load_extra_tensors(path: &Path) -> Result<HashMap<String, crate::methods::ShapedValues>> {
+    let bytes = read(path)?;
+    let (st, _) = parse(path, &bytes)?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        if !name.starts_with(EXTRA) {
+            continue;
+        }
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::bad_file(path, format!("{name} is not float32")));
+        }
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
 /// Loads what [`save_run_state`] wrote into `store` and `sgd`; returns its metadata and the
 /// step losses.
 pub fn load_run_state<B: Backend>(
@@ -382,7 +414,8 @@ pub fn load_run_state<B: Backend>(
 ) -> Result<(HashMap<String, String>, Vec<f64>)> {
     let bytes = read(path)?;
     let (st, metadata) = parse(path, &bytes)?;
-    let run_tensor = |n: &str| n == STEP_LOSSES || n.ends_with(".momentum_buffer");
+    let run_tensor =
+        |n: &str| n == STEP_LOSSES || n.ends_with(".momentum_buffer") || n.starts_with(EXTRA);
     restore_model(&st, path, store, backend, &run_tensor)?;
     restore_optimizer(&st, path, store, backend)?;
     sgd.step = integer(path, &metadata, "sgd_step")?;

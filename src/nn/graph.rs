@@ -341,6 +341,24 @@ impl<B: Backend> Graph<B> {
         Ok(Var(i))
     }
 
+    /// A loss of `z` computed elsewhere (a baseline's, on the host): the scalar `loss` and its
+    /// gradient `dz` (one value per element of z), applied in backward as the instance loss's.
+    pub fn given_loss(&mut self, z: Var, loss: f64, dz: &[f32]) -> Result<Var> {
+        let zs = self.shape(z);
+        if dz.len() != zs.len() {
+            return Err(Error::invalid(format!(
+                "given_loss: {} gradient values for {} elements",
+                dz.len(),
+                zs.len()
+            )));
+        }
+        let i = self.push(Op::InstanceLoss { z }, Shape4::SCALAR)?;
+        let node = &mut self.nodes[i];
+        self.backend.upload(dz, &mut node.scratch)?;
+        self.backend.upload_f64(&[loss], &mut node.value)?;
+        Ok(Var(i))
+    }
+
     /// sum_i weights_i x_i, a scalar node (used by gradient checks to reduce any output).
     pub fn weighted_sum(&mut self, x: Var, weights: &[f32]) -> Result<Var> {
         let xs = self.shape(x);

@@ -53,6 +53,45 @@ pub fn queue_train_step<B: Backend>(
     Ok(loss)
 }
 
+/// One step of a baseline ([`crate::methods`]): the encoder on `view` (m x 3 x H x W, one view
+/// of the images `indices`), the method's loss on the host, backward, SGD, then the method's
+/// own update (the bank, the classifier). Returns the loss node.
+#[allow(clippy::too_many_arguments)] // the step's graph, model, optimisers, batch and position
+pub fn queue_method_step<B: Backend>(
+    graph: &mut Graph<B>,
+    model: &Model,
+    sgd: &mut Sgd,
+    method: &mut crate::methods::MethodState,
+    view: &[f32],
+    shape: Shape4,
+    indices: &[usize],
+    lr: f64,
+) -> Result<Var> {
+    if shape.n != indices.len() || shape.c != 3 || shape.n == 0 {
+        return Err(Error::invalid(format!(
+            "a baseline's batch is m x 3 x H x W for m images, got {shape:?} for {} images",
+            indices.len()
+        )));
+    }
+    graph.begin();
+    let x = graph.input(view, shape)?;
+    let z = model.forward(graph, x, true)?;
+    let z_host = graph.value(z)?;
+    let step = method.loss(&z_host, indices, sgd.step)?;
+    let loss = graph.given_loss(z, step.loss, &step.dz)?;
+    graph.params.zero_grad(&graph.backend)?;
+    graph.backward(loss)?;
+    let settings = crate::methods::SgdSettings {
+        lr,
+        momentum: sgd.cfg.momentum,
+        weight_decay: sgd.cfg.weight_decay,
+        nesterov: sgd.cfg.nesterov,
+    };
+    sgd.update(&graph.backend, &mut graph.params, lr)?;
+    method.update(&z_host, indices, &settings)?;
+    Ok(loss)
+}
+
 /// A batch of `images` images of 32 x 32 as two views (2 x images rows, view A first) of seeded
 /// random pixels: what the training benchmarks time and check.
 pub fn random_views(images: usize, seed: u64) -> (Shape4, Vec<f32>) {

@@ -65,6 +65,10 @@ pub struct TrainConfig {
     #[serde(default)]
     pub augment: crate::data::augment::Augmentations,
     pub loss: LossConfig,
+    /// How the run learns: the method, or one of the paper's baselines (configurations from
+    /// before the choice: the method).
+    #[serde(default)]
+    pub method: crate::methods::Method,
     /// Where the encoder trains, and which loss implementation it runs.
     pub backend: BackendChoice,
     /// Steps between loss reads (None: every step on the CPU, every
@@ -97,6 +101,7 @@ impl Default for TrainConfig {
             warmup_steps: 0,
             augment: crate::data::augment::Augmentations::all(),
             loss: LossConfig::default(),
+            method: crate::methods::Method::Invaspread,
             backend: BackendChoice::Cpu {
                 reference_loss: false,
                 conv: conv2d::CpuVersion::default(),

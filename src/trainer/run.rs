@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::batches::epoch_order;
 use super::batches::BatchWorker;
 use super::evaluate::{evaluate_until, raw_pixel_knn, EvalSet, Evaluation};
 use super::lock::RunLock;
@@ -31,7 +32,7 @@ use crate::nn::graph::Graph;
 use crate::nn::models::Model;
 use crate::nn::optim::{learning_rate, Sgd};
 use crate::nn::params::ParamStore;
-use crate::nn::step::queue_train_step;
+use crate::nn::step::{queue_method_step, queue_train_step};
 use crate::ops::Shape4;
 
 /// A run in progress; see the module documentation.
@@ -59,6 +60,8 @@ pub struct Run<'a, B: Backend> {
     /// The step of the last committed state, if any.
     committed: Option<usize>,
     summary: TrainSummary,
+    /// A baseline's state (the memory bank, the classifier); None for the method itself.
+    method: Option<crate::methods::MethodState>,
     /// This process's claim on `--out`, held until the run is dropped.
     _lock: RunLock,
 }
@@ -118,6 +121,12 @@ impl<'a, B: Backend> Run<'a, B> {
         }
         let mut store = ParamStore::default();
         let model = Model::new(cfg.model, &mut store, &backend, cfg.seed)?;
+        let method = crate::methods::MethodState::new(
+            cfg.method,
+            ds.training_len(),
+            crate::nn::models::EMBED_DIM,
+            cfg.seed,
+        )?;
         let mut run = Run {
             cfg,
             opts,
@@ -143,6 +152,7 @@ impl<'a, B: Backend> Run<'a, B> {
                 classes_evaluated: Vec::new(),
                 unseen: false,
             },
+            method,
             _lock: lock,
         };
         let (state, last) = (opts.out.join(STATE), opts.out.join(LAST));
@@ -194,6 +204,13 @@ impl<'a, B: Backend> Run<'a, B> {
         }
         self.history = losses;
         self.committed = Some(self.start);
+        if let Some(method) = &mut self.method {
+            let extra = checkpoint::load_extra_tensors(state)?;
+            let get = |name: &str| extra.get(name).cloned();
+            method
+                .restore(&get)
+                .map_err(|e| Error::bad_file(state, e.to_string()))?;
+        }
         let metrics = m
             .get("metrics")
             .ok_or_else(|| Error::bad_file(state, "metadata has no metrics"))?;
@@ -293,11 +310,17 @@ impl<'a, B: Backend> Run<'a, B> {
         let metrics = serde_json::to_string(&self.metrics)
             .map_err(|e| Error::invalid(format!("serialising the metrics: {e}")))?;
         meta.insert("metrics".into(), metrics);
+        let extra = self
+            .method
+            .as_ref()
+            .map(|m| m.tensors())
+            .unwrap_or_default();
         checkpoint::save_run_state(
             &g.params,
             &self.sgd,
             &g.backend,
             &losses,
+            &extra,
             &out.join(STATE),
             meta,
         )?;
@@ -460,6 +483,7 @@ impl<'a, B: Backend> Run<'a, B> {
             }
         }
         let mut last_loss: Option<f64> = None;
+        let mut order: (usize, Vec<usize>) = (usize::MAX, Vec::new());
         let (mut window, mut data_s) = (Instant::now(), 0.0f64);
         for step in self.start..self.total_steps {
             self.at_step = step;
@@ -468,7 +492,24 @@ impl<'a, B: Backend> Run<'a, B> {
             data_s += wait.elapsed().as_secs_f64();
             let lr = self.lr_at(step);
             let (graph, model, sgd) = (&mut self.graph, &self.model, &mut self.sgd);
-            let loss = queue_train_step(graph, model, sgd, &views, shape, &cfg.loss, lr)?;
+            let loss = match &mut self.method {
+                None => queue_train_step(graph, model, sgd, &views, shape, &cfg.loss, lr)?,
+                Some(method) => {
+                    // A baseline sees view A of each image, and needs the images' indices.
+                    let epoch = step / self.steps_per_epoch;
+                    if order.0 != epoch {
+                        order = (epoch, epoch_order(ds.training_len(), cfg.seed, epoch));
+                    }
+                    let i = step % self.steps_per_epoch;
+                    let indices = &order.1[i * cfg.batch..(i + 1) * cfg.batch];
+                    let one_view = Shape4 {
+                        n: cfg.batch,
+                        ..shape
+                    };
+                    let view = &views[..one_view.len()];
+                    queue_method_step(graph, model, sgd, method, view, one_view, indices, lr)?
+                }
+            };
             reader.record(&self.graph, loss, step)?;
 
             let end_of_epoch =

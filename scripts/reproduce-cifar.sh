@@ -5,16 +5,17 @@
 #
 #   scripts/reproduce-cifar.sh OUT [ROW...]
 #
-# Rows: ours hard easy no-crop no-jitter no-augment unseen (default: all). Each run goes to
+# Rows: ours npid nce exemplar hard easy no-crop no-jitter no-augment unseen (default: all). Each run goes to
 # OUT/<row>; a row whose run has finished is not run again (delete its folder to rerun it);
 # an interrupted one resumes. At the end the table of every finished row is printed, with the
-# linear probe of `ours` and the unseen-class evaluation. EPOCHS (default 2), SEED (0) and
+# linear probe of `ours` and the unseen-class evaluation, and OUT/curves.png draws the RQ3
+# comparison (ours against the baselines). EPOCHS (default 2), SEED (0) and
 # BIN (target/release/invaspread) can be set in the environment.
 set -euo pipefail
 OUT=${1:?usage: scripts/reproduce-cifar.sh OUT [ROW...]}
 shift
 ROWS=("$@")
-[ ${#ROWS[@]} -gt 0 ] || ROWS=(ours hard easy no-crop no-jitter no-augment unseen)
+[ ${#ROWS[@]} -gt 0 ] || ROWS=(ours npid nce exemplar hard easy no-crop no-jitter no-augment unseen)
 EPOCHS=${EPOCHS:-2}
 SEED=${SEED:-0}
 BIN=${BIN:-target/release/invaspread}
@@ -26,6 +27,7 @@ mkdir -p "$OUT"
 flags_of() {
   case "$1" in
     ours) ;;
+    npid|nce|exemplar) echo --method "$1" ;;
     hard) echo --negatives hard --negative-fraction 0.5 ;;
     easy) echo --negatives easy --negative-fraction 0.5 ;;
     no-crop) echo --augment jitter,grey,flip ;;
@@ -60,6 +62,11 @@ for row in "${ROWS[@]}"; do
   top5=$(awk -F, 'NR > 1 && $5 != "" { t = $5 } END { if (t != "") printf "%.2f", 100 * t; else printf "-" }' "$csv")
   echo "| $row | $(flags_of "$row") | $per_epoch | $top5 |"
 done
+runs=()
+for row in ours npid nce exemplar; do [ -f "$OUT/$row/metrics.csv" ] && runs+=("$OUT/$row"); done
+if [ ${#runs[@]} -gt 1 ]; then
+  "$BIN" plot "${runs[@]}" --out "$OUT/curves.png"
+fi
 if [ -f "$OUT/ours/best.safetensors" ]; then
   echo
   echo "linear probe of ours (eval --linear):"

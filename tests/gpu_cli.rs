@@ -108,6 +108,51 @@ fn cuda_train_args<'a>(common: &[&'a str], steps: &'a str, out: &'a str) -> Vec<
     [&on_cuda[..], common, &["--out", out][..]].concat()
 }
 
+/// The baselines on CUDA: their loss runs on the host from the encoder's output, so the same
+/// steps on both devices give the same losses to float32 rounding (the encoder's).
+#[test]
+fn baselines_train_on_cuda_as_on_the_cpu() {
+    let scratch = Scratch::new("gpu-baselines");
+    let data = scratch.0.join("stripes");
+    common::write_stripes(&data, 8);
+    let data = data.to_str().unwrap().to_string();
+    for method in ["npid", "nce", "exemplar"] {
+        let common = [
+            "--dataset",
+            "folder",
+            "--data-dir",
+            &data,
+            "--batch",
+            "8",
+            "--k",
+            "5",
+            "--method",
+            method,
+            "--no-pixel-baseline",
+        ];
+        let gpu_run = scratch.path(&format!("{method}-cuda"));
+        let Some(_gpu) = gpu_or_skip("baselines_train_on_cuda_as_on_the_cpu") else {
+            assert_clear_error(&cuda_train_args(&common, "2", &gpu_run));
+            return;
+        };
+        run_ok(&cuda_train_args(&common, "2", &gpu_run));
+        let cpu_run = scratch.path(&format!("{method}-cpu"));
+        let on_cpu = [
+            "train", "--device", "cpu", "--steps", "2", "--out", &cpu_run,
+        ];
+        run_ok(&[&on_cpu[..], &common[..]].concat());
+        let (on_gpu, on_cpu) = (step_losses(&gpu_run), step_losses(&cpu_run));
+        assert_eq!(on_gpu.len(), 2, "{method}: {on_gpu:?}");
+        for (step, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+            assert!(
+                (g - c).abs() <= 1e-4 * c.abs(),
+                "{method} step {}: loss {g} on CUDA, {c} on the CPU",
+                step + 1
+            );
+        }
+    }
+}
+
 #[test]
 fn train_eval_embed_on_cuda_match_the_cpu() {
     let scratch = Scratch::new("gpu-cli");

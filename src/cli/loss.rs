@@ -131,7 +131,7 @@ pub struct NegativeArgs {
     /// first version).
     #[arg(long, value_enum, default_value_t = NegativesArg::All)]
     pub negatives: NegativesArg,
-    /// The share of negatives kept by --negatives hard|easy [0 < fraction <= 1].
+    /// The share of negatives kept by --negatives hard|easy [0 < negative_fraction <= 1].
     #[arg(long, default_value_t = 0.5, value_parser = super::ranges::negative_fraction)]
     pub negative_fraction: f64,
 }

@@ -5,6 +5,8 @@
 //   1. normalize_rows_fwd_v1          z -> F (N x d), norms
 //   2. matmul_v1 or cuBLAS SGEMM      S = F F^T                          (N x N)
 //   3. unfused_exp_v1                 E = exp((S - 1) / tau), diagonal 0 (N x N)
+//   3b. unfused_select_v1             with --negatives hard|easy only: E_ab = 0 for the
+//                                     negatives a row leaves out      (one block per row)
 //   4. unfused_row_sums_v1            D_a, b*, the partner's exponent   (one block per row)
 //   5. unfused_row_terms_v1           l_a, R_a, g_ap, g_ab*              (one block per row)
 //   6. unfused_grad_matrix_v1         G (N x N)
@@ -22,6 +24,79 @@ unfused_exp_v1(const float* __restrict__ S, float* __restrict__ E, int n, float 
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t a = i / n, b = i % n;
         E[i] = a == b ? 0.f : expf((S[i] - 1.f) * inv_tau);
+    }
+}
+
+// A similarity as an unsigned key whose order is the float order (the sign bit flipped for
+// positives, every bit for negatives); `~key` reverses it.
+__device__ __forceinline__ unsigned int selection_key(float s) {
+    const unsigned int u = __float_as_uint(s);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// 3b. The negative selection (loss.md's sums over the kept negatives only; the reference's
+//     Negatives::dropped): row a keeps its p.keep negatives of highest similarity (p.hard) or
+//     lowest, ties to the lower index, and zeroes E for the others, which every later kernel
+//     then treats as absent (a zero term adds nothing to D_a, log(1 - 0) = 0, g = 0).
+//     One 256-thread block per row. The threshold key is found by a radix select from the top
+//     byte down (4 passes of a 256-bin shared histogram); the ties at the threshold are kept
+//     in index order by thread 0 (a serial sweep: ties are few, and this is the correctness
+//     version of the chain that stores N x N anyway).
+extern "C" __global__ void __launch_bounds__(256)
+unfused_select_v1(const float* __restrict__ S, float* __restrict__ E, LossParams p) {
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int prefix, remaining;
+    const int a = blockIdx.x, n = p.n, pa = partner_of(a, n);
+    const float* s_row = S + (size_t)a * n;
+    float* e_row = E + (size_t)a * n;
+    // The key of negative b, larger = kept first.
+    auto key = [&](int b) {
+        const unsigned int k = selection_key(s_row[b]);
+        return p.hard ? k : ~k;
+    };
+    if (threadIdx.x == 0) {
+        prefix = 0u;
+        remaining = (unsigned int)p.keep;
+    }
+    __syncthreads();
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+        __syncthreads();
+        // Only keys that agree with the prefix chosen so far (all of them in the first pass).
+        const unsigned int high = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+        for (int b = threadIdx.x; b < n; b += blockDim.x) {
+            if (b == a || b == pa) continue;
+            const unsigned int k = key(b);
+            if ((k & high) == (prefix & high)) atomicAdd(&hist[(k >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            // The bin, from the top, where the kept count is reached.
+            unsigned int above = 0u;
+            int bin = 255;
+            for (; bin > 0; --bin) {
+                if (above + hist[bin] >= remaining) break;
+                above += hist[bin];
+            }
+            prefix |= (unsigned int)bin << shift;
+            remaining -= above;
+        }
+        __syncthreads();
+    }
+    // prefix is the threshold key; `remaining` of the ties at it are kept, by index.
+    const unsigned int threshold = prefix;
+    for (int b = threadIdx.x; b < n; b += blockDim.x) {
+        if (b == a || b == pa) continue;
+        if (key(b) < threshold) e_row[b] = 0.f;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int kept_ties = 0u;
+        for (int b = 0; b < n; ++b) {
+            if (b == a || b == pa || key(b) != threshold) continue;
+            if (kept_ties < remaining) ++kept_ties;
+            else e_row[b] = 0.f;
+        }
     }
 }
 
@@ -90,7 +165,7 @@ unfused_row_terms_v1(const float* __restrict__ E, LossParams p, const float* __r
         den.one_minus_q_max = one_minus_q_max[a];
         den.q_max = q_max[a];
         const RowFinal fin = row_final(x_partner[a], den, ls, rs, p.mu);
-        row_loss[a] = fin.loss;
+        row_loss[a] = fin.loss * p.row_scale;
         r_out[a] = fin.r;
         g_partner[a] = fin.g_partner;
         g_dominant[a] = fin.g_dominant;

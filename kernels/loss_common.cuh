@@ -22,6 +22,10 @@ struct LossParams {
     float grad_scale;  // 1 / (N tau)
     int with_grad;     // 0: loss only
     int both_sides;    // 1: keys receive gradient too
+    int keep;          // negatives kept per row: N - 2 for all, fewer with a hard/easy selection
+    int hard;          // 1: keep the most similar negatives, 0: the least (when keep < N - 2)
+    float row_scale;   // the factor on each row's loss term: 1, or 1/(keep + 1) with a selection
+                       // (the gradient's share of it is folded into grad_scale on the host)
 };
 
 __device__ __forceinline__ int partner_of(int a, int n) {

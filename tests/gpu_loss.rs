@@ -230,6 +230,85 @@ fn every_version_is_deterministic() {
     }
 }
 
+/// Hard and easy negatives in the unfused chain's selection kernel (unfused_select_v1) against
+/// the float64 reference; the fused versions refuse them clearly.
+#[test]
+fn negative_selection_in_the_unfused_chain() {
+    use invaspread::loss::Negatives;
+    let Some(gpu) = gpu_or_skip("negative_selection_in_the_unfused_chain") else {
+        return;
+    };
+    let mut skipped = 0;
+    for (seed, n, d) in [
+        (700u64, 6usize, 3usize),
+        (701, 64, 20),
+        (702, 250, 130),
+        (703, 1000, 64),
+    ] {
+        if !runs_here(&gpu, n, d, &mut skipped) {
+            continue;
+        }
+        for adversarial in [false, true] {
+            let z = if adversarial {
+                adversarial_matrix(&mut rng(seed), n, d)
+            } else {
+                random_matrix(&mut rng(seed), n, d)
+            };
+            for negatives in [
+                Negatives::Hard { fraction: 0.5 },
+                Negatives::Easy { fraction: 0.5 },
+                Negatives::Hard { fraction: 0.1 },
+            ] {
+                for semantics in SEMANTICS {
+                    let cfg = LossConfig {
+                        semantics,
+                        negatives,
+                        ..LossConfig::default()
+                    };
+                    let want = reference::instance_loss(&z, n, d, &cfg, true).unwrap();
+                    // Near-duplicate rows tie in similarity at float32, and which member of a
+                    // tie a row keeps is a coin the float64 reference tosses otherwise: the
+                    // loss is continuous there (the members' terms are equal), the gradient is
+                    // not (at a tie it is that of whichever member is kept). So adversarial
+                    // inputs check the loss, and a finite gradient; random inputs both.
+                    for version in [CudaLossVersion::Unfused, CudaLossVersion::UnfusedCublas] {
+                        let case = format!(
+                            "{} N={n} d={d} adversarial={adversarial} {cfg:?}",
+                            version.name()
+                        );
+                        let (loss, grad) =
+                            cuda::instance_loss(gpu.clone(), version, &z, n, d, &cfg, true)
+                                .unwrap_or_else(|e| panic!("{case}: {e}"));
+                        let tol = tolerance(adversarial);
+                        let rel = (loss - want.loss).abs() / want.loss.abs();
+                        assert!(rel < tol, "{case}: loss {loss} vs {} ({rel:e})", want.loss);
+                        let grad: Vec<f64> = grad.unwrap().iter().map(|&x| f64::from(x)).collect();
+                        assert!(grad.iter().all(|g| g.is_finite()), "{case}: not finite");
+                        if !adversarial {
+                            let err =
+                                scaled_grad_error(&grad, want.grad_z.as_ref().unwrap(), &z, d);
+                            assert!(err < tol, "{case}: gradient error {err:e}");
+                        }
+                    }
+                    let err = cuda::instance_loss(
+                        gpu.clone(),
+                        CudaLossVersion::FusedV2,
+                        &z,
+                        n,
+                        d,
+                        &cfg,
+                        true,
+                    )
+                    .unwrap_err()
+                    .to_string();
+                    assert!(err.contains("unfused CUDA chain only"), "{err}");
+                }
+            }
+        }
+    }
+    report_skipped("negative_selection_in_the_unfused_chain", skipped);
+}
+
 #[test]
 fn small_tau_is_a_clear_error_before_any_launch() {
     let cfg = LossConfig {

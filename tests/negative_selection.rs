@@ -194,6 +194,7 @@ fn gradients_match_finite_differences_of_the_kept_set() {
 
 /// The fused CPU loss in f32 and f64 against the reference.
 fn check(z: &[f32], n: usize, d: usize, cfg: LossConfig, tolerance_f32: f64, case: &str) {
+    let ties = case.starts_with("adversarial");
     let want = reference::instance_loss(z, n, d, &cfg, true).unwrap();
     let want_grad = want.grad_z.as_ref().unwrap();
     let z64 = as_f64(z);
@@ -221,8 +222,14 @@ fn check(z: &[f32], n: usize, d: usize, cfg: LossConfig, tolerance_f32: f64, cas
             "{name} {case}: loss {loss} vs {} ({loss_err:e})",
             want.loss
         );
-        let err = scaled_grad_error(&grad, want_grad, z, d);
-        assert!(err < tol, "{name} {case}: gradient error {err:e}");
+        assert!(
+            grad.iter().all(|g| g.is_finite()),
+            "{name} {case}: not finite"
+        );
+        if !ties || name == "f64" {
+            let err = scaled_grad_error(&grad, want_grad, z, d);
+            assert!(err < tol, "{name} {case}: gradient error {err:e}");
+        }
     }
 }
 
@@ -248,9 +255,11 @@ fn the_fused_cpu_loss_selects_as_the_reference_does() {
         }
     }
     // Near-duplicate rows (four views 1e-4 apart): their similarities to a third row tie in
-    // float32, which keeps the lower index, where float64 tells them apart, so f32 may keep
-    // another member of the tie. The members differ by 1e-4, so the gradient moves by about
-    // that (measured 4.6e-4 at N = 6): 1e-3 here, against 1e-4 without a selection.
+    // float32, which keeps the lower index, where float64 tells them apart. The loss is
+    // continuous at a tie (the members' terms are equal); the gradient is not (it is that of
+    // whichever member is kept: 2.2e-3 apart at N = 6 for one seed, 1.3 with one negative
+    // kept). So in float32 adversarial inputs check the loss and a finite gradient; float64,
+    // which breaks the ties as the reference does, checks both.
     for (seed, n, d) in [(30u64, 6usize, 3usize), (31, 250, 64)] {
         let z = adversarial_matrix(&mut rng(seed), n, d);
         for negatives in selections {
@@ -261,7 +270,7 @@ fn the_fused_cpu_loss_selects_as_the_reference_does() {
                     n,
                     d,
                     cfg,
-                    1e-3,
+                    1e-4,
                     &format!("adversarial N={n} d={d} {cfg:?}"),
                 );
             }
@@ -287,10 +296,16 @@ fn bad_fractions_and_the_cuda_path_are_refused_clearly() {
         GradSemantics::QueryOnly,
         Negatives::Easy { fraction: 0.5 },
     );
-    let err = invaspread::loss::cuda::validate_for_kernels(&cfg)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("no CUDA kernel version yet"), "{err}");
+    use invaspread::loss::cuda::{check_version_supports, CudaLossVersion};
+    for version in CudaLossVersion::ALL {
+        let supported = check_version_supports(&cfg, version);
+        if version.stores_nxn() {
+            assert!(supported.is_ok(), "{version:?}: the unfused chain selects");
+        } else {
+            let err = supported.unwrap_err().to_string();
+            assert!(err.contains("unfused CUDA chain only"), "{err}");
+        }
+    }
     assert_eq!(Negatives::Hard { fraction: 0.5 }.kept(256), 127);
     assert_eq!(
         Negatives::Easy { fraction: 0.001 }.kept(6),

@@ -270,6 +270,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, ds: Arc<Dataset>) -> Result<T
             kernels,
         } => {
             crate::loss::cuda::validate_for_kernels(&cfg.loss)?;
+            if cfg.method == crate::methods::Method::Invaspread {
+                crate::loss::cuda::check_version_supports(&cfg.loss, loss)?;
+            }
             let gpu = Arc::new(Gpu::require()?);
             if opts.progress {
                 eprintln!(

@@ -42,18 +42,29 @@ pub struct LossParams {
     pub grad_scale: f32,
     pub with_grad: i32,
     pub both_sides: i32,
+    /// Negatives kept per row (N - 2 for all).
+    pub keep: i32,
+    /// 1: the most similar are kept, 0: the least (with keep < N - 2).
+    pub hard: i32,
+    /// The factor on each row's loss term (1, or 1/(keep + 1) with a selection); the
+    /// gradient's share is in `grad_scale`.
+    pub row_scale: f32,
 }
 
 impl LossParams {
     pub fn new(n: usize, d: usize, cfg: &LossConfig, with_grad: bool) -> Result<LossParams> {
+        let row_scale = cfg.negatives.row_scale(n);
         Ok(LossParams {
             n: to_i32("N", n)?,
             d: to_i32("d", d)?,
             inv_tau: (1.0 / cfg.tau) as f32,
             mu: cfg.mu as f32,
-            grad_scale: (1.0 / (n as f64 * cfg.tau)) as f32,
+            grad_scale: (row_scale / (n as f64 * cfg.tau)) as f32,
             with_grad: with_grad as i32,
             both_sides: (cfg.semantics == GradSemantics::BothSides) as i32,
+            keep: to_i32("kept negatives", cfg.negatives.kept(n))?,
+            hard: matches!(cfg.negatives, super::Negatives::Hard { .. }) as i32,
+            row_scale: row_scale as f32,
         })
     }
 }
@@ -94,7 +105,8 @@ impl CudaLossVersion {
         let both = (with_grad && cfg.semantics == GradSemantics::BothSides) as usize;
         match self {
             CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas => {
-                6 + if with_grad { 3 + both } else { 0 }
+                let selects = (cfg.negatives != super::Negatives::All) as usize;
+                6 + selects + if with_grad { 3 + both } else { 0 }
             }
             CudaLossVersion::FusedV1 => 3 + if with_grad { 1 + both } else { 0 },
             CudaLossVersion::FusedV2 => 2 + both,
@@ -102,15 +114,28 @@ impl CudaLossVersion {
     }
 }
 
+/// Whether `version` computes `cfg`: a hard/easy selection of negatives runs in the unfused
+/// chain only (its selection kernel works on the stored N x N exponentials).
+pub fn check_version_supports(cfg: &LossConfig, version: CudaLossVersion) -> Result<()> {
+    let selects = cfg.negatives != super::Negatives::All;
+    if selects
+        && !matches!(
+            version,
+            CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas
+        )
+    {
+        return Err(Error::invalid(format!(
+            "--negatives hard|easy runs in the unfused CUDA chain only (--loss unfused or \
+             unfused-cublas); {} has no selection yet",
+            crate::names::Named::name(&version)
+        )));
+    }
+    Ok(())
+}
+
 /// Checks what the kernels need beyond the loss's own rules.
 pub fn validate_for_kernels(cfg: &LossConfig) -> Result<()> {
     cfg.validate()?;
-    if cfg.negatives != super::Negatives::All {
-        return Err(Error::invalid(
-            "--negatives hard|easy has no CUDA kernel version yet: the selection runs on the \
-             CPU (--device cpu, the fused CPU loss or the reference)",
-        ));
-    }
     if cfg.tau < MIN_TAU {
         return Err(Error::invalid(format!(
             "tau = {} is below {MIN_TAU}: the CUDA kernels' fixed offset exp((s - 1)/tau) can underflow in float32; use --device cpu",
@@ -218,6 +243,7 @@ pub fn enqueue(
             "z and dz must hold N x d = {n} x {d} floats"
         )));
     }
+    check_version_supports(cfg, version)?;
     let p = LossParams::new(n, d, cfg, dz.is_some())?;
     match version {
         CudaLossVersion::Unfused => unfused::enqueue(q, false, z, dz, &p, s, loss),

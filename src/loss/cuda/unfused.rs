@@ -2,7 +2,8 @@
 //! eager PyTorch would run it (the baseline the fused versions are measured against).
 //!
 //! normalize_rows_fwd_v1; S = F F^T (matmul_v1, or a cuBLAS GEMM); E = exp((S - 1)/tau) with a
-//! zero diagonal (unfused_exp_v1); per row D_a, b* and the partner term (unfused_row_sums_v1);
+//! zero diagonal (unfused_exp_v1); with a hard/easy selection, E = 0 for the negatives each
+//! row leaves out (unfused_select_v1); per row D_a, b* and the partner term (unfused_row_sums_v1);
 //! l_a, R_a, g_ap, g_ab* (unfused_row_terms_v1); then with a gradient G (unfused_grad_matrix_v1),
 //! dF = G F / (N tau) (+ G^T F both-sides) and normalize_rows_bwd_v1; finally row_mean_v1.
 
@@ -14,6 +15,7 @@ use crate::ops::matmul::{cuda::matmul_v1, Strides};
 use crate::ops::{normalize_rows, reduce};
 
 const EXP_V1: Kernel = Kernel::new("instance_loss_unfused", "unfused_exp_v1");
+const SELECT_V1: Kernel = Kernel::new("instance_loss_unfused", "unfused_select_v1");
 const ROW_SUMS_V1: Kernel = Kernel::new("instance_loss_unfused", "unfused_row_sums_v1");
 const ROW_TERMS_V1: Kernel = Kernel::new("instance_loss_unfused", "unfused_row_terms_v1");
 const GRAD_MATRIX_V1: Kernel = Kernel::new("instance_loss_unfused", "unfused_grad_matrix_v1");
@@ -92,6 +94,14 @@ pub fn enqueue(
             .value(p.inv_tau);
         // SAFETY: unfused_exp_v1(const float* S, float* E, int n, float inv_tau); N x N each.
         unsafe { q.launch(EXP_V1, Geometry::grid_stride(n * n), &mut args) }?;
+    }
+    if (p.keep as usize) < n - 2 {
+        let _p = phase("negative selection");
+        let mut args = KernelArgs::new();
+        args.input(u.s.as_const()).output(&mut u.e).value(*p);
+        // SAFETY: unfused_select_v1(const float* S, float* E, LossParams p); N x N each, one
+        // block per row.
+        unsafe { q.launch(SELECT_V1, Geometry::blocks(n, BLOCK), &mut args) }?;
     }
     {
         let _p = phase("row sums");

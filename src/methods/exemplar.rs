@@ -81,22 +81,10 @@ impl Classifier {
             1.0,
             false,
         )?;
-        let b = &self.b;
-        let losses: Vec<f64> = g
-            .par_chunks_mut(n)
-            .zip(indices)
-            .map(|(row, &y)| {
-                row.iter_mut().zip(b).for_each(|(x, &bj)| *x += bj);
-                let top = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                let sum: f64 = row.iter().map(|&x| f64::from(x - top).exp()).sum();
-                let loss = sum.ln() - f64::from(row[y] - top);
-                for (j, x) in row.iter_mut().enumerate() {
-                    let p = f64::from(*x - top).exp() / sum;
-                    *x = ((p - if j == y { 1.0 } else { 0.0 }) / m as f64) as f32;
-                }
-                loss
-            })
-            .collect();
+        for row in g.chunks_exact_mut(n) {
+            row.iter_mut().zip(&self.b).for_each(|(x, &bj)| *x += bj);
+        }
+        let losses = super::softmax_cross_entropy(&mut g, n, indices);
         let mut df = vec![0.0f32; m * d];
         matmul(
             MatRef::row_major(&g, m, n),

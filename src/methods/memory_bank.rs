@@ -136,21 +136,8 @@ impl MemoryBank {
             (1.0 / TEMPERATURE) as f32,
             false,
         )?;
-        // Each row of s becomes dL/ds (p - onehot) / m, its loss term kept aside.
-        let losses: Vec<f64> = s
-            .par_chunks_mut(n)
-            .zip(indices)
-            .map(|(row, &y)| {
-                let top = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let sum: f64 = row.iter().map(|&x| f64::from(x - top).exp()).sum();
-                let loss = sum.ln() - f64::from(row[y] - top);
-                for (j, x) in row.iter_mut().enumerate() {
-                    let p = f64::from(*x - top).exp() / sum;
-                    *x = ((p - if j == y { 1.0 } else { 0.0 }) / m as f64) as f32;
-                }
-                loss
-            })
-            .collect();
+        // Each row of s becomes dL/ds = (p - onehot) / m, its loss term kept aside.
+        let losses = super::softmax_cross_entropy(&mut s, n, indices);
         let mut df32 = vec![0.0f32; m * d];
         matmul(
             MatRef::row_major(&s, m, n),

@@ -132,6 +132,29 @@ pub struct SgdSettings {
     pub nesterov: bool,
 }
 
+/// Softmax cross-entropy of each row of `logits` (m rows of n) against its target in `targets`,
+/// in float64 from the row maximum: returns the rows' losses, and turns `logits` into
+/// dL/dlogits of the mean, (softmax - onehot) / m. NPID's bank logits and Exemplar's
+/// classifier logits share it.
+pub(crate) fn softmax_cross_entropy(logits: &mut [f32], n: usize, targets: &[usize]) -> Vec<f64> {
+    use rayon::prelude::*;
+    let m = targets.len() as f64;
+    logits
+        .par_chunks_mut(n)
+        .zip(targets)
+        .map(|(row, &y)| {
+            let top = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let sum: f64 = row.iter().map(|&x| f64::from(x - top).exp()).sum();
+            let loss = sum.ln() - f64::from(row[y] - top);
+            for (j, x) in row.iter_mut().enumerate() {
+                let p = f64::from(*x - top).exp() / sum;
+                *x = ((p - if j == y { 1.0 } else { 0.0 }) / m) as f32;
+            }
+            loss
+        })
+        .collect()
+}
+
 /// L2-normalises the rows of `z` (`d` wide) into float64, with their norms (clamped as
 /// torch's F.normalize).
 pub(crate) fn normalize(z: &[f32], d: usize) -> (Vec<f64>, Vec<f64>) {

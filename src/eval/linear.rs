@@ -118,16 +118,7 @@ pub fn linear_probe(
             train_labels.len()
         )));
     }
-    let in_range = |l: i64| l >= 0 && (l as usize) < classes;
-    if let Some(&bad) = train_labels
-        .iter()
-        .chain(test_labels)
-        .find(|&&l| !in_range(l))
-    {
-        return Err(Error::invalid(format!(
-            "linear probe: label {bad} outside the {classes} classes"
-        )));
-    }
+    super::check_labels("linear probe", train_labels, test_labels, classes)?;
     let (mean, std) = standardisation(train, d);
     let standardise = |x: &[f32]| -> Vec<f64> {
         x.chunks_exact(d)

@@ -59,16 +59,7 @@ pub fn weighted_vote(
             test_labels.len()
         )));
     }
-    let in_range = |l: i64| l >= 0 && (l as usize) < classes;
-    if let Some(&bad) = train_labels
-        .iter()
-        .chain(test_labels)
-        .find(|&&l| !in_range(l))
-    {
-        return Err(crate::error::Error::invalid(format!(
-            "kNN: label {bad} outside the {classes} classes"
-        )));
-    }
+    check_labels("kNN", train_labels, test_labels, classes)?;
     let ranks: Vec<usize> = neighbours
         .par_iter()
         .zip(test_labels)
@@ -93,6 +84,18 @@ pub fn weighted_vote(
         top1: share(1),
         top5: share(5),
     })
+}
+
+/// Every label of both splits in 0..classes, or an error naming `what` and the first label
+/// outside (a vote or a logit indexed by it would be out of bounds).
+pub(crate) fn check_labels(what: &str, train: &[i64], test: &[i64], classes: usize) -> Result<()> {
+    let in_range = |l: i64| l >= 0 && (l as usize) < classes;
+    match train.iter().chain(test).find(|&&l| !in_range(l)) {
+        Some(bad) => Err(crate::error::Error::invalid(format!(
+            "{what}: label {bad} outside the {classes} classes"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Recall@K on one set of `d`-wide embeddings: a query is a hit when one of its K nearest

@@ -112,6 +112,14 @@ fn cases() -> Vec<Case> {
         case(3, 32, 3, 1, 1, (2, 6, 6)),
         // Not Winograd's: stride 2, 1 x 1, 5 x 5, padding 3.
         case(4, 6, 3, 2, 1, (3, 9, 8)),
+        // The pairwise stride-2 path (3 x 3, pad 1, even width) at its edges, and the strided
+        // general path beside it (odd width, pad 0 and 2, stride 3).
+        case(5, 3, 3, 2, 1, (2, 2, 2)),
+        case(3, 4, 3, 2, 1, (2, 7, 12)),
+        case(3, 4, 3, 2, 1, (2, 8, 9)),
+        case(3, 4, 3, 2, 0, (2, 8, 10)),
+        case(3, 4, 5, 2, 2, (2, 9, 10)),
+        case(3, 4, 3, 3, 1, (2, 10, 11)),
         case(6, 5, 1, 1, 0, (2, 5, 7)),
         case(6, 8, 1, 2, 0, (2, 8, 8)),
         case(3, 4, 5, 1, 2, (2, 7, 6)),

@@ -170,6 +170,7 @@ fn batchnorm_run(
         running_mean: &mut rm[..],
         running_var: &mut rv[..],
         training,
+        relu: false,
         y: &mut y[..],
     };
     let mut cpu_saved = BnSaved::default();
@@ -189,6 +190,7 @@ fn batchnorm_run(
         running_mean: &rm[..],
         running_var: &rv[..],
         training,
+        relu: false,
         dy,
         dx: Some(Grad::new(&mut dx[..], true)),
         dgamma: &mut dg[..],

@@ -203,7 +203,8 @@ fn conv2d_backward_matches_finite_differences() {
 
 #[test]
 fn batchnorm_train_and_eval_backward_match_finite_differences() {
-    for training in [true, false] {
+    // Each: plain batchnorm, then the CPU's fused batchnorm + ReLU (one node).
+    for (training, relu) in [(true, false), (false, false), (true, true), (false, true)] {
         let xs = Shape4 {
             n: 3,
             c: 2,
@@ -216,11 +217,72 @@ fn batchnorm_train_and_eval_backward_match_finite_differences() {
         });
         let (bn, gamma, beta) = bn_ids.unwrap();
         check_op(
-            &format!("batchnorm training={training}"),
+            &format!("batchnorm training={training} relu={relu}"),
             xs,
             store,
-            &|g, x| g.batchnorm(x, bn, gamma, beta, training).unwrap(),
+            &|g, x| match relu {
+                true => g.batchnorm_relu(x, bn, gamma, beta, training).unwrap(),
+                false => g.batchnorm(x, bn, gamma, beta, training).unwrap(),
+            },
         );
+    }
+}
+
+/// The fused batchnorm + ReLU is the two ops exactly: same float32 values and gradients bit
+/// for bit (the backward's mask is recomputed with the forward's arithmetic), in one node.
+/// Betas put many pre-activations at and near zero, where a mask that differed would show.
+#[test]
+fn fused_batchnorm_relu_equals_batchnorm_then_relu_in_float32() {
+    use invaspread::nn::graph::Graph as G;
+    let xs = Shape4 {
+        n: 5,
+        c: 3,
+        h: 7,
+        w: 5,
+    };
+    let x = random_matrix(&mut rng(21), 1, xs.len());
+    let weights = random_matrix(&mut rng(22), 1, xs.len());
+    for training in [true, false] {
+        let mut results = Vec::new();
+        for fused in [false, true] {
+            let b = Cpu::<f32>::new();
+            let mut store = ParamStore::default();
+            let (bn, gamma, beta) = store.add_batchnorm(&b, "bn", xs.c).unwrap();
+            store.params[gamma.0].value = vec![1.3, -0.7, 0.9];
+            store.params[beta.0].value = vec![0.0, 0.05, -0.4];
+            let mut g = G::new(b, store);
+            g.input_grads = true;
+            for _ in 0..2 {
+                g.begin();
+                g.params.zero_grad(&g.backend).unwrap();
+                let input = g.input(&x, xs).unwrap();
+                let out = if fused {
+                    g.batchnorm_relu(input, bn, gamma, beta, training).unwrap()
+                } else {
+                    let y = g.batchnorm(input, bn, gamma, beta, training).unwrap();
+                    g.relu(y).unwrap()
+                };
+                let s = g.weighted_sum(out, &weights).unwrap();
+                g.backward(s).unwrap();
+                results.push((
+                    g.len(),
+                    g.value_f64(out).unwrap(),
+                    g.grad_f64(input).unwrap(),
+                    g.params.params[gamma.0].grad.clone(),
+                    g.params.params[beta.0].grad.clone(),
+                    g.params.bns[0].running_var.clone(),
+                ));
+            }
+        }
+        let (unfused, fused) = (&results[1], &results[3]);
+        assert_eq!(unfused.0, fused.0 + 1, "the fused op is one node");
+        let zeros = fused.1.iter().filter(|&&v| v == 0.0).count();
+        assert!(zeros > xs.len() / 4, "only {zeros} outputs cut by the ReLU");
+        assert_eq!(unfused.1, fused.1, "values, training={training}");
+        assert_eq!(unfused.2, fused.2, "dx, training={training}");
+        assert_eq!(unfused.3, fused.3, "dgamma, training={training}");
+        assert_eq!(unfused.4, fused.4, "dbeta, training={training}");
+        assert_eq!(unfused.5, fused.5, "running var, training={training}");
     }
 }
 

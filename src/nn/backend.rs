@@ -53,6 +53,11 @@ pub trait Backend: Send + Sync + Sized {
         saved: &mut Self::BnSaved,
     ) -> Result<()>;
     fn relu_forward(&self, x: In<'_, Self>, y: Out<'_, Self>) -> Result<()>;
+    /// Whether batchnorm takes `relu: true` (a fused batchnorm + ReLU); the graph records the
+    /// two apart where it does not.
+    fn fuses_batchnorm_relu(&self) -> bool {
+        false
+    }
     /// dx (=|+=) dy where the forward's output y > 0.
     fn relu_backward(
         &self,

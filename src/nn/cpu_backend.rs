@@ -119,6 +119,9 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         batchnorm::cpu::backward(a.map(slice, slice_mut), saved);
         Ok(())
     }
+    fn fuses_batchnorm_relu(&self) -> bool {
+        true
+    }
     fn relu_forward(&self, x: &Vec<T>, y: &mut Vec<T>) -> Result<()> {
         elementwise::cpu::relu_forward(x, y);
         Ok(())

@@ -194,17 +194,25 @@ impl Model {
         g.batchnorm(y, cb.bn, cb.gamma, cb.beta, training)
     }
 
+    fn conv_bn_relu<B: Backend>(
+        g: &mut Graph<B>,
+        x: Var,
+        cb: &ConvBn,
+        training: bool,
+    ) -> Result<Var> {
+        let y = g.conv2d(x, cb.w, cb.conv)?;
+        g.batchnorm_relu(y, cb.bn, cb.gamma, cb.beta, training)
+    }
+
     /// The embeddings z (N x 128, not normalized) of a batch of images `x` (N x 3 x H x W).
     /// `training` selects batch statistics (and updates the running ones) in batchnorm.
     pub fn forward<B: Backend>(&self, g: &mut Graph<B>, x: Var, training: bool) -> Result<Var> {
         let mut h = x;
         for cb in &self.stem {
-            let y = Self::conv_bn(g, h, cb, training)?;
-            h = g.relu(y)?;
+            h = Self::conv_bn_relu(g, h, cb, training)?;
         }
         for block in &self.blocks {
-            let y = Self::conv_bn(g, h, &block.c1, training)?;
-            let y = g.relu(y)?;
+            let y = Self::conv_bn_relu(g, h, &block.c1, training)?;
             let y = Self::conv_bn(g, y, &block.c2, training)?;
             let short = match &block.shortcut {
                 Some(cb) => Self::conv_bn(g, h, cb, training)?,

@@ -34,6 +34,17 @@ fn dims(xs: Shape4) -> Result<(i32, i32, i32)> {
 }
 
 /// The forward pass on `q`; `saved` receives the statistics.
+/// No kernel here fuses the ReLU (the graph records it as its own op on CUDA, see
+/// `Backend::fuses_batchnorm_relu`).
+fn refuse_fused_relu(relu: bool) -> Result<()> {
+    if relu {
+        return Err(crate::Error::invalid(
+            "batchnorm with a fused ReLU has no CUDA kernel; record batchnorm and relu apart",
+        ));
+    }
+    Ok(())
+}
+
 pub fn forward(
     q: &impl Queue,
     version: Version,
@@ -49,8 +60,10 @@ pub fn forward(
         mut running_mean,
         mut running_var,
         training,
+        relu,
         mut y,
     } = a;
+    refuse_fused_relu(relu)?;
     let (n, c, hw) = dims(xs)?;
     check_len("batchnorm x", x.len(), xs.len())?;
     check_len("batchnorm y", y.len(), xs.len())?;
@@ -124,12 +137,14 @@ pub fn backward(
         xs,
         gamma,
         training,
+        relu,
         dy,
         dx,
         mut dgamma,
         mut dbeta,
         ..
     } = a;
+    refuse_fused_relu(relu)?;
     let (n, c, hw) = dims(xs)?;
     check_len("batchnorm x", x.len(), xs.len())?;
     check_len("batchnorm dy", dy.len(), xs.len())?;

@@ -7,6 +7,10 @@
 //! - y = gamma (x - mean) / sqrt(var + eps) + beta
 //! - backward: dbeta += sum dy, dgamma += sum dy xhat; training dx = gamma inv / M (M dy -
 //!   sum dy - xhat sum dy xhat), eval dx = gamma inv dy
+//! - with `relu` (the CPU's fused batchnorm + ReLU): y = max(gamma xhat + beta, 0), and the
+//!   backward first zeroes dy where that is 0, recomputing the mask from x with the forward's
+//!   own float arithmetic so the two agree bit for bit. One pass fewer each way, and the
+//!   pre-activation is never stored.
 
 pub mod cpu;
 pub mod cuda;
@@ -27,6 +31,8 @@ pub struct Forward<X, Y> {
     pub running_mean: Y,
     pub running_var: Y,
     pub training: bool,
+    /// Follow with a ReLU (y = max(bn(x), 0)); only the CPU fuses it.
+    pub relu: bool,
     pub y: Y,
 }
 
@@ -39,6 +45,8 @@ pub struct Backward<X, Y> {
     pub running_mean: X,
     pub running_var: X,
     pub training: bool,
+    /// The forward was fused with a ReLU: dy is the gradient of max(bn(x), 0).
+    pub relu: bool,
     pub dy: X,
     pub dx: Option<Grad<Y>>,
     pub dgamma: Y,
@@ -56,6 +64,7 @@ impl<X, Y> Forward<X, Y> {
             running_mean: fy(self.running_mean),
             running_var: fy(self.running_var),
             training: self.training,
+            relu: self.relu,
             y: fy(self.y),
         }
     }
@@ -71,6 +80,7 @@ impl<X, Y> Backward<X, Y> {
             running_mean: fx(self.running_mean),
             running_var: fx(self.running_var),
             training: self.training,
+            relu: self.relu,
             dy: fx(self.dy),
             dx: self.dx.map(|g| g.map(&fy)),
             dgamma: fy(self.dgamma),

@@ -233,7 +233,6 @@ fn batchnorm_train_and_eval_backward_match_finite_differences() {
 /// Betas put many pre-activations at and near zero, where a mask that differed would show.
 #[test]
 fn fused_batchnorm_relu_equals_batchnorm_then_relu_in_float32() {
-    use invaspread::nn::graph::Graph as G;
     let xs = Shape4 {
         n: 5,
         c: 3,
@@ -250,7 +249,7 @@ fn fused_batchnorm_relu_equals_batchnorm_then_relu_in_float32() {
             let (bn, gamma, beta) = store.add_batchnorm(&b, "bn", xs.c).unwrap();
             store.params[gamma.0].value = vec![1.3, -0.7, 0.9];
             store.params[beta.0].value = vec![0.0, 0.05, -0.4];
-            let mut g = G::new(b, store);
+            let mut g = Graph::new(b, store);
             g.input_grads = true;
             for _ in 0..2 {
                 g.begin();

@@ -275,6 +275,59 @@ fn apply_affine<T: CpuFloat>(x: &[T], xs: Shape4, coeffs: &[(T, T)], relu: bool,
         });
 }
 
+/// How x was normalised (per channel: mean, 1 / std, the forward's coefficients in T) and
+/// whether a fused ReLU followed: what both modes' backward passes share.
+struct Normalized<'a, T> {
+    mean: &'a [f64],
+    inv_std: &'a [f64],
+    coeffs: &'a [(T, T)],
+    relu: bool,
+}
+
+impl<T: CpuFloat> Normalized<'_, T> {
+    /// dbeta += sum g and dgamma += sum g xhat per channel (g: dy through the fused ReLU);
+    /// returns those two sums. Per plane in memory order, then per channel in image order, in
+    /// float64: sequential reads, the same result for any thread count.
+    fn affine_gradients(
+        &self,
+        x: &[T],
+        xs: Shape4,
+        dy: &[T],
+        dgamma: &mut [T],
+        dbeta: &mut [T],
+    ) -> Vec<(f64, f64)> {
+        let hw = xs.h * xs.w;
+        let planes: Vec<(f64, f64)> = dy
+            .par_chunks(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .with_min_len(planes_per_task(hw))
+            .map(|(i, (g, v))| {
+                let c = i % xs.c;
+                let (mean, coeff) = (self.mean[c], self.coeffs[c]);
+                let (s_g, s_gx) = sum_pairs8(g, v, |g, v| {
+                    let g: f64 = through_relu(g, v, coeff, self.relu).into();
+                    (g, g * (v.into() - mean))
+                });
+                (s_g, s_gx * self.inv_std[c])
+            })
+            .collect();
+        let sums: Vec<(f64, f64)> = (0..xs.c)
+            .map(|c| {
+                (0..xs.n).fold((0.0, 0.0), |(a, b), n| {
+                    let (pa, pb) = planes[n * xs.c + c];
+                    (a + pa, b + pb)
+                })
+            })
+            .collect();
+        for (c, &(s_dy, s_dyx)) in sums.iter().enumerate() {
+            dbeta[c] = T::of(dbeta[c].into() + s_dy);
+            dgamma[c] = T::of(dgamma[c].into() + s_dyx);
+        }
+        sums
+    }
+}
+
 /// Batchnorm training backward: dx (written, or added with `dx_accumulate`), dgamma and
 /// dbeta (accumulated). Sums in float64; dx per element in T from per-channel coefficients,
 /// dx = a g + b (x - mean) + c with g the gradient through the fused ReLU (if any).
@@ -293,34 +346,13 @@ pub fn train_backward<T: CpuFloat>(
     let hw = xs.h * xs.w;
     let m = (xs.n * hw) as f64;
     let coeffs: Vec<(T, T)> = in_type(&saved.affine);
-    // Per plane, in memory order: sum g and sum g xhat; then per channel in image order.
-    let planes: Vec<(f64, f64)> = dy
-        .par_chunks(hw)
-        .zip(x.par_chunks(hw))
-        .enumerate()
-        .with_min_len(planes_per_task(hw))
-        .map(|(i, (g, v))| {
-            let c = i % xs.c;
-            let (mean, inv, coeff) = (saved.mean[c], saved.inv_std[c], coeffs[c]);
-            let (s_g, s_gx) = sum_pairs8(g, v, |g, v| {
-                let g: f64 = through_relu(g, v, coeff, relu).into();
-                (g, g * (v.into() - mean))
-            });
-            (s_g, s_gx * inv)
-        })
-        .collect();
-    let sums: Vec<(f64, f64)> = (0..xs.c)
-        .map(|c| {
-            (0..xs.n).fold((0.0, 0.0), |(a, b), n| {
-                let (pa, pb) = planes[n * xs.c + c];
-                (a + pa, b + pb)
-            })
-        })
-        .collect();
-    for (c, &(s_dy, s_dyx)) in sums.iter().enumerate() {
-        dbeta[c] = T::of(dbeta[c].into() + s_dy);
-        dgamma[c] = T::of(dgamma[c].into() + s_dyx);
-    }
+    let grads = Normalized {
+        mean: &saved.mean,
+        inv_std: &saved.inv_std,
+        coeffs: &coeffs,
+        relu,
+    };
+    let sums = grads.affine_gradients(x, xs, dy, dgamma, dbeta);
     let Some(dx) = dx else { return };
     // dx = gamma inv / M (M g - s_dy - xhat s_dyx), xhat = (x - mean) inv.
     let terms: Vec<[T; 4]> = (0..xs.c)
@@ -376,19 +408,13 @@ pub fn eval_backward<T: CpuFloat>(
     } else {
         vec![(T::ONE, T::ZERO); xs.c]
     };
-    for c in 0..xs.c {
-        let (mut s_dy, mut s_dyx) = (0.0, 0.0);
-        for n in 0..xs.n {
-            let off = (n * xs.c + c) * hw;
-            for j in 0..hw {
-                let g: f64 = through_relu(dy[off + j], x[off + j], coeffs[c], relu).into();
-                s_dy += g;
-                s_dyx += g * (x[off + j].into() - mean[c]) * inv_std[c];
-            }
-        }
-        dbeta[c] = T::of(dbeta[c].into() + s_dy);
-        dgamma[c] = T::of(dgamma[c].into() + s_dyx);
-    }
+    let grads = Normalized {
+        mean: &mean,
+        inv_std: &inv_std,
+        coeffs: &coeffs,
+        relu,
+    };
+    grads.affine_gradients(x, xs, dy, dgamma, dbeta);
     if let Some(dx) = dx {
         dx.par_chunks_mut(hw).enumerate().for_each(|(i, dxr)| {
             let c = i % xs.c;

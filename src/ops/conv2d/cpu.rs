@@ -113,34 +113,42 @@ fn im2col<T: CpuFloat>(
     ld: usize,
     col0: usize,
 ) {
-    let pairs = is_k3_s2_even(conv, xs.w, ys.w);
-    for c in 0..conv.c_in {
-        for ki in 0..conv.k {
-            for oy in 0..ys.h {
-                let iy = (oy * conv.stride + ki) as isize - conv.pad as isize;
-                let at = |kj| tap_row(conv, c, ki, kj, ld, col0) + oy * ys.w;
-                if iy < 0 || iy >= xs.h as isize {
-                    for kj in 0..conv.k {
-                        col[at(kj)..][..ys.w].fill(T::ZERO);
-                    }
-                    continue;
-                }
-                let src = &x[(c * xs.h + iy as usize) * xs.w..][..xs.w];
-                if pairs {
+    if is_k3_s2_even(conv, xs.w, ys.w) {
+        for c in 0..conv.c_in {
+            for ki in 0..3 {
+                for oy in 0..ys.h {
+                    let at = |kj| tap_row(conv, c, ki, kj, ld, col0) + oy * ys.w;
+                    // Input row 2 oy + ki - 1, or the padding.
+                    let Some(iy) = (2 * oy + ki).checked_sub(1).filter(|&iy| iy < xs.h) else {
+                        for kj in 0..3 {
+                            col[at(kj)..][..ys.w].fill(T::ZERO);
+                        }
+                        continue;
+                    };
+                    let src = &x[(c * xs.h + iy) * xs.w..][..xs.w];
                     // The three taps' rows lie ld apart: split them out of the block.
                     let (head, right) = col.split_at_mut(at(2));
                     let (head, mid) = head.split_at_mut(at(1));
                     let left = &mut head[at(0)..][..ys.w];
                     gather_k3_s2(src, left, &mut mid[..ys.w], &mut right[..ys.w]);
-                    continue;
                 }
-                for kj in 0..conv.k {
-                    let out = &mut col[at(kj)..][..ys.w];
-                    let valid = valid_columns(conv, kj, xs.w, ys.w);
-                    if valid.is_empty() {
+            }
+        }
+        return;
+    }
+    for c in 0..conv.c_in {
+        for ki in 0..conv.k {
+            for kj in 0..conv.k {
+                let row = &mut col[tap_row(conv, c, ki, kj, ld, col0)..][..ys.h * ys.w];
+                let valid = valid_columns(conv, kj, xs.w, ys.w);
+                for oy in 0..ys.h {
+                    let iy = (oy * conv.stride + ki) as isize - conv.pad as isize;
+                    let out = &mut row[oy * ys.w..(oy + 1) * ys.w];
+                    if iy < 0 || iy >= xs.h as isize || valid.is_empty() {
                         out.fill(T::ZERO);
                         continue;
                     }
+                    let src = &x[(c * xs.h + iy as usize) * xs.w..][..xs.w];
                     out[..valid.start].fill(T::ZERO);
                     out[valid.end..].fill(T::ZERO);
                     let first = valid.start * conv.stride + kj - conv.pad;
@@ -149,7 +157,7 @@ fn im2col<T: CpuFloat>(
                         continue;
                     }
                     let taps = src[first..].iter().step_by(conv.stride);
-                    for (o, &v) in out[valid].iter_mut().zip(taps) {
+                    for (o, &v) in out[valid.clone()].iter_mut().zip(taps) {
                         *o = v;
                     }
                 }
@@ -168,28 +176,38 @@ fn col2im_add<T: CpuFloat>(
     ys: Shape4,
     dx: &mut [T],
 ) {
-    let pairs = is_k3_s2_even(conv, xs.w, ys.w);
+    if is_k3_s2_even(conv, xs.w, ys.w) {
+        for c in 0..conv.c_in {
+            for ki in 0..3 {
+                for oy in 0..ys.h {
+                    // Input row 2 oy + ki - 1, or the padding.
+                    let Some(iy) = (2 * oy + ki).checked_sub(1).filter(|&iy| iy < xs.h) else {
+                        continue;
+                    };
+                    let tap = |kj| &col[tap_row(conv, c, ki, kj, ld, col0) + oy * ys.w..][..ys.w];
+                    let dst = &mut dx[(c * xs.h + iy) * xs.w..][..xs.w];
+                    scatter_add_k3_s2(tap(0), tap(1), tap(2), dst);
+                }
+            }
+        }
+        return;
+    }
     for c in 0..conv.c_in {
         for ki in 0..conv.k {
-            for oy in 0..ys.h {
-                let iy = (oy * conv.stride + ki) as isize - conv.pad as isize;
-                if iy < 0 || iy >= xs.h as isize {
+            for kj in 0..conv.k {
+                let row = &col[tap_row(conv, c, ki, kj, ld, col0)..][..ys.h * ys.w];
+                let valid = valid_columns(conv, kj, xs.w, ys.w);
+                if valid.is_empty() {
                     continue;
                 }
-                let at = |kj| tap_row(conv, c, ki, kj, ld, col0) + oy * ys.w;
-                let dst = &mut dx[(c * xs.h + iy as usize) * xs.w..][..xs.w];
-                if pairs {
-                    let tap = |kj| &col[at(kj)..][..ys.w];
-                    scatter_add_k3_s2(tap(0), tap(1), tap(2), dst);
-                    continue;
-                }
-                for kj in 0..conv.k {
-                    let valid = valid_columns(conv, kj, xs.w, ys.w);
-                    if valid.is_empty() {
+                let first = valid.start * conv.stride + kj - conv.pad;
+                for oy in 0..ys.h {
+                    let iy = (oy * conv.stride + ki) as isize - conv.pad as isize;
+                    if iy < 0 || iy >= xs.h as isize {
                         continue;
                     }
-                    let first = valid.start * conv.stride + kj - conv.pad;
-                    let src = &col[at(kj) + valid.start..][..valid.len()];
+                    let dst = &mut dx[(c * xs.h + iy as usize) * xs.w..][..xs.w];
+                    let src = &row[oy * ys.w + valid.start..oy * ys.w + valid.end];
                     if conv.stride == 1 {
                         for (d, &g) in dst[first..first + valid.len()].iter_mut().zip(src) {
                             *d = *d + g;

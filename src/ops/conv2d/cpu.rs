@@ -73,6 +73,7 @@ fn is_k3_s2_even(conv: &Conv, w: usize, w_out: usize) -> bool {
 
 /// The three taps of one input row for [`is_k3_s2_even`]: `taps[kj][ox] = src[2 ox + kj - 1]`
 /// (zero left of the row).
+#[inline(always)]
 fn gather_k3_s2<T: CpuFloat>(src: &[T], left: &mut [T], mid: &mut [T], right: &mut [T]) {
     for ((pair, m), r) in src
         .chunks_exact(2)
@@ -82,9 +83,12 @@ fn gather_k3_s2<T: CpuFloat>(src: &[T], left: &mut [T], mid: &mut [T], right: &m
         *m = pair[0];
         *r = pair[1];
     }
+    // left[ox] = src[2 ox - 1], read from the row rather than copied from `right`: copying
+    // these short rows (4-16 values) was a libc memmove call per row.
     left[0] = T::ZERO;
-    let w_out = left.len();
-    left[1..].copy_from_slice(&right[..w_out - 1]);
+    for (l, pair) in left[1..].iter_mut().zip(src[1..].chunks_exact(2)) {
+        *l = pair[0];
+    }
 }
 
 /// The transpose of [`gather_k3_s2`], added into the row: `dst[2 ox + kj - 1] += taps[kj][ox]`.
@@ -95,6 +99,19 @@ fn scatter_add_k3_s2<T: CpuFloat>(left: &[T], mid: &[T], right: &[T], dst: &mut 
         let from_left = if j + 1 < w_out { left[j + 1] } else { T::ZERO };
         pair[1] = pair[1] + right[j] + from_left;
     }
+}
+
+/// The three `len`-long rows starting at `at`, `at + ld` and `at + 2 ld` (a channel's taps
+/// `kj = 0, 1, 2` for one `ki`), split out of the block once for all output rows.
+fn three_taps_mut<T>(
+    col: &mut [T],
+    at: usize,
+    ld: usize,
+    len: usize,
+) -> (&mut [T], &mut [T], &mut [T]) {
+    let (left, rest) = col[at..].split_at_mut(ld);
+    let (mid, rest) = rest.split_at_mut(ld);
+    (&mut left[..len], &mut mid[..len], &mut rest[..len])
 }
 
 /// Row `oy` of tap `(c, ki, kj)` in a column block: the `w_out` entries it starts at.
@@ -114,23 +131,25 @@ fn im2col<T: CpuFloat>(
     col0: usize,
 ) {
     if is_k3_s2_even(conv, xs.w, ys.w) {
-        for c in 0..conv.c_in {
+        let p = ys.h * ys.w;
+        for (c, plane) in x.chunks_exact(xs.h * xs.w).enumerate() {
             for ki in 0..3 {
-                for oy in 0..ys.h {
-                    let at = |kj| tap_row(conv, c, ki, kj, ld, col0) + oy * ys.w;
+                let (left, mid, right) =
+                    three_taps_mut(col, tap_row(conv, c, ki, 0, ld, col0), ld, p);
+                let rows = left
+                    .chunks_exact_mut(ys.w)
+                    .zip(mid.chunks_exact_mut(ys.w))
+                    .zip(right.chunks_exact_mut(ys.w));
+                for (oy, ((l, m), r)) in rows.enumerate() {
                     // Input row 2 oy + ki - 1, or the padding.
-                    let Some(iy) = (2 * oy + ki).checked_sub(1).filter(|&iy| iy < xs.h) else {
-                        for kj in 0..3 {
-                            col[at(kj)..][..ys.w].fill(T::ZERO);
+                    match (2 * oy + ki).checked_sub(1).filter(|&iy| iy < xs.h) {
+                        Some(iy) => gather_k3_s2(&plane[iy * xs.w..][..xs.w], l, m, r),
+                        None => {
+                            l.fill(T::ZERO);
+                            m.fill(T::ZERO);
+                            r.fill(T::ZERO);
                         }
-                        continue;
-                    };
-                    let src = &x[(c * xs.h + iy) * xs.w..][..xs.w];
-                    // The three taps' rows lie ld apart: split them out of the block.
-                    let (head, right) = col.split_at_mut(at(2));
-                    let (head, mid) = head.split_at_mut(at(1));
-                    let left = &mut head[at(0)..][..ys.w];
-                    gather_k3_s2(src, left, &mut mid[..ys.w], &mut right[..ys.w]);
+                    }
                 }
             }
         }
@@ -177,16 +196,20 @@ fn col2im_add<T: CpuFloat>(
     dx: &mut [T],
 ) {
     if is_k3_s2_even(conv, xs.w, ys.w) {
-        for c in 0..conv.c_in {
+        let p = ys.h * ys.w;
+        for (c, plane) in dx.chunks_exact_mut(xs.h * xs.w).enumerate() {
             for ki in 0..3 {
-                for oy in 0..ys.h {
+                let base = tap_row(conv, c, ki, 0, ld, col0);
+                let tap = |kj: usize| &col[base + kj * ld..][..p];
+                let rows = tap(0)
+                    .chunks_exact(ys.w)
+                    .zip(tap(1).chunks_exact(ys.w))
+                    .zip(tap(2).chunks_exact(ys.w));
+                for (oy, ((l, m), r)) in rows.enumerate() {
                     // Input row 2 oy + ki - 1, or the padding.
-                    let Some(iy) = (2 * oy + ki).checked_sub(1).filter(|&iy| iy < xs.h) else {
-                        continue;
-                    };
-                    let tap = |kj| &col[tap_row(conv, c, ki, kj, ld, col0) + oy * ys.w..][..ys.w];
-                    let dst = &mut dx[(c * xs.h + iy) * xs.w..][..xs.w];
-                    scatter_add_k3_s2(tap(0), tap(1), tap(2), dst);
+                    if let Some(iy) = (2 * oy + ki).checked_sub(1).filter(|&iy| iy < xs.h) {
+                        scatter_add_k3_s2(l, m, r, &mut plane[iy * xs.w..][..xs.w]);
+                    }
                 }
             }
         }

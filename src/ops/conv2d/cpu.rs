@@ -101,6 +101,12 @@ fn scatter_add_k3_s2<T: CpuFloat>(left: &[T], mid: &[T], right: &[T], dst: &mut 
     }
 }
 
+/// For [`is_k3_s2_even`]: the input row `2 oy + ki - 1` that output row `oy` reads at tap row
+/// `ki`, or `None` where that falls in the padding (above row 0 or below row `h - 1`).
+fn k3_s2_input_row(oy: usize, ki: usize, h: usize) -> Option<usize> {
+    (2 * oy + ki).checked_sub(1).filter(|&iy| iy < h)
+}
+
 /// The three `len`-long rows starting at `at`, `at + ld` and `at + 2 ld` (a channel's taps
 /// `kj = 0, 1, 2` for one `ki`), split out of the block once for all output rows.
 fn three_taps_mut<T>(
@@ -141,8 +147,7 @@ fn im2col<T: CpuFloat>(
                     .zip(mid.chunks_exact_mut(ys.w))
                     .zip(right.chunks_exact_mut(ys.w));
                 for (oy, ((l, m), r)) in rows.enumerate() {
-                    // Input row 2 oy + ki - 1, or the padding.
-                    match (2 * oy + ki).checked_sub(1).filter(|&iy| iy < xs.h) {
+                    match k3_s2_input_row(oy, ki, xs.h) {
                         Some(iy) => gather_k3_s2(&plane[iy * xs.w..][..xs.w], l, m, r),
                         None => {
                             l.fill(T::ZERO);
@@ -206,8 +211,7 @@ fn col2im_add<T: CpuFloat>(
                     .zip(tap(1).chunks_exact(ys.w))
                     .zip(tap(2).chunks_exact(ys.w));
                 for (oy, ((l, m), r)) in rows.enumerate() {
-                    // Input row 2 oy + ki - 1, or the padding.
-                    if let Some(iy) = (2 * oy + ki).checked_sub(1).filter(|&iy| iy < xs.h) {
+                    if let Some(iy) = k3_s2_input_row(oy, ki, xs.h) {
                         scatter_add_k3_s2(l, m, r, &mut plane[iy * xs.w..][..xs.w]);
                     }
                 }

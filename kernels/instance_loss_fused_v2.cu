@@ -130,30 +130,6 @@ __device__ __forceinline__ void store_dacc(float* __restrict__ out, int n, int d
     }
 }
 
-// dz_r = (dF_r - f_r (f_r . dF_r)) / ||z_r|| (or dF_r / eps under the clamp), in place, for the
-// block's rows r0 .. r0 + 63; one warp per row. The block's own writes of dF are visible after
-// the caller's __syncthreads().
-__device__ __forceinline__ void normalize_backward_rows(const float* __restrict__ z, const float* __restrict__ norms,
-                                                        const float* __restrict__ inv_norms, int n, int d, int r0,
-                                                        float* dz) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int row = warp; row < T2; row += 8) {
-        const int r = r0 + row;
-        if (r >= n) break;
-        const float inv = inv_norms[r];
-        const float* zr = z + (size_t)r * d;
-        float* g = dz + (size_t)r * d;
-        if (norms[r] > INVASPREAD_NORM_EPS) {
-            float dot = 0.f;
-            for (int k = lane; k < d; k += 32) dot = fmaf(zr[k] * inv, g[k], dot);
-            dot = warp_sum(dot);
-            for (int k = lane; k < d; k += 32) g[k] = (g[k] - zr[k] * inv * dot) * inv;
-        } else {
-            for (int k = lane; k < d; k += 32) g[k] = g[k] * inv;
-        }
-    }
-}
-
 // One block per SM is enough registers (168) for the three sweeps without spilling.
 extern "C" __global__ void __launch_bounds__(256, 1)
 instance_loss_query_v2(const float* __restrict__ z, const float* __restrict__ norms, const float* __restrict__ inv_norms,
@@ -286,21 +262,11 @@ instance_loss_query_v2(const float* __restrict__ z, const float* __restrict__ no
         }
         if (!p.both_sides) {
             __syncthreads();
-            normalize_backward_rows(z, norms, inv_norms, n, d, q0, dz);
+            normalize_backward_rows(z, norms, inv_norms, n, d, q0, T2, dz);
         }
     }
 
-    // The last block to finish sums the blocks' partial losses in block order.
-    __threadfence();
-    if (tid == 0) s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (s_last && tid == 0) {
-        const volatile double* partial = block_loss;
-        double s = 0.0;
-        for (unsigned b = 0; b < gridDim.x; ++b) s += partial[b];
-        loss_out[0] = s / (double)n;
-        *counter = 0u;  // ready for the next launch
-    }
+    sum_block_losses_in_order(block_loss, counter, loss_out, n, s_last);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -341,5 +307,5 @@ instance_loss_key_v2(const float* __restrict__ z, const float* __restrict__ norm
         store_dacc(dz, n, d, b0, c0, p.grad_scale, true, dacc);
     }
     __syncthreads();
-    normalize_backward_rows(z, norms, inv_norms, n, d, b0, dz);
+    normalize_backward_rows(z, norms, inv_norms, n, d, b0, T2, dz);
 }

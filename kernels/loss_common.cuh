@@ -142,3 +142,44 @@ __device__ __forceinline__ RowFinal row_final(float x_partner, RowDenominator de
     f.g_dominant = (float)((double)mu * den.q_max * (1.0 + 1.0 / den.one_minus_q_max - (double)mu * r));
     return f;
 }
+
+// dz_r = (dF_r - f_r (f_r . dF_r)) / ||z_r|| (or dF_r / eps under the clamp), in place, for rows
+// r0 .. r0 + rows - 1; one warp per row, every warp of the block. The block's own writes of dF
+// are visible after the caller's __syncthreads().
+__device__ __forceinline__ void normalize_backward_rows(const float* __restrict__ z, const float* __restrict__ norms,
+                                                        const float* __restrict__ inv_norms, int n, int d, int r0,
+                                                        int rows, float* dz) {
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int row = warp; row < rows; row += warps) {
+        const int r = r0 + row;
+        if (r >= n) break;
+        const float inv = inv_norms[r];
+        const float* zr = z + (size_t)r * d;
+        float* g = dz + (size_t)r * d;
+        if (norms[r] > INVASPREAD_NORM_EPS) {
+            float dot = 0.f;
+            for (int k = lane; k < d; k += 32) dot = fmaf(zr[k] * inv, g[k], dot);
+            dot = warp_sum(dot);
+            for (int k = lane; k < d; k += 32) g[k] = (g[k] - zr[k] * inv * dot) * inv;
+        } else {
+            for (int k = lane; k < d; k += 32) g[k] = g[k] * inv;
+        }
+    }
+}
+
+// The loss = (sum of the blocks' partial sums, in block order) / N, written by the last block to
+// finish; `counter` (zero before the launch) is left at zero for the next. Every thread of every
+// block calls it once its block's partial sum is stored; `s_last` is a __shared__ flag.
+__device__ __forceinline__ void sum_block_losses_in_order(const double* block_loss, unsigned int* counter,
+                                                          double* loss_out, int n, bool& s_last) {
+    __threadfence();
+    if (threadIdx.x == 0) s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (s_last && threadIdx.x == 0) {
+        const volatile double* partial = block_loss;
+        double s = 0.0;
+        for (unsigned b = 0; b < gridDim.x; ++b) s += partial[b];
+        loss_out[0] = s / (double)n;
+        *counter = 0u;  // ready for the next launch
+    }
+}

@@ -7,16 +7,6 @@ use invaspread::loss::{reference, GradSemantics, LossConfig};
 use invaspread::names::Named;
 use invaspread::testing::{adversarial_matrix, gpu_or_skip, random_matrix, rng, scaled_grad_error};
 
-/// float32 on the GPU: far under 1e-3 (cuda.md); adversarial inputs lose more in the
-/// normalization backward's projection (see tests/cpu_loss.rs).
-fn tolerance(adversarial: bool) -> f64 {
-    if adversarial {
-        2e-4
-    } else {
-        5e-5
-    }
-}
-
 fn check_all_versions(
     gpu: &std::sync::Arc<invaspread::cuda::Gpu>,
     z: &[f32],
@@ -30,7 +20,8 @@ fn check_all_versions(
     for version in CudaLossVersion::ALL {
         let (loss, grad) = cuda::instance_loss(gpu.clone(), version, z, n, d, &cfg, true)
             .unwrap_or_else(|e| panic!("{} {case}: {e}", version.name()));
-        let tol = tolerance(adversarial);
+        let tolerance = version.tolerance(cfg.tau, d, adversarial);
+        let (tol, grad_tol) = (tolerance.loss, tolerance.grad);
         let rel = (loss - want.loss).abs() / want.loss.abs();
         assert!(
             rel < tol,
@@ -39,12 +30,19 @@ fn check_all_versions(
             want.loss
         );
         let grad: Vec<f64> = grad.unwrap().iter().map(|&x| f64::from(x)).collect();
-        let err = scaled_grad_error(&grad, want.grad_z.as_ref().unwrap(), z, d);
         assert!(
-            err < tol,
-            "{} {case}: gradient error {err:e}",
+            grad.iter().all(|g| g.is_finite()),
+            "{} {case}: gradient not finite",
             version.name()
         );
+        if let Some(grad_tol) = grad_tol {
+            let err = scaled_grad_error(&grad, want.grad_z.as_ref().unwrap(), z, d);
+            assert!(
+                err < grad_tol,
+                "{} {case}: gradient error {err:e}",
+                version.name()
+            );
+        }
         // The loss-only launch path is the same at every size; the emulator (seconds per loss
         // at N = 250) checks it on the small cases only.
         if gpu.is_virtual() && n > 64 {
@@ -293,7 +291,7 @@ fn negative_selection_in_the_unfused_chain() {
                         let (loss, grad) =
                             cuda::instance_loss(gpu.clone(), version, &z, n, d, &cfg, true)
                                 .unwrap_or_else(|e| panic!("{case}: {e}"));
-                        let tol = tolerance(adversarial);
+                        let tol = version.tolerance(cfg.tau, d, adversarial).loss;
                         let rel = (loss - want.loss).abs() / want.loss.abs();
                         assert!(rel < tol, "{case}: loss {loss} vs {} ({rel:e})", want.loss);
                         let grad: Vec<f64> = grad.unwrap().iter().map(|&x| f64::from(x)).collect();
@@ -335,4 +333,38 @@ fn small_tau_is_a_clear_error_before_any_launch() {
         "{err}"
     );
     assert!(cuda::validate_for_kernels(&LossConfig { tau: 0.025, ..cfg }).is_ok());
+}
+
+/// The tensor-core products alone (kernels/mma.cu): every lane's registers placed by the PTX
+/// ISA's fragment tables (`ops::mma`), D compared exactly, on the card (or the virtual GPU).
+#[test]
+fn mma_fragment_layouts() {
+    use invaspread::cuda::{DevPtr, DevPtrMut};
+    use invaspread::ops::mma;
+    let Some(gpu) = gpu_or_skip("mma_fragment_layouts") else {
+        return;
+    };
+    let stream = gpu.stream();
+    for shape in mma::Shape::ALL {
+        for seed in 0..4 {
+            let p = mma::Probe::random(shape, 40 + seed);
+            let a = stream.clone_htod(&p.a_regs).unwrap();
+            let b = stream.clone_htod(&p.b_regs).unwrap();
+            let c = stream.clone_htod(&p.c).unwrap();
+            let mut d = stream
+                .clone_htod(&vec![f32::NAN; p.expected_d.len()])
+                .unwrap();
+            mma::cuda::probe(
+                &*gpu,
+                shape,
+                DevPtr::of(&a),
+                DevPtr::of(&b),
+                DevPtr::of(&c),
+                DevPtrMut::of(&mut d),
+            )
+            .unwrap();
+            let got = stream.clone_dtoh(&d).unwrap();
+            assert_eq!(got, p.expected_d, "{shape:?} seed {seed}");
+        }
+    }
 }

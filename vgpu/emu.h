@@ -23,6 +23,9 @@ struct dim3 {
 
 namespace emu {
 
+// Bytes of a lane's warp exchange slot: a shuffle's value, or an mma's operand registers.
+constexpr unsigned kSlotBytes = 32;
+
 // The CUDA thread running now (a fiber of the engine).
 struct ThreadState {
     dim3 thread_idx, block_idx, block_dim, grid_dim;
@@ -33,14 +36,18 @@ extern "C" ThreadState* emu_thread();
 // Block-wide barrier; warp-wide barrier (for exchanges); the calling lane's warp exchange slots.
 extern "C" void emu_sync_block();
 extern "C" void emu_sync_warp();
-extern "C" unsigned char (*emu_warp_slots())[8];
+extern "C" unsigned char (*emu_warp_slots())[kSlotBytes];
+// Warp-level matrix products, d += a b, by the PTX ISA's fragment layouts (engine.cpp;
+// kernels/mma.cuh's emulated side).
+extern "C" void emu_mma_tf32_m16n8k8(float d[4], const unsigned a[4], const unsigned b[2]);
+extern "C" void emu_mma_bf16_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2]);
 
 inline unsigned lane() { return emu_thread()->thread_idx.x % 32; }
 
 template <class T>
 T exchange(T v, unsigned src_lane) {
     static_assert(sizeof(T) <= 8, "shuffles of up to 8 bytes");
-    unsigned char(*slots)[8] = emu_warp_slots();
+    unsigned char(*slots)[kSlotBytes] = emu_warp_slots();
     std::memcpy(slots[lane()], &v, sizeof(T));
     emu_sync_warp();
     T r;
@@ -72,7 +79,7 @@ T __shfl_xor_sync(unsigned, T v, int offset) { return emu::exchange(v, emu::lane
 template <class T>
 T __shfl_sync(unsigned, T v, int src) { return emu::exchange(v, (unsigned)src); }
 inline unsigned __ballot_sync(unsigned, int pred) {
-    unsigned char(*slots)[8] = emu::emu_warp_slots();
+    unsigned char(*slots)[emu::kSlotBytes] = emu::emu_warp_slots();
     slots[emu::lane()][0] = pred ? 1 : 0;
     emu::emu_sync_warp();
     unsigned bits = 0;

@@ -60,7 +60,7 @@ struct Block {
     std::uint64_t serial = 0;  // this library copy's block counter
     unsigned threads = 0, live = 0, at_block = 0;
     unsigned warp_live[kMaxThreads / 32] = {}, at_warp[kMaxThreads / 32] = {};
-    alignas(8) unsigned char slots[kMaxThreads / 32][32][8] = {};
+    alignas(8) unsigned char slots[kMaxThreads / 32][32][emu::kSlotBytes] = {};
     void* scheduler_sp = nullptr;
     ucontext_t scheduler;
 };
@@ -207,7 +207,7 @@ void fiber_main() {
     block.kernel->run(block.args);
     f->state = DONE;
     const unsigned w = f->thread.flat / 32;
-    std::memset(block.slots[w][f->thread.flat % 32], 0, 8);
+    std::memset(block.slots[w][f->thread.flat % 32], 0, emu::kSlotBytes);
     --block.live;
     --block.warp_live[w];
     release_warp_if_complete(w);
@@ -364,7 +364,103 @@ extern "C" void emu_sync_warp() {
     yield_to_scheduler();
 }
 
-extern "C" unsigned char (*emu_warp_slots())[8] { return block.slots[current->thread.flat / 32]; }
+extern "C" unsigned char (*emu_warp_slots())[emu::kSlotBytes] { return block.slots[current->thread.flat / 32]; }
+
+// ---- warp-level matrix products (mma.sync), as kernels/mma.cuh's emulated side calls them ----
+//
+// Each lane deposits its A and B registers in its warp slot, the warp meets, and each lane
+// reads the registers of the lanes that hold the row of A and the column of B its own D
+// elements need, by the fragment layouts of the PTX ISA (section 9.7.14.5.8, "Matrix Fragments
+// for mma.m16n8k8", .tf32; section 9.7.14.5.9, "Matrix Fragments for mma.m16n8k16 with
+// floating point type", .bf16), with g = lane / 4 and t = lane % 4:
+//   C, D (both shapes): d[q] is (row g + 8 (q / 2), column 2 t + q % 2).
+//   m16n8k8 tf32:  a[r] is A(g + 8 (r % 2), t + 4 (r / 2)); b[r] is B(t + 4 r, g).
+//   m16n8k16 bf16: a[r] holds A(g + 8 (r % 2), 2 t + 8 (r / 2) + h) in its half h (low half h = 0);
+//                  b[r] holds B(2 t + 8 r + h, g) in its half h.
+// Products of tf32 or bf16 values are exact in double, so the only rounding is the final one to
+// float: the hardware's accumulation order is unspecified, and tolerances allow for it.
+namespace {
+
+struct MmaRegs {
+    unsigned a[4], b[2];
+};
+static_assert(sizeof(MmaRegs) <= emu::kSlotBytes, "the slots hold one lane's operands");
+
+// Deposits the lane's operands, meets the warp and copies out every lane's (the slots stay as
+// they are until the closing meeting, which every lane passes before any writes again).
+void mma_meet(const unsigned a[4], const unsigned b[2], MmaRegs all[32]) {
+    const unsigned w = current->thread.flat / 32;
+    if (block.warp_live[w] != 32) {
+        char buf[96];
+        std::snprintf(buf, sizeof buf, ": mma.sync with %u live lanes in its warp (it needs all 32)",
+                      block.warp_live[w]);
+        report(where(*current) + buf, nullptr);
+    }
+    MmaRegs mine;
+    std::memcpy(mine.a, a, sizeof mine.a);
+    std::memcpy(mine.b, b, sizeof mine.b);
+    std::memcpy(block.slots[w][current->thread.flat % 32], &mine, sizeof mine);
+    emu_sync_warp();
+    for (unsigned l = 0; l < 32; ++l) std::memcpy(&all[l], block.slots[w][l], sizeof(MmaRegs));
+}
+
+double tf32_value(unsigned bits) {
+    float f;
+    bits &= 0xffffe000u;  // the format's 10 mantissa bits (the kernels round before, by rna)
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+double bf16_value(unsigned bits, unsigned half) {
+    const unsigned u = ((bits >> (16 * half)) & 0xffffu) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+}  // namespace
+
+extern "C" void emu_mma_tf32_m16n8k8(float d[4], const unsigned a[4], const unsigned b[2]) {
+    MmaRegs all[32];
+    mma_meet(a, b, all);
+    const unsigned lane = current->thread.flat % 32, g = lane / 4, t = lane % 4;
+    float out[4];
+    for (unsigned q = 0; q < 4; ++q) {
+        const unsigned row = g + 8 * (q / 2), col = 2 * t + q % 2;
+        double s = d[q];
+        for (unsigned k = 0; k < 8; ++k) {
+            // A(row, k): lane (row % 8) * 4 + k % 4, register (row / 8) + 2 (k / 4).
+            const double x = tf32_value(all[(row % 8) * 4 + k % 4].a[row / 8 + 2 * (k / 4)]);
+            // B(k, col): lane col * 4 + k % 4, register k / 4.
+            const double y = tf32_value(all[col * 4 + k % 4].b[k / 4]);
+            s += x * y;
+        }
+        out[q] = (float)s;
+    }
+    emu_sync_warp();
+    std::memcpy(d, out, sizeof out);
+}
+
+extern "C" void emu_mma_bf16_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2]) {
+    MmaRegs all[32];
+    mma_meet(a, b, all);
+    const unsigned lane = current->thread.flat % 32, g = lane / 4, t = lane % 4;
+    float out[4];
+    for (unsigned q = 0; q < 4; ++q) {
+        const unsigned row = g + 8 * (q / 2), col = 2 * t + q % 2;
+        double s = d[q];
+        for (unsigned k = 0; k < 16; ++k) {
+            // A(row, k): lane (row % 8) * 4 + (k % 8) / 2, register (row / 8) + 2 (k / 8), half k % 2.
+            const double x = bf16_value(all[(row % 8) * 4 + (k % 8) / 2].a[row / 8 + 2 * (k / 8)], k % 2);
+            // B(k, col): lane col * 4 + (k % 8) / 2, register k / 8, half k % 2.
+            const double y = bf16_value(all[col * 4 + (k % 8) / 2].b[k / 8], k % 2);
+            s += x * y;
+        }
+        out[q] = (float)s;
+    }
+    emu_sync_warp();
+    std::memcpy(d, out, sizeof out);
+}
 
 // ---- the library's entry points (vgpu.h) ---------------------------------------------------
 

@@ -131,7 +131,13 @@ pub struct Case<'a> {
 
 impl Case<'_> {
     /// Checks one output of `version` (before it is timed); the error, or `None` unchecked.
-    fn check(&self, version: &str, loss: f64, grad_z: Option<&[f32]>) -> Result<Option<f64>> {
+    fn check(
+        &self,
+        version: &str,
+        loss: f64,
+        grad_z: Option<&[f32]>,
+        tolerance: f64,
+    ) -> Result<Option<f64>> {
         let Some(truth) = self.truth else {
             return Ok(None);
         };
@@ -141,9 +147,7 @@ impl Case<'_> {
             self.d,
             pass_name(self.with_grad)
         );
-        truth
-            .check(&what, loss, grad_z, FLOAT32_TOLERANCE)
-            .map(Some)
+        truth.check(&what, loss, grad_z, tolerance).map(Some)
     }
 }
 
@@ -224,7 +228,7 @@ pub fn bench_cpu(
         })
     };
     let (loss, grad) = run()?;
-    let check_error = case.check(&version.name(), loss, grad.as_deref())?;
+    let check_error = case.check(&version.name(), loss, grad.as_deref(), FLOAT32_TOLERANCE)?;
     let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         let t = Instant::now();
         f()?;
@@ -296,7 +300,9 @@ pub fn bench_cuda(
     } else {
         None
     };
-    let check_error = case.check(&version.name(), loss.loss()?, grad.as_deref())?;
+    // bench_input is random: the version's bound on random inputs.
+    let tolerance = version.tolerance(cfg.tau, d, false).either();
+    let check_error = case.check(&version.name(), loss.loss()?, grad.as_deref(), tolerance)?;
     let (median_s, runs) = median_time(5, 200, min_seconds, || {
         let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         loss.enqueue(&z, if with_grad { Some(&mut dz) } else { None }, cfg)?;

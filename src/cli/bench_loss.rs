@@ -137,22 +137,37 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
         println!("{}", bench::json(&rows)?);
     } else {
         print!("{}", bench::markdown_table(&rows, &baseline));
-        println!("\nuseful FLOPs: 2N^2d forward, x2 query-only fwd+bwd, x3 both-sides; semantics {}, tau {}", cfg.semantics, cfg.tau);
-        println!(
-            "error vs f64: each version's loss (relative) and dL/dz (scaled by row norms) against \
-             the float64 truth before timing, at most {FLOAT32_TOLERANCE:.0e} or the run stops; \
-             unchecked above N = {}",
-            args.check_max_n
-        );
-        if gpu.is_none() {
-            println!(
-                "floor: the version's products (blocks of {} query rows by N x d, one per pass) at \
-                 the gemm crate's rate on that shape, plus N^2 exponentials and N^2 logarithms at \
-                 the SIMD exp's and ln's rates, all measured on this machine with every thread \
-                 busy; vs floor: median / floor",
-                invaspread::loss::cpu::ROW_BLOCK
-            );
-        }
+        print_notes(&cfg, &args, gpu.is_none());
     }
     Ok(())
+}
+
+/// The table's footnotes: what the columns mean and how each row was checked.
+fn print_notes(cfg: &LossConfig, args: &BenchLossArgs, on_cpu: bool) {
+    println!(
+        "\nuseful FLOPs: 2N^2d forward, x2 query-only fwd+bwd, x3 both-sides; semantics {}, tau {}",
+        cfg.semantics, cfg.tau
+    );
+    println!(
+        "error vs f64: each version's loss (relative) and dL/dz (scaled by row norms) against \
+         the float64 truth before timing, at most {FLOAT32_TOLERANCE:.0e} (the tensor-core \
+         versions: fused-v3-tf32 {:.1e}, fused-v3-bf16 {:.1e} at this tau) or the run \
+         stops; unchecked above N = {}",
+        CudaLossVersion::FusedV3Tf32
+            .tolerance(cfg.tau, args.d, false)
+            .either(),
+        CudaLossVersion::FusedV3Bf16
+            .tolerance(cfg.tau, args.d, false)
+            .either(),
+        args.check_max_n
+    );
+    if on_cpu {
+        println!(
+            "floor: the version's products (blocks of {} query rows by N x d, one per pass) at \
+             the gemm crate's rate on that shape, plus N^2 exponentials and N^2 logarithms at \
+             the SIMD exp's and ln's rates, all measured on this machine with every thread \
+             busy; vs floor: median / floor",
+            invaspread::loss::cpu::ROW_BLOCK
+        );
+    }
 }

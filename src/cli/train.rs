@@ -50,6 +50,10 @@ pub enum LossArg {
     FusedV1,
     /// Fused, tiled CUDA kernels (--device cuda; its default).
     FusedV2,
+    /// Fused v2 on tensor cores, TF32 operands (--device cuda).
+    FusedV3Tf32,
+    /// Fused v2 on tensor cores, bf16 operands (--device cuda).
+    FusedV3Bf16,
 }
 
 #[derive(Debug, clap::Args)]
@@ -184,9 +188,11 @@ fn backend_choice(args: &TrainArgs) -> invaspread::Result<BackendChoice> {
         (Device::Cuda, LossArg::FusedV1) => cuda(CudaLossVersion::FusedV1),
         (Device::Cuda, LossArg::Unfused) => cuda(CudaLossVersion::Unfused),
         (Device::Cuda, LossArg::UnfusedCublas) => cuda(CudaLossVersion::UnfusedCublas),
+        (Device::Cuda, LossArg::FusedV3Tf32) => cuda(CudaLossVersion::FusedV3Tf32),
+        (Device::Cuda, LossArg::FusedV3Bf16) => cuda(CudaLossVersion::FusedV3Bf16),
         (Device::Cuda, LossArg::Reference) => {
             return Err(Error::invalid(
-                "--loss reference runs on the CPU only; use --device cpu, or a CUDA loss (fused-v2, fused-v1, unfused, unfused-cublas)",
+                "--loss reference runs on the CPU only; use --device cpu, or a CUDA loss (fused-v2, fused-v3-tf32, fused-v3-bf16, fused-v1, unfused, unfused-cublas)",
             ))
         }
         (Device::Cpu, other) => {

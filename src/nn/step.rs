@@ -6,7 +6,7 @@ use super::cpu_backend::Cpu;
 use super::graph::{Graph, Var};
 use super::models::{Model, ModelKind};
 use super::optim::Sgd;
-use crate::cuda::GemmPrecision;
+use crate::cuda::{phase, GemmPrecision};
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 use crate::ops::conv2d::CpuVersion;
@@ -43,12 +43,24 @@ pub fn queue_train_step<B: Backend>(
             "a training batch is 2m x 3 x H x W with m >= 2 and H, W >= 1, got {shape:?}"
         )));
     }
+    // NVTX ranges (no-ops without libnvToolsExt) so that Nsight shows the step's parts: they
+    // mark when the host queues each part; the GPU's work follows on the stream.
     graph.begin();
-    let x = graph.input(views, shape)?;
-    let z = model.forward(graph, x, true)?;
-    let loss = graph.instance_loss(z, loss_cfg)?;
-    graph.params.zero_grad(&graph.backend)?;
-    graph.backward(loss)?;
+    let z = {
+        let _range = phase("forward");
+        let x = graph.input(views, shape)?;
+        model.forward(graph, x, true)?
+    };
+    let loss = {
+        let _range = phase("loss");
+        graph.instance_loss(z, loss_cfg)?
+    };
+    {
+        let _range = phase("backward");
+        graph.params.zero_grad(&graph.backend)?;
+        graph.backward(loss)?;
+    }
+    let _range = phase("sgd");
     sgd.update(&graph.backend, &mut graph.params, lr)?;
     Ok(loss)
 }

@@ -16,6 +16,7 @@
 //! | [`normalize_rows`] | row L2-normalization, forward and backward | float64 sums | `normalize_rows.cu` |
 //! | [`matmul`] | a handwritten tiled SGEMM (the unfused loss's baseline) | [`crate::linalg`] | `matmul.cu` |
 //! | [`reduce`] | the mean of N doubles in a fixed order | a sum | `reduce.cu` |
+//! | [`mma`] | warp-level tensor-core products (tf32, bf16) of the tensor-core loss versions: the PTX ISA's fragment layouts and their probe | the expected registers | `mma.cuh`, probed by `mma.cu` |
 //!
 //! Every op with CUDA kernels has a `Version` enum (`v1`, ...): versions are kept side by side,
 //! selected by name (see `nn::cuda_backend::EncoderKernels`).
@@ -25,6 +26,7 @@ pub mod conv2d;
 pub mod elementwise;
 pub mod linear;
 pub mod matmul;
+pub mod mma;
 pub mod normalize_rows;
 pub mod pool;
 pub mod reduce;

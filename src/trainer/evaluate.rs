@@ -94,6 +94,7 @@ pub fn evaluate_until<B: Backend>(
     knn: &KnnConfig,
     stop: &dyn Fn() -> bool,
 ) -> Result<Option<Evaluation>> {
+    let _range = crate::cuda::phase("knn evaluation");
     if !set.unseen {
         return Ok(knn_accuracy_until(graph, model, &set.ds, knn, stop)?.map(Evaluation::Knn));
     }

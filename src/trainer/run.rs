@@ -488,7 +488,10 @@ impl<'a, B: Backend> Run<'a, B> {
         for step in self.start..self.total_steps {
             self.at_step = step;
             let wait = Instant::now();
-            let views = worker.next(step)?;
+            let views = {
+                let _range = crate::cuda::phase("data wait");
+                worker.next(step)?
+            };
             data_s += wait.elapsed().as_secs_f64();
             let lr = self.lr_at(step);
             let (graph, model, sgd) = (&mut self.graph, &self.model, &mut self.sgd);

@@ -16,6 +16,31 @@ const KEY_V2: Kernel = Kernel::new("instance_loss_fused_v2", "instance_loss_key_
 /// Rows (and keys) of a tile: one block of the query and key kernels.
 pub const TILE: usize = 64;
 
+/// instance_loss_norms_v2: the norms and clamped inverse norms of z's rows (v3 uses it too).
+pub fn enqueue_norms(
+    q: &impl Queue,
+    z: DevPtr<'_, f32>,
+    p: &LossParams,
+    s: &mut Scratch<'_>,
+) -> Result<()> {
+    let _p = phase("fused v2: norms");
+    let mut args = KernelArgs::new();
+    args.input(z)
+        .value(p.n)
+        .value(p.d)
+        .output(&mut s.norms)
+        .output(&mut s.inv_norms);
+    // SAFETY: instance_loss_norms_v2(const float* z, int n, int d, float* norms,
+    // float* inv_norms); one warp per row, 8 rows a block, buffers of N (carved for N).
+    unsafe {
+        q.launch(
+            NORMS_V2,
+            Geometry::blocks((p.n as usize).div_ceil(8), BLOCK),
+            &mut args,
+        )
+    }
+}
+
 pub fn enqueue(
     q: &impl Queue,
     z: DevPtr<'_, f32>,
@@ -25,18 +50,7 @@ pub fn enqueue(
     mut loss: DevPtrMut<'_, f64>,
 ) -> Result<()> {
     let n = p.n as usize;
-    {
-        let _p = phase("fused v2: norms");
-        let mut args = KernelArgs::new();
-        args.input(z)
-            .value(p.n)
-            .value(p.d)
-            .output(&mut s.norms)
-            .output(&mut s.inv_norms);
-        // SAFETY: instance_loss_norms_v2(const float* z, int n, int d, float* norms,
-        // float* inv_norms); one warp per row, 8 rows a block.
-        unsafe { q.launch(NORMS_V2, Geometry::blocks(n.div_ceil(8), BLOCK), &mut args) }?;
-    }
+    enqueue_norms(q, z, p, s)?;
     // Without a gradient the kernels never touch dz: a null pointer stands in.
     let mut dz = dz.unwrap_or_else(DevPtrMut::null);
     let grid = Geometry::blocks(n.div_ceil(TILE), BLOCK);

@@ -6,6 +6,7 @@
 //! | `unfused-cublas` | [`unfused`] | as `unfused` with cuBLAS SGEMM for the three products | S, E, G | 9-10 |
 //! | `fused-v1` | [`fused_v1`] | normalize, instance_loss_query_v1, (instance_loss_key_v1 both-sides), normalize bwd, mean | no | 4-5 |
 //! | `fused-v2` | [`fused_v2`] | instance_loss_norms_v2, instance_loss_query_v2, (instance_loss_key_v2 both-sides) | no, O(N) extra | 2-3 |
+//! | `fused-v3-tf32`, `fused-v3-bf16` | [`fused_v3`] | instance_loss_norms_v2, instance_loss_query_v3_*, (instance_loss_key_v3_* both-sides): v2's sweeps on tensor cores | no, O(N) extra | 2-3 |
 //!
 //! Each version lays out its scratch in a [`Scratch`] cut from one allocation, and queues its
 //! launches with [`enqueue`], generic over the [`Queue`] (a GPU, or the tests' emulator). A
@@ -15,6 +16,7 @@
 
 pub mod fused_v1;
 pub mod fused_v2;
+pub mod fused_v3;
 pub mod unfused;
 
 use std::sync::Arc;
@@ -80,17 +82,33 @@ pub enum CudaLossVersion {
     FusedV1,
     /// Fused, tiled, O(N) extra memory, at most 3 launches.
     FusedV2,
+    /// Fused v2's sweeps on tensor cores, TF32 operands, float32 accumulation.
+    FusedV3Tf32,
+    /// Fused v2's sweeps on tensor cores, bf16 operands, float32 accumulation.
+    FusedV3Bf16,
 }
 crate::serde_by_name!(CudaLossVersion);
 
 impl CudaLossVersion {
     /// Every version, oldest first.
-    pub const ALL: [CudaLossVersion; 4] = [
+    pub const ALL: [CudaLossVersion; 6] = [
         CudaLossVersion::Unfused,
         CudaLossVersion::UnfusedCublas,
         CudaLossVersion::FusedV1,
         CudaLossVersion::FusedV2,
+        CudaLossVersion::FusedV3Tf32,
+        CudaLossVersion::FusedV3Bf16,
     ];
+
+    /// The relative rounding of the similarities' operands (unit roundoff): float32 for the
+    /// SIMT versions, 2^-11 for TF32 (10 mantissa bits, round to nearest), 2^-9 for bf16.
+    pub fn operand_rounding(self) -> f64 {
+        match self {
+            CudaLossVersion::FusedV3Tf32 => 2f64.powi(-11),
+            CudaLossVersion::FusedV3Bf16 => 2f64.powi(-9),
+            _ => 2f64.powi(-24),
+        }
+    }
 
     /// Whether the version stores N x N matrices.
     pub fn stores_nxn(self) -> bool {
@@ -98,6 +116,36 @@ impl CudaLossVersion {
             self,
             CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas
         )
+    }
+
+    /// How close this version must come to the float64 truth, for `tau`, `d` and random or
+    /// adversarial (near-duplicate) inputs; the tests' and `bench-loss`'s bound.
+    ///
+    /// float32 versions: 5e-5, and 2e-4 on adversarial inputs (the normalization backward's
+    /// projection loses more there; see tests/cpu_loss.rs). The tensor-core versions round
+    /// every similarity's operands (relative u, [`Self::operand_rounding`]), so each exponent
+    /// (s - 1)/tau carries about u/tau: the loss, an average over rows, stays within the bounds
+    /// the GPU issue set (TF32 3e-4, bf16 1e-2) everywhere, and so does the gradient at
+    /// tau >= 0.1; below, the gradient's bound grows as 8 u (0.05 / tau). Near-duplicate rows
+    /// in fewer than 16 dimensions, where a similarity's rounding does not average over d and
+    /// a close neighbour's exponent moves by u/tau, have a bound on the loss only.
+    pub fn tolerance(self, tau: f64, d: usize, adversarial: bool) -> Tolerance {
+        let loss = match self {
+            CudaLossVersion::FusedV3Tf32 => 3e-4,
+            CudaLossVersion::FusedV3Bf16 => 1e-2,
+            _ => {
+                let t = if adversarial { 2e-4 } else { 5e-5 };
+                return Tolerance {
+                    loss: t,
+                    grad: Some(t),
+                };
+            }
+        };
+        let grad = f64::max(loss, 8.0 * self.operand_rounding() * 0.05 / tau);
+        Tolerance {
+            loss,
+            grad: (!(adversarial && d < 16)).then_some(grad),
+        }
     }
 
     /// Kernel launches of one call (forward, plus backward when `with_grad`).
@@ -109,8 +157,26 @@ impl CudaLossVersion {
                 6 + selects + if with_grad { 3 + both } else { 0 }
             }
             CudaLossVersion::FusedV1 => 3 + if with_grad { 1 + both } else { 0 },
-            CudaLossVersion::FusedV2 => 2 + both,
+            CudaLossVersion::FusedV2
+            | CudaLossVersion::FusedV3Tf32
+            | CudaLossVersion::FusedV3Bf16 => 2 + both,
         }
+    }
+}
+
+/// A version's bound against the float64 truth ([`CudaLossVersion::tolerance`]): the loss's
+/// relative error, and dL/dz's error scaled by row norms (`loss::check::scaled_grad_error`)
+/// where one is set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerance {
+    pub loss: f64,
+    pub grad: Option<f64>,
+}
+
+impl Tolerance {
+    /// The larger bound, for a check of both at once (`loss::check::Truth::check`).
+    pub fn either(self) -> f64 {
+        self.loss.max(self.grad.unwrap_or(self.loss))
     }
 }
 
@@ -164,7 +230,7 @@ pub struct Scratch<'a> {
     pub df: Option<DevPtrMut<'a, f32>>,
     pub rows: RowScratch<'a>,
     pub unfused: Option<unfused::Scratch<'a>>,
-    /// One partial sum per 64-row block and the last-block counter (fused v2).
+    /// One partial sum per 64-row block and the last-block counter (fused v2, v3).
     pub block_loss: DevPtrMut<'a, f64>,
     pub counter: DevPtrMut<'a, u32>,
 }
@@ -176,7 +242,10 @@ impl<'a> Scratch<'a> {
         let nd = n
             .checked_mul(d)
             .ok_or_else(|| Error::invalid(format!("N = {n}, d = {d}: N d overflows")))?;
-        let stores_f = version != CudaLossVersion::FusedV2;
+        let stores_f = matches!(
+            version,
+            CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas | CudaLossVersion::FusedV1
+        );
         Ok(Scratch {
             norms: c.take(n)?,
             inv_norms: c.take(n)?,
@@ -250,6 +319,12 @@ pub fn enqueue(
         CudaLossVersion::UnfusedCublas => unfused::enqueue(q, true, z, dz, &p, s, loss),
         CudaLossVersion::FusedV1 => fused_v1::enqueue(q, z, dz, &p, s, loss),
         CudaLossVersion::FusedV2 => fused_v2::enqueue(q, z, dz, &p, s, loss),
+        CudaLossVersion::FusedV3Tf32 => {
+            fused_v3::enqueue(q, fused_v3::Operands::Tf32, z, dz, &p, s, loss)
+        }
+        CudaLossVersion::FusedV3Bf16 => {
+            fused_v3::enqueue(q, fused_v3::Operands::Bf16, z, dz, &p, s, loss)
+        }
     }
 }
 

@@ -763,6 +763,8 @@ CUresult cuDeviceGetAttribute(int* v, int attribute, CUdevice) {
         case 12: *v = 65536; break;                  // registers per block
         case 13: *v = 1980000; break;
         case 16: *v = 132; break;                    // SMs
+        case 36: *v = 3125000; break;                // memory clock, kHz (HBM3e, 4.8 TB/s)
+        case 37: *v = 6144; break;                   // memory bus width, bits
         case 38: *v = 60 * 1024 * 1024; break;       // L2
         case 39: *v = 2048; break;
         case 41: *v = 1; break;                      // unified addressing

@@ -1,8 +1,9 @@
 //! Timing of the loss implementations, shared by `invaspread bench-loss` and the criterion
 //! benchmark: medians over repeated runs, useful FLOP counts, extra memory, markdown tables.
 //!
-//! On the CPU every row also has a floor ([`floor`]): the time of its products and
-//! exponentials at the rates measured on the machine, and the ratio of the median to it.
+//! Every row also has a floor and the ratio of the median to it: on the CPU ([`floor`]) the time
+//! of its products and exponentials at the rates measured on the machine; on a GPU
+//! ([`gpu_floor`]) its products, special functions and bytes at the card's peak rates.
 //!
 //! Useful FLOPs are the fewest an implementation must do, so that versions compare fairly:
 //! forward = one N x N x d product (2 N^2 d), query-only backward one more (G F), both-sides
@@ -10,6 +11,7 @@
 //! shows it as a lower achieved rate.
 
 pub mod floor;
+pub mod gpu_floor;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,7 +46,8 @@ pub struct BenchRow {
     /// The output's error against the float64 truth ([`Truth::error`]), checked before timing;
     /// `None` when the size was above the check's limit.
     pub check_error: Option<f64>,
-    /// The least time on this machine ([`floor`]); `None` where none is computed (GPU).
+    /// The least time on this machine ([`floor`], [`gpu_floor`]); `None` where none is known
+    /// (a GPU architecture without known per-SM rates).
     pub floor_s: Option<f64>,
 }
 
@@ -320,6 +323,11 @@ pub fn bench_cuda(
         loss.extra_bytes(),
     );
     row.check_error = check_error;
+    row.floor_s = gpu_floor::CardPeaks::of(gpu)?.map(|peaks| {
+        let both = cfg.semantics == GradSemantics::BothSides;
+        let work = gpu_floor::loss_work(version, n, d, with_grad, both);
+        gpu_floor::floor_seconds(&peaks, version, &work)
+    });
     Ok(Some(row))
 }
 

@@ -161,6 +161,15 @@ fn print_notes(cfg: &LossConfig, args: &BenchLossArgs, on_cpu: bool) {
             .either(),
         args.check_max_n
     );
+    if !on_cpu {
+        println!(
+            "floor: the version's matrix products at the card's peak for its arithmetic (float32 \
+             FMA; TF32 or bf16 tensor cores for fused-v3), its exp/log/reciprocals at the \
+             special-function units' rate, or its device-memory bytes at the bandwidth, whichever \
+             is largest; peaks from the card's SM count, clocks and bus width \
+             (invaspread::bench::gpu_floor); launch latency not included; vs floor: median / floor"
+        );
+    }
     if on_cpu {
         println!(
             "floor: the version's products (blocks of {} query rows by N x d, one per pass) at \

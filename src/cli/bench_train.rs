@@ -7,9 +7,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use invaspread::bench::floor;
+use invaspread::bench::{floor, gpu_floor};
 use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::Gpu;
+use invaspread::loss::cuda::CudaLossVersion;
 use invaspread::loss::LossConfig;
 use invaspread::names::Named;
 use invaspread::nn::backend::Backend;
@@ -97,6 +98,21 @@ fn cpu_step_floor(
     Ok(s + rates.loss_seconds::<f32>(shape, true, cfg.semantics)?)
 }
 
+/// The floor of a CUDA training step on a card of `peaks` ([`gpu_floor`]).
+fn cuda_step_floor(
+    peaks: &gpu_floor::CardPeaks,
+    precision: GemmPrecision,
+    convs: &[ConvUse],
+    rows: usize,
+) -> f64 {
+    let gemms: Vec<_> = convs
+        .iter()
+        .flat_map(|c| conv2d::cpu::gemm_shapes(CpuVersion::Im2col, &c.conv, c.input, c.with_dx))
+        .collect();
+    let loss = CudaLossVersion::FusedV2;
+    gpu_floor::step_floor_seconds(peaks, precision, &gemms, loss, (rows, EMBED_DIM))
+}
+
 pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
     let gpu = match args.device {
         Device::Cuda => Some(Arc::new(Gpu::require()?)),
@@ -141,9 +157,16 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
                         step_tolerance(precision)
                     ));
                     let backend = CudaBackend::new(gpu.clone())?.with_gemm_precision(precision);
-                    let (s, _) = time_steps(kind, backend, (shape, &views), args.steps)?;
+                    let (s, convs) = time_steps(kind, backend, (shape, &views), args.steps)?;
+                    let (floor, ratio) = match gpu_floor::CardPeaks::of(gpu)? {
+                        Some(peaks) => {
+                            let f = cuda_step_floor(&peaks, precision, &convs, shape.n);
+                            (invaspread::bench::human_time(f), format!("{:.2}x", s / f))
+                        }
+                        None => ("-".into(), "-".into()),
+                    };
                     println!(
-                        "| {} | invaspread {version} cuda {} | {} | {:.4} s | {:.1} | - | - |",
+                        "| {} | invaspread {version} cuda {} | {} | {:.4} s | {:.1} | {floor} | {ratio} |",
                         kind.name(),
                         precision.name(),
                         gpu.name()?,
@@ -153,6 +176,15 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
                 }
             }
         }
+    }
+    if gpu.is_some() {
+        println!();
+        println!(
+            "floor: the step's convolution products (forward, dW and dx as im2col GEMMs) at the \
+             card's peak for the GEMM precision, plus the fused-v2 loss's floor, from the card's \
+             SM count and clocks (invaspread::bench::gpu_floor); the rest (im2col, batchnorm, \
+             elementwise passes, SGD, launches) is what vs floor shows"
+        );
     }
     if gpu.is_none() {
         println!();

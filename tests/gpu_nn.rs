@@ -698,3 +698,31 @@ fn convnet_three_training_steps_match_cpu() {
     let cuda = CudaBackend::new(gpu).unwrap();
     compare_steps(ModelKind::ConvnetSmall, 32, 3, cuda);
 }
+
+/// Read-backs (the training losses, every few steps) reuse their pinned host buffers: freeing
+/// page-locked memory would synchronise the device at every read.
+#[test]
+fn read_backs_reuse_their_pinned_buffers() {
+    use invaspread::cuda::staging::{read_later, ReadBackPool};
+    let Some(gpu) = gpu_or_skip("read_backs_reuse_their_pinned_buffers") else {
+        return;
+    };
+    let pool = ReadBackPool::default();
+    let stream = gpu.stream();
+    for round in 0..4 {
+        let values: Vec<f32> = (0..10).map(|i| (i + round) as f32).collect();
+        let a = stream.clone_htod(&values).unwrap();
+        let b = stream.clone_htod(&values[..3]).unwrap();
+        // Two of one length in flight at once, one of another.
+        let (first, second) = (
+            read_later(&gpu, &pool, &a).unwrap(),
+            read_later(&gpu, &pool, &a).unwrap(),
+        );
+        let short = read_later(&gpu, &pool, &b).unwrap();
+        let want: Vec<f64> = values.iter().map(|&v| f64::from(v)).collect();
+        assert_eq!(first().unwrap(), want);
+        assert_eq!(second().unwrap(), want);
+        assert_eq!(short().unwrap(), want[..3]);
+        assert_eq!(pool.kept(), 3, "round {round}: buffers allocated again");
+    }
+}

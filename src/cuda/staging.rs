@@ -5,7 +5,8 @@
 //! used in turn, so an upload neither waits for the GPU to drain nor takes time on the compute
 //! stream: the host only waits for the copy made from the same staging buffer two uploads
 //! earlier, and the compute stream waits (an event) only for its own batch. One-off uploads
-//! (parameters at creation) are plain copies.
+//! (parameters at creation) are plain copies. Read-backs reuse their pinned buffers
+//! ([`ReadBackPool`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -124,23 +125,62 @@ impl Drop for Uploader {
     }
 }
 
+/// Pinned host buffers of finished read-backs, kept for the next ones: page-locked memory is
+/// slow to allocate, and freeing it (cuMemFreeHost) synchronises the device, which a read-back
+/// queued every few training steps must never do. Buffers are kept by length; a run reads back
+/// buffers of one or two lengths, so the pool stays a few buffers long.
+#[derive(Clone, Default)]
+pub struct ReadBackPool {
+    free: Arc<Mutex<Vec<PinnedHostSlice<f32>>>>,
+}
+
+impl ReadBackPool {
+    /// Buffers kept at most; beyond, a returned buffer is freed.
+    const KEEP: usize = 8;
+
+    fn take(&self, len: usize) -> Option<PinnedHostSlice<f32>> {
+        let mut free = self.free.lock().ok()?;
+        let i = free.iter().position(|b| b.len() == len)?;
+        Some(free.swap_remove(i))
+    }
+
+    fn give(&self, buf: PinnedHostSlice<f32>) {
+        if let Ok(mut free) = self.free.lock() {
+            if free.len() < Self::KEEP {
+                free.push(buf);
+            }
+        }
+    }
+
+    /// Buffers waiting for reuse.
+    pub fn kept(&self) -> usize {
+        self.free.lock().map_or(0, |f| f.len())
+    }
+}
+
 /// Starts reading `buf` back without waiting for the device: the returned closure waits for
-/// the copy (and only it) and gives the values.
-pub fn read_later(gpu: &Gpu, buf: &CudaSlice<f32>) -> Result<PendingRead> {
+/// the copy (and only it), gives the values and returns its pinned buffer to `pool`.
+pub fn read_later(gpu: &Gpu, pool: &ReadBackPool, buf: &CudaSlice<f32>) -> Result<PendingRead> {
     let len = buf.len();
     if len == 0 {
         return Ok(Box::new(|| Ok(Vec::new())));
     }
     let ctx = gpu.context();
-    // SAFETY: the copy below writes every element before the closure reads them.
-    // (Not write-combined: the host reads this memory.)
-    let mut host = unsafe { ctx.alloc_pinned_with_flags::<f32>(len, 0) }?;
+    let mut host = match pool.take(len) {
+        Some(kept) => kept,
+        // SAFETY: the copy below writes every element before the closure reads them.
+        // (Not write-combined: the host reads this memory.)
+        None => unsafe { ctx.alloc_pinned_with_flags::<f32>(len, 0) }?,
+    };
     let done = ctx.new_event(None)?;
     let stream = gpu.stream();
     stream.memcpy_dtoh(buf, &mut host)?;
     done.record(stream)?;
+    let pool = pool.clone();
     Ok(Box::new(move || {
         done.synchronize()?;
-        Ok(host.as_slice()?.iter().map(|&v| f64::from(v)).collect())
+        let values = host.as_slice()?.iter().map(|&v| f64::from(v)).collect();
+        pool.give(host);
+        Ok(values)
     }))
 }

@@ -15,7 +15,7 @@ use cudarc::driver::CudaSlice;
 use serde::{Deserialize, Serialize};
 
 use super::backend::{Backend, In, Out, PendingRead};
-use crate::cuda::staging::{read_later, Uploader};
+use crate::cuda::staging::{read_later, ReadBackPool, Uploader};
 use crate::cuda::GemmPrecision;
 use crate::cuda::{DevPtr, DevPtrMut, Gpu};
 use crate::error::{Error, Result};
@@ -88,6 +88,7 @@ struct KnnScratch {
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
     uploader: Uploader,
+    read_backs: ReadBackPool,
     loss_version: CudaLossVersion,
     kernels: EncoderKernels,
     precision: GemmPrecision,
@@ -141,6 +142,7 @@ impl CudaBackend {
         };
         Ok(CudaBackend {
             uploader: Uploader::new(gpu.clone())?,
+            read_backs: ReadBackPool::default(),
             gpu,
             loss_version,
             kernels: EncoderKernels::default(),
@@ -487,7 +489,7 @@ impl Backend for CudaBackend {
         topk::cuda::nearest(&*self.gpu, v, dev(queries), dev(keys), d, k, &mut s)
     }
     fn read_later(&self, buf: &CudaSlice<f32>) -> Result<PendingRead> {
-        read_later(&self.gpu, buf)
+        read_later(&self.gpu, &self.read_backs, buf)
     }
     fn synchronize(&self) -> Result<()> {
         self.gpu.stream().synchronize()?;

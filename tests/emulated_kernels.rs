@@ -157,7 +157,7 @@ fn batchnorm_run(
     xs: Shape4,
     (x, gamma, beta, rm0, rv0): BnInputs<'_>,
     (dy, dx0): (&[f32], &[f32]),
-    training: bool,
+    (training, v): (bool, batchnorm::Version),
 ) -> Vec<Vec<f32>> {
     let (mut rm, mut rv) = (rm0.to_vec(), rv0.to_vec());
     let mut y = vec![f32::NAN; xs.len()];
@@ -174,8 +174,8 @@ fn batchnorm_run(
         y: &mut y[..],
     };
     let mut cpu_saved = BnSaved::default();
-    let mut emu_saved = vec![f32::NAN; batchnorm::cuda::saved_len(xs.c)];
-    let v = batchnorm::Version::V1;
+    // Zeroed, as the backend allocates it (v2's counters start at zero).
+    let mut emu_saved = vec![0.0; batchnorm::cuda::saved_len(v, xs)];
     match e {
         None => batchnorm::cpu::forward(fwd, &mut cpu_saved),
         Some(e) => {
@@ -211,37 +211,45 @@ fn batchnorm_kernels_match_the_cpu_batchnorm() {
     let Some(e) = emulator("batchnorm_kernels_match_the_cpu_batchnorm") else {
         return;
     };
-    let xs = Shape4 {
-        n: 3,
-        c: 4,
-        h: 5,
-        w: 3,
-    };
-    let mut r = rng(50);
-    let mut x = random_matrix(&mut r, 1, xs.len());
-    x.iter_mut().for_each(|v| *v = *v * 2.0 + 7.0); // an offset the two-pass variance handles
-    let (gamma, beta) = (random_matrix(&mut r, 1, 4), random_matrix(&mut r, 1, 4));
-    let rm0 = random_matrix(&mut r, 1, 4);
-    let rv0: Vec<f32> = random_matrix(&mut r, 1, 4)
-        .iter()
-        .map(|v| v.abs() + 0.5)
-        .collect();
-    let dy = random_matrix(&mut r, 1, xs.len());
-    let dx0 = random_matrix(&mut r, 1, xs.len());
-    let inputs = (&x[..], &gamma[..], &beta[..], &rm0[..], &rv0[..]);
-    for training in [true, false] {
-        let want = batchnorm_run(None, xs, inputs, (&dy, &dx0), training);
-        let got = batchnorm_run(Some(e), xs, inputs, (&dy, &dx0), training);
-        for (k, what) in ["y", "running mean", "running var", "dx", "dgamma", "dbeta"]
+    // v2 splits each channel's images into chunks: 3 of one image (3 x 4), 7 of 3 images with a
+    // last of 2 (20 x 64), one chunk (1 x 2).
+    for (seed, (n, c, h, w)) in [
+        (50u64, (3, 4, 5, 3)),
+        (51, (20, 64, 3, 2)),
+        (52, (1, 2, 3, 3)),
+    ] {
+        let xs = Shape4 { n, c, h, w };
+        if (n, c) == (20, 64) {
+            assert_eq!(batchnorm::cuda::chunks(xs), (7, 3));
+        }
+        let mut r = rng(seed);
+        let mut x = random_matrix(&mut r, 1, xs.len());
+        x.iter_mut().for_each(|v| *v = *v * 2.0 + 7.0); // an offset the variance must handle
+        let (gamma, beta) = (random_matrix(&mut r, 1, c), random_matrix(&mut r, 1, c));
+        let rm0 = random_matrix(&mut r, 1, c);
+        let rv0: Vec<f32> = random_matrix(&mut r, 1, c)
             .iter()
-            .enumerate()
-        {
-            assert_close(
-                &format!("batchnorm training {training}: {what}"),
-                &got[k],
-                &want[k],
-                1e-5,
-            );
+            .map(|v| v.abs() + 0.5)
+            .collect();
+        let dy = random_matrix(&mut r, 1, xs.len());
+        let dx0 = random_matrix(&mut r, 1, xs.len());
+        let inputs = (&x[..], &gamma[..], &beta[..], &rm0[..], &rv0[..]);
+        for v in [batchnorm::Version::V1, batchnorm::Version::V2] {
+            for training in [true, false] {
+                let want = batchnorm_run(None, xs, inputs, (&dy, &dx0), (training, v));
+                let got = batchnorm_run(Some(e), xs, inputs, (&dy, &dx0), (training, v));
+                for (k, what) in ["y", "running mean", "running var", "dx", "dgamma", "dbeta"]
+                    .iter()
+                    .enumerate()
+                {
+                    assert_close(
+                        &format!("batchnorm {v:?} {xs:?} training {training}: {what}"),
+                        &got[k],
+                        &want[k],
+                        1e-5,
+                    );
+                }
+            }
         }
     }
 }
@@ -650,7 +658,7 @@ fn every_kernel_version_is_under_test() {
     }
     let v1 = ["v1"];
     assert_eq!(names::<conv2d::Version>(), v1, "conv2d");
-    assert_eq!(names::<batchnorm::Version>(), v1, "batchnorm");
+    assert_eq!(names::<batchnorm::Version>(), ["v1", "v2"], "batchnorm");
     assert_eq!(names::<elementwise::Version>(), v1, "elementwise");
     assert_eq!(names::<pool::Version>(), v1, "pool");
     assert_eq!(names::<linear::Version>(), v1, "linear");

@@ -314,9 +314,23 @@ fn batchnorm_on<B: Backend>(
 
 #[test]
 fn batchnorm_matches_cpu_in_training_and_eval() {
+    use invaspread::nn::cuda_backend::EncoderKernels;
     let Some((cpu, cuda)) = backends("batchnorm_matches_cpu_in_training_and_eval") else {
         return;
     };
+    let gpu = cuda.gpu().clone();
+    // Every kernel version; (256, 64, 8, 8) runs v2 in 9 chunks: 8 of 29 images, one of 24.
+    for version in [batchnorm::Version::V1, batchnorm::Version::V2] {
+        let kernels = EncoderKernels {
+            batchnorm: version,
+            ..EncoderKernels::default()
+        };
+        let cuda = CudaBackend::new(gpu.clone()).unwrap().with_kernels(kernels);
+        batchnorm_cases(&cpu, &cuda, version);
+    }
+}
+
+fn batchnorm_cases(cpu: &Cpu<f32>, cuda: &CudaBackend, version: batchnorm::Version) {
     for (i, &(n, c, h, w)) in [(2, 3, 5, 7), (256, 64, 8, 8), (7, 5, 1, 1), (3, 130, 4, 4)]
         .iter()
         .enumerate()
@@ -339,14 +353,14 @@ fn batchnorm_matches_cpu_in_training_and_eval() {
         let dx0 = random_matrix(&mut r, 1, xs.len());
         for training in [true, false] {
             let args = ((&gamma[..], &beta[..]), (&rm[..], &rv[..]));
-            let want = batchnorm_on(&cpu, &x, xs, args.0, args.1, training, &dy, &dx0);
-            let got = batchnorm_on(&cuda, &x, xs, args.0, args.1, training, &dy, &dx0);
+            let want = batchnorm_on(cpu, &x, xs, args.0, args.1, training, &dy, &dx0);
+            let got = batchnorm_on(cuda, &x, xs, args.0, args.1, training, &dy, &dx0);
             for (k, what) in ["y", "dx", "dgamma", "dbeta", "running_mean", "running_var"]
                 .iter()
                 .enumerate()
             {
                 assert_close(
-                    &format!("batchnorm case {i} training {training}: {what}"),
+                    &format!("batchnorm {version:?} case {i} training {training}: {what}"),
                     &got[k],
                     &want[k],
                     2e-4,

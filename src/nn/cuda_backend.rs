@@ -285,7 +285,7 @@ impl Backend for CudaBackend {
         a: batchnorm::Forward<In<'_, Self>, Out<'_, Self>>,
         saved: &mut Option<CudaSlice<f32>>,
     ) -> Result<()> {
-        let len = batchnorm::cuda::saved_len(a.xs.c);
+        let len = batchnorm::cuda::saved_len(self.kernels.batchnorm, a.xs);
         if saved.as_ref().is_none_or(|s| s.len() != len) {
             *saved = Some(self.gpu.stream().alloc_zeros::<f32>(len)?);
         }
@@ -305,7 +305,7 @@ impl Backend for CudaBackend {
         a: batchnorm::Backward<In<'_, Self>, Out<'_, Self>>,
         saved: &mut Option<CudaSlice<f32>>,
     ) -> Result<()> {
-        let len = batchnorm::cuda::saved_len(a.xs.c);
+        let len = batchnorm::cuda::saved_len(self.kernels.batchnorm, a.xs);
         let saved = saved
             .as_mut()
             .filter(|s| s.len() == len)

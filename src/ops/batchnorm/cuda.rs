@@ -1,7 +1,13 @@
 //! BatchNorm2d on a [`Queue`] (`kernels/batchnorm.cu`): the statistics kernel of the mode,
 //! then the affine apply; backward a per-channel reduction, then dx. Storage and sums are
-//! float32. `saved` (4 C floats: mean, 1/std, sum dy, sum dy xhat) carries the statistics from
-//! the forward to the backward pass.
+//! float32. `saved` (4 C floats: mean, 1/std, sum dy, sum dy xhat, and for v2 the chunks'
+//! partial results and a counter per channel) carries the statistics from the forward to the
+//! backward pass.
+//!
+//! v1: one block per channel for each reduction. v2: a grid of (image chunk, channel) blocks,
+//! [`chunks`] chosen for about [`V2_TARGET_BLOCKS`] blocks, combined in chunk order by each
+//! channel's last block; 32-bit indices, so tensors of 2^31 values or more run v1's kernels
+//! ([`effective`]).
 
 use super::{Backward, Forward, Version, EPS, MOMENTUM};
 use crate::cuda::{
@@ -15,13 +21,44 @@ const EVAL_STATS_V1: Kernel = Kernel::new("batchnorm", "batchnorm_eval_stats_v1"
 const APPLY_V1: Kernel = Kernel::new("batchnorm", "batchnorm_apply_v1");
 const BWD_REDUCE_V1: Kernel = Kernel::new("batchnorm", "batchnorm_bwd_reduce_v1");
 const BWD_DX_V1: Kernel = Kernel::new("batchnorm", "batchnorm_bwd_dx_v1");
+const TRAIN_STATS_V2: Kernel = Kernel::new("batchnorm", "batchnorm_train_stats_v2");
+const APPLY_V2: Kernel = Kernel::new("batchnorm", "batchnorm_apply_v2");
+const BWD_REDUCE_V2: Kernel = Kernel::new("batchnorm", "batchnorm_bwd_reduce_v2");
+const BWD_DX_V2: Kernel = Kernel::new("batchnorm", "batchnorm_bwd_dx_v2");
 
 /// Threads per block of the per-channel reductions (BN_THREADS in batchnorm.cu).
 const BN_THREADS: u32 = 512;
 
-/// Floats of the statistics the forward leaves for the backward.
-pub fn saved_len(channels: usize) -> usize {
-    4 * channels
+/// Threads per block of v2's reductions (BN2_THREADS in batchnorm.cu).
+const BN2_THREADS: u32 = 256;
+
+/// Blocks v2's reductions aim for: about 4 per SM of an H100 or H200 (132 SMs).
+pub const V2_TARGET_BLOCKS: usize = 4 * 132;
+
+/// The version whose kernels run for `xs`: v2 needs 32-bit indices and a grid row per
+/// channel (at most 65,535), so larger tensors run v1.
+pub fn effective(version: Version, xs: Shape4) -> Version {
+    match version {
+        Version::V2 if xs.len() >= i32::MAX as usize || xs.c > 65_535 => Version::V1,
+        v => v,
+    }
+}
+
+/// v2's chunks of each channel's images: (chunks, images per chunk).
+pub fn chunks(xs: Shape4) -> (usize, usize) {
+    let n = xs.n.max(1);
+    let wanted = V2_TARGET_BLOCKS.div_ceil(xs.c.max(1)).clamp(1, n);
+    let per_chunk = n.div_ceil(wanted);
+    (n.div_ceil(per_chunk), per_chunk)
+}
+
+/// Floats of the statistics the forward leaves for the backward (and, v2, of the chunks'
+/// partial results and the per-channel counters).
+pub fn saved_len(version: Version, xs: Shape4) -> usize {
+    match effective(version, xs) {
+        Version::V1 => 4 * xs.c,
+        Version::V2 => 4 * xs.c + 3 * xs.c * chunks(xs).0 + xs.c,
+    }
 }
 
 /// (N, C, H W) as the kernels take them.
@@ -51,7 +88,7 @@ pub fn forward(
     a: Forward<DevPtr<'_, f32>, DevPtrMut<'_, f32>>,
     saved: &mut DevPtrMut<'_, f32>,
 ) -> Result<()> {
-    let Version::V1 = version;
+    let version = effective(version, a.xs);
     let Forward {
         x,
         xs,
@@ -67,7 +104,7 @@ pub fn forward(
     let (n, c, hw) = dims(xs)?;
     check_len("batchnorm x", x.len(), xs.len())?;
     check_len("batchnorm y", y.len(), xs.len())?;
-    check_len("batchnorm saved", saved.len(), saved_len(xs.c))?;
+    check_len("batchnorm saved", saved.len(), saved_len(version, xs))?;
     for (what, len) in [
         ("gamma", gamma.len()),
         ("beta", beta.len()),
@@ -78,7 +115,24 @@ pub fn forward(
     }
     let eps = EPS as f32;
     let mut args = KernelArgs::new();
-    if training {
+    if training && version == Version::V2 {
+        let (grid_chunks, per_chunk) = chunks(xs);
+        args.input(x)
+            .value(n)
+            .value(c)
+            .value(hw)
+            .value(to_i32("images per chunk", per_chunk)?)
+            .value(MOMENTUM as f32)
+            .value(eps)
+            .output(saved)
+            .output(&mut running_mean)
+            .output(&mut running_var);
+        // SAFETY: batchnorm_train_stats_v2(const float* x, int n, int c, int hw, int ipb,
+        // float momentum, float eps, float* saved, float* running_mean, float* running_var);
+        // grid (chunks, C), saved of saved_len(V2, xs) (checked above), N C H W < 2^31.
+        let grid = Geometry::grid_2d(grid_chunks, xs.c, BN2_THREADS);
+        unsafe { q.launch(TRAIN_STATS_V2, grid, &mut args) }?;
+    } else if training {
         args.input(x)
             .value(n)
             .value(c)
@@ -118,9 +172,14 @@ pub fn forward(
         .value(c)
         .value(hw)
         .output(&mut y);
-    // SAFETY: batchnorm_apply_v1(const float* x, const float* gamma, const float* beta,
-    // const float* saved, int n, int c, int hw, float* y); x and y hold N C H W floats.
-    unsafe { q.launch(APPLY_V1, Geometry::grid_stride(xs.len()), &mut args) }
+    let apply = match version {
+        Version::V1 => APPLY_V1,
+        Version::V2 => APPLY_V2,
+    };
+    // SAFETY: batchnorm_apply_v1|v2(const float* x, const float* gamma, const float* beta,
+    // const float* saved, int n, int c, int hw, float* y); x and y hold N C H W floats (v2:
+    // fewer than 2^31).
+    unsafe { q.launch(apply, Geometry::grid_stride(xs.len()), &mut args) }
 }
 
 /// The backward pass on `q`, from the statistics the forward left in `saved` (the running ones
@@ -131,7 +190,7 @@ pub fn backward(
     a: Backward<DevPtr<'_, f32>, DevPtrMut<'_, f32>>,
     saved: &mut DevPtrMut<'_, f32>,
 ) -> Result<()> {
-    let Version::V1 = version;
+    let version = effective(version, a.xs);
     let Backward {
         x,
         xs,
@@ -148,21 +207,27 @@ pub fn backward(
     let (n, c, hw) = dims(xs)?;
     check_len("batchnorm x", x.len(), xs.len())?;
     check_len("batchnorm dy", dy.len(), xs.len())?;
-    check_len("batchnorm saved", saved.len(), saved_len(xs.c))?;
+    check_len("batchnorm saved", saved.len(), saved_len(version, xs))?;
     check_len("batchnorm dgamma", dgamma.len(), xs.c)?;
     check_len("batchnorm dbeta", dbeta.len(), xs.c)?;
     let mut args = KernelArgs::new();
-    args.input(x)
-        .input(dy)
-        .value(n)
-        .value(c)
-        .value(hw)
-        .output(saved)
-        .output(&mut dgamma)
-        .output(&mut dbeta);
-    // SAFETY: batchnorm_bwd_reduce_v1(const float* x, const float* dy, int n, int c, int hw,
-    // float* saved, float* dgamma, float* dbeta); one block per channel.
-    unsafe { q.launch(BWD_REDUCE_V1, Geometry::blocks(xs.c, BN_THREADS), &mut args) }?;
+    args.input(x).input(dy).value(n).value(c).value(hw);
+    if version == Version::V2 {
+        let (grid_chunks, per_chunk) = chunks(xs);
+        args.value(to_i32("images per chunk", per_chunk)?)
+            .output(saved)
+            .output(&mut dgamma)
+            .output(&mut dbeta);
+        // SAFETY: batchnorm_bwd_reduce_v2(const float* x, const float* dy, int n, int c,
+        // int hw, int ipb, float* saved, float* dgamma, float* dbeta); grid (chunks, C).
+        let grid = Geometry::grid_2d(grid_chunks, xs.c, BN2_THREADS);
+        unsafe { q.launch(BWD_REDUCE_V2, grid, &mut args) }?;
+    } else {
+        args.output(saved).output(&mut dgamma).output(&mut dbeta);
+        // SAFETY: batchnorm_bwd_reduce_v1(const float* x, const float* dy, int n, int c,
+        // int hw, float* saved, float* dgamma, float* dbeta); one block per channel.
+        unsafe { q.launch(BWD_REDUCE_V1, Geometry::blocks(xs.c, BN_THREADS), &mut args) }?;
+    }
     if let Some(mut dx) = dx {
         check_len("batchnorm dx", dx.buf.len(), xs.len())?;
         let mut args = KernelArgs::new();
@@ -176,10 +241,14 @@ pub fn backward(
             .value(i32::from(training))
             .output(&mut dx.buf)
             .value(i32::from(dx.accumulate));
-        // SAFETY: batchnorm_bwd_dx_v1(const float* x, const float* dy, const float* gamma,
+        let dx_kernel = match version {
+            Version::V1 => BWD_DX_V1,
+            Version::V2 => BWD_DX_V2,
+        };
+        // SAFETY: batchnorm_bwd_dx_v1|v2(const float* x, const float* dy, const float* gamma,
         // const float* saved, int n, int c, int hw, int training, float* dx, int accumulate);
-        // N C H W elements.
-        unsafe { q.launch(BWD_DX_V1, Geometry::grid_stride(xs.len()), &mut args) }?;
+        // N C H W elements (v2: fewer than 2^31).
+        unsafe { q.launch(dx_kernel, Geometry::grid_stride(xs.len()), &mut args) }?;
     }
     Ok(())
 }

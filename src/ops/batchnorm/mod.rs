@@ -93,7 +93,10 @@ impl<X, Y> Backward<X, Y> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Version {
     /// One 512-thread block per channel for the statistics, float32 fixed-order reductions.
-    #[default]
     V1,
+    /// The reductions as a 2-D grid (image chunk x channel) combined in chunk order by the
+    /// last block of each channel, 32-bit index math.
+    #[default]
+    V2,
 }
 crate::serde_by_name!(Version);

@@ -298,8 +298,10 @@ fi
 
 if [[ -n "${NCU:-}" ]] && want bench-loss && command -v ncu > /dev/null; then
   "$bin/invaspread" random --n 4096 --d 128 --out "$work/z4096.npy" > /dev/null 2>&1
-  if run_step "ncu fused-v2" 180 ncu-fused-v2.txt ncu --clock-control none -k regex:instance_loss_ --set basic \
-      "$bin/invaspread" loss --input "$work/z4096.npy" --device cuda --kernel fused-v2 --grad-out "$work/dz4096.npy"; then
-    note "PASS ncu profile of fused-v2 (logs/ncu-fused-v2.txt)"
-  fi
+  for version in fused-v2 fused-v3-tf32; do
+    if run_step "ncu $version" 180 "ncu-$version.txt" ncu --clock-control none -k regex:instance_loss_ --set basic \
+        "$bin/invaspread" loss --input "$work/z4096.npy" --device cuda --kernel "$version" --grad-out "$work/dz4096.npy"; then
+      note "PASS ncu profile of $version (logs/ncu-$version.txt)"
+    fi
+  done
 fi

@@ -91,3 +91,70 @@ cbp_to_bcp_v1(const float* __restrict__ src, float* __restrict__ dst, int b, int
         dst[e] = src[((size_t)ch * b + img) * p + q];
     }
 }
+
+// ---- v2: v1's kernels with 32-bit index math ------------------------------------------------
+//
+// v1 divides 64-bit indices per element (a 64-bit division is a long software sequence on a
+// GPU, several times a 32-bit one). v2 is v1 with int indices and one grid-stride loop of int:
+// the launcher runs it when the group's element count is below 2^31 (always, with the default
+// workspace cap), else v1's. Same math, same summation order: results identical to v1's.
+
+extern "C" __global__ void __launch_bounds__(256) im2col_v2(const float* __restrict__ x, ConvGeom g, float* __restrict__ col) {
+    const int p = g.h_out * g.w_out, ld = g.images * p, kk = g.k * g.k;
+    const int total = g.c_in * kk * ld;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+        const int r = e / ld, j = e - r * ld;
+        const int img = j / p, q = j - img * p;
+        const int oy = q / g.w_out, ox = q - oy * g.w_out;
+        const int c = r / kk, rk = r - c * kk, ki = rk / g.k, kj = rk - ki * g.k;
+        const int iy = oy * g.stride + ki - g.pad, ix = ox * g.stride + kj - g.pad;
+        float v = 0.f;
+        if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = x[((img * g.c_in + c) * g.h + iy) * g.w + ix];
+        col[e] = v;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+col2im_v2(const float* __restrict__ col, ConvGeom g, float* __restrict__ dx, int accumulate) {
+    const int p = g.h_out * g.w_out, ld = g.images * p, hw = g.h * g.w;
+    const int total = g.images * g.c_in * hw;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+        const int plane = e / hw, at = e - plane * hw;
+        const int iy = at / g.w, ix = at - iy * g.w;
+        const int img = plane / g.c_in, c = plane - img * g.c_in;
+        float s = 0.f;
+        for (int ki = 0; ki < g.k; ++ki) {
+            const int ty = iy + g.pad - ki;  // = oy * stride
+            if (ty < 0 || ty % g.stride != 0) continue;
+            const int oy = ty / g.stride;
+            if (oy >= g.h_out) continue;
+            for (int kj = 0; kj < g.k; ++kj) {
+                const int tx = ix + g.pad - kj;
+                if (tx < 0 || tx % g.stride != 0) continue;
+                const int ox = tx / g.stride;
+                if (ox >= g.w_out) continue;
+                const int r = (c * g.k + ki) * g.k + kj;
+                s += col[r * ld + img * p + oy * g.w_out + ox];
+            }
+        }
+        dx[e] = accumulate ? dx[e] + s : s;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+bcp_to_cbp_v2(const float* __restrict__ src, float* __restrict__ dst, int b, int c, int p) {
+    const int total = b * c * p, bp = b * p;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+        const int ch = e / bp, rest = e - ch * bp, img = rest / p, q = rest - img * p;  // dst = [C][B][P]
+        dst[e] = src[(img * c + ch) * p + q];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+cbp_to_bcp_v2(const float* __restrict__ src, float* __restrict__ dst, int b, int c, int p) {
+    const int total = b * c * p, cp = c * p;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+        const int img = e / cp, rest = e - img * cp, ch = rest / p, q = rest - ch * p;  // dst = [B][C][P]
+        dst[e] = src[(ch * b + img) * p + q];
+    }
+}

@@ -46,7 +46,7 @@ fn emulated_conv(
     dy: &[f32],
     (dx, dx_accumulate): (&mut [f32], bool),
     dw: &mut [f32],
-    group: usize,
+    (group, v): (usize, conv2d::Version),
 ) -> Vec<f32> {
     let ys = conv.out_shape(xs);
     let p = ys.h * ys.w;
@@ -59,7 +59,6 @@ fn emulated_conv(
         gemm: host_mut(&mut gemm),
     };
     let mut y = vec![f32::NAN; ys.len()];
-    let v = conv2d::Version::V1;
     let fwd = conv2d::Forward {
         x: host(x),
         xs,
@@ -134,11 +133,17 @@ fn conv_kernels_match_the_cpu_convolution() {
             .unwrap();
             // One group of every image, and groups of one image (the workspace a large batch
             // gets on a GPU).
-            for group in [n, 1] {
+            for (group, v) in [
+                (n, conv2d::Version::V1),
+                (1, conv2d::Version::V1),
+                (n, conv2d::Version::V2),
+                (1, conv2d::Version::V2),
+            ] {
                 let (mut dx_emu, mut dw_emu) = (dx0.clone(), dw0.clone());
                 let args = (&x[..], xs, &wt[..], conv);
-                let y_emu = emulated_conv(e, args, &dy, (&mut dx_emu, acc), &mut dw_emu, group);
-                let tag = format!("conv case {i} accumulate {acc} group {group}");
+                let ws = (group, v);
+                let y_emu = emulated_conv(e, args, &dy, (&mut dx_emu, acc), &mut dw_emu, ws);
+                let tag = format!("conv {v:?} case {i} accumulate {acc} group {group}");
                 assert_close(&format!("{tag}: y"), &y_emu, &y_cpu, 1e-5);
                 assert_close(&format!("{tag}: dx"), &dx_emu, &dx_cpu, 1e-5);
                 assert_close(&format!("{tag}: dw"), &dw_emu, &dw_cpu, 1e-5);
@@ -657,7 +662,7 @@ fn every_kernel_version_is_under_test() {
         V::value_variants().iter().map(|v| v.name()).collect()
     }
     let v1 = ["v1"];
-    assert_eq!(names::<conv2d::Version>(), v1, "conv2d");
+    assert_eq!(names::<conv2d::Version>(), ["v1", "v2"], "conv2d");
     assert_eq!(names::<batchnorm::Version>(), ["v1", "v2"], "batchnorm");
     assert_eq!(names::<elementwise::Version>(), v1, "elementwise");
     assert_eq!(names::<pool::Version>(), v1, "pool");

@@ -239,6 +239,18 @@ fn conv2d_matches_cpu_forward_and_backward() {
         let (xs, conv) = conv_case(g);
         check_conv(&cpu, &cuda, i, xs, &conv, 1e-5);
     }
+    // v1 (the default is the newest, v2) on the same cases.
+    let kernels = invaspread::nn::cuda_backend::EncoderKernels {
+        conv2d: conv2d::Version::V1,
+        ..Default::default()
+    };
+    let v1 = CudaBackend::new(cuda.gpu().clone())
+        .unwrap()
+        .with_kernels(kernels);
+    for (i, &g) in cases.iter().enumerate() {
+        let (xs, conv) = conv_case(g);
+        check_conv(&cpu, &v1, i, xs, &conv, 1e-5);
+    }
     // Several im2col groups, the last one partial: 130 images at the default workspace on a
     // GPU; on the virtual GPU (38 s for that case) 9 images with a workspace of 2 images.
     let (xs, conv) = conv_case((130, 64, 32, 32, 64, 3, 1, 1));

@@ -15,6 +15,43 @@ const IM2COL_V1: Kernel = Kernel::new("conv2d", "im2col_v1");
 const COL2IM_V1: Kernel = Kernel::new("conv2d", "col2im_v1");
 const BCP_TO_CBP_V1: Kernel = Kernel::new("conv2d", "bcp_to_cbp_v1");
 const CBP_TO_BCP_V1: Kernel = Kernel::new("conv2d", "cbp_to_bcp_v1");
+const IM2COL_V2: Kernel = Kernel::new("conv2d", "im2col_v2");
+const COL2IM_V2: Kernel = Kernel::new("conv2d", "col2im_v2");
+const BCP_TO_CBP_V2: Kernel = Kernel::new("conv2d", "bcp_to_cbp_v2");
+const CBP_TO_BCP_V2: Kernel = Kernel::new("conv2d", "cbp_to_bcp_v2");
+
+/// The kernels of one version for a group whose largest buffer holds `values` floats: v2's
+/// 32-bit indices need fewer than 2^31, else v1's kernels run.
+struct Kernels {
+    im2col: Kernel,
+    col2im: Kernel,
+    bcp_to_cbp: Kernel,
+    cbp_to_bcp: Kernel,
+}
+
+fn kernels(version: Version, values: usize) -> Kernels {
+    match version {
+        Version::V2 if values < i32::MAX as usize => Kernels {
+            im2col: IM2COL_V2,
+            col2im: COL2IM_V2,
+            bcp_to_cbp: BCP_TO_CBP_V2,
+            cbp_to_bcp: CBP_TO_BCP_V2,
+        },
+        _ => Kernels {
+            im2col: IM2COL_V1,
+            col2im: COL2IM_V1,
+            bcp_to_cbp: BCP_TO_CBP_V1,
+            cbp_to_bcp: CBP_TO_BCP_V1,
+        },
+    }
+}
+
+/// The largest buffer a group of `b` images touches: col (K x B P), x, y or dy.
+fn group_values(xs: Shape4, conv: &Conv, b: usize) -> usize {
+    let ys = conv.out_shape(xs);
+    let col = conv.patch() * b * ys.h * ys.w;
+    col.max(b * xs.image()).max(b * ys.image())
+}
 
 /// The convolution's scratch: the column matrix of a group, and the GEMM's [C][B P] block.
 pub struct Workspace<'a> {
@@ -56,7 +93,6 @@ pub fn forward(
     ws: &mut Workspace<'_>,
     precision: GemmPrecision,
 ) -> Result<()> {
-    let Version::V1 = version;
     let Forward {
         x,
         xs,
@@ -75,8 +111,10 @@ pub fn forward(
         let b = group.min(xs.n - n0);
         let geom = ConvGeom::new(xs, &conv, b)?;
         let ld = b * p;
-        im2col_v1(
+        let kernels = kernels(version, group_values(xs, &conv, b));
+        im2col(
             q,
+            kernels.im2col,
             x.slice(n0 * xs.image()..(n0 + b) * xs.image())?,
             &geom,
             &mut ws.col,
@@ -101,7 +139,7 @@ pub fn forward(
         })?;
         permute(
             q,
-            CBP_TO_BCP_V1,
+            kernels.cbp_to_bcp,
             ws.gemm.slice(0..conv.c_out * ld)?,
             &mut y.slice_mut(n0 * ys.image()..(n0 + b) * ys.image())?,
             (b, conv.c_out, p),
@@ -119,7 +157,6 @@ pub fn backward(
     ws: &mut Workspace<'_>,
     precision: GemmPrecision,
 ) -> Result<()> {
-    let Version::V1 = version;
     let Backward {
         x,
         xs,
@@ -143,15 +180,17 @@ pub fn backward(
         let b = group.min(xs.n - n0);
         let geom = ConvGeom::new(xs, &conv, b)?;
         let ld = b * p;
-        im2col_v1(
+        let kernels = kernels(version, group_values(xs, &conv, b));
+        im2col(
             q,
+            kernels.im2col,
             x.slice(n0 * xs.image()..(n0 + b) * xs.image())?,
             &geom,
             &mut ws.col,
         )?;
         permute(
             q,
-            BCP_TO_CBP_V1,
+            kernels.bcp_to_cbp,
             dy.slice(n0 * ys.image()..(n0 + b) * ys.image())?,
             &mut ws.gemm.slice_mut(0..conv.c_out * ld)?,
             (b, conv.c_out, p),
@@ -192,15 +231,17 @@ pub fn backward(
                 precision,
             })?;
             let mut dxg = dx.buf.slice_mut(n0 * xs.image()..(n0 + b) * xs.image())?;
-            col2im_v1(q, ws.col.as_const(), &geom, &mut dxg, dx.accumulate)?;
+            let col = ws.col.as_const();
+            col2im(q, kernels.col2im, col, &geom, &mut dxg, dx.accumulate)?;
         }
         n0 += b;
     }
     Ok(())
 }
 
-fn im2col_v1(
+fn im2col(
     q: &impl Queue,
+    kernel: Kernel,
     x: DevPtr<'_, f32>,
     geom: &ConvGeom,
     col: &mut DevPtrMut<'_, f32>,
@@ -215,13 +256,14 @@ fn im2col_v1(
     check_len("im2col col", col.len(), total)?;
     let mut args = KernelArgs::new();
     args.input(x).value(*geom).output(col);
-    // SAFETY: im2col_v1(const float* x, ConvGeom g, float* col); x holds the group's images
-    // and col at least K x B P floats (checked above).
-    unsafe { q.launch(IM2COL_V1, Geometry::grid_stride(total), &mut args) }
+    // SAFETY: im2col_v1|v2(const float* x, ConvGeom g, float* col); x holds the group's
+    // images and col at least K x B P floats (checked above); v2 only below 2^31 of them.
+    unsafe { q.launch(kernel, Geometry::grid_stride(total), &mut args) }
 }
 
-fn col2im_v1(
+fn col2im(
     q: &impl Queue,
+    kernel: Kernel,
     col: DevPtr<'_, f32>,
     geom: &ConvGeom,
     dx: &mut DevPtrMut<'_, f32>,
@@ -241,12 +283,12 @@ fn col2im_v1(
         .value(*geom)
         .output(dx)
         .value(i32::from(accumulate));
-    // SAFETY: col2im_v1(const float* col, ConvGeom g, float* dx, int accumulate); col holds
-    // K x B P floats, dx the group's B C_in H W (checked above).
-    unsafe { q.launch(COL2IM_V1, Geometry::grid_stride(total), &mut args) }
+    // SAFETY: col2im_v1|v2(const float* col, ConvGeom g, float* dx, int accumulate); col
+    // holds K x B P floats, dx the group's B C_in H W (checked above).
+    unsafe { q.launch(kernel, Geometry::grid_stride(total), &mut args) }
 }
 
-/// `bcp_to_cbp_v1` (NCHW [B][C][P] into the GEMM layout [C][B P]) or `cbp_to_bcp_v1` (back).
+/// `bcp_to_cbp_v*` (NCHW [B][C][P] into the GEMM layout [C][B P]) or `cbp_to_bcp_v*` (back).
 fn permute(
     q: &impl Queue,
     kernel: Kernel,

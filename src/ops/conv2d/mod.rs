@@ -127,8 +127,10 @@ impl CpuVersion {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Version {
     /// im2col_v1 / col2im_v1 (gather, no atomics) around cuBLAS GEMMs, NCHW permutes.
-    #[default]
     V1,
+    /// v1 with 32-bit index math (v1's kernels for a group of 2^31 values or more).
+    #[default]
+    V2,
 }
 crate::serde_by_name!(Version);
 

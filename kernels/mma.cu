@@ -9,28 +9,27 @@
 
 #include "mma.cuh"
 
-extern "C" __global__ void __launch_bounds__(32)
-mma_probe_tf32_m16n8k8_v1(const unsigned int* __restrict__ a_regs, const unsigned int* __restrict__ b_regs,
-                          const float* __restrict__ c, float* __restrict__ d) {
+// One lane's share of a probe: its registers in, mma, its D out.
+template <void (*Mma)(float*, const unsigned int*, const unsigned int*)>
+__device__ __forceinline__ void probe(const unsigned int* a_regs, const unsigned int* b_regs, const float* c, float* d) {
     const int lane = threadIdx.x;
     unsigned int a[4], b[2];
     float acc[4];
     for (int r = 0; r < 4; ++r) a[r] = a_regs[lane * 4 + r];
     for (int r = 0; r < 2; ++r) b[r] = b_regs[lane * 2 + r];
     for (int q = 0; q < 4; ++q) acc[q] = c[lane * 4 + q];
-    mma_tf32_m16n8k8(acc, a, b);
+    Mma(acc, a, b);
     for (int q = 0; q < 4; ++q) d[lane * 4 + q] = acc[q];
+}
+
+extern "C" __global__ void __launch_bounds__(32)
+mma_probe_tf32_m16n8k8_v1(const unsigned int* __restrict__ a_regs, const unsigned int* __restrict__ b_regs,
+                          const float* __restrict__ c, float* __restrict__ d) {
+    probe<mma_tf32_m16n8k8>(a_regs, b_regs, c, d);
 }
 
 extern "C" __global__ void __launch_bounds__(32)
 mma_probe_bf16_m16n8k16_v1(const unsigned int* __restrict__ a_regs, const unsigned int* __restrict__ b_regs,
                            const float* __restrict__ c, float* __restrict__ d) {
-    const int lane = threadIdx.x;
-    unsigned int a[4], b[2];
-    float acc[4];
-    for (int r = 0; r < 4; ++r) a[r] = a_regs[lane * 4 + r];
-    for (int r = 0; r < 2; ++r) b[r] = b_regs[lane * 2 + r];
-    for (int q = 0; q < 4; ++q) acc[q] = c[lane * 4 + q];
-    mma_bf16_m16n8k16(acc, a, b);
-    for (int q = 0; q < 4; ++q) d[lane * 4 + q] = acc[q];
+    probe<mma_bf16_m16n8k16>(a_regs, b_regs, c, d);
 }

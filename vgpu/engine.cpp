@@ -418,9 +418,10 @@ double bf16_value(unsigned bits, unsigned half) {
     return f;
 }
 
-}  // namespace
-
-extern "C" void emu_mma_tf32_m16n8k8(float d[4], const unsigned a[4], const unsigned b[2]) {
+// D = A B + C for this lane's four D elements, A(row, k) and B(k, col) read from every lane's
+// registers by `a_at` and `b_at`.
+template <class A, class B>
+void mma_emulated(float d[4], const unsigned a[4], const unsigned b[2], unsigned k_len, A a_at, B b_at) {
     MmaRegs all[32];
     mma_meet(a, b, all);
     const unsigned lane = current->thread.flat % 32, g = lane / 4, t = lane % 4;
@@ -428,38 +429,33 @@ extern "C" void emu_mma_tf32_m16n8k8(float d[4], const unsigned a[4], const unsi
     for (unsigned q = 0; q < 4; ++q) {
         const unsigned row = g + 8 * (q / 2), col = 2 * t + q % 2;
         double s = d[q];
-        for (unsigned k = 0; k < 8; ++k) {
-            // A(row, k): lane (row % 8) * 4 + k % 4, register (row / 8) + 2 (k / 4).
-            const double x = tf32_value(all[(row % 8) * 4 + k % 4].a[row / 8 + 2 * (k / 4)]);
-            // B(k, col): lane col * 4 + k % 4, register k / 4.
-            const double y = tf32_value(all[col * 4 + k % 4].b[k / 4]);
-            s += x * y;
-        }
+        for (unsigned k = 0; k < k_len; ++k) s += a_at(all, row, k) * b_at(all, k, col);
         out[q] = (float)s;
     }
     emu_sync_warp();
     std::memcpy(d, out, sizeof out);
 }
 
+}  // namespace
+
+extern "C" void emu_mma_tf32_m16n8k8(float d[4], const unsigned a[4], const unsigned b[2]) {
+    // A(row, k): lane (row % 8) * 4 + k % 4, register row / 8 + 2 (k / 4).
+    // B(k, col): lane col * 4 + k % 4, register k / 4.
+    mma_emulated(
+        d, a, b, 8,
+        [](const MmaRegs* all, unsigned row, unsigned k) { return tf32_value(all[(row % 8) * 4 + k % 4].a[row / 8 + 2 * (k / 4)]); },
+        [](const MmaRegs* all, unsigned k, unsigned col) { return tf32_value(all[col * 4 + k % 4].b[k / 4]); });
+}
+
 extern "C" void emu_mma_bf16_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2]) {
-    MmaRegs all[32];
-    mma_meet(a, b, all);
-    const unsigned lane = current->thread.flat % 32, g = lane / 4, t = lane % 4;
-    float out[4];
-    for (unsigned q = 0; q < 4; ++q) {
-        const unsigned row = g + 8 * (q / 2), col = 2 * t + q % 2;
-        double s = d[q];
-        for (unsigned k = 0; k < 16; ++k) {
-            // A(row, k): lane (row % 8) * 4 + (k % 8) / 2, register (row / 8) + 2 (k / 8), half k % 2.
-            const double x = bf16_value(all[(row % 8) * 4 + (k % 8) / 2].a[row / 8 + 2 * (k / 8)], k % 2);
-            // B(k, col): lane col * 4 + (k % 8) / 2, register k / 8, half k % 2.
-            const double y = bf16_value(all[col * 4 + (k % 8) / 2].b[k / 8], k % 2);
-            s += x * y;
-        }
-        out[q] = (float)s;
-    }
-    emu_sync_warp();
-    std::memcpy(d, out, sizeof out);
+    // A(row, k): lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2.
+    // B(k, col): lane col * 4 + (k % 8) / 2, register k / 8, half k % 2.
+    mma_emulated(
+        d, a, b, 16,
+        [](const MmaRegs* all, unsigned row, unsigned k) {
+            return bf16_value(all[(row % 8) * 4 + (k % 8) / 2].a[row / 8 + 2 * (k / 8)], k % 2);
+        },
+        [](const MmaRegs* all, unsigned k, unsigned col) { return bf16_value(all[col * 4 + (k % 8) / 2].b[k / 8], k % 2); });
 }
 
 // ---- the library's entry points (vgpu.h) ---------------------------------------------------

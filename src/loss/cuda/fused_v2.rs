@@ -47,16 +47,30 @@ pub fn enqueue(
     dz: Option<DevPtrMut<'_, f32>>,
     p: &LossParams,
     s: &mut Scratch<'_>,
+    loss: DevPtrMut<'_, f64>,
+) -> Result<()> {
+    enqueue_norms(q, z, p, s)?;
+    enqueue_row_kernels(q, (QUERY_V2, KEY_V2, BLOCK), z, dz, p, s, loss)
+}
+
+/// The query-row kernel and, both-sides, the key-row kernel of a tiled version (v2, and v3 with
+/// its own kernels of v2's argument lists), `threads` a block, one block per 64 rows.
+pub fn enqueue_row_kernels(
+    q: &impl Queue,
+    (query, key, threads): (Kernel, Kernel, u32),
+    z: DevPtr<'_, f32>,
+    dz: Option<DevPtrMut<'_, f32>>,
+    p: &LossParams,
+    s: &mut Scratch<'_>,
     mut loss: DevPtrMut<'_, f64>,
 ) -> Result<()> {
     let n = p.n as usize;
-    enqueue_norms(q, z, p, s)?;
     // Without a gradient the kernels never touch dz: a null pointer stands in.
     let mut dz = dz.unwrap_or_else(DevPtrMut::null);
-    let grid = Geometry::blocks(n.div_ceil(TILE), BLOCK);
+    let grid = Geometry::blocks(n.div_ceil(TILE), threads);
     let rows = &mut s.rows;
     {
-        let _p = phase("fused v2: query rows");
+        let _p = phase(query.name);
         let mut args = KernelArgs::new();
         args.input(z)
             .input(s.norms.as_const())
@@ -71,15 +85,15 @@ pub fn enqueue(
             .output(&mut s.block_loss)
             .output(&mut s.counter)
             .output(&mut loss);
-        // SAFETY: instance_loss_query_v2(const float* z, const float* norms,
+        // SAFETY: instance_loss_query_v2 and _v3_*(const float* z, const float* norms,
         // const float* inv_norms, LossParams p, float* inv_denom, float* r, int* dominant,
         // float* g_partner, float* g_dominant, float* dz, double* block_loss,
         // unsigned* counter, double* loss); row buffers of N, a partial sum per block, dz of
         // N x d when with_grad is set (the caller checked its length).
-        unsafe { q.launch(QUERY_V2, grid, &mut args) }?;
+        unsafe { q.launch(query, grid, &mut args) }?;
     }
     if p.with_grad != 0 && p.both_sides != 0 {
-        let _p = phase("fused v2: key rows");
+        let _p = phase(key.name);
         let mut args = KernelArgs::new();
         args.input(z)
             .input(s.norms.as_const())
@@ -91,10 +105,10 @@ pub fn enqueue(
             .input(rows.g_partner.as_const())
             .input(rows.g_dominant.as_const())
             .output(&mut dz);
-        // SAFETY: instance_loss_key_v2(const float* z, const float* norms,
+        // SAFETY: instance_loss_key_v2 and _v3_*(const float* z, const float* norms,
         // const float* inv_norms, LossParams p, const float* inv_denom, const float* r,
         // const int* dominant, const float* g_partner, const float* g_dominant, float* dz).
-        unsafe { q.launch(KEY_V2, grid, &mut args) }?;
+        unsafe { q.launch(key, grid, &mut args) }?;
     }
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! Scratch as v2 (O(N)); deterministic (no floating-point atomics, fixed reduction orders).
 
 use super::{fused_v2, LossParams, Scratch};
-use crate::cuda::{phase, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue};
+use crate::cuda::{DevPtr, DevPtrMut, Kernel, Queue};
 use crate::error::Result;
 
 const QUERY_TF32: Kernel = Kernel::new("instance_loss_fused_v3", "instance_loss_query_v3_tf32");
@@ -35,56 +35,14 @@ pub fn enqueue(
     dz: Option<DevPtrMut<'_, f32>>,
     p: &LossParams,
     s: &mut Scratch<'_>,
-    mut loss: DevPtrMut<'_, f64>,
+    loss: DevPtrMut<'_, f64>,
 ) -> Result<()> {
-    let n = p.n as usize;
-    let (query, key) = match operands {
-        Operands::Tf32 => (QUERY_TF32, KEY_TF32),
-        Operands::Bf16 => (QUERY_BF16, KEY_BF16),
+    let kernels = match operands {
+        Operands::Tf32 => (QUERY_TF32, KEY_TF32, THREADS),
+        Operands::Bf16 => (QUERY_BF16, KEY_BF16, THREADS),
     };
     fused_v2::enqueue_norms(q, z, p, s)?;
-    // Without a gradient the kernels never touch dz: a null pointer stands in.
-    let mut dz = dz.unwrap_or_else(DevPtrMut::null);
-    let grid = Geometry::blocks(n.div_ceil(TILE), THREADS);
-    let rows = &mut s.rows;
-    {
-        let _p = phase("fused v3: query rows");
-        let mut args = KernelArgs::new();
-        args.input(z)
-            .input(s.norms.as_const())
-            .input(s.inv_norms.as_const())
-            .value(*p)
-            .output(&mut rows.inv_denom)
-            .output(&mut rows.r)
-            .output(&mut rows.dominant)
-            .output(&mut rows.g_partner)
-            .output(&mut rows.g_dominant)
-            .output(&mut dz)
-            .output(&mut s.block_loss)
-            .output(&mut s.counter)
-            .output(&mut loss);
-        // SAFETY: instance_loss_query_v3_*: the argument list of instance_loss_query_v2 (see
-        // fused_v2.rs), the same buffers: row buffers of N, a partial sum per 64 rows, dz of
-        // N x d when with_grad is set (the caller checked its length).
-        unsafe { q.launch(query, grid, &mut args) }?;
-    }
-    if p.with_grad != 0 && p.both_sides != 0 {
-        let _p = phase("fused v3: key rows");
-        let mut args = KernelArgs::new();
-        args.input(z)
-            .input(s.norms.as_const())
-            .input(s.inv_norms.as_const())
-            .value(*p)
-            .input(rows.inv_denom.as_const())
-            .input(rows.r.as_const())
-            .input(rows.dominant.as_const())
-            .input(rows.g_partner.as_const())
-            .input(rows.g_dominant.as_const())
-            .output(&mut dz);
-        // SAFETY: instance_loss_key_v3_*: the argument list of instance_loss_key_v2.
-        unsafe { q.launch(key, grid, &mut args) }?;
-    }
-    Ok(())
+    fused_v2::enqueue_row_kernels(q, kernels, z, dz, p, s, loss)
 }
 
 #[cfg(test)]

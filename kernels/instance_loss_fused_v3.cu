@@ -27,7 +27,11 @@
 // Shapes: z, dz N x d float32 row-major; any even N >= 4, any d >= 1 (tails zero-padded).
 // Shared memory: 3 tiles of 64 x 36 words (27 KB) and the row scalars. Math: loss_common.cuh.
 // Numerics: similarities carry the operand format's rounding (TF32 2^-11, bf16 2^-9 relative
-// per value), G is rounded to it before G F; the tests' tolerances are in tests/gpu_loss.rs.
+// per value), and G is rounded to it before G F, except each row's largest terms, the partner's
+// (query and key kernels) and the dominant negative's (query kernel), which are added to dF in
+// float32 outside the product (without that the rounding of F under a coefficient near -1 set
+// the TF32 gradient's error at 3-4e-4 for every tau). Bounds: CudaLossVersion::tolerance
+// (src/loss/cuda/mod.rs); measured errors: benches/RESULTS.md.
 
 #include "loss_common.cuh"
 #include "mma.cuh"

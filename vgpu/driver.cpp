@@ -843,12 +843,9 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, std::size_t bytes) {
 
 CUresult cuMemAllocAsync(CUdeviceptr* p, std::size_t bytes, CUstream) {
     STICKY_CHECK;
-    // Stream-ordered allocation of 0 bytes gives the null address (cudarc's `null()` relies on
-    // it; cuMemAlloc documents the opposite for itself). Unverified on a real driver.
-    if (bytes == 0 && p) {
-        *p = 0;
-        return CUDA_SUCCESS;
-    }
+    // A zero-byte request is refused as cuMemAlloc documents for itself (the driver's answer for
+    // the stream-ordered call is undocumented; cudarc's `null()` counts on the null address).
+    // invaspread makes no empty allocation, so every virtual-GPU run checks that it does not.
     return device_alloc(p, bytes, "cuMemAllocAsync");
 }
 

@@ -183,14 +183,16 @@ impl CudaBackend {
         &self.gpu
     }
 
-    /// `len` zeroed floats (the driver refuses a zero-byte allocation: cudarc's null slice).
+    /// `len` zeroed floats. An empty buffer is refused: cuMemAlloc documents a zero-byte
+    /// allocation as an error, and no op of ours needs one (the tape makes a node's gradient
+    /// and scratch only where an op uses them).
     fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
-        let stream = self.gpu.stream();
-        Ok(if len == 0 {
-            stream.null::<f32>()?
-        } else {
-            stream.alloc_zeros::<f32>(len)?
-        })
+        if len == 0 {
+            return Err(Error::invalid(
+                "internal: an empty device buffer was requested (invaspread makes none)",
+            ));
+        }
+        Ok(self.gpu.stream().alloc_zeros::<f32>(len)?)
     }
 
     /// The convolution's scratch for `xs` and `conv`, grown when needed.

@@ -62,7 +62,7 @@ pub fn embed_split_until<B: Backend>(
         start = end;
     }
     let b = &graph.backend;
-    let mut f = b.zeros(0)?;
+    let mut f = b.zeros(split.len() * EMBED_DIM)?;
     b.normalize_rows(&bank, (split.len(), EMBED_DIM), &mut f)?;
     Ok(Some(f))
 }

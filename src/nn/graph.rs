@@ -65,9 +65,11 @@ struct Node<B: Backend> {
     op: Op,
     shape: Shape4,
     value: B::Buffer,
-    grad: B::Buffer,
-    /// Op-specific: dL/dz of the loss, the weights of a weighted sum.
-    scratch: B::Buffer,
+    /// dL/dvalue, made by the first backward pass that forms it (never for a training
+    /// step's input).
+    grad: Option<B::Buffer>,
+    /// Op-specific: dL/dz of the loss, the weights of a weighted sum; only those ops have one.
+    scratch: Option<B::Buffer>,
     /// A batchnorm node's statistics for its backward.
     bn_saved: B::BnSaved,
 }
@@ -84,6 +86,47 @@ pub struct ConvUse {
 /// does, a graph input only when `input_grads` is on.
 fn receives_grad(input_grads: bool, op: &Op) -> bool {
     input_grads || !matches!(op, Op::Input)
+}
+
+/// `slot` as a buffer of `len` elements, made on first use: a node's gradient and scratch
+/// exist only where an op needs them, so the tape holds no empty device buffers.
+fn sized<'a, B: Backend>(
+    backend: &B,
+    slot: &'a mut Option<B::Buffer>,
+    len: usize,
+) -> Result<&'a mut B::Buffer> {
+    match slot {
+        Some(buf) => {
+            backend.ensure_len(buf, len)?;
+            Ok(buf)
+        }
+        None => Ok(slot.insert(backend.zeros(len)?)),
+    }
+}
+
+/// The gradient buffer of an op's input, sized at the start of the backward pass (a free
+/// function of the field, so that the node's value can be borrowed beside it).
+fn grad_buffer<T>(grad: &mut Option<T>) -> Result<&mut T> {
+    grad.as_mut()
+        .ok_or_else(|| Error::invalid("internal: an op's input has no gradient buffer"))
+}
+
+/// Where an op's backward writes (or adds) the gradient of its input `x`.
+fn input_grad<B: Backend>(x: &mut Node<B>, accumulate: bool) -> Result<Grad<&mut B::Buffer>> {
+    Ok(Grad::new(grad_buffer(&mut x.grad)?, accumulate))
+}
+
+/// The gradient the backward pass formed for a node.
+fn grad_of<T>(grad: &Option<T>) -> Result<&T> {
+    grad.as_ref()
+        .ok_or_else(|| Error::invalid("internal: no gradient was formed for this value"))
+}
+
+/// The scratch of a loss or weighted-sum node (made when the op was recorded).
+fn scratch_of<T>(scratch: &Option<T>) -> Result<&T> {
+    scratch
+        .as_ref()
+        .ok_or_else(|| Error::invalid("internal: a loss node without its gradient buffer"))
 }
 
 /// The nodes before `i` (an op's inputs) and node `i` itself.
@@ -154,21 +197,21 @@ impl<B: Backend> Graph<B> {
     fn push(&mut self, op: Op, shape: Shape4) -> Result<usize> {
         let i = self.len;
         if i == self.nodes.len() {
-            let b = &self.backend;
             self.nodes.push(Node {
-                op: Op::Input,
+                op,
                 shape,
-                value: b.zeros(0)?,
-                grad: b.zeros(0)?,
-                scratch: b.zeros(0)?,
+                value: self.backend.zeros(shape.len())?,
+                grad: None,
+                scratch: None,
                 bn_saved: B::BnSaved::default(),
             });
-        }
-        let node = &mut self.nodes[i];
-        node.op = op;
-        node.shape = shape;
-        if self.backend.len(&node.value) != shape.len() {
-            self.backend.reset(&mut node.value, shape.len())?;
+        } else {
+            let node = &mut self.nodes[i];
+            node.op = op;
+            node.shape = shape;
+            if self.backend.len(&node.value) != shape.len() {
+                self.backend.reset(&mut node.value, shape.len())?;
+            }
         }
         self.len += 1;
         Ok(i)
@@ -363,13 +406,13 @@ impl<B: Backend> Graph<B> {
         let zs = self.shape(z);
         let i = self.push(Op::InstanceLoss { z }, Shape4::SCALAR)?;
         let (before, node) = split(&mut self.nodes, i);
-        self.backend.ensure_len(&mut node.scratch, zs.len())?;
+        let dz = sized(&self.backend, &mut node.scratch, zs.len())?;
         self.backend.instance_loss(
             &before[z.0].value,
             (zs.n, zs.image()),
             cfg,
             &mut node.value,
-            &mut node.scratch,
+            dz,
         )?;
         Ok(Var(i))
     }
@@ -387,7 +430,8 @@ impl<B: Backend> Graph<B> {
         }
         let i = self.push(Op::InstanceLoss { z }, Shape4::SCALAR)?;
         let node = &mut self.nodes[i];
-        self.backend.upload(dz, &mut node.scratch)?;
+        let scratch = sized(&self.backend, &mut node.scratch, dz.len())?;
+        self.backend.upload(dz, scratch)?;
         self.backend.upload_f64(&[loss], &mut node.value)?;
         Ok(Var(i))
     }
@@ -400,8 +444,9 @@ impl<B: Backend> Graph<B> {
         }
         let i = self.push(Op::WeightedSum { x }, Shape4::SCALAR)?;
         let (before, node) = split(&mut self.nodes, i);
-        self.backend.upload(weights, &mut node.scratch)?;
-        let w = self.backend.download_f64(&node.scratch)?;
+        let scratch = sized(&self.backend, &mut node.scratch, weights.len())?;
+        self.backend.upload(weights, scratch)?;
+        let w = self.backend.download_f64(scratch)?;
         let v = self.backend.download_f64(&before[x.0].value)?;
         let s: f64 = w.iter().zip(&v).map(|(a, b)| a * b).sum();
         self.backend.upload_f64(&[s], &mut node.value)?;
@@ -438,7 +483,7 @@ impl<B: Backend> Graph<B> {
 
     /// A node's gradient (after [`Graph::backward`]).
     pub fn grad_f64(&self, v: Var) -> Result<Vec<f64>> {
-        self.backend.download_f64(&self.nodes[v.0].grad)
+        self.backend.download_f64(grad_of(&self.nodes[v.0].grad)?)
     }
 
     /// Back-propagates from the scalar `root` (dL/droot = 1) through this step's tape,
@@ -447,15 +492,17 @@ impl<B: Backend> Graph<B> {
     /// writes its gradient, later ones add (so a value used twice gets both terms).
     pub fn backward(&mut self, root: Var) -> Result<()> {
         let mut ready = vec![false; self.len];
-        for i in 0..self.len {
-            let len = self.nodes[i].shape.len();
-            self.backend.ensure_len(&mut self.nodes[i].grad, len)?;
-        }
         // A loss root's dL/dL = 1 is applied directly (no upload, so nothing waits on the host).
         let root_is_loss = matches!(self.nodes[root.0].op, Op::InstanceLoss { .. });
+        for (i, node) in self.nodes[..self.len].iter_mut().enumerate() {
+            let is_loss_root = i == root.0 && root_is_loss;
+            if receives_grad(self.input_grads, &node.op) && !is_loss_root {
+                sized(&self.backend, &mut node.grad, node.shape.len())?;
+            }
+        }
         if !root_is_loss {
             self.backend
-                .upload_f64(&[1.0], &mut self.nodes[root.0].grad)?;
+                .upload_f64(&[1.0], grad_buffer(&mut self.nodes[root.0].grad)?)?;
         }
         ready[root.0] = true;
         for i in (0..=root.0).rev() {
@@ -510,8 +557,11 @@ impl<B: Backend> BackwardStep<'_, B> {
                     xs,
                     w: &p.value,
                     conv,
-                    dy: &node.grad,
-                    dx: needs_dx.then(|| Grad::new(&mut xn.grad, acc)),
+                    dy: grad_of(&node.grad)?,
+                    dx: match needs_dx {
+                        true => Some(Grad::new(grad_buffer(&mut xn.grad)?, acc)),
+                        false => None,
+                    },
                     dw: &mut p.grad,
                 })?;
             }
@@ -537,8 +587,8 @@ impl<B: Backend> BackwardStep<'_, B> {
                         running_var: &bufs.running_var,
                         training,
                         relu,
-                        dy: &node.grad,
-                        dx: Some(Grad::new(&mut xn.grad, acc)),
+                        dy: grad_of(&node.grad)?,
+                        dx: Some(Grad::new(grad_buffer(&mut xn.grad)?, acc)),
                         dgamma: &mut pg.grad,
                         dbeta: &mut pb.grad,
                     },
@@ -547,23 +597,28 @@ impl<B: Backend> BackwardStep<'_, B> {
             }
             Op::Relu { x } => {
                 let acc = take(x);
-                let dx = Grad::new(&mut before[x.0].grad, acc);
-                b.relu_backward(&node.value, &node.grad, dx)?;
+                let dx = input_grad(&mut before[x.0], acc)?;
+                b.relu_backward(&node.value, grad_of(&node.grad)?, dx)?;
             }
             Op::Add { a, b: other } => {
                 let acc = take(a);
-                b.copy_or_add(&node.grad, Grad::new(&mut before[a.0].grad, acc))?;
+                b.copy_or_add(grad_of(&node.grad)?, input_grad(&mut before[a.0], acc)?)?;
                 let acc = take(other);
-                b.copy_or_add(&node.grad, Grad::new(&mut before[other.0].grad, acc))?;
+                b.copy_or_add(grad_of(&node.grad)?, input_grad(&mut before[other.0], acc)?)?;
             }
             Op::AvgPool { x, k } => {
                 let xs = before[x.0].shape;
                 let acc = take(x);
-                b.avgpool_backward(xs, k, &node.grad, Grad::new(&mut before[x.0].grad, acc))?;
+                b.avgpool_backward(
+                    xs,
+                    k,
+                    grad_of(&node.grad)?,
+                    input_grad(&mut before[x.0], acc)?,
+                )?;
             }
             Op::Flatten { x } => {
                 let acc = take(x);
-                b.copy_or_add(&node.grad, Grad::new(&mut before[x.0].grad, acc))?;
+                b.copy_or_add(grad_of(&node.grad)?, input_grad(&mut before[x.0], acc)?)?;
             }
             Op::Linear { x, w, b: bias, out } => {
                 let xs = before[x.0].shape;
@@ -575,33 +630,22 @@ impl<B: Backend> BackwardStep<'_, B> {
                     n: xs.n,
                     w: &pw.value,
                     out,
-                    dy: &node.grad,
-                    dx: Some(Grad::new(&mut xn.grad, acc)),
+                    dy: grad_of(&node.grad)?,
+                    dx: Some(Grad::new(grad_buffer(&mut xn.grad)?, acc)),
                     dw: &mut pw.grad,
                     db: &mut pb.grad,
                 })?;
             }
-            Op::InstanceLoss { z } => {
+            Op::InstanceLoss { z: x } | Op::WeightedSum { x } => {
+                // A root's dL/dL = 1 (a loss root has no gradient buffer: nothing to read).
                 let upstream = if self.is_root {
                     1.0
                 } else {
-                    b.download_f64(&node.grad)?[0]
+                    b.download_f64(grad_of(&node.grad)?)?[0]
                 };
-                let acc = take(z);
-                b.axpy(
-                    upstream,
-                    &node.scratch,
-                    Grad::new(&mut before[z.0].grad, acc),
-                )?;
-            }
-            Op::WeightedSum { x } => {
-                let upstream = b.download_f64(&node.grad)?[0];
                 let acc = take(x);
-                b.axpy(
-                    upstream,
-                    &node.scratch,
-                    Grad::new(&mut before[x.0].grad, acc),
-                )?;
+                let dx = input_grad(&mut before[x.0], acc)?;
+                b.axpy(upstream, scratch_of(&node.scratch)?, dx)?;
             }
         }
         Ok(())

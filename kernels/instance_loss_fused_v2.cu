@@ -138,10 +138,7 @@ instance_loss_query_v2(const float* __restrict__ z, const float* __restrict__ no
                        float* __restrict__ g_dominant_out, float* dz, double* __restrict__ block_loss,
                        unsigned int* __restrict__ counter, double* __restrict__ loss_out) {
     __shared__ V2Smem sm;
-    __shared__ float s_xp[T2], s_inv_d[T2], s_r[T2], s_gp[T2], s_gdom[T2];
-    __shared__ int s_dom[T2];
-    __shared__ RowDenominator s_den[T2];
-    __shared__ double s_loss[T2];
+    __shared__ QueryRowScalars<T2> scalars;
     __shared__ bool s_last;
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
     const int n = p.n, d = p.d, q0 = blockIdx.x * T2;
@@ -163,7 +160,7 @@ instance_loss_query_v2(const float* __restrict__ z, const float* __restrict__ no
                 const int c = k0 + tx + 16 * j;
                 if (c >= n || c == r) continue;
                 const float x = (acc[i][j] - 1.f) * p.inv_tau;
-                if (c == pr) s_xp[ty + 16 * i] = x;
+                if (c == pr) scalars.xp[ty + 16 * i] = x;
                 else neg_push(st[i], expf(x), c);
             }
         }
@@ -173,12 +170,7 @@ instance_loss_query_v2(const float* __restrict__ z, const float* __restrict__ no
     for (int i = 0; i < 4; ++i) {
         const NegState all = neg_merge_lanes(st[i], 16);
         const int row = ty + 16 * i;
-        if (tx == 0 && q0 + row < n) {
-            const RowDenominator den = row_denominator(s_xp[row], all, p.mu);
-            s_den[row] = den;
-            s_dom[row] = all.idx;
-            s_inv_d[row] = (float)(1.0 / den.denom);
-        }
+        if (tx == 0 && q0 + row < n) scalars.set_denominator(row, all, p.mu);
     }
     __syncthreads();
 
@@ -190,8 +182,8 @@ instance_loss_query_v2(const float* __restrict__ z, const float* __restrict__ no
         for (int i = 0; i < 4; ++i) {
             const int row = ty + 16 * i, r = q0 + row;
             if (r >= n) continue;
-            const int pr = partner_of(r, n), dom = s_dom[row];
-            const float inv_d = s_inv_d[row];
+            const int pr = partner_of(r, n), dom = scalars.dominant[row];
+            const float inv_d = scalars.inv_d[row];
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int c = k0 + tx + 16 * j;
@@ -207,27 +199,11 @@ instance_loss_query_v2(const float* __restrict__ z, const float* __restrict__ no
         const double ls = sum_lanes(log_sum[i], 16), rs = sum_lanes(r_sum[i], 16);
         const int row = ty + 16 * i, r = q0 + row;
         if (tx != 0) continue;
-        if (r >= n) {
-            s_loss[row] = 0.0;
-            continue;
-        }
-        const RowFinal fin = row_final(s_xp[row], s_den[row], ls, rs, p.mu);
-        s_loss[row] = fin.loss;
-        s_r[row] = fin.r;
-        s_gp[row] = fin.g_partner;
-        s_gdom[row] = fin.g_dominant;
-        inv_denom_out[r] = s_inv_d[row];
-        r_out[r] = fin.r;
-        dominant_out[r] = s_dom[row];
-        g_partner_out[r] = fin.g_partner;
-        g_dominant_out[r] = fin.g_dominant;
+        if (r >= n) scalars.loss[row] = 0.0;
+        else scalars.finish(row, r, ls, rs, p, inv_denom_out, r_out, dominant_out, g_partner_out, g_dominant_out);
     }
     __syncthreads();
-    if (tid == 0) {
-        double s = 0.0;
-        for (int row = 0; row < T2; ++row) s += s_loss[row];
-        block_loss[blockIdx.x] = s;
-    }
+    if (tid == 0) block_loss[blockIdx.x] = scalars.block_sum();
 
     // Sweep 3: dF_query = (1/(N tau)) G F, 128 columns of d at a time.
     if (p.with_grad) {
@@ -248,9 +224,9 @@ instance_loss_query_v2(const float* __restrict__ z, const float* __restrict__ no
                         const int col = tx + 16 * j, c = k0 + col;
                         float g = 0.f;
                         if (r < n && c < n && c != r) {
-                            if (c == pr) g = s_gp[row];
-                            else if (c == s_dom[row]) g = s_gdom[row];
-                            else g = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * s_inv_d[row], p.mu, s_r[row]);
+                            if (c == pr) g = scalars.g_partner[row];
+                            else if (c == scalars.dominant[row]) g = scalars.g_dominant[row];
+                            else g = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * scalars.inv_d[row], p.mu, scalars.r[row]);
                         }
                         sm.Gs[row][col] = g;
                     }

@@ -24,6 +24,9 @@
 //      the normalization backward in place                               grid ceil(N/64), 128
 //   3. instance_loss_key_v3_{tf32,bf16}: both-sides only, dz_b += key-side term, then the
 //      normalization backward                                            grid ceil(N/64), 128
+// With --negatives hard|easy: instance_loss_select_v3_{tf32,bf16} between 1 and 2 (each row's
+// kept negatives as a threshold key and a tie cut, O(N)), and 2 and 3 as their `_select`
+// variants, which test every negative against it.
 // Shapes: z, dz N x d float32 row-major; any even N >= 4, any d >= 1 (tails zero-padded).
 // Shared memory: 3 tiles of 64 x 36 words (27 KB) and the row scalars. Math: loss_common.cuh.
 // Numerics: similarities carry the operand format's rounding (TF32 2^-11, bf16 2^-9 relative
@@ -106,6 +109,26 @@ __device__ __forceinline__ void similarity_tile(const float* __restrict__ z, con
             }
         }
         __syncthreads();
+    }
+}
+
+// f(h, row, r, c, s) for each row r = q0 + row of the warp (row = 16 warp + g + 8 h) inside N and
+// each key c of the tile at k0 inside N other than r itself (its partner included), s = f_r . f_c
+// from similarity_tile's accumulator.
+template <class F>
+__device__ __forceinline__ void for_each_pair(int q0, int k0, int n, const float acc[8][4], F&& f) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wrow = 16 * (threadIdx.x >> 5) + g;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = wrow + 8 * h, r = q0 + row;
+        if (r >= n) continue;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int c = k0 + 8 * j + 2 * t + e;
+                if (c < n && c != r) f(h, row, r, c, acc[j][2 * h + e]);
+            }
     }
 }
 
@@ -231,55 +254,153 @@ __device__ __forceinline__ void zero_dacc(float dacc[4][4][4]) {
             for (int q = 0; q < 4; ++q) dacc[sc][nt][q] = 0.f;
 }
 
+// The hard/easy selection without N x N storage: each row's kept negatives as a threshold key
+// and a tie cut (negative_kept, loss_common.cuh), found by a radix select over the row's
+// similarities recomputed tile by tile with the loss kernels' own products (similarity_tile,
+// the same tiles in the same order), so the keys the loss kernels test are the bits chosen
+// here. Six sweeps of 6, 6, 6, 6, 6 and 2 bits from the top, a 64-bin histogram per row in
+// shared memory (16 KB); then, only if some row of the block keeps part of the ties at its
+// threshold, a seventh sweep finds the index of its last kept tie (ties by index, as
+// Negatives::dropped). Grid ceil(N/64), 128 threads; writes threshold[r], cut[r] (N if every
+// tie is kept).
+#define SELECT_BINS 64
+
 template <class P>
+__device__ __forceinline__ void select_rows(const float* __restrict__ z, const float* __restrict__ inv_norms,
+                                            LossParams p, unsigned int* __restrict__ threshold_out,
+                                            int* __restrict__ cut_out) {
+    __shared__ Smem sm;
+    __shared__ unsigned int hist[T3][SELECT_BINS];
+    __shared__ unsigned int s_prefix[T3], s_remaining[T3], s_ties[T3];
+    __shared__ int s_partial;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wrow = 16 * (threadIdx.x >> 5) + g;
+    const int n = p.n, d = p.d, q0 = blockIdx.x * T3;
+    float acc[8][4];
+    for (int row = threadIdx.x; row < T3; row += blockDim.x) {
+        s_prefix[row] = 0u;
+        s_remaining[row] = (unsigned int)p.keep;
+    }
+    if (threadIdx.x == 0) s_partial = 0;
+    for (int pass = 0; pass < 6; ++pass) {
+        const int width = pass < 5 ? 6 : 2, shift = pass < 5 ? 26 - 6 * pass : 0;
+        // The bits chosen by the earlier passes.
+        const unsigned int decided = pass == 0 ? 0u : 0xffffffffu << (shift + width);
+        const unsigned int digit_mask = (1u << width) - 1u;
+        for (int e = threadIdx.x; e < T3 * SELECT_BINS; e += blockDim.x) hist[e / SELECT_BINS][e % SELECT_BINS] = 0u;
+        __syncthreads();
+        for (int k0 = 0; k0 < n; k0 += T3) {
+            similarity_tile<P>(z, inv_norms, n, d, q0, k0, sm, acc);
+            for_each_pair(q0, k0, n, acc, [&](int, int row, int r, int c, float s) {
+                if (c == partner_of(r, n)) return;
+                const unsigned int k = rank_key(p, s);
+                if ((k & decided) == (s_prefix[row] & decided)) atomicAdd(&hist[row][(k >> shift) & digit_mask], 1u);
+            });
+        }
+        __syncthreads();
+        for (int row = threadIdx.x; row < T3; row += blockDim.x) {
+            // The bin, from the top, where the kept count is reached.
+            unsigned int above = 0u;
+            int bin = (1 << width) - 1;
+            for (; bin > 0; --bin) {
+                if (above + hist[row][bin] >= s_remaining[row]) break;
+                above += hist[row][bin];
+            }
+            s_prefix[row] |= (unsigned int)bin << shift;
+            s_remaining[row] -= above;
+            if (pass == 5) {
+                s_ties[row] = hist[row][bin];  // every key equal to the threshold
+                if (q0 + row < n && s_remaining[row] < s_ties[row]) s_partial = 1;
+            }
+        }
+        __syncthreads();
+    }
+    // The ties: the row keeps the first s_remaining of them by index.
+    int cut[2] = {n, n};
+    if (s_partial) {  // uniform over the block
+        unsigned int seen[2] = {0u, 0u};
+        for (int k0 = 0; k0 < n; k0 += T3) {
+            similarity_tile<P>(z, inv_norms, n, d, q0, k0, sm, acc);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = wrow + 8 * h, r = q0 + row;
+                const bool open = r < n && s_remaining[row] < s_ties[row] && cut[h] == n;
+                const int pr = r < n ? partner_of(r, n) : -1;
+                // Bit 8 j + 2 t + e of the tile's 64 keys: a tie of this row.
+                unsigned long long mask = 0ull;
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int c = k0 + 8 * j + 2 * t + e;
+                        if (open && c < n && c != r && c != pr && rank_key(p, acc[j][2 * h + e]) == s_prefix[row])
+                            mask |= 1ull << (8 * j + 2 * t + e);
+                    }
+                mask |= __shfl_xor_sync(0xffffffffu, mask, 1);
+                mask |= __shfl_xor_sync(0xffffffffu, mask, 2);
+                if (!open) continue;
+                const unsigned int ties = (unsigned int)__popcll(mask), want = s_remaining[row] - seen[h];
+                if (ties >= want) {
+                    for (unsigned int i = 1; i < want; ++i) mask &= mask - 1;  // drop the first want - 1
+                    cut[h] = k0 + __ffsll((long long)mask) - 1;
+                }
+                seen[h] += ties;
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = wrow + 8 * h, r = q0 + row;
+        if (t == 0 && r < n) {
+            threshold_out[r] = s_prefix[row];
+            cut_out[r] = cut[h];
+        }
+    }
+}
+
+// SELECT: the row kernels of a hard/easy selection (the threshold and cut arguments read);
+// without it the selection tests compile away (the plain kernels, registers as before).
+template <class P, bool SELECT>
 __device__ __forceinline__ void query_rows(const float* __restrict__ z, const float* __restrict__ norms,
                                            const float* __restrict__ inv_norms, LossParams p,
                                            float* __restrict__ inv_denom_out, float* __restrict__ r_out,
                                            int* __restrict__ dominant_out, float* __restrict__ g_partner_out,
                                            float* __restrict__ g_dominant_out, float* dz, double* __restrict__ block_loss,
-                                           unsigned int* __restrict__ counter, double* __restrict__ loss_out) {
+                                           unsigned int* __restrict__ counter, double* __restrict__ loss_out,
+                                           const unsigned int* __restrict__ sel_threshold,
+                                           const int* __restrict__ sel_cut) {
     __shared__ Smem sm;
-    __shared__ float s_xp[T3], s_inv_d[T3], s_r[T3], s_gp[T3], s_gdom[T3];
-    __shared__ int s_dom[T3];
-    __shared__ RowDenominator s_den[T3];
-    __shared__ double s_loss[T3];
+    __shared__ QueryRowScalars<T3> scalars;
+    __shared__ int s_cut[T3];
+    __shared__ unsigned int s_thr[T3];
     __shared__ bool s_last;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wrow = 16 * (threadIdx.x >> 5) + g;
     const int n = p.n, d = p.d, q0 = blockIdx.x * T3;
     float acc[8][4];
+    if (SELECT)
+        for (int row = threadIdx.x; row < T3; row += blockDim.x) {
+            const bool read = q0 + row < n;
+            s_thr[row] = read ? sel_threshold[q0 + row] : 0u;
+            s_cut[row] = read ? sel_cut[q0 + row] : n;
+        }
+    // (The first sweep's __syncthreads in similarity_tile orders these before their reads.)
 
-    // Sweep 1: the partner's exponent, the largest negative and the sum of the others.
+    // Sweep 1: the partner's exponent, the largest negative and the sum of the others (the
+    // kept ones under a selection).
     NegState st[2] = {neg_empty(), neg_empty()};
     for (int k0 = 0; k0 < n; k0 += T3) {
         similarity_tile<P>(z, inv_norms, n, d, q0, k0, sm, acc);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int row = wrow + 8 * h, r = q0 + row;
-            if (r >= n) continue;
-            const int pr = partner_of(r, n);
-#pragma unroll
-            for (int j = 0; j < 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int c = k0 + 8 * j + 2 * t + e;
-                    if (c >= n || c == r) continue;
-                    const float x = (acc[j][2 * h + e] - 1.f) * p.inv_tau;
-                    if (c == pr) s_xp[row] = x;
-                    else neg_push(st[h], expf(x), c);
-                }
-        }
+        for_each_pair(q0, k0, n, acc, [&](int h, int row, int r, int c, float s) {
+            const float x = (s - 1.f) * p.inv_tau;
+            if (c == partner_of(r, n)) scalars.xp[row] = x;
+            else if (!SELECT || negative_kept(p, s, c, s_thr[row], s_cut[row])) neg_push(st[h], expf(x), c);
+        });
     }
     __syncthreads();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const NegState all = neg_merge_lanes(st[h], 4);
         const int row = wrow + 8 * h;
-        if (t == 0 && q0 + row < n) {
-            const RowDenominator den = row_denominator(s_xp[row], all, p.mu);
-            s_den[row] = den;
-            s_dom[row] = all.idx;
-            s_inv_d[row] = (float)(1.0 / den.denom);
-        }
+        if (t == 0 && q0 + row < n) scalars.set_denominator(row, all, p.mu);
     }
     __syncthreads();
 
@@ -287,50 +408,24 @@ __device__ __forceinline__ void query_rows(const float* __restrict__ z, const fl
     double log_sum[2] = {0.0, 0.0}, r_sum[2] = {0.0, 0.0};
     for (int k0 = 0; k0 < n; k0 += T3) {
         similarity_tile<P>(z, inv_norms, n, d, q0, k0, sm, acc);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int row = wrow + 8 * h, r = q0 + row;
-            if (r >= n) continue;
-            const int pr = partner_of(r, n), dom = s_dom[row];
-            const float inv_d = s_inv_d[row];
-#pragma unroll
-            for (int j = 0; j < 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int c = k0 + 8 * j + 2 * t + e;
-                    if (c >= n || c == r || c == pr || c == dom) continue;
-                    const float q = expf((acc[j][2 * h + e] - 1.f) * p.inv_tau) * inv_d, one_minus_q = 1.f - q;
-                    log_sum[h] += (double)logf(one_minus_q);
-                    r_sum[h] += (double)(q / one_minus_q);
-                }
-        }
+        for_each_pair(q0, k0, n, acc, [&](int h, int row, int r, int c, float s) {
+            if (c == partner_of(r, n) || c == scalars.dominant[row]) return;
+            if (SELECT && !negative_kept(p, s, c, s_thr[row], s_cut[row])) return;
+            const float q = expf((s - 1.f) * p.inv_tau) * scalars.inv_d[row], one_minus_q = 1.f - q;
+            log_sum[h] += (double)logf(one_minus_q);
+            r_sum[h] += (double)(q / one_minus_q);
+        });
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const double ls = sum_lanes(log_sum[h], 4), rs = sum_lanes(r_sum[h], 4);
         const int row = wrow + 8 * h, r = q0 + row;
         if (t != 0) continue;
-        if (r >= n) {
-            s_loss[row] = 0.0;
-            continue;
-        }
-        const RowFinal fin = row_final(s_xp[row], s_den[row], ls, rs, p.mu);
-        s_loss[row] = fin.loss;
-        s_r[row] = fin.r;
-        s_gp[row] = fin.g_partner;
-        s_gdom[row] = fin.g_dominant;
-        inv_denom_out[r] = s_inv_d[row];
-        r_out[r] = fin.r;
-        dominant_out[r] = s_dom[row];
-        g_partner_out[r] = fin.g_partner;
-        g_dominant_out[r] = fin.g_dominant;
+        if (r >= n) scalars.loss[row] = 0.0;
+        else scalars.finish(row, r, ls, rs, p, inv_denom_out, r_out, dominant_out, g_partner_out, g_dominant_out);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        double s = 0.0;
-        for (int row = 0; row < T3; ++row) s += s_loss[row];
-        block_loss[blockIdx.x] = s;
-    }
+    if (threadIdx.x == 0) block_loss[blockIdx.x] = scalars.block_sum();
 
     // Sweep 3: dF_query = (1/(N tau)) G F, 128 columns of d at a time.
     if (p.with_grad) {
@@ -350,8 +445,10 @@ __device__ __forceinline__ void query_rows(const float* __restrict__ z, const fl
                             const int c = k0 + 8 * j + 2 * t + e;
                             float gv = 0.f;
                             // The partner and the dominant negative: added exactly below.
-                            if (r < n && c < n && c != r && c != pr && c != s_dom[row])
-                                gv = g_negative(expf((acc[j][2 * h + e] - 1.f) * p.inv_tau) * s_inv_d[row], p.mu, s_r[row]);
+                            if (r < n && c < n && c != r && c != pr && c != scalars.dominant[row] &&
+                                (!SELECT || negative_kept(p, acc[j][2 * h + e], c, s_thr[row], s_cut[row])))
+                                gv = g_negative(expf((acc[j][2 * h + e] - 1.f) * p.inv_tau) * scalars.inv_d[row], p.mu,
+                                                scalars.r[row]);
                             acc[j][2 * h + e] = gv;
                         }
                 }
@@ -361,8 +458,9 @@ __device__ __forceinline__ void query_rows(const float* __restrict__ z, const fl
             for (int h = 0; h < 2; ++h) {
                 const int row = wrow + 8 * h, r = q0 + row;
                 if (r >= n) continue;
-                add_row_term(z, inv_norms, d, c0, h, partner_of(r, n), s_gp[row], dacc);
-                if (s_dom[row] != NEG_NONE) add_row_term(z, inv_norms, d, c0, h, s_dom[row], s_gdom[row], dacc);
+                add_row_term(z, inv_norms, d, c0, h, partner_of(r, n), scalars.g_partner[row], dacc);
+                if (scalars.dominant[row] != NEG_NONE)
+                    add_row_term(z, inv_norms, d, c0, h, scalars.dominant[row], scalars.g_dominant[row], dacc);
             }
             store_dacc(dz, n, d, q0, c0, p.grad_scale, false, dacc);
         }
@@ -374,12 +472,14 @@ __device__ __forceinline__ void query_rows(const float* __restrict__ z, const fl
     sum_block_losses_in_order(block_loss, counter, loss_out, n, s_last);
 }
 
-template <class P>
+template <class P, bool SELECT>
 __device__ __forceinline__ void key_rows(const float* __restrict__ z, const float* __restrict__ norms,
                                          const float* __restrict__ inv_norms, LossParams p,
                                          const float* __restrict__ inv_denom, const float* __restrict__ r_row,
                                          const int* __restrict__ dominant, const float* __restrict__ g_partner,
-                                         const float* __restrict__ g_dominant, float* dz) {
+                                         const float* __restrict__ g_dominant, float* dz,
+                                         const unsigned int* __restrict__ sel_threshold,
+                                         const int* __restrict__ sel_cut) {
     __shared__ Smem sm;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wrow = 16 * (threadIdx.x >> 5) + g;
     const int n = p.n, d = p.d, b0 = blockIdx.x * T3;
@@ -398,9 +498,14 @@ __device__ __forceinline__ void key_rows(const float* __restrict__ z, const floa
                     for (int e = 0; e < 2; ++e) {
                         const int a = a0 + 8 * j + 2 * t + e;
                         float gv = 0.f;
-                        // The partner (one query per key): added exactly below.
+                        // The partner (one query per key): added exactly below. Under a
+                        // selection, s(b, a) is tested against a's threshold: the product of the
+                        // swapped operands, the same terms summed in the same k order.
                         if (b < n && a < n && a != b && b != partner_of(a, n)) {
                             if (b == dominant[a]) gv = g_dominant[a];
+                            else if (SELECT &&
+                                     !negative_kept(p, acc[j][2 * h + e], b, sel_threshold[a], sel_cut[a]))
+                                gv = 0.f;
                             else gv = g_negative(expf((acc[j][2 * h + e] - 1.f) * p.inv_tau) * inv_denom[a], p.mu, r_row[a]);
                         }
                         acc[j][2 * h + e] = gv;
@@ -423,7 +528,10 @@ __device__ __forceinline__ void key_rows(const float* __restrict__ z, const floa
 
 }  // namespace v3
 
-// The entry points: the same two kernels in each operand format (arguments as fused v2's).
+// The entry points: the same two kernels in each operand format (arguments as fused v2's), and
+// their selecting variants (_select: fused v2's arguments, then the selection's threshold and
+// cut; the query variant's register budget set by 2 blocks an SM, as the selection's extra
+// tests would otherwise spill under ptxas's default for TF32).
 #define V3_QUERY_ARGS                                                                                     \
     const float *__restrict__ z, const float *__restrict__ norms, const float *__restrict__ inv_norms,    \
         LossParams p, float *__restrict__ inv_denom_out, float *__restrict__ r_out,                       \
@@ -438,19 +546,52 @@ __device__ __forceinline__ void key_rows(const float* __restrict__ z, const floa
         const int *__restrict__ dominant, const float *__restrict__ g_partner,                            \
         const float *__restrict__ g_dominant, float *dz
 #define V3_KEY_PASS z, norms, inv_norms, p, inv_denom, r_row, dominant, g_partner, g_dominant, dz
+#define V3_SELECTION_ARGS const unsigned int *__restrict__ sel_threshold, const int *__restrict__ sel_cut
 
 extern "C" __global__ void __launch_bounds__(128) instance_loss_query_v3_tf32(V3_QUERY_ARGS) {
-    v3::query_rows<v3::Tf32>(V3_QUERY_PASS);
+    v3::query_rows<v3::Tf32, false>(V3_QUERY_PASS, nullptr, nullptr);
 }
 
 extern "C" __global__ void __launch_bounds__(128) instance_loss_query_v3_bf16(V3_QUERY_ARGS) {
-    v3::query_rows<v3::Bf16>(V3_QUERY_PASS);
+    v3::query_rows<v3::Bf16, false>(V3_QUERY_PASS, nullptr, nullptr);
 }
 
 extern "C" __global__ void __launch_bounds__(128) instance_loss_key_v3_tf32(V3_KEY_ARGS) {
-    v3::key_rows<v3::Tf32>(V3_KEY_PASS);
+    v3::key_rows<v3::Tf32, false>(V3_KEY_PASS, nullptr, nullptr);
 }
 
 extern "C" __global__ void __launch_bounds__(128) instance_loss_key_v3_bf16(V3_KEY_ARGS) {
-    v3::key_rows<v3::Bf16>(V3_KEY_PASS);
+    v3::key_rows<v3::Bf16, false>(V3_KEY_PASS, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2)
+instance_loss_query_v3_tf32_select(V3_QUERY_ARGS, V3_SELECTION_ARGS) {
+    v3::query_rows<v3::Tf32, true>(V3_QUERY_PASS, sel_threshold, sel_cut);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2)
+instance_loss_query_v3_bf16_select(V3_QUERY_ARGS, V3_SELECTION_ARGS) {
+    v3::query_rows<v3::Bf16, true>(V3_QUERY_PASS, sel_threshold, sel_cut);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+instance_loss_key_v3_tf32_select(V3_KEY_ARGS, V3_SELECTION_ARGS) {
+    v3::key_rows<v3::Tf32, true>(V3_KEY_PASS, sel_threshold, sel_cut);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+instance_loss_key_v3_bf16_select(V3_KEY_ARGS, V3_SELECTION_ARGS) {
+    v3::key_rows<v3::Bf16, true>(V3_KEY_PASS, sel_threshold, sel_cut);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+instance_loss_select_v3_tf32(const float* __restrict__ z, const float* __restrict__ inv_norms, LossParams p,
+                             unsigned int* __restrict__ threshold, int* __restrict__ cut) {
+    v3::select_rows<v3::Tf32>(z, inv_norms, p, threshold, cut);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+instance_loss_select_v3_bf16(const float* __restrict__ z, const float* __restrict__ inv_norms, LossParams p,
+                             unsigned int* __restrict__ threshold, int* __restrict__ cut) {
+    v3::select_rows<v3::Bf16>(z, inv_norms, p, threshold, cut);
 }

@@ -27,13 +27,6 @@ unfused_exp_v1(const float* __restrict__ S, float* __restrict__ E, int n, float 
     }
 }
 
-// A similarity as an unsigned key whose order is the float order (the sign bit flipped for
-// positives, every bit for negatives); `~key` reverses it.
-__device__ __forceinline__ unsigned int selection_key(float s) {
-    const unsigned int u = __float_as_uint(s);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
 // 3b. The negative selection (loss.md's sums over the kept negatives only; the reference's
 //     Negatives::dropped): row a keeps its p.keep negatives of highest similarity (p.hard) or
 //     lowest, ties to the lower index, and zeroes E for the others, which every later kernel
@@ -50,10 +43,7 @@ unfused_select_v1(const float* __restrict__ S, float* __restrict__ E, LossParams
     const float* s_row = S + (size_t)a * n;
     float* e_row = E + (size_t)a * n;
     // The key of negative b, larger = kept first.
-    auto key = [&](int b) {
-        const unsigned int k = selection_key(s_row[b]);
-        return p.hard ? k : ~k;
-    };
+    auto key = [&](int b) { return rank_key(p, s_row[b]); };
     if (threadIdx.x == 0) {
         prefix = 0u;
         remaining = (unsigned int)p.keep;

@@ -100,6 +100,32 @@ __device__ __forceinline__ double sum_lanes(double v, int width) {
     return v;
 }
 
+// A similarity as an unsigned key whose order is the float order (the sign bit flipped for
+// positives, every bit for negatives; -0 taken as +0, equal as the reference compares them);
+// `~key` reverses it.
+__device__ __forceinline__ unsigned int selection_key(float s) {
+    const unsigned int u = __float_as_uint(s == 0.f ? 0.f : s);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Whether a hard/easy selection is on: fewer than all N - 2 negatives kept.
+__device__ __forceinline__ bool selects(const LossParams& p) { return p.keep < p.n - 2; }
+
+// The key a selection ranks similarity s by: larger = kept first (hard: most similar first).
+__device__ __forceinline__ unsigned int rank_key(const LossParams& p, float s) {
+    const unsigned int k = selection_key(s);
+    return p.hard ? k : ~k;
+}
+
+// Whether negative c of a row is kept, given the row's selection as a threshold key and a tie
+// cut (the tiled versions' O(N) form of Negatives::dropped): every key above the threshold,
+// and the ties at it up to index `cut` (the lower indices first).
+__device__ __forceinline__ bool negative_kept(const LossParams& p, float s, int c, unsigned int threshold, int cut) {
+    if (!selects(p)) return true;
+    const unsigned int k = rank_key(p, s);
+    return k > threshold || (k == threshold && c <= cut);
+}
+
 // A row's scalars once its negatives are summed (double, host-independent formulas).
 struct RowDenominator {
     double denom;            // D_a
@@ -142,6 +168,51 @@ __device__ __forceinline__ RowFinal row_final(float x_partner, RowDenominator de
     f.g_dominant = (float)((double)mu * den.q_max * (1.0 + 1.0 / den.one_minus_q_max - (double)mu * r));
     return f;
 }
+
+// A tiled query block's row scalars in shared memory (fused v2, v3: ROWS rows a block), filled
+// by one thread per row after each sweep, and their O(N) copies for the key kernel.
+template <int ROWS>
+struct QueryRowScalars {
+    float xp[ROWS];                // the partner's exponent (sweep 1 writes it per element)
+    float inv_d[ROWS];             // 1 / D_a
+    float r[ROWS];                 // R_a
+    float g_partner[ROWS];         // g_ap
+    float g_dominant[ROWS];        // g_ab*
+    int dominant[ROWS];            // b*
+    RowDenominator den[ROWS];
+    double loss[ROWS];             // the row's loss term (0 past N)
+
+    // After sweep 1: D_a and b* from the row's merged negatives.
+    __device__ __forceinline__ void set_denominator(int row, NegState all, float mu) {
+        den[row] = row_denominator(xp[row], all, mu);
+        dominant[row] = all.idx;
+        inv_d[row] = (float)(1.0 / den[row].denom);
+    }
+
+    // After sweep 2: block row `row` (row a < N of the matrix) from its sums of log(1 - Q) and
+    // Q / (1 - Q), kept here and written to the per-row outputs the key kernel reads.
+    __device__ __forceinline__ void finish(int row, int a, double log_sum, double r_sum, const LossParams& p,
+                                           float* inv_denom_out, float* r_out, int* dominant_out,
+                                           float* g_partner_out, float* g_dominant_out) {
+        const RowFinal fin = row_final(xp[row], den[row], log_sum, r_sum, p.mu);
+        loss[row] = fin.loss * p.row_scale;
+        r[row] = fin.r;
+        g_partner[row] = fin.g_partner;
+        g_dominant[row] = fin.g_dominant;
+        inv_denom_out[a] = inv_d[row];
+        r_out[a] = fin.r;
+        dominant_out[a] = dominant[row];
+        g_partner_out[a] = fin.g_partner;
+        g_dominant_out[a] = fin.g_dominant;
+    }
+
+    // The block's partial sum of its rows' loss terms, in row order (one thread).
+    __device__ __forceinline__ double block_sum() const {
+        double s = 0.0;
+        for (int row = 0; row < ROWS; ++row) s += loss[row];
+        return s;
+    }
+};
 
 // dz_r = (dF_r - f_r (f_r . dF_r)) / ||z_r|| (or dF_r / eps under the clamp), in place, for rows
 // r0 .. r0 + rows - 1; one warp per row, every warp of the block. The block's own writes of dF

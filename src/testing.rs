@@ -55,6 +55,20 @@ pub fn gpu_or_skip(name: &str) -> Option<Arc<Gpu>> {
     }
 }
 
+/// Rows of +-1 times a power of two (2^-2 .. 2^2, per row), with `d` a power of 4 so that
+/// ||row|| is a power of two: every normalized value, product and similarity is exact in
+/// float32, TF32 and bf16 alike, so any precision ranks the negatives as float64 does, and
+/// similarities tie often (d + 1 levels): a hard/easy selection's ties are exercised, and a
+/// reduced-precision kernel's kept set is the reference's.
+pub fn sign_matrix(rng: &mut impl Rng, n: usize, d: usize) -> Vec<f32> {
+    let mut z = Vec::with_capacity(n * d);
+    for _ in 0..n {
+        let scale = 2f32.powi(rng.random_range(-2..=2));
+        z.extend((0..d).map(|_| if rng.random::<bool>() { scale } else { -scale }));
+    }
+    z
+}
+
 /// Adversarial inputs for the loss: rows that are nearly equal to others, a row equal to its
 /// partner, and very large and very small row norms.
 pub fn adversarial_matrix(rng: &mut impl Rng, n: usize, d: usize) -> Vec<f32> {

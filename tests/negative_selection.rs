@@ -299,11 +299,14 @@ fn bad_fractions_and_the_cuda_path_are_refused_clearly() {
     use invaspread::loss::cuda::{check_version_supports, CudaLossVersion};
     for version in CudaLossVersion::ALL {
         let supported = check_version_supports(&cfg, version);
-        if version.stores_nxn() {
-            assert!(supported.is_ok(), "{version:?}: the unfused chain selects");
+        if version.stores_nxn() || version.selects_in_tiles() {
+            assert!(
+                supported.is_ok(),
+                "{version:?}: the unfused chain and v3 select"
+            );
         } else {
             let err = supported.unwrap_err().to_string();
-            assert!(err.contains("unfused CUDA chain only"), "{err}");
+            assert!(err.contains("has no selection"), "{err}");
         }
     }
     assert_eq!(Negatives::Hard { fraction: 0.5 }.kept(256), 127);

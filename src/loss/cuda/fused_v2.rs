@@ -7,7 +7,7 @@
 
 use super::{LossParams, Scratch};
 use crate::cuda::{phase, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue, BLOCK};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 const NORMS_V2: Kernel = Kernel::new("instance_loss_fused_v2", "instance_loss_norms_v2");
 const QUERY_V2: Kernel = Kernel::new("instance_loss_fused_v2", "instance_loss_query_v2");
@@ -50,14 +50,18 @@ pub fn enqueue(
     loss: DevPtrMut<'_, f64>,
 ) -> Result<()> {
     enqueue_norms(q, z, p, s)?;
-    enqueue_row_kernels(q, (QUERY_V2, KEY_V2, BLOCK), z, dz, p, s, loss)
+    enqueue_row_kernels(q, (QUERY_V2, KEY_V2, BLOCK), false, z, dz, p, s, loss)
 }
 
 /// The query-row kernel and, both-sides, the key-row kernel of a tiled version (v2, and v3 with
-/// its own kernels of v2's argument lists), `threads` a block, one block per 64 rows.
+/// its own kernels of v2's argument lists), `threads` a block, one block per 64 rows;
+/// `with_selection`: kernels that take the scratch's selection (v3's `_select` variants) after
+/// those arguments.
+#[allow(clippy::too_many_arguments)] // the loss's own inputs and outputs
 pub fn enqueue_row_kernels(
     q: &impl Queue,
     (query, key, threads): (Kernel, Kernel, u32),
+    with_selection: bool,
     z: DevPtr<'_, f32>,
     dz: Option<DevPtrMut<'_, f32>>,
     p: &LossParams,
@@ -68,6 +72,11 @@ pub fn enqueue_row_kernels(
     // Without a gradient the kernels never touch dz: a null pointer stands in.
     let mut dz = dz.unwrap_or_else(DevPtrMut::null);
     let grid = Geometry::blocks(n.div_ceil(TILE), threads);
+    let selection = match (with_selection, &s.selection) {
+        (false, _) => None,
+        (true, Some(sel)) => Some((sel.threshold.as_const(), sel.cut.as_const())),
+        (true, None) => return Err(Error::invalid("internal: no selection in the scratch")),
+    };
     let rows = &mut s.rows;
     {
         let _p = phase(query.name);
@@ -85,11 +94,15 @@ pub fn enqueue_row_kernels(
             .output(&mut s.block_loss)
             .output(&mut s.counter)
             .output(&mut loss);
+        if let Some((threshold, cut)) = selection {
+            args.input(threshold).input(cut);
+        }
         // SAFETY: instance_loss_query_v2 and _v3_*(const float* z, const float* norms,
         // const float* inv_norms, LossParams p, float* inv_denom, float* r, int* dominant,
         // float* g_partner, float* g_dominant, float* dz, double* block_loss,
-        // unsigned* counter, double* loss); row buffers of N, a partial sum per block, dz of
-        // N x d when with_grad is set (the caller checked its length).
+        // unsigned* counter, double* loss[, const unsigned* threshold, const int* cut]); row
+        // buffers of N, a partial sum per block, dz of N x d when with_grad is set (the caller
+        // checked its length).
         unsafe { q.launch(query, grid, &mut args) }?;
     }
     if p.with_grad != 0 && p.both_sides != 0 {
@@ -105,9 +118,13 @@ pub fn enqueue_row_kernels(
             .input(rows.g_partner.as_const())
             .input(rows.g_dominant.as_const())
             .output(&mut dz);
+        if let Some((threshold, cut)) = selection {
+            args.input(threshold).input(cut);
+        }
         // SAFETY: instance_loss_key_v2 and _v3_*(const float* z, const float* norms,
         // const float* inv_norms, LossParams p, const float* inv_denom, const float* r,
-        // const int* dominant, const float* g_partner, const float* g_dominant, float* dz).
+        // const int* dominant, const float* g_partner, const float* g_dominant, float* dz[,
+        // const unsigned* threshold, const int* cut]).
         unsafe { q.launch(key, grid, &mut args) }?;
     }
     Ok(())

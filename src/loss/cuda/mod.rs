@@ -100,6 +100,15 @@ impl CudaLossVersion {
         CudaLossVersion::FusedV3Bf16,
     ];
 
+    /// Whether the version runs a hard/easy selection over recomputed tiles (O(N) scratch)
+    /// rather than over stored N x N exponentials.
+    pub fn selects_in_tiles(self) -> bool {
+        matches!(
+            self,
+            CudaLossVersion::FusedV3Tf32 | CudaLossVersion::FusedV3Bf16
+        )
+    }
+
     /// Whether the version stores N x N matrices.
     pub fn stores_nxn(self) -> bool {
         matches!(
@@ -151,9 +160,11 @@ impl CudaLossVersion {
                 6 + selects + if with_grad { 3 + both } else { 0 }
             }
             CudaLossVersion::FusedV1 => 3 + if with_grad { 1 + both } else { 0 },
-            CudaLossVersion::FusedV2
-            | CudaLossVersion::FusedV3Tf32
-            | CudaLossVersion::FusedV3Bf16 => 2 + both,
+            CudaLossVersion::FusedV2 => 2 + both,
+            CudaLossVersion::FusedV3Tf32 | CudaLossVersion::FusedV3Bf16 => {
+                let selects = (cfg.negatives != super::Negatives::All) as usize;
+                2 + selects + both
+            }
         }
     }
 }
@@ -175,18 +186,14 @@ impl Tolerance {
 }
 
 /// Whether `version` computes `cfg`: a hard/easy selection of negatives runs in the unfused
-/// chain only (its selection kernel works on the stored N x N exponentials).
+/// chain (over the stored N x N exponentials) and in fused v3 (over recomputed tiles); fused
+/// v1 and v2 have none.
 pub fn check_version_supports(cfg: &LossConfig, version: CudaLossVersion) -> Result<()> {
     let selects = cfg.negatives != super::Negatives::All;
-    if selects
-        && !matches!(
-            version,
-            CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas
-        )
-    {
+    if selects && !(version.stores_nxn() || version.selects_in_tiles()) {
         return Err(Error::invalid(format!(
-            "--negatives hard|easy runs in the unfused CUDA chain only (--loss unfused or \
-             unfused-cublas); {} has no selection yet",
+            "--negatives hard|easy runs in the unfused CUDA chain (--loss unfused or \
+             unfused-cublas) and in fused-v3-tf32 / fused-v3-bf16; {} has no selection",
             crate::names::Named::name(&version)
         )));
     }
@@ -224,6 +231,8 @@ pub struct Scratch<'a> {
     pub df: Option<DevPtrMut<'a, f32>>,
     pub rows: RowScratch<'a>,
     pub unfused: Option<unfused::Scratch<'a>>,
+    /// Each row's hard/easy selection as a threshold key and a tie cut (fused v3).
+    pub selection: Option<fused_v3::Selection<'a>>,
     /// One partial sum per 64-row block and the last-block counter (fused v2, v3).
     pub block_loss: DevPtrMut<'a, f64>,
     pub counter: DevPtrMut<'a, u32>,
@@ -255,6 +264,14 @@ impl<'a> Scratch<'a> {
             },
             unfused: if version.stores_nxn() {
                 Some(unfused::Scratch::carve(c, n)?)
+            } else {
+                None
+            },
+            selection: if version.selects_in_tiles() {
+                Some(fused_v3::Selection {
+                    threshold: c.take(n)?,
+                    cut: c.take(n)?,
+                })
             } else {
                 None
             },
@@ -313,11 +330,13 @@ pub fn enqueue(
         CudaLossVersion::UnfusedCublas => unfused::enqueue(q, true, z, dz, &p, s, loss),
         CudaLossVersion::FusedV1 => fused_v1::enqueue(q, z, dz, &p, s, loss),
         CudaLossVersion::FusedV2 => fused_v2::enqueue(q, z, dz, &p, s, loss),
-        CudaLossVersion::FusedV3Tf32 => {
-            fused_v3::enqueue(q, fused_v3::Operands::Tf32, z, dz, &p, s, loss)
-        }
-        CudaLossVersion::FusedV3Bf16 => {
-            fused_v3::enqueue(q, fused_v3::Operands::Bf16, z, dz, &p, s, loss)
+        CudaLossVersion::FusedV3Tf32 | CudaLossVersion::FusedV3Bf16 => {
+            let operands = match version {
+                CudaLossVersion::FusedV3Bf16 => fused_v3::Operands::Bf16,
+                _ => fused_v3::Operands::Tf32,
+            };
+            let selects = cfg.negatives != super::Negatives::All;
+            fused_v3::enqueue(q, operands, selects, z, dz, &p, s, loss)
         }
     }
 }

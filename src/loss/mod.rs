@@ -5,6 +5,8 @@
 //! - [`cuda`]: every GPU kernel version (unfused, fused v1, v2), a file each, behind one
 //!   launcher that owns their scratch.
 //! - [`check`]: an output against the float64 truth (what the benchmarks check before timing).
+//! - [`gathered`]: the loss of a global batch split over data-parallel ranks (each rank's rows
+//!   against the all-gathered keys), its float64 reference and how its gradient recombines.
 //!
 //! Batch layout: N = 2m rows; rows `0..m` are view A of images `0..m`, rows `m..2m` view B of
 //! the same images, so the partner of row `a` is `(a + m) mod N`.
@@ -12,6 +14,7 @@
 pub mod check;
 pub mod cpu;
 pub mod cuda;
+pub mod gathered;
 pub mod reference;
 
 use crate::error::{Error, Result};
@@ -75,13 +78,22 @@ impl Negatives {
     /// The negatives of row `a` (its similarities `s`, length N) that the selection leaves
     /// out, in no particular order (none for `All`).
     pub fn dropped<T: Copy + PartialOrd>(&self, s: &[T], a: usize) -> Vec<usize> {
+        self.dropped_with_partner(s, a, partner(a, s.len()))
+    }
+
+    /// [`Negatives::dropped`] for a row whose partner is `p` (a gathered batch's layout).
+    pub fn dropped_with_partner<T: Copy + PartialOrd>(
+        &self,
+        s: &[T],
+        a: usize,
+        p: usize,
+    ) -> Vec<usize> {
         let n = s.len();
         let hard = match self {
             Negatives::All => return Vec::new(),
             Negatives::Hard { .. } => true,
             Negatives::Easy { .. } => false,
         };
-        let p = partner(a, n);
         let mut order: Vec<usize> = (0..n).filter(|&b| b != a && b != p).collect();
         let keep = self.kept(n).min(order.len());
         if keep == order.len() {

@@ -52,7 +52,10 @@ pub fn instance_loss<T: Copy + Into<f64> + Sync>(
 
     let rows: Vec<RowTerms> = (0..n)
         .into_par_iter()
-        .map(|a| row_terms(&f[a * d..(a + 1) * d], &f, n, d, a, cfg, with_grad))
+        .map(|a| {
+            let fa = &f[a * d..(a + 1) * d];
+            row_terms(fa, &f, (n, d), (a, partner(a, n)), cfg, with_grad)
+        })
         .collect();
     let row_losses: Vec<f64> = rows.iter().map(|r| r.loss).collect();
     let loss = row_losses.iter().sum::<f64>() / n as f64;
@@ -117,7 +120,17 @@ pub fn loss_with_fixed_keys(
     };
     let (q, k) = (normalize(z_query), normalize(z_keys));
     let total: f64 = (0..n)
-        .map(|a| row_terms(&q[a * d..(a + 1) * d], &k, n, d, a, cfg, false).loss)
+        .map(|a| {
+            row_terms(
+                &q[a * d..(a + 1) * d],
+                &k,
+                (n, d),
+                (a, partner(a, n)),
+                cfg,
+                false,
+            )
+            .loss
+        })
         .sum();
     Ok(total / n as f64)
 }
@@ -144,22 +157,22 @@ pub fn normalize_backward(f: &[f64], norms: &[f64], grad_f: &[f64], d: usize) ->
 }
 
 /// One row's loss term l_a and, when asked for, its row of G (zero on the diagonal).
-struct RowTerms {
-    loss: f64,
-    g: Vec<f64>,
+pub(crate) struct RowTerms {
+    pub loss: f64,
+    pub g: Vec<f64>,
 }
 
-/// Row `a` as a query: `fa` is its normalized query, `f` holds the N normalized keys.
-fn row_terms(
+/// Row `a` as a query, its partner key `p`: `fa` is its normalized query, `f` holds the N
+/// normalized keys (N x d). The batch's layout is the caller's: one device's `partner(a, N)`,
+/// or a gathered batch's (`loss::gathered`).
+pub(crate) fn row_terms(
     fa: &[f64],
     f: &[f64],
-    n: usize,
-    d: usize,
-    a: usize,
+    (n, d): (usize, usize),
+    (a, p): (usize, usize),
     cfg: &LossConfig,
     with_grad: bool,
 ) -> RowTerms {
-    let p = partner(a, n);
     let mu = cfg.mu;
 
     // s_ab = f_a . f_b / tau for b != a. The diagonal never enters any sum.
@@ -177,7 +190,7 @@ fn row_terms(
 
     // The negatives a selection leaves out (loss.md's sums then run over the kept ones only).
     let mut kept = vec![true; n];
-    for b in cfg.negatives.dropped(&s, a) {
+    for b in cfg.negatives.dropped_with_partner(&s, a, p) {
         kept[b] = false;
     }
     let row_scale = cfg.negatives.row_scale(n);

@@ -16,6 +16,7 @@
 # Settings (environment):
 #   PHASES          check | bench | all (default), or steps: tests sanitizer bench-loss bench-train cifar
 #   ONLY_GPU_TESTS  1 (default): the GPU test binaries (test-gpu_*); 0: every test binary
+#                   in the bundle (scripts/device-bundle packs the others only with ALL_TESTS=1)
 #   SMOKE=1         every step at tiny sizes, to test this script itself: CI runs it on the
 #                   virtual GPU (INVASPREAD_GPU=virtual), where it takes a few minutes
 #   DEADLINE_S      seconds the whole run may take (default 540, under the device tool's 600):

@@ -120,45 +120,37 @@ fn a_rank_without_rank_zero_gives_up_at_the_timeout() {
     assert!(err.contains("rank 1 could not reach rank 0 at"), "{err}");
 }
 
-#[test]
-fn an_oversized_or_foreign_greeting_is_refused_before_allocating() {
+/// Rank 0's error after a connection that sends `greeting` and nothing else.
+fn serve_against(greeting: &[u8]) -> String {
     use std::io::Write;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let own = member(0, 2, CONFIG);
     let server = thread::spawn(move || {
         serve(
             listener,
-            &member(0, 2, CONFIG),
+            &own,
             &[0; UNIQUE_ID_BYTES],
             Duration::from_secs(20),
         )
         .map_err(|e| e.to_string())
     });
     let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(greeting).unwrap();
+    server.join().unwrap().unwrap_err()
+}
+
+#[test]
+fn an_oversized_or_foreign_greeting_is_refused_before_allocating() {
     let mut hello = b"INVSPRD1".to_vec();
     for v in [1u32, 2, u32::MAX] {
         hello.extend_from_slice(&v.to_le_bytes());
     }
-    s.write_all(&hello).unwrap();
-    let err = server.join().unwrap().unwrap_err();
+    let err = serve_against(&hello);
     assert!(
         err.contains("sent a 4294967295-byte configuration, at most 1048576 expected"),
         "{err}"
     );
-
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = thread::spawn(move || {
-        serve(
-            listener,
-            &member(0, 2, CONFIG),
-            &[0; UNIQUE_ID_BYTES],
-            Duration::from_secs(20),
-        )
-        .map_err(|e| e.to_string())
-    });
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-    let err = server.join().unwrap().unwrap_err();
+    let err = serve_against(b"GET / HTTP/1.1\r\n\r\n");
     assert!(err.contains("not an invaspread rank"), "{err}");
 }

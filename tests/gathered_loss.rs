@@ -5,8 +5,8 @@
 //! gradient, so these comparisons can fail.
 
 use invaspread::loss::gathered::{data_parallel_reference, rank_step, RankLayout};
-use invaspread::loss::reference::{self, normalize_backward};
-use invaspread::loss::{GradSemantics, LossConfig, Negatives, NORM_EPS};
+use invaspread::loss::reference::{self, normalize, normalize_backward};
+use invaspread::loss::{GradSemantics, LossConfig, Negatives};
 use invaspread::testing::{random_matrix, rng};
 
 /// Each rank's raw rows (2 m_r x d), and the same rows as one device's batch.
@@ -94,13 +94,7 @@ fn key_side_without_the_sum_over_ranks_is_another_gradient() {
         let layout = RankLayout::new(images).unwrap();
         let (z, _) = split_batch(&layout, d, 950);
         let right = data_parallel_reference(&z, &layout, d, &cfg).unwrap();
-        let mut f = Vec::new();
-        let mut norms = Vec::new();
-        for row in z.iter().flat_map(|rows| rows.chunks_exact(d)) {
-            let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
-            norms.push(norm);
-            f.extend(row.iter().map(|x| x / norm.max(NORM_EPS)));
-        }
+        let (f, norms) = normalize(&z.concat(), d);
         let mut largest: f64 = 0.0;
         for (rank, result) in right.iter().enumerate() {
             let step = rank_step(&f, &layout, rank, d, &cfg, true).unwrap();

@@ -31,8 +31,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::reference::{normalize_backward, row_terms};
-use super::{GradSemantics, LossConfig, NORM_EPS};
+use super::reference::{normalize, normalize_backward, row_terms};
+use super::{GradSemantics, LossConfig};
 use crate::error::{Error, Result};
 
 /// How a global batch is split over ranks: each rank's image count, in rank order.
@@ -220,9 +220,6 @@ pub fn data_parallel_reference(
             layout.ranks()
         )));
     }
-    // Each rank normalizes its own rows; the all-gather concatenates them in rank order.
-    let mut f = Vec::with_capacity(layout.n() * d);
-    let mut norms = Vec::with_capacity(layout.n());
     for (rank, rows) in z.iter().enumerate() {
         if rows.len() != layout.rows(rank).len() * d || rows.iter().any(|x| !x.is_finite()) {
             return Err(Error::invalid(format!(
@@ -231,12 +228,10 @@ pub fn data_parallel_reference(
                 layout.rows(rank).len() * d
             )));
         }
-        for row in rows.chunks_exact(d) {
-            let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
-            norms.push(norm);
-            f.extend(row.iter().map(|x| x / norm.max(NORM_EPS)));
-        }
     }
+    // Each rank normalizes its own rows (row by row, so at once here); the all-gather
+    // concatenates them in rank order.
+    let (f, norms) = normalize(&z.concat(), d);
     let steps = (0..layout.ranks())
         .map(|rank| rank_step(&f, layout, rank, d, cfg, true))
         .collect::<Result<Vec<_>>>()?;

@@ -38,17 +38,7 @@ pub fn instance_loss<T: Copy + Into<f64> + Sync>(
     cfg.validate()?;
     validate_input(z, n, d)?;
     let z: Vec<f64> = z.iter().map(|&x| x.into()).collect();
-
-    // f_a = z_a / max(||z_a||, eps): torch's F.normalize, whose clamp keeps tiny rows finite.
-    let norms: Vec<f64> = z
-        .chunks_exact(d)
-        .map(|row| row.iter().map(|x| x * x).sum::<f64>().sqrt())
-        .collect();
-    let mut f = z.clone();
-    for (row, &norm) in f.chunks_exact_mut(d).zip(&norms) {
-        let scale = 1.0 / norm.max(NORM_EPS);
-        row.iter_mut().for_each(|x| *x *= scale);
-    }
+    let (f, norms) = normalize(&z, d);
 
     let rows: Vec<RowTerms> = (0..n)
         .into_par_iter()
@@ -110,15 +100,7 @@ pub fn loss_with_fixed_keys(
     cfg.validate()?;
     validate_input(z_query, n, d)?;
     validate_input(z_keys, n, d)?;
-    let normalize = |z: &[f64]| -> Vec<f64> {
-        z.chunks_exact(d)
-            .flat_map(|row| {
-                let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(NORM_EPS);
-                row.iter().map(move |x| x / norm)
-            })
-            .collect()
-    };
-    let (q, k) = (normalize(z_query), normalize(z_keys));
+    let (q, k) = (normalize(z_query, d).0, normalize(z_keys, d).0);
     let total: f64 = (0..n)
         .map(|a| {
             row_terms(
@@ -133,6 +115,21 @@ pub fn loss_with_fixed_keys(
         })
         .sum();
     Ok(total / n as f64)
+}
+
+/// f_a = z_a / max(||z_a||, eps) for each row of `z` (d wide): torch's F.normalize, whose clamp
+/// keeps tiny rows finite. Returns F and the rows' norms ||z_a|| (the backward's input).
+pub fn normalize(z: &[f64], d: usize) -> (Vec<f64>, Vec<f64>) {
+    let norms: Vec<f64> = z
+        .chunks_exact(d)
+        .map(|row| row.iter().map(|x| x * x).sum::<f64>().sqrt())
+        .collect();
+    let mut f = z.to_vec();
+    for (row, &norm) in f.chunks_exact_mut(d).zip(&norms) {
+        let scale = 1.0 / norm.max(NORM_EPS);
+        row.iter_mut().for_each(|x| *x *= scale);
+    }
+    (f, norms)
 }
 
 /// dL/dz from dL/df through f = z / max(||z||, eps):

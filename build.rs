@@ -79,7 +79,7 @@ fn main() {
     };
     let generated = match vgpu {
         Ok(()) => format!(
-            "/// The folder of the virtual GPU's libraries (libcuda.so, libcublas.so, libvgpu_kernels.so).\n\
+            "/// The folder of the virtual GPU's libraries (libcuda.so, libcublas.so, libnccl.so, libvgpu_kernels.so).\n\
              pub const DIR: Result<&str, &str> = Ok({:?});\n",
             vgpu_dir.display().to_string()
         ),

@@ -145,6 +145,17 @@ print(":".join(sorted(dirs)))
 PY
 )
 [[ -n "$py_libs" ]] && export LD_LIBRARY_PATH="$py_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# NCCL's wheel ships libnccl.so.2 only, and cudarc asks for libnccl.so: a link to it, first on the
+# path (the data-parallel tests need it; the virtual GPU brings its own).
+if [[ "${INVASPREAD_GPU:-}" != virtual ]]; then
+  for dir in ${py_libs//:/ }; do
+    if [[ -f "$dir/libnccl.so.2" ]]; then
+      mkdir -p "$work/nccl" && ln -sf "$dir/libnccl.so.2" "$work/nccl/libnccl.so"
+      export LD_LIBRARY_PATH="$work/nccl:$LD_LIBRARY_PATH"
+      break
+    fi
+  done
+fi
 
 if command -v nvidia-smi > /dev/null; then
   nvidia-smi > "$logs/nvidia-smi.txt" 2>&1 || note "nvidia-smi failed (logs/nvidia-smi.txt)"

@@ -30,6 +30,10 @@ pub enum Error {
     /// reports it as divergence at its step.
     #[error("{0}")]
     NonFinite(String),
+    /// Another rank of a data-parallel group died, hung past the timeout, or called another
+    /// collective: the message names the rank where it is known.
+    #[error("data-parallel group: {0}")]
+    Peer(String),
     /// A run stopped by a signal, its state saved: not a failure of the input, but the process
     /// must not report success (exit status 128 + signal).
     #[error("{message}")]

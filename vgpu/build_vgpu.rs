@@ -1,6 +1,6 @@
 // Builds the virtual GPU (vgpu/) with the system C++ compiler: the kernel library
 // (libvgpu_kernels.so: every kernels/*.cu on emu.h, instrumented, plus engine.cpp), the driver
-// (libcuda.so) and the cuBLAS stand-in (libcublas.so). Included by build.rs, and by the tests
+// (libcuda.so), the cuBLAS stand-in (libcublas.so) and the NCCL stand-in (libnccl.so). Included by build.rs, and by the tests
 // that build a copy with a planted bug (tests/virtual_gpu.rs), so there is one recipe.
 
 use std::path::{Path, PathBuf};
@@ -171,6 +171,19 @@ pub fn build_virtual_gpu(
             .arg(vgpu.join("cublas.cpp"))
             .arg("-o")
             .arg(out.join("libcublas.so"))
+            .arg(out.join("libcuda.so")))?;
+        let mut nccl_cmd = Command::new(cxx);
+        common(&mut nccl_cmd);
+        run(nccl_cmd
+            .args([
+                "-O2",
+                "-shared",
+                "-Wl,-soname,libnccl.so",
+                "-Wl,-rpath,$ORIGIN",
+            ])
+            .arg(vgpu.join("nccl.cpp"))
+            .arg("-o")
+            .arg(out.join("libnccl.so"))
             .arg(out.join("libcuda.so")))?;
     }
     Ok(())

@@ -732,15 +732,22 @@ CUresult cuDriverGetVersion(int* v) {
     return CUDA_SUCCESS;
 }
 
+// INVASPREAD_VGPU_DEVICES (1 to 16, default 1) devices, so that data-parallel ranks on one machine
+// pick device LOCAL_RANK as on a real one. Every process has its own emulated device and memory;
+// the ordinals of one process all name the same one (a rank uses one device).
+static int device_count() {
+    return (int)std::max<std::uint64_t>(1, std::min<std::uint64_t>(16, env_u64("INVASPREAD_VGPU_DEVICES", 1)));
+}
+
 CUresult cuDeviceGetCount(int* n) {
     if (!n) return CUDA_ERROR_INVALID_VALUE;
-    *n = init_result == CUDA_SUCCESS ? 1 : 0;
+    *n = init_result == CUDA_SUCCESS ? device_count() : 0;
     return init_result;
 }
 
 CUresult cuDeviceGet(CUdevice* d, int ordinal) {
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *d = 0;
+    if (ordinal < 0 || ordinal >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    *d = ordinal;
     return CUDA_SUCCESS;
 }
 
@@ -791,7 +798,10 @@ CUresult cuDeviceGetUuid(CUuuid* u, CUdevice) {
 }
 CUresult cuDeviceGetUuid_v2(CUuuid* u, CUdevice d) { return cuDeviceGetUuid(u, d); }
 
-CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) {
+static CUdevice primary_device = 0;  // the ordinal whose primary context was retained last
+
+CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice d) {
+    primary_device = d;
     *c = reinterpret_cast<CUcontext>(&primary_context_marker);
     return CUDA_SUCCESS;
 }
@@ -813,7 +823,7 @@ CUresult cuCtxPopCurrent_v2(CUcontext* c) {
     return CUDA_SUCCESS;
 }
 CUresult cuCtxGetDevice(CUdevice* d) {
-    *d = 0;
+    *d = primary_device;
     return CUDA_SUCCESS;
 }
 

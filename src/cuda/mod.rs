@@ -127,6 +127,25 @@ impl Gpu {
         }))
     }
 
+    /// Device `ordinal` (a data-parallel rank's `LOCAL_RANK`), or an error naming it and the
+    /// devices there are.
+    pub fn require_ordinal(ordinal: usize) -> Result<Gpu> {
+        if ordinal == 0 {
+            return Self::require();
+        }
+        if !kernels::BUILT {
+            return Err(Error::KernelsNotBuilt(kernels::NOT_BUILT_REASON));
+        }
+        match Self::try_new_ordinal(ordinal)? {
+            Some(gpu) => Ok(gpu),
+            None => Err(Error::NoDevice(format!(
+                "device {ordinal} was asked for (LOCAL_RANK), the CUDA driver reports {} \
+                 (ordinals from 0); on the virtual GPU, INVASPREAD_VGPU_DEVICES sets how many",
+                device_count()?
+            ))),
+        }
+    }
+
     /// Like [`Gpu::try_new`], but no device is an error saying why (for `--device cuda`).
     pub fn require() -> Result<Gpu> {
         if !kernels::BUILT {

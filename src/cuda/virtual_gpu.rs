@@ -9,10 +9,10 @@
 //! | `real` | a real GPU only (the virtual one is never used) |
 //! | `none` | no GPU, even when one is present |
 //!
-//! The virtual GPU is a stand-in libcuda.so and libcublas.so built by build.rs from vgpu/; it is
-//! loaded here by absolute path, so cudarc's own `dlopen("libcuda.so")` then resolves to it (the
-//! dynamic loader matches an already loaded library by its SONAME) and every driver call of the
-//! crate goes to it. It runs the kernels of kernels/ through the CPU emulator with a memcheck and
+//! The virtual GPU is a stand-in libcuda.so, libcublas.so and libnccl.so built by build.rs from
+//! vgpu/; they are loaded here by absolute path, so cudarc's own `dlopen("libcuda.so")` (and
+//! "libnccl.so") then resolves to them (the dynamic loader matches an already loaded library by
+//! its SONAME) and every driver call of the crate goes to them. It runs the kernels of kernels/ through the CPU emulator with a memcheck and
 //! a racecheck; see README.md, "The virtual GPU".
 
 use std::sync::OnceLock;
@@ -118,8 +118,9 @@ pub(crate) fn prepare() -> Result<bool> {
 fn load() -> std::result::Result<(), String> {
     let dir = library_dir()?;
     let dir = dir.as_str();
-    // libcuda first: libcublas.so needs it (and resolves it by SONAME once it is loaded).
-    for name in ["libcuda.so", "libcublas.so"] {
+    // libcuda first: libcublas.so and libnccl.so need it (and resolve it by SONAME once it is
+    // loaded).
+    for name in ["libcuda.so", "libcublas.so", "libnccl.so"] {
         let path = std::path::Path::new(dir).join(name);
         let c = std::ffi::CString::new(path.to_string_lossy().as_bytes())
             .map_err(|_| format!("{}: a NUL in the path", path.display()))?;

@@ -1,9 +1,11 @@
-//! Data-parallel training's process group, the parts that need no GPU: where a process sits in
+//! Data-parallel training's process group: where a process sits in
 //! the group (PyTorch's launcher variables: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
 //! `MASTER_PORT`) and the start-up rendezvous ([`rendezvous`]) in which rank 0 checks that
-//! every rank runs the same configuration and hands out the collective library's unique id.
+//! every rank runs the same configuration and hands out the collective library's unique id;
+//! the collectives themselves over NCCL ([`nccl`], with a watchdog that names a failed rank).
 //! The loss over the gathered global batch is `loss::gathered`.
 
+pub mod nccl;
 pub mod rendezvous;
 
 use crate::error::{Error, Result};

@@ -20,7 +20,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::sys;
 
 use super::rendezvous::{self, Member, UNIQUE_ID_BYTES};
@@ -223,14 +223,14 @@ impl ProcessGroup {
     /// Concatenates every rank's `send` in rank order into `recv` (world size x `send`).
     pub fn all_gather(
         &mut self,
-        send: &CudaSlice<f32>,
-        recv: &mut CudaSlice<f32>,
+        send: &impl DevicePtr<f32>,
+        recv: &mut impl DevicePtrMut<f32>,
         what: &str,
     ) -> Result<()> {
         self.len_check(what, send.len(), recv.len(), send.len() * self.world_size)?;
         let queue = self.stream.clone();
         let (s, _a) = send.device_ptr(&queue);
-        let (r, _b) = recv.device_ptr(&queue);
+        let (r, _b) = recv.device_ptr_mut(&queue);
         let (comm, stream) = (self.comm, queue.cu_stream());
         self.run(what, || unsafe {
             // SAFETY: both buffers live on this device for the call and are long enough.
@@ -246,10 +246,11 @@ impl ProcessGroup {
     }
 
     /// `buf` becomes the sum over every rank's `buf`.
-    pub fn all_reduce_sum(&mut self, buf: &mut CudaSlice<f32>, what: &str) -> Result<()> {
+    pub fn all_reduce_sum(&mut self, buf: &mut impl DevicePtrMut<f32>, what: &str) -> Result<()> {
         let queue = self.stream.clone();
-        let (p, _a) = buf.device_ptr(&queue);
-        let (comm, stream, n) = (self.comm, queue.cu_stream(), buf.len());
+        let n = buf.len();
+        let (p, _a) = buf.device_ptr_mut(&queue);
+        let (comm, stream) = (self.comm, queue.cu_stream());
         self.run(what, || unsafe {
             // SAFETY: in place, allowed by NCCL; the buffer lives for the call.
             sys::ncclAllReduce(
@@ -267,8 +268,8 @@ impl ProcessGroup {
     /// Sums `send` (world size x `recv`) over the ranks; rank r gets block r of the sum.
     pub fn reduce_scatter_sum(
         &mut self,
-        send: &CudaSlice<f32>,
-        recv: &mut CudaSlice<f32>,
+        send: &impl DevicePtr<f32>,
+        recv: &mut impl DevicePtrMut<f32>,
         what: &str,
     ) -> Result<()> {
         if send.len() != recv.len() * self.world_size {
@@ -281,8 +282,9 @@ impl ProcessGroup {
         }
         let queue = self.stream.clone();
         let (s, _a) = send.device_ptr(&queue);
-        let (r, _b) = recv.device_ptr(&queue);
-        let (comm, stream, n) = (self.comm, queue.cu_stream(), recv.len());
+        let n = recv.len();
+        let (r, _b) = recv.device_ptr_mut(&queue);
+        let (comm, stream) = (self.comm, queue.cu_stream());
         self.run(what, || unsafe {
             // SAFETY: both buffers live for the call and have the checked lengths.
             sys::ncclReduceScatter(
@@ -298,7 +300,12 @@ impl ProcessGroup {
     }
 
     /// Every rank's `buf` becomes rank `root`'s.
-    pub fn broadcast(&mut self, buf: &mut CudaSlice<f32>, root: usize, what: &str) -> Result<()> {
+    pub fn broadcast(
+        &mut self,
+        buf: &mut impl DevicePtrMut<f32>,
+        root: usize,
+        what: &str,
+    ) -> Result<()> {
         if root >= self.world_size {
             return Err(Error::invalid(format!(
                 "{what}: root {root} of a group of {}",
@@ -306,8 +313,9 @@ impl ProcessGroup {
             )));
         }
         let queue = self.stream.clone();
-        let (p, _a) = buf.device_ptr(&queue);
-        let (comm, stream, n) = (self.comm, queue.cu_stream(), buf.len());
+        let n = buf.len();
+        let (p, _a) = buf.device_ptr_mut(&queue);
+        let (comm, stream) = (self.comm, queue.cu_stream());
         self.run(what, || unsafe {
             // SAFETY: in place, allowed by NCCL; root is below the group size.
             sys::ncclBroadcast(

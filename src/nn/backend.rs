@@ -96,6 +96,12 @@ pub trait Backend: Send + Sync + Sized {
         loss: Out<'_, Self>,
         dz: Out<'_, Self>,
     ) -> Result<()>;
+    /// Replaces every parameter gradient by its sum over the ranks of a data-parallel group,
+    /// before the update; nothing on one device.
+    fn reduce_gradients(&self, grads: &mut [&mut Self::Buffer]) -> Result<()> {
+        let _ = grads;
+        Ok(())
+    }
     /// y = each row of x (`shape` = (N, d)) divided by its L2 norm (as the loss normalizes).
     fn normalize_rows(
         &self,

@@ -15,6 +15,7 @@ use cudarc::driver::CudaSlice;
 use serde::{Deserialize, Serialize};
 
 use super::backend::{Backend, In, Out, PendingRead};
+use super::data_parallel::DataParallel;
 use crate::cuda::staging::{read_later, ReadBackPool, Uploader};
 use crate::cuda::GemmPrecision;
 use crate::cuda::{DevPtr, DevPtrMut, Gpu};
@@ -98,6 +99,7 @@ pub struct CudaBackend {
     conv: Mutex<ConvWorkspace>,
     knn: Mutex<Option<KnnScratch>>,
     sgd: Mutex<Option<SgdTable>>,
+    data_parallel: Option<DataParallel>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -152,7 +154,39 @@ impl CudaBackend {
             conv: Mutex::new(conv),
             knn: Mutex::new(None),
             sgd: Mutex::new(None),
+            data_parallel: None,
         })
+    }
+
+    /// The loss of z on this device alone (one rank's share of the work is all of it).
+    fn device_loss(
+        &self,
+        z: &CudaSlice<f32>,
+        (n, d): (usize, usize),
+        cfg: &LossConfig,
+        loss: &mut CudaSlice<f32>,
+        dz: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let mut losses = lock(&self.losses)?;
+        let l = match losses.entry((n, d)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(CudaLoss::new(self.gpu.clone(), self.loss_version, n, d)?)
+            }
+        };
+        l.enqueue(z, Some(dz), cfg)?;
+        elementwise::cuda::f64_to_f32(&*self.gpu, DevPtr::of(l.loss_buffer()), dev_mut(loss))
+    }
+
+    /// The same backend as one rank of a data-parallel group (see [`DataParallel`]).
+    pub fn with_data_parallel(mut self, group: DataParallel) -> Self {
+        self.data_parallel = Some(group);
+        self
+    }
+
+    /// The data-parallel group this backend belongs to, if any.
+    pub fn data_parallel(&self) -> Option<&DataParallel> {
+        self.data_parallel.as_ref()
     }
 
     /// The same backend with its GEMMs in `precision`.
@@ -376,15 +410,18 @@ impl Backend for CudaBackend {
         validate_for_kernels(cfg)?;
         self.ensure_len(loss, 1)?;
         self.ensure_len(dz, n * d)?;
-        let mut losses = lock(&self.losses)?;
-        let l = match losses.entry((n, d)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(CudaLoss::new(self.gpu.clone(), self.loss_version, n, d)?)
-            }
-        };
-        l.enqueue(z, Some(dz), cfg)?;
-        elementwise::cuda::f64_to_f32(&*self.gpu, DevPtr::of(l.loss_buffer()), dev_mut(loss))
+        match &self.data_parallel {
+            None => self.device_loss(z, (n, d), cfg, loss, dz),
+            Some(dp) => dp.gathered_loss(&self.gpu, z, (n, d), dz, |zg, shape, dzg| {
+                self.device_loss(zg, shape, cfg, loss, dzg)
+            }),
+        }
+    }
+    fn reduce_gradients(&self, grads: &mut [&mut CudaSlice<f32>]) -> Result<()> {
+        match &self.data_parallel {
+            None => Ok(()),
+            Some(dp) => dp.sum_gradients(&self.gpu, grads),
+        }
     }
     fn normalize_rows(
         &self,

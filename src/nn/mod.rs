@@ -6,6 +6,7 @@
 //! | [`backend`] | the `Backend` trait: buffers and ops of a device, each op a call into `ops::<op>` |
 //! | [`cpu_backend`] | the CPU implementation (f32 training, f64 gradient checks) |
 //! | [`cuda_backend`] | the CUDA implementation, its scratch and the kernel version of every op |
+//! | [`data_parallel`] | a CUDA backend as one rank of a group: the gathered loss, the gradients summed over ranks |
 //! | [`params`] | named parameters and batchnorm buffers (PyTorch's names and init) |
 //! | [`models`] | `resnet18-cifar` and `convnet-small` |
 //! | [`optim`] | SGD with momentum and weight decay; step and cosine schedules with warm-up |
@@ -17,6 +18,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod cpu_backend;
 pub mod cuda_backend;
+pub mod data_parallel;
 pub mod embed;
 pub mod graph;
 pub mod models;

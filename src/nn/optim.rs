@@ -102,6 +102,7 @@ impl Sgd {
             nesterov: self.cfg.nesterov,
             first: self.step == 0,
         };
+        backend.reduce_gradients(&mut store.grads_mut())?;
         backend.sgd_update_all(&mut store.sgd_tensors(), &step)?;
         self.step += 1;
         Ok(())

@@ -146,6 +146,11 @@ impl<B: Backend> ParamStore<B> {
         Ok(())
     }
 
+    /// Every parameter's gradient, in order.
+    pub fn grads_mut(&mut self) -> Vec<&mut B::Buffer> {
+        self.params.iter_mut().map(|p| &mut p.grad).collect()
+    }
+
     /// Every parameter's buffers as the SGD update takes them.
     pub fn sgd_tensors(&mut self) -> Vec<Tensors<'_, B::Buffer>> {
         self.params

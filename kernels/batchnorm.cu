@@ -41,11 +41,10 @@ __device__ float block_sum(float v, float* shared /* >= 32 floats */) {
     return shared[0];
 }
 
-extern "C" __global__ void __launch_bounds__(BN_THREADS)
-batchnorm_train_stats_v1(const float* __restrict__ x, int n, int c, int hw, float momentum, float eps,
-                         float* __restrict__ saved, float* __restrict__ running_mean, float* __restrict__ running_var) {
-    __shared__ float shared[32];
-    const int ch = blockIdx.x;
+// Channel ch's mean and M2 = sum (x - mean)^2 over its M = N H W values by two passes, each
+// thread of the block striding over the channel, fixed-order block sums; every thread gets both.
+__device__ void channel_mean_m2(const float* __restrict__ x, int n, int c, int hw, int ch, float* shared,
+                                float* mean_out, float* m2_out) {
     const long long m = (long long)n * hw;
     float s = 0.f;
     for (long long e = threadIdx.x; e < m; e += blockDim.x) {
@@ -59,7 +58,19 @@ batchnorm_train_stats_v1(const float* __restrict__ x, int n, int c, int hw, floa
         const float dev = x[(img * c + ch) * hw + q] - mean;
         sq = fmaf(dev, dev, sq);
     }
-    const float var = block_sum(sq, shared) / (float)m;
+    *mean_out = mean;
+    *m2_out = block_sum(sq, shared);
+}
+
+extern "C" __global__ void __launch_bounds__(BN_THREADS)
+batchnorm_train_stats_v1(const float* __restrict__ x, int n, int c, int hw, float momentum, float eps,
+                         float* __restrict__ saved, float* __restrict__ running_mean, float* __restrict__ running_var) {
+    __shared__ float shared[32];
+    const int ch = blockIdx.x;
+    const long long m = (long long)n * hw;
+    float mean, m2;
+    channel_mean_m2(x, n, c, hw, ch, shared, &mean, &m2);
+    const float var = m2 / (float)m;
     if (threadIdx.x == 0) {
         saved[ch] = mean;
         saved[c + ch] = rsqrtf(var + eps);
@@ -283,6 +294,68 @@ batchnorm_bwd_dx_v2(const float* __restrict__ x, const float* __restrict__ dy, c
         } else {
             v = gamma[ch] * inv * dy[e];
         }
+        dx[e] = accumulate ? dx[e] + v : v;
+    }
+}
+
+// ---- --sync-bn: the statistics and dx over the global batch of a data-parallel group -------
+//
+// Every rank's moments are gathered between the two statistics kernels, and its (s1, s2) summed
+// between the backward's reduction (batchnorm_bwd_reduce_v1, unchanged: dbeta and dgamma take
+// the rank's own sums, which the gradient all-reduce then adds up) and dx; the collectives are
+// the host's (src/nn/data_parallel.rs). saved has v1's layout (4 C floats).
+// batchnorm_sync_moments_v1: one block of 512 per channel: the rank's mean and M2 = sum (x -
+//   mean)^2 by two passes (v1's reductions).
+// batchnorm_sync_stats_v1: one thread per channel: the R ranks' (mean, M2), each over `count`
+//   values, merged in rank order by Chan, Golub and LeVeque's update in double; then v1's saved
+//   and running statistics with M = R count.
+// batchnorm_sync_bwd_dx_v1: v1's training dx with the global M and the summed (s1, s2).
+
+extern "C" __global__ void __launch_bounds__(BN_THREADS)
+batchnorm_sync_moments_v1(const float* __restrict__ x, int n, int c, int hw, float* __restrict__ moments) {
+    __shared__ float shared[32];
+    const int ch = blockIdx.x;
+    float mean, m2;
+    channel_mean_m2(x, n, c, hw, ch, shared, &mean, &m2);
+    if (threadIdx.x == 0) {
+        moments[ch] = mean;
+        moments[c + ch] = m2;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+batchnorm_sync_stats_v1(const float* __restrict__ gathered, int ranks, long long count, int c, float momentum,
+                        float eps, float* __restrict__ saved, float* __restrict__ running_mean,
+                        float* __restrict__ running_var) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double mean = 0.0, m2 = 0.0, total = 0.0;
+    for (int r = 0; r < ranks; ++r) {
+        const double mean_r = gathered[r * 2 * c + ch], m2_r = gathered[r * 2 * c + c + ch];
+        const double merged = total + (double)count;
+        const double delta = mean_r - mean;
+        mean += delta * (double)count / merged;
+        m2 += m2_r + delta * delta * total * (double)count / merged;
+        total = merged;
+    }
+    const double var = m2 / total;
+    saved[ch] = (float)mean;
+    saved[c + ch] = rsqrtf((float)var + eps);
+    const double unbiased = total > 1.0 ? m2 / (total - 1.0) : var;
+    running_mean[ch] = (1.f - momentum) * running_mean[ch] + momentum * (float)mean;
+    running_var[ch] = (1.f - momentum) * running_var[ch] + momentum * (float)unbiased;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+batchnorm_sync_bwd_dx_v1(const float* __restrict__ x, const float* __restrict__ dy, const float* __restrict__ gamma,
+                         const float* __restrict__ saved, int n, int c, int hw, float m, float* __restrict__ dx,
+                         int accumulate) {
+    const long long total = (long long)n * c * hw;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (long long)gridDim.x * blockDim.x) {
+        const int ch = (int)((e / hw) % c);
+        const float inv = saved[c + ch];
+        const float xhat = (x[e] - saved[ch]) * inv;
+        const float v = gamma[ch] * inv / m * (m * dy[e] - saved[2 * c + ch] - xhat * saved[3 * c + ch]);
         dx[e] = accumulate ? dx[e] + v : v;
     }
 }

@@ -309,6 +309,42 @@ fn per_rank_reference(ranks: usize, cfg: &LossConfig) -> (Vec<f64>, Vec<Vec<f32>
     (losses, before, parameters(&graph))
 }
 
+/// The float64 truth with `--sync-bn`: one device trained on the global batches.
+fn single_device_reference(
+    ranks: usize,
+    cfg: &LossConfig,
+) -> (Vec<f64>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let b = Cpu::<f64>::new();
+    let mut store = ParamStore::default();
+    let model = Model::new(ModelKind::ConvnetSmall, &mut store, &b, 0).unwrap();
+    let mut graph = Graph::new(b, store);
+    let mut sgd = Sgd::new(SgdConfig::default());
+    let before = state(&graph);
+    let images = ranks * IMAGES_PER_RANK;
+    let shape = Shape4 {
+        n: 2 * images,
+        ..local_shape()
+    };
+    let losses = (0..STEPS)
+        .map(|step| {
+            let views = global_batch(step, images);
+            train_step(&mut graph, &model, &mut sgd, &views, shape, cfg, LR).unwrap()
+        })
+        .collect();
+    (losses, before, state(&graph))
+}
+
+/// Every parameter, then every BatchNorm's running mean and variance.
+fn state<B: Backend>(graph: &Graph<B>) -> Vec<Vec<f32>> {
+    let b = &graph.backend;
+    let mut out = parameters(graph);
+    for bn in &graph.params.bns {
+        out.push(b.download(&bn.running_mean).unwrap());
+        out.push(b.download(&bn.running_var).unwrap());
+    }
+    out
+}
+
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     let num: f64 = got
         .iter()
@@ -333,9 +369,10 @@ fn train_rank(role: &str) -> Result<(), String> {
         Duration::from_secs(120),
     )
     .map_err(|e| e.to_string())?;
+    let sync_bn = role.contains("sync-bn");
     let cuda = CudaBackend::new(Arc::new(gpu))
         .map_err(|e| e.to_string())?
-        .with_data_parallel(DataParallel::new(group));
+        .with_data_parallel(DataParallel::new(group).with_sync_bn(sync_bn));
     let cfg = LossConfig {
         semantics: semantics_of(role),
         ..LossConfig::default()
@@ -361,8 +398,15 @@ fn train_rank(role: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
         losses.push(loss);
     }
-    let got = parameters(&graph);
-    let (want_losses, before, want) = per_rank_reference(env.world_size, &cfg);
+    // Per-rank BatchNorm updates the running statistics with each rank's own batch, so only
+    // the parameters are compared there; with --sync-bn, the running statistics too.
+    let (got, (want_losses, before, want), truth) = if sync_bn {
+        let reference = single_device_reference(env.world_size, &cfg);
+        (state(&graph), reference, "one device on the global batch")
+    } else {
+        let reference = per_rank_reference(env.world_size, &cfg);
+        (parameters(&graph), reference, "the per-rank reference")
+    };
     for (step, (l, w)) in losses.iter().zip(&want_losses).enumerate() {
         if (l - w).abs() > 1e-4 * w.abs() {
             return Err(format!(
@@ -377,14 +421,14 @@ fn train_rank(role: &str) -> Result<(), String> {
         let e = rel_err(&du(g), &du(w));
         if e.is_nan() || e > UPDATE_TOLERANCE {
             return Err(format!(
-                "rank {}: parameter {i}'s update is {e:.3e} from the reference's (bound {UPDATE_TOLERANCE:.0e})",
+                "rank {}: tensor {i}'s update is {e:.3e} from {truth}'s (bound {UPDATE_TOLERANCE:.0e})",
                 env.rank
             ));
         }
         worst = worst.max(e);
     }
     println!(
-        "rank {}: {STEPS} steps matched the per-rank reference: losses {losses:?}, largest update error {worst:.2e}",
+        "rank {}: {STEPS} steps matched {truth}: losses {losses:?}, largest update error {worst:.2e}",
         env.rank
     );
     Ok(())
@@ -443,6 +487,18 @@ fn data_parallel_steps_match_the_per_rank_reference() {
         for role in ["train-query-only", "train-both-sides"] {
             let name = format!("data_parallel_steps_{ranks}_ranks_{role}");
             group_succeeds(&name, ranks, role, "matched the per-rank reference");
+        }
+    }
+}
+
+/// With `--sync-bn`: 2 and 3 ranks, both semantics, STEPS steps of convnet-small give one
+/// device's losses, parameters and running statistics on the same global batches.
+#[test]
+fn data_parallel_steps_with_sync_bn_match_one_device() {
+    for ranks in [2, 3] {
+        for role in ["train-sync-bn-query-only", "train-sync-bn-both-sides"] {
+            let name = format!("data_parallel_sync_bn_{ranks}_ranks_{role}");
+            group_succeeds(&name, ranks, role, "matched one device on the global batch");
         }
     }
 }

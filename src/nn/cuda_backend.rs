@@ -178,6 +178,15 @@ impl CudaBackend {
         elementwise::cuda::f64_to_f32(&*self.gpu, DevPtr::of(l.loss_buffer()), dev_mut(loss))
     }
 
+    /// BatchNorm's kernel version: v1's layout of the statistics under `--sync-bn`, whose
+    /// kernels share it.
+    fn batchnorm_version(&self) -> batchnorm::Version {
+        match &self.data_parallel {
+            Some(dp) if dp.sync_bn() => batchnorm::Version::V1,
+            _ => self.kernels.batchnorm,
+        }
+    }
+
     /// The same backend as one rank of a data-parallel group (see [`DataParallel`]).
     pub fn with_data_parallel(mut self, group: DataParallel) -> Self {
         self.data_parallel = Some(group);
@@ -321,14 +330,21 @@ impl Backend for CudaBackend {
         a: batchnorm::Forward<In<'_, Self>, Out<'_, Self>>,
         saved: &mut Option<CudaSlice<f32>>,
     ) -> Result<()> {
-        let len = batchnorm::cuda::saved_len(self.kernels.batchnorm, a.xs);
+        let v = self.batchnorm_version();
+        let len = batchnorm::cuda::saved_len(v, a.xs);
         if saved.as_ref().is_none_or(|s| s.len() != len) {
             *saved = Some(self.gpu.stream().alloc_zeros::<f32>(len)?);
         }
         let saved = saved
             .as_mut()
             .ok_or_else(|| Error::Cuda("batchnorm statistics missing".into()))?;
-        let v = self.kernels.batchnorm;
+        if let Some(dp) = self
+            .data_parallel
+            .as_ref()
+            .filter(|dp| dp.sync_bn() && a.training)
+        {
+            return dp.batchnorm_forward(&self.gpu, a, saved);
+        }
         batchnorm::cuda::forward(
             &*self.gpu,
             v,
@@ -341,12 +357,19 @@ impl Backend for CudaBackend {
         a: batchnorm::Backward<In<'_, Self>, Out<'_, Self>>,
         saved: &mut Option<CudaSlice<f32>>,
     ) -> Result<()> {
-        let len = batchnorm::cuda::saved_len(self.kernels.batchnorm, a.xs);
+        let v = self.batchnorm_version();
+        let len = batchnorm::cuda::saved_len(v, a.xs);
         let saved = saved
             .as_mut()
             .filter(|s| s.len() == len)
             .ok_or_else(|| Error::Cuda("batchnorm backward before its forward".into()))?;
-        let v = self.kernels.batchnorm;
+        if let Some(dp) = self
+            .data_parallel
+            .as_ref()
+            .filter(|dp| dp.sync_bn() && a.training)
+        {
+            return dp.batchnorm_backward(&self.gpu, a, saved);
+        }
         batchnorm::cuda::backward(
             &*self.gpu,
             v,

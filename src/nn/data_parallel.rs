@@ -1,4 +1,4 @@
-//! Data-parallel training on the CUDA backend: what a [`CudaBackend`](super::cuda_backend)
+//! Data-parallel training on the CUDA backend: what a `CudaBackend`
 //! does differently when it belongs to a [`ProcessGroup`] of R ranks, each with m images of the
 //! global batch of M = R m (2M rows).
 //!
@@ -19,14 +19,22 @@
 //! update, is dL/dθ. So with the same BatchNorm statistics the update equals one device's; with
 //! BatchNorm per device (the default, as PyTorch's DDP without SyncBatchNorm) each rank
 //! normalizes its own 2m rows.
+//!
+//! `--sync-bn` (PyTorch's SyncBatchNorm): the training statistics of every BatchNorm are the
+//! global batch's. Each rank's (mean, M2) per channel is all-gathered and merged in rank order
+//! (batchnorm_sync_stats_v1), so the forward, the running statistics and, with the backward's
+//! (s1, s2) all-reduced before dx, the whole step are one device's on the global batch (the
+//! statistics do not depend on the order of the rows). Two collectives per BatchNorm and step.
 
 use std::sync::Mutex;
 
 use cudarc::driver::CudaSlice;
 
-use crate::cuda::Gpu;
+use crate::cuda::{DevPtr, DevPtrMut, Gpu};
 use crate::dist::nccl::ProcessGroup;
 use crate::error::{Error, Result};
+use crate::ops::batchnorm::{self, Version};
+use crate::ops::Grad;
 
 /// A CUDA backend's membership in a data-parallel group, and the buffers its collectives use.
 #[derive(Debug)]
@@ -34,6 +42,7 @@ pub struct DataParallel {
     group: Mutex<ProcessGroup>,
     rank: usize,
     world_size: usize,
+    sync_bn: bool,
     /// The gathered embeddings and their gradient (2M x d each), kept between steps.
     gathered: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
     /// Every parameter gradient packed together for the one all-reduce.
@@ -63,10 +72,21 @@ impl DataParallel {
         DataParallel {
             rank: group.rank(),
             world_size: group.world_size(),
+            sync_bn: false,
             group: Mutex::new(group),
             gathered: Mutex::new(None),
             bucket: Mutex::new(None),
         }
+    }
+
+    /// With `--sync-bn`: BatchNorm's training statistics over the global batch.
+    pub fn with_sync_bn(mut self, sync_bn: bool) -> Self {
+        self.sync_bn = sync_bn;
+        self
+    }
+
+    pub fn sync_bn(&self) -> bool {
+        self.sync_bn
     }
 
     pub fn rank(&self) -> usize {
@@ -171,5 +191,88 @@ impl DataParallel {
             group.broadcast(&mut **b, root, "broadcasting the parameters")?;
         }
         Ok(())
+    }
+}
+
+/// The buffers of a BatchNorm call as the CUDA backend passes them.
+type BnForward<'a> = batchnorm::Forward<&'a CudaSlice<f32>, &'a mut CudaSlice<f32>>;
+type BnBackward<'a> = batchnorm::Backward<&'a CudaSlice<f32>, &'a mut CudaSlice<f32>>;
+
+impl DataParallel {
+    /// `--sync-bn`'s training forward: this rank's moments, gathered, merged into `saved` (v1's
+    /// layout, 4 C) and the running statistics, then the affine apply.
+    pub fn batchnorm_forward(
+        &self,
+        gpu: &Gpu,
+        a: BnForward<'_>,
+        saved: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let c = a.xs.c;
+        let stream = gpu.stream();
+        let mut moments = stream.alloc_zeros::<f32>(2 * c)?;
+        let mut gathered = stream.alloc_zeros::<f32>(2 * c * self.world_size)?;
+        batchnorm::cuda::sync_moments(
+            gpu,
+            DevPtr::of(a.x),
+            a.xs,
+            &mut DevPtrMut::of(&mut moments),
+        )?;
+        lock(&self.group)?.all_gather(&moments, &mut gathered, "gathering BatchNorm's moments")?;
+        batchnorm::cuda::sync_stats(
+            gpu,
+            DevPtr::of(&gathered),
+            self.world_size,
+            a.xs,
+            &mut DevPtrMut::of(saved),
+            &mut DevPtrMut::of(a.running_mean),
+            &mut DevPtrMut::of(a.running_var),
+        )?;
+        batchnorm::cuda::apply(
+            gpu,
+            Version::V1,
+            DevPtr::of(a.x),
+            DevPtr::of(a.gamma),
+            DevPtr::of(a.beta),
+            DevPtr::of(saved),
+            a.xs,
+            &mut DevPtrMut::of(a.y),
+        )
+    }
+
+    /// `--sync-bn`'s training backward: v1's reduction (dgamma, dbeta take this rank's sums;
+    /// the gradient all-reduce adds the ranks' up), its (s1, s2) summed over ranks, then dx.
+    pub fn batchnorm_backward(
+        &self,
+        gpu: &Gpu,
+        a: BnBackward<'_>,
+        saved: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (x, dy, gamma, xs) = (a.x, a.dy, a.gamma, a.xs);
+        let mut reduce = a;
+        let dx = reduce.dx.take();
+        batchnorm::cuda::backward(
+            gpu,
+            Version::V1,
+            reduce.map(DevPtr::of, DevPtrMut::of),
+            &mut DevPtrMut::of(saved),
+        )?;
+        let c = xs.c;
+        lock(&self.group)?.all_reduce_sum(
+            &mut saved.slice_mut(2 * c..4 * c),
+            "summing BatchNorm's backward sums",
+        )?;
+        match dx {
+            None => Ok(()),
+            Some(dx) => batchnorm::cuda::sync_dx(
+                gpu,
+                DevPtr::of(x),
+                DevPtr::of(dy),
+                DevPtr::of(gamma),
+                DevPtr::of(saved),
+                xs,
+                self.world_size,
+                Grad::new(DevPtrMut::of(dx.buf), dx.accumulate),
+            ),
+        }
     }
 }

@@ -8,13 +8,18 @@
 //! [`chunks`] chosen for about [`V2_TARGET_BLOCKS`] blocks, combined in chunk order by each
 //! channel's last block; 32-bit indices, so tensors of 2^31 values or more run v1's kernels
 //! ([`effective`]).
+//!
+//! `--sync-bn` (a data-parallel group's statistics over the global batch) splits the training
+//! statistics in two, [`sync_moments`] and [`sync_stats`], and the backward's dx into the
+//! unchanged v1 reduction and [`sync_dx`]; the collectives between them are the caller's
+//! (`nn::data_parallel`). Its `saved` has v1's layout.
 
 use super::{Backward, Forward, Version, EPS, MOMENTUM};
 use crate::cuda::{
     check_len, to_i32, DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue, BLOCK,
 };
 use crate::error::Result;
-use crate::ops::Shape4;
+use crate::ops::{Grad, Shape4};
 
 const TRAIN_STATS_V1: Kernel = Kernel::new("batchnorm", "batchnorm_train_stats_v1");
 const EVAL_STATS_V1: Kernel = Kernel::new("batchnorm", "batchnorm_eval_stats_v1");
@@ -25,6 +30,9 @@ const TRAIN_STATS_V2: Kernel = Kernel::new("batchnorm", "batchnorm_train_stats_v
 const APPLY_V2: Kernel = Kernel::new("batchnorm", "batchnorm_apply_v2");
 const BWD_REDUCE_V2: Kernel = Kernel::new("batchnorm", "batchnorm_bwd_reduce_v2");
 const BWD_DX_V2: Kernel = Kernel::new("batchnorm", "batchnorm_bwd_dx_v2");
+const SYNC_MOMENTS_V1: Kernel = Kernel::new("batchnorm", "batchnorm_sync_moments_v1");
+const SYNC_STATS_V1: Kernel = Kernel::new("batchnorm", "batchnorm_sync_stats_v1");
+const SYNC_BWD_DX_V1: Kernel = Kernel::new("batchnorm", "batchnorm_sync_bwd_dx_v1");
 
 /// Threads per block of the per-channel reductions (BN_THREADS in batchnorm.cu).
 const BN_THREADS: u32 = 512;
@@ -163,15 +171,38 @@ pub fn forward(
         // int c, float eps, float* saved); one thread per channel.
         unsafe { q.launch(EVAL_STATS_V1, grid, &mut args) }?;
     }
+    apply(q, version, x, gamma, beta, saved.as_const(), xs, &mut y)
+}
+
+/// y = x scale + shift per channel from the statistics in `saved` (the forward's second half;
+/// `--sync-bn` runs it after [`sync_stats`] with v1's layout).
+#[allow(clippy::too_many_arguments)] // the op's buffers, as forward takes them in a struct
+pub fn apply(
+    q: &impl Queue,
+    version: Version,
+    x: DevPtr<'_, f32>,
+    gamma: DevPtr<'_, f32>,
+    beta: DevPtr<'_, f32>,
+    saved: DevPtr<'_, f32>,
+    xs: Shape4,
+    y: &mut DevPtrMut<'_, f32>,
+) -> Result<()> {
+    let version = effective(version, xs);
+    let (n, c, hw) = dims(xs)?;
+    check_len("batchnorm x", x.len(), xs.len())?;
+    check_len("batchnorm y", y.len(), xs.len())?;
+    check_len("gamma", gamma.len(), xs.c)?;
+    check_len("beta", beta.len(), xs.c)?;
+    check_len("batchnorm saved", saved.len(), saved_len(version, xs))?;
     let mut args = KernelArgs::new();
     args.input(x)
         .input(gamma)
         .input(beta)
-        .input(saved.as_const())
+        .input(saved)
         .value(n)
         .value(c)
         .value(hw)
-        .output(&mut y);
+        .output(y);
     let apply = match version {
         Version::V1 => APPLY_V1,
         Version::V2 => APPLY_V2,
@@ -251,4 +282,105 @@ pub fn backward(
         unsafe { q.launch(dx_kernel, Geometry::grid_stride(xs.len()), &mut args) }?;
     }
     Ok(())
+}
+
+/// `--sync-bn`, first half of the training statistics: this rank's mean and M2 (the sum of
+/// squared deviations) of every channel, into `moments` (mean[C], M2[C]).
+pub fn sync_moments(
+    q: &impl Queue,
+    x: DevPtr<'_, f32>,
+    xs: Shape4,
+    moments: &mut DevPtrMut<'_, f32>,
+) -> Result<()> {
+    let (n, c, hw) = dims(xs)?;
+    check_len("batchnorm x", x.len(), xs.len())?;
+    check_len("batchnorm moments", moments.len(), 2 * xs.c)?;
+    let mut args = KernelArgs::new();
+    args.input(x).value(n).value(c).value(hw).output(moments);
+    // SAFETY: batchnorm_sync_moments_v1(const float* x, int n, int c, int hw, float* moments);
+    // one block per channel, lengths checked above.
+    unsafe {
+        q.launch(
+            SYNC_MOMENTS_V1,
+            Geometry::blocks(xs.c, BN_THREADS),
+            &mut args,
+        )
+    }
+}
+
+/// `--sync-bn`, second half: the `ranks` ranks' moments (`gathered`, rank after rank, each
+/// over this rank's `xs`, the same on every rank) merged into the global batch's statistics in
+/// `saved` (v1's layout), and the running statistics updated with them.
+pub fn sync_stats(
+    q: &impl Queue,
+    gathered: DevPtr<'_, f32>,
+    ranks: usize,
+    xs: Shape4,
+    saved: &mut DevPtrMut<'_, f32>,
+    running_mean: &mut DevPtrMut<'_, f32>,
+    running_var: &mut DevPtrMut<'_, f32>,
+) -> Result<()> {
+    let (_, c, _) = dims(xs)?;
+    check_len(
+        "batchnorm gathered moments",
+        gathered.len(),
+        2 * xs.c * ranks,
+    )?;
+    check_len("batchnorm saved", saved.len(), saved_len(Version::V1, xs))?;
+    check_len("running_mean", running_mean.len(), xs.c)?;
+    check_len("running_var", running_var.len(), xs.c)?;
+    let count = i64::try_from(xs.n * xs.h * xs.w)
+        .map_err(|_| crate::Error::invalid("batchnorm: N H W exceeds a 64-bit count"))?;
+    let mut args = KernelArgs::new();
+    args.input(gathered)
+        .value(to_i32("ranks", ranks)?)
+        .value(count)
+        .value(c)
+        .value(MOMENTUM as f32)
+        .value(EPS as f32)
+        .output(saved)
+        .output(running_mean)
+        .output(running_var);
+    let grid = Geometry::blocks(xs.c.div_ceil(BLOCK as usize), BLOCK);
+    // SAFETY: batchnorm_sync_stats_v1(const float* gathered, int ranks, long long count, int c,
+    // float momentum, float eps, float* saved, float* running_mean, float* running_var); one
+    // thread per channel, lengths checked above.
+    unsafe { q.launch(SYNC_STATS_V1, grid, &mut args) }
+}
+
+/// `--sync-bn`'s training dx, from the statistics of [`sync_stats`] and the (s1, s2) of the
+/// backward's reduction summed over the `ranks` ranks (in `saved`).
+#[allow(clippy::too_many_arguments)] // the op's buffers, as backward takes them in a struct
+pub fn sync_dx(
+    q: &impl Queue,
+    x: DevPtr<'_, f32>,
+    dy: DevPtr<'_, f32>,
+    gamma: DevPtr<'_, f32>,
+    saved: DevPtr<'_, f32>,
+    xs: Shape4,
+    ranks: usize,
+    mut dx: Grad<DevPtrMut<'_, f32>>,
+) -> Result<()> {
+    let (n, c, hw) = dims(xs)?;
+    for (what, len) in [("x", x.len()), ("dy", dy.len()), ("dx", dx.buf.len())] {
+        check_len(what, len, xs.len())?;
+    }
+    check_len("gamma", gamma.len(), xs.c)?;
+    check_len("batchnorm saved", saved.len(), saved_len(Version::V1, xs))?;
+    let m = (xs.n * xs.h * xs.w * ranks) as f32;
+    let mut args = KernelArgs::new();
+    args.input(x)
+        .input(dy)
+        .input(gamma)
+        .input(saved)
+        .value(n)
+        .value(c)
+        .value(hw)
+        .value(m)
+        .output(&mut dx.buf)
+        .value(i32::from(dx.accumulate));
+    // SAFETY: batchnorm_sync_bwd_dx_v1(const float* x, const float* dy, const float* gamma,
+    // const float* saved, int n, int c, int hw, float m, float* dx, int accumulate);
+    // grid-stride over N C H W, lengths checked above.
+    unsafe { q.launch(SYNC_BWD_DX_V1, Geometry::grid_stride(xs.len()), &mut args) }
 }

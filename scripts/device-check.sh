@@ -185,6 +185,7 @@ smoke_filter() {
     test-gpu_loss) echo sanitizer_sized_cases ;;
     test-gpu_nn) echo sanitizer_sized_ops ;;
     test-gpu_cli) echo train_eval_embed_on_cuda_match_the_cpu ;;
+    test-gpu_dist) echo collectives_across_2_processes ;;
     *) echo "" ;;
   esac
 }
@@ -201,8 +202,11 @@ if want tests; then
     ran=$((ran + 1))
     if run_step "$name" "$( ((smoke)) && echo 120 || echo 300)" "$name.log" "$t" --test-threads=1 $filter; then
       note "PASS $name${filter:+ ($filter)}: $(grep -E '^test result' "$logs/$name.log" | tail -1) [${STEP_SECONDS} s]"
-      skipped=$(grep -c "SKIPPED" "$logs/$name.log")
+      skipped=$(grep -c "SKIPPED (no GPU)" "$logs/$name.log")
       ((skipped > 0)) && fail "$name: $skipped test(s) SKIPPED although REQUIRE_GPU=1"
+      # Tests of several ranks need as many GPUs; on fewer they say so (not a failure).
+      fewer=$(grep -c "SKIPPED (fewer than" "$logs/$name.log")
+      ((fewer > 0)) && note "  $name: $fewer test(s) need more GPUs than this machine has"
     fi
   done
   ((ran > 0)) || fail "tests: no test binary in the bundle"

@@ -395,3 +395,49 @@ fn a_diverging_run_stops_at_its_step_and_keeps_the_last_good_state() {
     assert!(eval.status.success(), "{}", stderr_of(&eval));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `launch` starts every rank with its variables; when one fails, the launch fails naming it,
+/// and the ranks' lines come prefixed.
+#[test]
+fn launch_fails_naming_the_rank_that_failed() {
+    let out = invaspread(&[
+        "launch",
+        "--gpus",
+        "2",
+        "--master-port",
+        "0",
+        "--",
+        "loss",
+        "--input",
+        "/nonexistent/z.npy",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("data-parallel group: rank ") && stderr.contains(" ended with exit status"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[rank 1] "),
+        "rank 1's lines are not prefixed:\n{stderr}"
+    );
+    assert!(stderr.contains("/nonexistent/z.npy"), "{stderr}");
+}
+
+#[test]
+fn launch_refuses_a_node_rank_beyond_the_nodes() {
+    let out = invaspread(&[
+        "launch",
+        "--gpus",
+        "1",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "2",
+        "--",
+        "info",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--node-rank 2 of --nnodes 2"), "{stderr}");
+}

@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::io::Write;
+
 use std::path::{Path, PathBuf};
 
 use common::invaspread;
@@ -310,4 +312,55 @@ fn train_on_cuda_two_epochs_the_loss_falls() {
         "the loss did not fall: {csv}"
     );
     assert_backend(&out, "fused-v2", "tf32");
+}
+
+/// `bench-loss --ranks 2` starts two ranks (one process and device each), every rank checks
+/// its rows of the gathered loss against the float64 truth of the global batch, and rank 0
+/// prints one row per kernel version.
+#[test]
+fn bench_loss_over_two_ranks_checks_every_version() {
+    let Some(gpu) = gpu_or_skip("bench_loss_over_two_ranks_checks_every_version") else {
+        return;
+    };
+    if !gpu.is_virtual() && invaspread::cuda::device_count().unwrap_or(0) < 2 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (fewer than 2 GPUs): bench_loss_over_two_ranks_checks_every_version"
+        );
+        return;
+    }
+    let args = [
+        "bench-loss",
+        "--device",
+        "cuda",
+        "--ranks",
+        "2",
+        "--n",
+        "24",
+        "--d",
+        "8",
+        "--min-seconds",
+        "0",
+    ];
+    let out = invaspread(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "invaspread {}\n{stdout}\n{stderr}",
+        args.join(" ")
+    );
+    for version in [
+        "unfused",
+        "fused-v1",
+        "fused-v2",
+        "fused-v3-tf32",
+        "fused-v3-bf16",
+    ] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {version} | 24 | 8 | 2 |")))
+            .unwrap_or_else(|| panic!("no row for {version}:\n{stdout}"));
+        assert!(!row.contains("unchecked"), "{row}");
+    }
 }

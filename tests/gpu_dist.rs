@@ -5,6 +5,7 @@
 //! hangs must make the others exit non-zero within the timeout, naming it.
 //! Skips without a GPU (`SKIPPED (no GPU): ...`), fails under REQUIRE_GPU=1.
 
+use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,7 +38,11 @@ fn ranks_or_skip(name: &str, ranks: usize) -> bool {
         return false;
     };
     if !gpu.is_virtual() && device_count().unwrap_or(0) < ranks {
-        eprintln!("SKIPPED (fewer than {ranks} GPUs): {name}");
+        // Straight to the terminal, as testing::gpu_or_skip does (eprintln! is captured).
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (fewer than {ranks} GPUs): {name}"
+        );
         return false;
     }
     true
@@ -208,7 +213,7 @@ fn run_rank(role: &str) -> Result<(), String> {
 // ---- training steps ------------------------------------------------------------------------
 
 const IMAGES_PER_RANK: usize = 2;
-const SIDE: usize = 16;
+const SIDE: usize = 8;
 const STEPS: usize = 3;
 const LR: f64 = 0.03;
 /// Bound on each parameter's update error against the float64 reference, relative to that
@@ -479,15 +484,14 @@ fn collectives_match(ranks: usize) {
     group_succeeds(&name, ranks, "collectives", "every collective matched");
 }
 
-/// 2 and 3 ranks, both gradient semantics, BatchNorm per rank: STEPS steps of convnet-small
-/// against the float64 reference that normalizes each rank's rows apart.
+/// 2 ranks with one gradient semantics, 3 with the other, BatchNorm per rank: STEPS steps of
+/// convnet-small against the float64 reference that normalizes each rank's rows apart.
 #[test]
 fn data_parallel_steps_match_the_per_rank_reference() {
-    for ranks in [2, 3] {
-        for role in ["train-query-only", "train-both-sides"] {
-            let name = format!("data_parallel_steps_{ranks}_ranks_{role}");
-            group_succeeds(&name, ranks, role, "matched the per-rank reference");
-        }
+    // Each semantics once (the sync-bn test below runs every pair): CI's time.
+    for (ranks, role) in [(2, "train-query-only"), (3, "train-both-sides")] {
+        let name = format!("data_parallel_steps_{ranks}_ranks_{role}");
+        group_succeeds(&name, ranks, role, "matched the per-rank reference");
     }
 }
 

@@ -11,6 +11,7 @@
 //! shows it as a lower achieved rate.
 
 pub mod floor;
+pub mod gathered;
 pub mod gpu_floor;
 
 use std::sync::Arc;

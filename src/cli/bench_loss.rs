@@ -15,13 +15,13 @@ use super::Device;
 pub struct BenchLossArgs {
     /// Where to measure.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    device: Device,
+    pub(super) device: Device,
     /// Batch sizes N (rows); default 256 1024 4096, and 16384 65536 on CUDA [2 <= n <= 16777216].
     #[arg(long, num_args = 1.., value_parser = super::ranges::rows)]
-    n: Vec<usize>,
+    pub(super) n: Vec<usize>,
     /// Embedding dimension [1 <= d <= 65536].
     #[arg(long, default_value_t = 128, value_parser = super::ranges::dim)]
-    d: usize,
+    pub(super) d: usize,
     /// Temperature [0.025 <= tau <= 100].
     #[arg(long, default_value_t = 0.1, value_parser = super::ranges::tau, allow_negative_numbers = true)]
     tau: f64,
@@ -30,14 +30,19 @@ pub struct BenchLossArgs {
     grad_semantics: GradSemantics,
     /// Keep repeating each measurement for at least this long (seconds) [0 <= min_seconds <= 3600].
     #[arg(long, default_value_t = 1.0, value_parser = super::ranges::min_seconds, allow_negative_numbers = true)]
-    min_seconds: f64,
+    pub(super) min_seconds: f64,
     /// Print JSON instead of the markdown table.
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
     /// Check every version's output against the float64 truth before timing it, up to this N
     /// (the truth costs about one fused CPU run; larger sizes are timed unchecked).
     #[arg(long, default_value_t = 65536)]
-    check_max_n: usize,
+    pub(super) check_max_n: usize,
+    /// Data-parallel ranks (CUDA; one GPU each): the gathered loss of every N over R ranks,
+    /// checked on every rank and timed; R processes are started on this machine unless this
+    /// one already is a rank (WORLD_SIZE set, as `invaspread launch` sets it) [1 <= ranks <= 64].
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub(super) ranks: u16,
 }
 
 pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
@@ -48,6 +53,9 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
         ..LossConfig::default()
     };
     cfg.validate()?;
+    if args.ranks > 1 {
+        return super::bench_ranks::run(&args, &cfg);
+    }
     let sizes = if args.n.is_empty() {
         match args.device {
             Device::Cpu => vec![256, 1024, 4096],

@@ -1,12 +1,14 @@
 //! Subcommands of `invaspread`, one module each.
 
 mod bench_loss;
+mod bench_ranks;
 mod bench_train;
 mod checkpoint;
 mod data;
 mod embed;
 mod eval;
 mod info;
+mod launch;
 mod loss;
 mod plot;
 mod random;
@@ -48,6 +50,8 @@ enum Command {
     BenchTrain(bench_train::BenchTrainArgs),
     /// Several runs' kNN per epoch on one chart, with a legend (PNG).
     Plot(plot::PlotArgs),
+    /// Start the ranks of a data-parallel group on this machine (as torchrun): `launch --gpus N -- <command>`.
+    Launch(launch::LaunchArgs),
     /// Seeded random N x d embeddings as .npy (an input for `loss` and the benchmarks).
     Random(random::RandomArgs),
 }
@@ -72,6 +76,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> invaspread::Result<()> {
         Command::Embed(args) => embed::run(args),
         Command::Step(args) => step::run(args),
         Command::Plot(args) => plot::run(args),
+        Command::Launch(args) => launch::run(args),
     }
 }
 

@@ -2,9 +2,11 @@
 //! the group (PyTorch's launcher variables: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
 //! `MASTER_PORT`) and the start-up rendezvous ([`rendezvous`]) in which rank 0 checks that
 //! every rank runs the same configuration and hands out the collective library's unique id;
-//! the collectives themselves over NCCL ([`nccl`], with a watchdog that names a failed rank).
+//! the collectives themselves over NCCL ([`nccl`], with a watchdog that names a failed rank);
+//! and [`launch`], which starts a machine's ranks as `torchrun` does.
 //! The loss over the gathered global batch is `loss::gathered`.
 
+pub mod launch;
 pub mod nccl;
 pub mod rendezvous;
 

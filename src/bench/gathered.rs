@@ -1,0 +1,162 @@
+//! `bench-loss --device cuda --ranks R`: the loss of a global batch over R data-parallel ranks
+//! ([`DataParallel::gathered_loss`]: both views' rows all-gathered, the loss of the whole batch,
+//! the rank's rows of dL/dz kept), checked on every rank against the float64 truth of the global
+//! batch, then timed (the collectives included).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cuda::Gpu;
+use crate::error::{Error, Result};
+use crate::loss::cuda::{CudaLoss, CudaLossVersion};
+use crate::loss::{reference, LossConfig};
+use crate::nn::data_parallel::DataParallel;
+
+/// One version's result on one rank.
+#[derive(Debug, Clone)]
+pub struct RankRow {
+    pub version: CudaLossVersion,
+    /// The global batch: n rows (n / 2 images) of d.
+    pub n: usize,
+    pub d: usize,
+    pub ranks: usize,
+    /// Median milliseconds of one call (gathers, loss, rows kept), waited for.
+    pub median_ms: f64,
+    pub calls: usize,
+    /// The loss's relative error and the rank's dL/dz rows' scaled error, the worse one; None
+    /// when unchecked.
+    pub error: Option<f64>,
+}
+
+/// This rank's rows of a global batch in one device's layout (view A of every image, then view
+/// B): its images' view A rows, then their view B rows.
+pub fn rank_rows(global: &[f32], n: usize, d: usize, rank: usize, ranks: usize) -> Vec<f32> {
+    let images = n / 2;
+    let m = images / ranks;
+    let (a, b) = (rank * m, images + rank * m);
+    let mut out = global[a * d..(a + m) * d].to_vec();
+    out.extend_from_slice(&global[b * d..(b + m) * d]);
+    out
+}
+
+/// The truth this rank checks against: the global loss, its rows of dL/dz, and the scale of
+/// the whole batch's gradient (so that a rank's error means what one device's would).
+pub struct RankTruth {
+    loss: f64,
+    /// This rank's rows of dL/dz, each multiplied by its row's norm ||z_a||.
+    scaled_rows: Vec<f64>,
+    /// The largest |dL/dz_ak| ||z_a|| over the global batch (loss::check's scale).
+    scale: f64,
+}
+
+/// Each row of `rows` (d wide) multiplied by the norm of the same row of `z`.
+fn scale_by_norms(rows: &[f64], z: &[f32], d: usize) -> Vec<f64> {
+    rows.chunks_exact(d)
+        .zip(z.chunks_exact(d))
+        .flat_map(|(g, zr)| {
+            let norm = zr.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+            g.iter().map(move |&v| v * norm)
+        })
+        .collect()
+}
+
+impl RankTruth {
+    pub fn of(
+        global: &[f32],
+        n: usize,
+        d: usize,
+        cfg: &LossConfig,
+        rank: usize,
+        ranks: usize,
+    ) -> Result<Self> {
+        let out = reference::instance_loss(global, n, d, cfg, true)?;
+        let grad = out
+            .grad_z
+            .ok_or_else(|| Error::invalid("the reference gave no gradient"))?;
+        let scaled = scale_by_norms(&grad, global, d);
+        let scale = scaled.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let (images, m) = (n / 2, n / 2 / ranks);
+        let mut scaled_rows = scaled[rank * m * d..(rank + 1) * m * d].to_vec();
+        scaled_rows
+            .extend_from_slice(&scaled[(images + rank * m) * d..(images + (rank + 1) * m) * d]);
+        Ok(RankTruth {
+            loss: out.loss,
+            scaled_rows,
+            scale,
+        })
+    }
+
+    /// The worse of the loss's relative error and this rank's dL/dz rows' error (scaled by
+    /// row norms, relative to the global batch's largest such entry); NaN counts as infinite.
+    fn error(&self, loss: f64, rows: &[f32], z_rows: &[f32], d: usize) -> f64 {
+        let loss_err = (loss - self.loss).abs() / self.loss.abs().max(f64::MIN_POSITIVE);
+        let got: Vec<f64> = rows.iter().map(|&g| f64::from(g)).collect();
+        let got = scale_by_norms(&got, z_rows, d);
+        let worst = got
+            .iter()
+            .zip(&self.scaled_rows)
+            .fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
+        let err = loss_err.max(worst / self.scale.max(f64::MIN_POSITIVE));
+        if err.is_nan() {
+            f64::INFINITY
+        } else {
+            err
+        }
+    }
+}
+
+/// Checks (against `truth`, when given) and times `version` on this rank of `dp`, the global
+/// batch `global` (n x d) split evenly.
+#[allow(clippy::too_many_arguments)] // the case: device, group, version, batch, config, truth, time
+pub fn bench_rank(
+    gpu: &Arc<Gpu>,
+    dp: &DataParallel,
+    version: CudaLossVersion,
+    global: &[f32],
+    (n, d): (usize, usize),
+    cfg: &LossConfig,
+    truth: Option<&RankTruth>,
+    min_seconds: f64,
+) -> Result<RankRow> {
+    let ranks = dp.world_size();
+    if n % (2 * ranks) != 0 {
+        return Err(Error::invalid(format!(
+            "bench-loss --ranks {ranks}: N = {n} is not a multiple of 2 x ranks (each rank takes \
+             both views of N / (2 x ranks) images)"
+        )));
+    }
+    let local_rows = rank_rows(global, n, d, dp.rank(), ranks);
+    let stream = gpu.stream();
+    let z = stream.clone_htod(&local_rows)?;
+    let mut dz = stream.alloc_zeros::<f32>(local_rows.len())?;
+    let mut loss = CudaLoss::new(gpu.clone(), version, n, d)?;
+    let call = |loss: &mut CudaLoss, dz: &mut cudarc::driver::CudaSlice<f32>| -> Result<()> {
+        dp.gathered_loss(gpu, &z, (local_rows.len() / d, d), dz, |zg, _, dzg| {
+            loss.enqueue(zg, Some(dzg), cfg)
+        })?;
+        stream.synchronize()?;
+        Ok(())
+    };
+    call(&mut loss, &mut dz)?;
+    let error = match truth {
+        None => None,
+        Some(t) => Some(t.error(loss.loss()?, &stream.clone_dtoh(&dz)?, &local_rows, d)),
+    };
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || start.elapsed().as_secs_f64() < min_seconds {
+        let t = Instant::now();
+        call(&mut loss, &mut dz)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(RankRow {
+        version,
+        n,
+        d,
+        ranks,
+        median_ms: times[times.len() / 2],
+        calls: times.len(),
+        error,
+    })
+}

@@ -43,6 +43,20 @@ fn main() {
     // The install script writes its stamp last, so a finished install reruns this script.
     println!("cargo:rerun-if-changed=.cuda-compiler");
 
+    // `INVASPREAD_CHECK_ONLY=1 cargo clippy`: nothing runs from a check build, so the kernels
+    // and the virtual GPU are not compiled for it (CI's lint step; the test build compiles them).
+    println!("cargo:rerun-if-env-changed=INVASPREAD_CHECK_ONLY");
+    if env::var("INVASPREAD_CHECK_ONLY").is_ok_and(|v| v == "1") {
+        let msg = "INVASPREAD_CHECK_ONLY=1: a check build, the kernels were not compiled";
+        fs::write(out_dir.join("kernels_generated.rs"), not_built_module(msg))
+            .expect("write kernels_generated.rs");
+        fs::write(
+            out_dir.join("vgpu_generated.rs"),
+            format!("pub const DIR: Result<&str, &str> = Err({msg:?});\n"),
+        )
+        .expect("write vgpu_generated.rs");
+        return;
+    }
     let require = env::var("INVASPREAD_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
     let gencode =
         env::var("INVASPREAD_CUDA_GENCODE").unwrap_or_else(|_| DEFAULT_GENCODE.to_string());

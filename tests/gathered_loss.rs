@@ -27,6 +27,27 @@ fn split_batch(layout: &RankLayout, d: usize, seed: u64) -> (Vec<Vec<f64>>, Vec<
     (per_rank, single)
 }
 
+/// take_rank_rows and put_rank_rows move a rank's rows as single_device_row places them, for
+/// equal and unequal shards.
+#[test]
+fn rank_rows_move_between_the_rank_and_one_device_layout() {
+    let d = 3;
+    for images in [&[2usize, 2][..], &[1, 3, 2], &[4]] {
+        let layout = RankLayout::new(images).unwrap();
+        let (per_rank, single) = split_batch(&layout, d, 77);
+        let mut rebuilt = vec![0.0; single.len()];
+        for (r, rows) in per_rank.iter().enumerate() {
+            assert_eq!(
+                &layout.take_rank_rows(&single, d, r),
+                rows,
+                "{images:?} rank {r}"
+            );
+            layout.put_rank_rows(rows, d, r, &mut rebuilt);
+        }
+        assert_eq!(rebuilt, single, "{images:?}: put_rank_rows of every rank");
+    }
+}
+
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     a.iter()
         .zip(b)

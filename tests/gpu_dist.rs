@@ -14,6 +14,7 @@ use std::sync::Arc;
 use invaspread::cuda::{device_count, Gpu};
 use invaspread::dist::nccl::ProcessGroup;
 use invaspread::dist::DistEnv;
+use invaspread::loss::gathered::RankLayout;
 use invaspread::loss::{reference, GradSemantics, LossConfig};
 use invaspread::nn::backend::Backend;
 use invaspread::nn::cpu_backend::Cpu;
@@ -23,7 +24,7 @@ use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind, EMBED_DIM};
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::ParamStore;
-use invaspread::nn::step::train_step;
+use invaspread::nn::step::{train_step, update_error};
 use invaspread::ops::Shape4;
 use invaspread::testing::{gpu_or_skip, random_matrix, rng};
 
@@ -236,11 +237,12 @@ fn global_batch(step: usize, images: usize) -> Vec<f32> {
 
 /// Rank r's part of a global batch: its images' view A rows, then their view B rows.
 fn rank_views(global: &[f32], images: usize, r: usize) -> Vec<f32> {
-    let per = 3 * SIDE * SIDE;
-    let (m, a) = (IMAGES_PER_RANK, r * IMAGES_PER_RANK);
-    let mut out = global[a * per..(a + m) * per].to_vec();
-    out.extend_from_slice(&global[(images + a) * per..(images + a + m) * per]);
-    out
+    even_layout(images).take_rank_rows(global, 3 * SIDE * SIDE, r)
+}
+
+/// `images` images split evenly over the ranks (IMAGES_PER_RANK each).
+fn even_layout(images: usize) -> RankLayout {
+    RankLayout::new(&vec![IMAGES_PER_RANK; images / IMAGES_PER_RANK]).unwrap()
 }
 
 fn local_shape() -> Shape4 {
@@ -273,7 +275,7 @@ fn per_rank_reference(ranks: usize, cfg: &LossConfig) -> (Vec<f64>, Vec<Vec<f32>
     let mut graph = Graph::new(b, store);
     let mut sgd = Sgd::new(SgdConfig::default());
     let before = parameters(&graph);
-    let (images, m, d) = (ranks * IMAGES_PER_RANK, IMAGES_PER_RANK, EMBED_DIM);
+    let (images, d) = (ranks * IMAGES_PER_RANK, EMBED_DIM);
     let mut losses = Vec::new();
     for step in 0..STEPS {
         let global = global_batch(step, images);
@@ -284,27 +286,22 @@ fn per_rank_reference(ranks: usize, cfg: &LossConfig) -> (Vec<f64>, Vec<Vec<f32>
                 .unwrap();
             model.forward(graph, x, true).unwrap()
         };
+        let layout = even_layout(images);
         let mut z_all = vec![0.0f32; 2 * images * d];
         for r in 0..ranks {
             let z = embed(&mut graph, r);
-            let z = graph.value(z).unwrap();
-            z_all[r * m * d..(r + 1) * m * d].copy_from_slice(&z[..m * d]);
-            z_all[(images + r * m) * d..(images + (r + 1) * m) * d].copy_from_slice(&z[m * d..]);
+            layout.put_rank_rows(&graph.value(z).unwrap(), d, r, &mut z_all);
         }
         let out = reference::instance_loss(&z_all, 2 * images, d, cfg, true).unwrap();
         let dz_all = out.grad_z.unwrap();
         losses.push(out.loss);
         graph.params.zero_grad(&graph.backend).unwrap();
         for r in 0..ranks {
-            let mut dz: Vec<f32> = dz_all[r * m * d..(r + 1) * m * d]
-                .iter()
-                .map(|&g| g as f32)
+            let dz: Vec<f32> = layout
+                .take_rank_rows(&dz_all, d, r)
+                .into_iter()
+                .map(|g| g as f32)
                 .collect();
-            dz.extend(
-                dz_all[(images + r * m) * d..(images + (r + 1) * m) * d]
-                    .iter()
-                    .map(|&g| g as f32),
-            );
             let z = embed(&mut graph, r);
             let root = graph.given_loss(z, out.loss, &dz).unwrap();
             graph.backward(root).unwrap();
@@ -348,16 +345,6 @@ fn state<B: Backend>(graph: &Graph<B>) -> Vec<Vec<f32>> {
         out.push(b.download(&bn.running_var).unwrap());
     }
     out
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 
 /// One rank of data-parallel training: STEPS steps of convnet-small on its shard of each global
@@ -422,8 +409,7 @@ fn train_rank(role: &str) -> Result<(), String> {
     }
     let mut worst = 0.0f64;
     for (i, ((g, w), b)) in got.iter().zip(&want).zip(&before).enumerate() {
-        let du = |after: &[f32]| -> Vec<f32> { after.iter().zip(b).map(|(a, b)| a - b).collect() };
-        let e = rel_err(&du(g), &du(w));
+        let e = update_error(b, g, w);
         if e.is_nan() || e > UPDATE_TOLERANCE {
             return Err(format!(
                 "rank {}: tensor {i}'s update is {e:.3e} from {truth}'s (bound {UPDATE_TOLERANCE:.0e})",

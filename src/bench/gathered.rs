@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
 use crate::loss::cuda::{CudaLoss, CudaLossVersion};
+use crate::loss::gathered::RankLayout;
 use crate::loss::{reference, LossConfig};
 use crate::nn::data_parallel::DataParallel;
 
@@ -29,14 +30,26 @@ pub struct RankRow {
 }
 
 /// This rank's rows of a global batch in one device's layout (view A of every image, then view
-/// B): its images' view A rows, then their view B rows.
-pub fn rank_rows(global: &[f32], n: usize, d: usize, rank: usize, ranks: usize) -> Vec<f32> {
-    let images = n / 2;
-    let m = images / ranks;
-    let (a, b) = (rank * m, images + rank * m);
-    let mut out = global[a * d..(a + m) * d].to_vec();
-    out.extend_from_slice(&global[b * d..(b + m) * d]);
-    out
+/// B), split evenly over `ranks`: its images' view A rows, then their view B rows.
+pub fn rank_rows(
+    global: &[f32],
+    n: usize,
+    d: usize,
+    rank: usize,
+    ranks: usize,
+) -> Result<Vec<f32>> {
+    Ok(even_layout(n, ranks)?.take_rank_rows(global, d, rank))
+}
+
+/// n rows (n / 2 images) split evenly over `ranks`.
+fn even_layout(n: usize, ranks: usize) -> Result<RankLayout> {
+    if ranks == 0 || n % (2 * ranks) != 0 {
+        return Err(Error::invalid(format!(
+            "bench-loss --ranks {ranks}: N = {n} is not a multiple of 2 x ranks (each rank takes \
+             both views of N / (2 x ranks) images)"
+        )));
+    }
+    RankLayout::new(&vec![n / 2 / ranks; ranks])
 }
 
 /// The truth this rank checks against: the global loss, its rows of dL/dz, and the scale of
@@ -75,13 +88,9 @@ impl RankTruth {
             .ok_or_else(|| Error::invalid("the reference gave no gradient"))?;
         let scaled = scale_by_norms(&grad, global, d);
         let scale = scaled.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let (images, m) = (n / 2, n / 2 / ranks);
-        let mut scaled_rows = scaled[rank * m * d..(rank + 1) * m * d].to_vec();
-        scaled_rows
-            .extend_from_slice(&scaled[(images + rank * m) * d..(images + (rank + 1) * m) * d]);
         Ok(RankTruth {
             loss: out.loss,
-            scaled_rows,
+            scaled_rows: even_layout(n, ranks)?.take_rank_rows(&scaled, d, rank),
             scale,
         })
     }
@@ -119,13 +128,7 @@ pub fn bench_rank(
     min_seconds: f64,
 ) -> Result<RankRow> {
     let ranks = dp.world_size();
-    if n % (2 * ranks) != 0 {
-        return Err(Error::invalid(format!(
-            "bench-loss --ranks {ranks}: N = {n} is not a multiple of 2 x ranks (each rank takes \
-             both views of N / (2 x ranks) images)"
-        )));
-    }
-    let local_rows = rank_rows(global, n, d, dp.rank(), ranks);
+    let local_rows = rank_rows(global, n, d, dp.rank(), ranks)?;
     let stream = gpu.stream();
     let z = stream.clone_htod(&local_rows)?;
     let mut dz = stream.alloc_zeros::<f32>(local_rows.len())?;

@@ -107,6 +107,34 @@ impl RankLayout {
         self.row_offsets[rank] + (1 - view) * self.images[rank] + i
     }
 
+    /// Where `rank`'s rows sit in one device's batch of the same images (see
+    /// [`RankLayout::single_device_row`]): its view A rows, then its view B rows, m_r each.
+    pub fn single_device_rows(&self, rank: usize) -> [Range<usize>; 2] {
+        let m_total = self.image_offsets[self.images.len()];
+        let (first, m) = (self.image_offsets[rank], self.images[rank]);
+        [first..first + m, m_total + first..m_total + first + m]
+    }
+
+    /// `rank`'s rows (`width` values each) out of one device's batch `batch`, in the rank's own
+    /// layout: view A of its images, then view B.
+    pub fn take_rank_rows<T: Copy>(&self, batch: &[T], width: usize, rank: usize) -> Vec<T> {
+        self.single_device_rows(rank)
+            .into_iter()
+            .flat_map(|rows| batch[rows.start * width..rows.end * width].iter().copied())
+            .collect()
+    }
+
+    /// The inverse of [`RankLayout::take_rank_rows`]: writes `rank`'s rows into their places in
+    /// one device's batch `batch`.
+    pub fn put_rank_rows<T: Copy>(&self, rows: &[T], width: usize, rank: usize, batch: &mut [T]) {
+        let mut at = 0;
+        for place in self.single_device_rows(rank) {
+            let len = place.len() * width;
+            batch[place.start * width..place.end * width].copy_from_slice(&rows[at..at + len]);
+            at += len;
+        }
+    }
+
     /// Where gathered row `g` sits in one device's batch of the same images (view A of every
     /// image in rank order, then view B), whose partner rule is `loss::partner`.
     pub fn single_device_row(&self, g: usize) -> usize {

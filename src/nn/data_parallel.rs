@@ -7,12 +7,12 @@
 //! matrix is one device's batch of the same images in rank order (image i of rank r is global
 //! image r m + i; its partner row is M rows on, as the loss kernels expect). Every rank then runs
 //! the chosen loss version on all 2M rows and keeps its own rows of dL/dz: A at r m, B at
-//! M + r m. L and dL/dz are then exactly one device's for the gathered batch, for both gradient
-//! semantics (the key side's terms of a rank's rows, formed from every rank's queries, come with
-//! the full gradient; no reduce-scatter is needed because no rank's share is left out), at the
-//! price of R x the loss's work per rank (O(N^2 d), small beside the encoder's). The loss rows of
-//! one rank's queries with a reduce-scatter of the key side is `loss::gathered::rank_step`
-//! (CPU, tested); its kernels are not written yet.
+//! M + r m (`RankLayout::single_device_rows`). L and dL/dz are then exactly one device's for the
+//! gathered batch, for both gradient semantics (the key side's terms of a rank's rows, formed
+//! from every rank's queries, come with the full gradient; no reduce-scatter is needed because
+//! no rank's share is left out), at the price of R x the loss's work per rank (O(N^2 d), small
+//! beside the encoder's). The loss rows of one rank's queries with a reduce-scatter of the key
+//! side is `loss::gathered::rank_step` (CPU, tested); its kernels are not written yet.
 //!
 //! The gradients. A rank's backward gives the part of dL/dθ that flows through its own images;
 //! their sum over ranks, one all-reduce of every gradient packed into one buffer before the
@@ -33,6 +33,7 @@ use cudarc::driver::CudaSlice;
 use crate::cuda::{DevPtr, DevPtrMut, Gpu};
 use crate::dist::nccl::ProcessGroup;
 use crate::error::{Error, Result};
+use crate::loss::gathered::RankLayout;
 use crate::ops::batchnorm::{self, Version};
 use crate::ops::Grad;
 
@@ -46,8 +47,14 @@ pub struct DataParallel {
     /// The gathered embeddings and their gradient (2M x d each), kept between steps.
     gathered: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
     /// Every parameter gradient packed together for the one all-reduce.
-    bucket: Mutex<Option<CudaSlice<f32>>>,
+    bucket: Mutex<Slot>,
+    /// `--sync-bn`: a rank's (mean, M2) per channel, and every rank's gathered, sized for the
+    /// widest BatchNorm so far.
+    bn_moments: Mutex<[Slot; 2]>,
 }
+
+/// A device buffer allocated on first use ([`sized`]).
+type Slot = Option<CudaSlice<f32>>;
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
     m.lock()
@@ -55,11 +62,7 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
 }
 
 /// A buffer of at least `len` floats in `slot`, allocated once and grown on demand.
-fn sized<'a>(
-    gpu: &Gpu,
-    slot: &'a mut Option<CudaSlice<f32>>,
-    len: usize,
-) -> Result<&'a mut CudaSlice<f32>> {
+fn sized<'a>(gpu: &Gpu, slot: &'a mut Slot, len: usize) -> Result<&'a mut CudaSlice<f32>> {
     if slot.as_ref().is_none_or(|b| b.len() < len) {
         *slot = Some(gpu.stream().alloc_zeros::<f32>(len)?);
     }
@@ -76,6 +79,7 @@ impl DataParallel {
             group: Mutex::new(group),
             gathered: Mutex::new(None),
             bucket: Mutex::new(None),
+            bn_moments: Mutex::new([None, None]),
         }
     }
 
@@ -145,13 +149,13 @@ impl DataParallel {
         }
         loss(zg, (2 * images, d), dzg)?;
         let stream = gpu.stream();
-        let own_a = self.rank * view;
-        let own_b = images * d + own_a;
-        stream.memcpy_dtod(&dzg.slice(own_a..own_a + view), &mut dz.slice_mut(0..view))?;
-        stream.memcpy_dtod(
-            &dzg.slice(own_b..own_b + view),
-            &mut dz.slice_mut(view..2 * view),
-        )?;
+        let layout = RankLayout::new(&vec![m; self.world_size])?;
+        for (v, own) in layout.single_device_rows(self.rank).into_iter().enumerate() {
+            stream.memcpy_dtod(
+                &dzg.slice(own.start * d..own.end * d),
+                &mut dz.slice_mut(v * view..(v + 1) * view),
+            )?;
+        }
         Ok(())
     }
 
@@ -207,20 +211,25 @@ impl DataParallel {
         a: BnForward<'_>,
         saved: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let c = a.xs.c;
-        let stream = gpu.stream();
-        let mut moments = stream.alloc_zeros::<f32>(2 * c)?;
-        let mut gathered = stream.alloc_zeros::<f32>(2 * c * self.world_size)?;
+        let (own, all) = (2 * a.xs.c, 2 * a.xs.c * self.world_size);
+        let mut slots = lock(&self.bn_moments)?;
+        let [moments, gathered] = &mut *slots;
+        let moments = sized(gpu, moments, own)?;
+        let gathered = sized(gpu, gathered, all)?;
         batchnorm::cuda::sync_moments(
             gpu,
             DevPtr::of(a.x),
             a.xs,
-            &mut DevPtrMut::of(&mut moments),
+            &mut DevPtrMut::of(moments).slice_mut(0..own)?,
         )?;
-        lock(&self.group)?.all_gather(&moments, &mut gathered, "gathering BatchNorm's moments")?;
+        lock(&self.group)?.all_gather(
+            &moments.slice(0..own),
+            &mut gathered.slice_mut(0..all),
+            "gathering BatchNorm's moments",
+        )?;
         batchnorm::cuda::sync_stats(
             gpu,
-            DevPtr::of(&gathered),
+            DevPtr::of(gathered).slice(0..all)?,
             self.world_size,
             a.xs,
             &mut DevPtrMut::of(saved),

@@ -188,17 +188,23 @@ pub fn first_step_agreement<B: Backend>(
     let (before, _) = one_step(kind, cpu(), views, shape, false)?;
     let (want, cpu_loss) = one_step(kind, cpu(), views, shape, true)?;
     let (got, loss) = one_step(kind, backend, views, shape, true)?;
+    Ok(StepAgreement {
+        loss,
+        cpu_loss,
+        update_error: update_error(&before, &got, &want),
+    })
+}
+
+/// ||du_got - du_want|| / ||du_want|| (L2), du = after - `before`: how far an update is from
+/// the reference's ([`StepAgreement::update_error`]); NaN when `got` is not finite.
+pub fn update_error(before: &[f32], got: &[f32], want: &[f32]) -> f64 {
     let (mut diff, mut norm) = (0.0f64, 0.0f64);
-    for ((g, w), b) in got.iter().zip(&want).zip(&before) {
+    for ((g, w), b) in got.iter().zip(want).zip(before) {
         let (du_g, du_w) = (f64::from(g - b), f64::from(w - b));
         diff += (du_g - du_w) * (du_g - du_w);
         norm += du_w * du_w;
     }
-    Ok(StepAgreement {
-        loss,
-        cpu_loss,
-        update_error: (diff / norm.max(f64::MIN_POSITIVE)).sqrt(),
-    })
+    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
 }
 
 /// Every parameter after one step (or none) of `kind` from seed 0, concatenated, and the loss.

@@ -184,8 +184,9 @@ smoke_filter() {
   case "$1" in
     test-gpu_loss) echo sanitizer_sized_cases ;;
     test-gpu_nn) echo sanitizer_sized_ops ;;
-    test-gpu_cli) echo train_eval_embed_on_cuda_match_the_cpu ;;
+    test-gpu_cli) echo bench_loss_over_two_ranks_checks_every_version ;;
     test-gpu_dist) echo collectives_across_2_processes ;;
+    test-gpu_train_ranks) echo a_killed_rank_stops_the_other_with_its_name ;;
     *) echo "" ;;
   esac
 }
@@ -297,7 +298,7 @@ fi
 if want cifar; then
   if ((smoke)); then
     data="$bundle/data/cifar10-smoke.tar.gz"
-    args=(--model convnet-small --steps 4 --batch 16 --k 10)
+    args=(--model convnet-small --steps 4 --batch 16 --k 10 --image-size 16 --no-pixel-baseline)
   else
     data="$bundle/data/cifar10-jpg.tar.gz"
     args=(--model resnet18-cifar --epochs 2 --batch 128)

@@ -10,7 +10,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`trainer`] | `invaspread train` in parts: configuration as data (`config.json`), the run, the batch worker, loss read-back, outputs, evaluation |
+//! | [`trainer`] | `invaspread train` in parts: configuration as data (`config.json`), the run, the batch worker, loss read-back, outputs, evaluation, data-parallel runs (`trainer::ranks`: rank 0 writes and hands the others its state, sharded batches and kNN, agreed stops) |
 //! | [`nn`] | the encoder: autodiff tape, the `Backend` trait and its CPU and CUDA implementations, a CUDA backend as one rank of a data-parallel group (`nn::data_parallel`: gathered loss, summed gradients, `--sync-bn`), ResNet18/ConvNet, SGD, checkpoints, embeddings |
 //! | [`methods`] | the paper's baselines beside the method (`--method npid\|nce\|exemplar`): memory bank, NCE, exemplar classifier, their state |
 //! | [`eval`] | metrics of embeddings: weighted kNN, Recall@K, k-means NMI |
@@ -18,7 +18,7 @@
 //! | [`bench`](mod@bench) | timing of the loss implementations for `bench-loss` and criterion, each checked against the float64 truth first; floors from rates measured on the machine ([`bench::floor`]) |
 //! | [`testing`] | adversarial inputs, error measures, the `SKIPPED (no GPU)` guard and the virtual GPU's notes for tests and benches |
 //! | [`loss`] | the instance loss: config and validation; [`loss::reference`], the float64 truth; [`loss::check`], an output against it; [`loss::cpu`], the fused CPU path; [`loss::cuda`], every GPU version, a file each; [`loss::gathered`], a global batch over data-parallel ranks |
-//! | [`dist`] | data-parallel process groups: the launcher's variables (`RANK`, `WORLD_SIZE`, ...), the start-up rendezvous that checks every rank's configuration, and NCCL's collectives with a watchdog that names a failed rank ([`dist::nccl`]) |
+//! | [`dist`] | data-parallel process groups: the launcher's variables (`RANK`, `WORLD_SIZE`, ...), the start-up rendezvous that checks every rank's configuration, and NCCL's collectives with a watchdog that names a failed rank ([`dist::nccl`]), and `invaspread launch` ([`dist::launch`]) |
 //! | [`ops`] | one folder per op: its math and parameter structs, `cpu.rs`, `cuda.rs` (the launchers of `kernels/<op>.cu`) |
 //! | [`cuda`] | the GPU runtime only: [`cuda::Gpu`] and its module cache, launches ([`cuda::Queue`]), the one cuBLAS front, staged copies, the choice of device and the virtual GPU ([`cuda::virtual_gpu`]) |
 //! | [`linalg`], [`simd`], [`scratch`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors for the CPU paths; scratch buffers kept between calls |

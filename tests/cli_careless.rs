@@ -441,3 +441,73 @@ fn launch_refuses_a_node_rank_beyond_the_nodes() {
     assert!(!out.status.success());
     assert!(stderr.contains("--node-rank 2 of --nnodes 2"), "{stderr}");
 }
+
+/// `train` under a launcher: what data-parallel training cannot do is refused before any rank
+/// waits for the others (the CPU, a baseline, a global batch the ranks cannot split), and a
+/// resume keeps the run's number of ranks.
+#[test]
+fn train_over_ranks_refuses_what_it_cannot_split() {
+    let dir = std::env::temp_dir().join(format!("invaspread-ranks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    common::write_stripes(&dir.join("stripes"), 4);
+    let (data, out) = (dir.join("stripes"), dir.join("run"));
+    let (data, out) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let train = [
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        data,
+        "--steps",
+        "1",
+        "--batch",
+        "4",
+        "--k",
+        "3",
+        "--no-pixel-baseline",
+        "--out",
+        out,
+    ];
+    let launch = ["launch", "--gpus", "2", "--master-port", "0", "--"];
+    let mut odd_batch = train;
+    odd_batch[8] = "5"; // --batch
+    let cases: [(&[&str], &[&str], &str); 3] = [
+        (
+            &train,
+            &["--device", "cpu"],
+            "data-parallel training runs on CUDA",
+        ),
+        (
+            &odd_batch,
+            &["--device", "cuda"],
+            "--batch 5 over WORLD_SIZE=2 ranks",
+        ),
+        (
+            &train,
+            &["--device", "cuda", "--method", "npid"],
+            "--method npid",
+        ),
+    ];
+    for (train, flags, needle) in cases {
+        let out = invaspread(&[&launch[..], train, flags].concat());
+        let err = stderr_of(&out);
+        assert!(!out.status.success(), "{flags:?}: {err}");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{flags:?}: expected {needle:?} in\n{err}"
+        );
+    }
+    let one = invaspread(&train);
+    assert!(one.status.success(), "{}", stderr_of(&one));
+    let mut longer = train;
+    longer[6] = "2"; // --steps
+    let resume = [&launch[..], &longer[..], &["--resume"]].concat();
+    let out = invaspread(&resume);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("was trained on 1 rank(s), and this resume has 2"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

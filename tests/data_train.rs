@@ -220,6 +220,7 @@ fn train(
         out: out.to_path_buf(),
         resume,
         progress: false,
+        group: None,
     };
     trainer::train(cfg, &opts, ds)
 }

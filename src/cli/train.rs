@@ -9,6 +9,7 @@ use clap::ArgMatches;
 use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::Gpu;
 use invaspread::data::augment::Augmentations;
+use invaspread::dist::DistEnv;
 use invaspread::loss::cuda::CudaLossVersion;
 use invaspread::loss::GradSemantics;
 use invaspread::methods::Method;
@@ -74,7 +75,8 @@ pub struct TrainArgs {
     /// [0 <= steps <= 1000000000].
     #[arg(long, value_parser = ranges::steps)]
     steps: Option<usize>,
-    /// Images per step (2 x batch rows: two views each) [2 <= batch <= 65536].
+    /// Images per step (2 x batch rows: two views each); under a launcher, the global batch,
+    /// batch / WORLD_SIZE images per rank [2 <= batch <= 65536].
     #[arg(long, default_value_t = defaults().batch, value_parser = ranges::batch)]
     batch: usize,
     /// Learning rate [0 < lr <= 10].
@@ -166,6 +168,11 @@ pub struct TrainArgs {
     /// Skip the kNN on raw pixels printed at the start (about a minute on CIFAR-10).
     #[arg(long)]
     no_pixel_baseline: bool,
+    /// Data-parallel runs (`invaspread launch --gpus N -- train ...`): BatchNorm's training
+    /// statistics over the global batch (PyTorch's SyncBatchNorm), so that N ranks compute what
+    /// one device would; without it each rank normalizes its own images (PyTorch's DDP).
+    #[arg(long)]
+    sync_bn: bool,
 }
 
 /// The backend the device and loss flags name.
@@ -242,6 +249,7 @@ fn apply_flags(
         "sigma" => cfg.knn.sigma, args.sigma;
         "eval_every" => cfg.knn.every, args.eval_every;
         "no_pixel_baseline" => cfg.knn.pixel_baseline, !args.no_pixel_baseline;
+        "sync_bn" => cfg.sync_bn, args.sync_bn;
     }
     if given("negatives") || given("negative_fraction") {
         cfg.loss.negatives = args.negatives.choice();
@@ -288,7 +296,7 @@ fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::R
 }
 
 /// Where each flag lives in config.json; what a resume compares.
-const FIELDS: [(&str, &str); 34] = [
+const FIELDS: [(&str, &str); 35] = [
     ("dataset", "/data/dataset"),
     ("data_dir", "/data/data_dir"),
     ("image_size", "/data/image_size"),
@@ -323,6 +331,7 @@ const FIELDS: [(&str, &str); 34] = [
     ("sigma", "/knn/sigma"),
     ("eval_every", "/knn/every"),
     ("no_pixel_baseline", "/knn/pixel_baseline"),
+    ("sync_bn", "/sync_bn"),
 ];
 
 /// A resumed run's configuration: the run's own config.json, with the flags that may change
@@ -374,14 +383,22 @@ fn resume_config(
 }
 
 pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<()> {
-    let cfg = if args.resume {
+    let mut cfg = if args.resume {
         resume_config(&args, matches)?
     } else {
         train_config(&args, matches)?
     };
+    let group = DistEnv::from_env()?.filter(|env| env.world_size > 1);
+    set_ranks(&mut cfg, &args, group.as_ref())?;
+    config::validate(&cfg)?; // a group's settings, before any rank waits for the others
     if matches!(cfg.backend, BackendChoice::Cuda { .. }) {
-        Gpu::require()?; // before minutes of decoding a dataset, not after
+        // Before minutes of decoding a dataset, not after.
+        match &group {
+            None => Gpu::require()?,
+            Some(env) => Gpu::require_ordinal(env.local_rank)?,
+        };
     }
+    let lead = group.as_ref().is_none_or(|env| env.rank == 0);
     if let Some(path) = &args.config {
         replay_note(path, &cfg);
     }
@@ -392,7 +409,8 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<
     let opts = RunOptions {
         out: args.out.clone(),
         resume: args.resume,
-        progress: true,
+        progress: lead,
+        group,
     };
     let summary = trainer::train(&cfg, &opts, ds)?;
     let state = if summary.interrupted {
@@ -431,10 +449,33 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<
     match trainer::signals::received().filter(|_| summary.interrupted) {
         Some(signal) => Err(Error::Interrupted { signal, message }),
         None => {
-            eprintln!("{message}");
+            if lead {
+                eprintln!("{message}");
+            }
             Ok(())
         }
     }
+}
+
+/// The run's ranks: the launcher's WORLD_SIZE (one without a launcher). A resumed run keeps
+/// its number, since per-rank BatchNorm, and the order of every sum, depend on it.
+fn set_ranks(
+    cfg: &mut TrainConfig,
+    args: &TrainArgs,
+    group: Option<&DistEnv>,
+) -> invaspread::Result<()> {
+    let world = group.map_or(1, |env| env.world_size);
+    if args.resume && args.out.join("config.json").exists() && cfg.ranks != world {
+        return Err(Error::invalid(format!(
+            "the run in {} was trained on {} rank(s), and this resume has {world} (WORLD_SIZE): \
+             a resumed run keeps its number of ranks (launch it with --gpus {})",
+            args.out.display(),
+            cfg.ranks,
+            cfg.ranks
+        )));
+    }
+    cfg.ranks = world;
+    Ok(())
 }
 
 /// Says what a replay runs, and warns when the thread count differs from the recorded run's

@@ -102,6 +102,22 @@ pub trait Backend: Send + Sync + Sized {
         let _ = grads;
         Ok(())
     }
+    /// (rank, ranks) of this backend in its data-parallel group; (0, 1) on its own.
+    fn rank(&self) -> (usize, usize) {
+        (0, 1)
+    }
+    /// Rank 0's values of every buffer on every rank (the same lengths on every rank);
+    /// nothing on one device.
+    fn broadcast(&self, bufs: &mut [&mut Self::Buffer]) -> Result<()> {
+        let _ = bufs;
+        Ok(())
+    }
+    /// `local` of every rank (the same length on every rank), concatenated in rank order into
+    /// `out` (ranks x that length); a copy on one device.
+    fn all_gather(&self, local: In<'_, Self>, out: Out<'_, Self>) -> Result<()> {
+        self.ensure_len(out, self.len(local))?;
+        self.copy_into(local, out, 0)
+    }
     /// y = each row of x (`shape` = (N, d)) divided by its L2 norm (as the loss normalizes).
     fn normalize_rows(
         &self,

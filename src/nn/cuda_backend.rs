@@ -446,6 +446,25 @@ impl Backend for CudaBackend {
             Some(dp) => dp.sum_gradients(&self.gpu, grads),
         }
     }
+    fn rank(&self) -> (usize, usize) {
+        self.data_parallel
+            .as_ref()
+            .map_or((0, 1), |dp| (dp.rank(), dp.world_size()))
+    }
+    fn broadcast(&self, bufs: &mut [&mut CudaSlice<f32>]) -> Result<()> {
+        match &self.data_parallel {
+            None => Ok(()),
+            Some(dp) => dp.broadcast(bufs, 0),
+        }
+    }
+    fn all_gather(&self, local: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+        let ranks = self.rank().1;
+        self.ensure_len(out, local.len() * ranks)?;
+        match &self.data_parallel {
+            None => self.copy_into(local, out, 0),
+            Some(dp) => dp.all_gather(local, out),
+        }
+    }
     fn normalize_rows(
         &self,
         x: &CudaSlice<f32>,

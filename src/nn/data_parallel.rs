@@ -187,6 +187,20 @@ impl DataParallel {
         Ok(())
     }
 
+    /// Every rank's `local`, concatenated in rank order into the first R x len(local) of `out`.
+    pub fn all_gather(&self, local: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+        let len = local.len() * self.world_size;
+        if out.len() < len {
+            return Err(Error::invalid(format!(
+                "data-parallel all-gather: {} x {} floats into a buffer of {}",
+                self.world_size,
+                local.len(),
+                out.len()
+            )));
+        }
+        lock(&self.group)?.all_gather(local, &mut out.slice_mut(0..len), "gathering a buffer")
+    }
+
     /// Rank `root`'s values of every buffer on every rank (the initial parameters, so that all
     /// ranks start from the same point whatever their seeds).
     pub fn broadcast(&self, buffers: &mut [&mut CudaSlice<f32>], root: usize) -> Result<()> {

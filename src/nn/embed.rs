@@ -2,6 +2,8 @@
 //! the graph's backend and L2-normalized there, and the weighted kNN over them: the neighbour
 //! search runs on the backend, the vote ([`eval::weighted_vote`]) on the host.
 
+use std::ops::Range;
+
 use super::backend::Backend;
 use super::graph::Graph;
 use super::models::{Model, EMBED_DIM};
@@ -37,13 +39,28 @@ pub fn embed_split_until<B: Backend>(
     batch: usize,
     stop: &dyn Fn() -> bool,
 ) -> Result<Option<B::Buffer>> {
-    let mut bank = graph.backend.zeros(split.len() * EMBED_DIM)?;
-    let mut start = 0;
-    while start < split.len() {
+    embed_range_until(graph, model, split, size, 0..split.len(), batch, stop)
+}
+
+/// [`embed_split_until`] of the images `range` of the split (a data-parallel rank's share);
+/// `range` is not empty.
+pub fn embed_range_until<B: Backend>(
+    graph: &mut Graph<B>,
+    model: &Model,
+    split: &Split,
+    size: usize,
+    range: Range<usize>,
+    batch: usize,
+    stop: &dyn Fn() -> bool,
+) -> Result<Option<B::Buffer>> {
+    let rows = range.len();
+    let mut bank = graph.backend.zeros(rows * EMBED_DIM)?;
+    let mut start = range.start;
+    while start < range.end {
         if stop() {
             return Ok(None);
         }
-        let end = (start + batch).min(split.len());
+        let end = (start + batch).min(range.end);
         let x = augment::test_batch(split, size, start..end);
         graph.begin();
         let input = graph.input(
@@ -56,14 +73,13 @@ pub fn embed_split_until<B: Backend>(
             },
         )?;
         let z = model.forward(graph, input, false)?;
-        graph
-            .backend
-            .copy_into(graph.buffer(z), &mut bank, start * EMBED_DIM)?;
+        let at = (start - range.start) * EMBED_DIM;
+        graph.backend.copy_into(graph.buffer(z), &mut bank, at)?;
         start = end;
     }
     let b = &graph.backend;
-    let mut f = b.zeros(split.len() * EMBED_DIM)?;
-    b.normalize_rows(&bank, (split.len(), EMBED_DIM), &mut f)?;
+    let mut f = b.zeros(rows * EMBED_DIM)?;
+    b.normalize_rows(&bank, (rows, EMBED_DIM), &mut f)?;
     Ok(Some(f))
 }
 

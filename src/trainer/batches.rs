@@ -2,6 +2,7 @@
 //! step's images (`data::augment`), prepared on a thread one step ahead of the encoder so that
 //! augmentation overlaps training. Data order is a seeded shuffle per epoch.
 
+use std::ops::Range;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -28,12 +29,13 @@ pub struct BatchWorker {
 
 impl BatchWorker {
     /// Starts preparing steps `start..total` of `batch` images, `steps_per_epoch` a pass,
-    /// with the augmentations `augment`.
+    /// with the augmentations `augment`; of each step's images, only those at the positions
+    /// `shard` (a data-parallel rank's share; `0..batch` on one device).
     pub fn spawn(
         ds: Arc<Dataset>,
         augment: Augmentations,
         seed: u64,
-        batch: usize,
+        (batch, shard): (usize, Range<usize>),
         steps_per_epoch: usize,
         (start, total): (usize, usize),
     ) -> BatchWorker {
@@ -48,11 +50,11 @@ impl BatchWorker {
                     order = epoch_order(ds.training_len(), seed, epoch);
                     order_epoch = epoch;
                 }
-                let i = step % steps_per_epoch;
+                let first = (step % steps_per_epoch) * batch;
                 let views = augment::two_view_batch(
                     &[&ds.train, &ds.unlabeled],
                     ds.size,
-                    &order[i * batch..(i + 1) * batch],
+                    &order[first + shard.start..first + shard.end],
                     &aug,
                     seed,
                     epoch as u64,

@@ -10,6 +10,7 @@ use super::TrainConfig;
 use crate::data::Dataset;
 use crate::durable::write_atomically;
 use crate::error::{Error, Result};
+use crate::names::Named;
 
 /// Facts of a run that are not configuration: what the dataset turned out to be, and the
 /// thread count (results reproduce only with the same one).
@@ -88,6 +89,7 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
             ));
         }
     }
+    validate_ranks(cfg)?;
     if let crate::nn::optim::Schedule::Step { gamma, milestones } = &cfg.schedule {
         for &m in milestones {
             limits::MILESTONE.check_usize(m)?;
@@ -102,6 +104,67 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
                 "schedule.gamma = {gamma}: expected 0 < gamma <= 1 (the factor at each milestone)"
             )));
         }
+    }
+    Ok(())
+}
+
+/// Steps per epoch and in all, or an error naming the flag at fault.
+pub fn step_counts(cfg: &TrainConfig, ds: &Dataset) -> Result<(usize, usize)> {
+    if cfg.batch < 2 {
+        return Err(Error::invalid(format!(
+            "--batch {}: expected at least 2 images (4 rows)",
+            cfg.batch
+        )));
+    }
+    let steps_per_epoch = ds.training_len() / cfg.batch;
+    if steps_per_epoch == 0 {
+        return Err(Error::invalid(format!(
+            "--batch {} is larger than the {} training images",
+            cfg.batch,
+            ds.train.len()
+        )));
+    }
+    let total_steps = match (cfg.steps, cfg.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => e.checked_mul(steps_per_epoch).ok_or_else(|| {
+            Error::invalid(format!(
+                "--epochs {e} x {steps_per_epoch} steps per epoch overflows the step count"
+            ))
+        })?,
+        (None, None) => return Err(Error::invalid("give --epochs E or --steps S")),
+    };
+    Ok((steps_per_epoch, total_steps))
+}
+
+/// A data-parallel run: CUDA, the method itself, a global batch that the ranks split evenly.
+fn validate_ranks(cfg: &TrainConfig) -> Result<()> {
+    let ranks = cfg.ranks;
+    if ranks == 0 {
+        return Err(Error::invalid("ranks = 0: expected at least one rank"));
+    }
+    if ranks == 1 {
+        return Ok(());
+    }
+    if !matches!(cfg.backend, super::BackendChoice::Cuda { .. }) {
+        return Err(Error::invalid(format!(
+            "WORLD_SIZE={ranks}: data-parallel training runs on CUDA (one GPU per rank); add \
+             --device cuda, or run one process on the CPU"
+        )));
+    }
+    if cfg.method != crate::methods::Method::Invaspread {
+        return Err(Error::invalid(format!(
+            "WORLD_SIZE={ranks}: --method {} trains on one device (its memory bank or classifier \
+             is not split over ranks); run it without a launcher",
+            cfg.method.name()
+        )));
+    }
+    if cfg.batch % ranks != 0 {
+        return Err(Error::invalid(format!(
+            "--batch {} over WORLD_SIZE={ranks} ranks: the global batch must be a multiple of the \
+             ranks (each takes batch / ranks images); try --batch {}",
+            cfg.batch,
+            (cfg.batch / ranks).max(1) * ranks
+        )));
     }
     Ok(())
 }

@@ -1,18 +1,19 @@
 //! The evaluation a run prints and records: weighted kNN on the test split with the training
 //! split as the memory bank, embeddings and neighbour search on the run's backend, or, for
-//! classes the run did not train on, Recall@1 among their test images; and the baseline it
-//! must beat, kNN on raw pixels.
+//! classes the run did not train on, Recall@1 among their test images; the baseline it must
+//! beat, kNN on raw pixels; and which classes a run trains and evaluates on.
 
 use std::sync::Arc;
 
-use super::KnnConfig;
+use super::ranks::embed_split_shared;
+use super::{KnnConfig, TrainConfig};
 use crate::data::{augment, Dataset, Split};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::eval;
 use crate::eval::KnnAccuracy;
 use crate::linalg::{matmul, MatRef};
 use crate::nn::backend::Backend;
-use crate::nn::embed::{embed_split_until, weighted_knn, EVAL_BATCH};
+use crate::nn::embed::weighted_knn;
 use crate::nn::graph::Graph;
 use crate::nn::models::{Model, EMBED_DIM};
 use crate::ops::normalize_rows;
@@ -28,7 +29,7 @@ pub fn knn_accuracy<B: Backend>(
 ) -> Result<KnnAccuracy> {
     let never = || false;
     let knn = knn_accuracy_until(graph, model, ds, knn, &never)?;
-    knn.ok_or_else(|| crate::error::Error::invalid("internal: an evaluation stopped unasked"))
+    knn.ok_or_else(|| Error::invalid("internal: an evaluation stopped unasked"))
 }
 
 /// [`knn_accuracy`], given up (None) once `stop()` holds between embedding batches.
@@ -39,11 +40,10 @@ pub fn knn_accuracy_until<B: Backend>(
     knn: &KnnConfig,
     stop: &dyn Fn() -> bool,
 ) -> Result<Option<KnnAccuracy>> {
-    let Some(bank) = embed_split_until(graph, model, &ds.train, ds.size, EVAL_BATCH, stop)? else {
+    let Some(bank) = embed_split_shared(graph, model, &ds.train, ds.size, stop)? else {
         return Ok(None);
     };
-    let Some(queries) = embed_split_until(graph, model, &ds.test, ds.size, EVAL_BATCH, stop)?
-    else {
+    let Some(queries) = embed_split_shared(graph, model, &ds.test, ds.size, stop)? else {
         return Ok(None);
     };
     weighted_knn(
@@ -95,11 +95,20 @@ pub fn evaluate_until<B: Backend>(
     stop: &dyn Fn() -> bool,
 ) -> Result<Option<Evaluation>> {
     let _range = crate::cuda::phase("knn evaluation");
+    // A data-parallel group evaluates together: with rank 0's BatchNorm statistics, and
+    // without giving way to a signal that one rank may see before the others.
+    let never = || false;
+    let stop: &dyn Fn() -> bool = if graph.backend.rank().1 > 1 {
+        super::ranks::share_bn_statistics(&graph.backend, &mut graph.params)?;
+        &never
+    } else {
+        stop
+    };
     if !set.unseen {
         return Ok(knn_accuracy_until(graph, model, &set.ds, knn, stop)?.map(Evaluation::Knn));
     }
     let ds = &set.ds;
-    let Some(test) = embed_split_until(graph, model, &ds.test, ds.size, EVAL_BATCH, stop)? else {
+    let Some(test) = embed_split_shared(graph, model, &ds.test, ds.size, stop)? else {
         return Ok(None);
     };
     let test = graph.backend.download(&test)?;
@@ -139,4 +148,67 @@ pub fn raw_pixel_knn(ds: &Dataset, knn: &KnnConfig) -> Result<KnnAccuracy> {
         knn.k,
         knn.sigma,
     )
+}
+
+/// The training and evaluation datasets of a run's class split: `data.classes` restricts the
+/// training images, `eval_classes` (default: the training classes) the evaluated ones; an
+/// evaluated class outside the training classes makes an unseen-category run.
+pub fn class_split(cfg: &TrainConfig, full: &Arc<Dataset>) -> Result<(Arc<Dataset>, EvalSet)> {
+    use crate::data::classes::select;
+    let all: Vec<usize> = (0..full.classes.len()).collect();
+    let trained = match &cfg.data.classes {
+        Some(spec) => select(spec, &full.classes, "--classes")?,
+        None => all.clone(),
+    };
+    let evaluated = match &cfg.eval_classes {
+        Some(spec) => select(spec, &full.classes, "--eval-classes")?,
+        None => trained.clone(),
+    };
+    let unseen = evaluated.iter().any(|c| !trained.contains(c));
+    if unseen && evaluated.len() < 2 {
+        return Err(Error::invalid(
+            "--eval-classes: Recall@1 on unseen classes needs 2 classes or more",
+        ));
+    }
+    let restrict = |classes: &[usize], flag: &str| -> Result<Arc<Dataset>> {
+        if classes.len() == full.classes.len() {
+            Ok(full.clone())
+        } else {
+            Ok(Arc::new(full.restrict(classes, flag)?))
+        }
+    };
+    let ds = restrict(&trained, "--classes")?;
+    let eval = EvalSet {
+        ds: restrict(&evaluated, "--eval-classes")?,
+        unseen,
+    };
+    Ok((ds, eval))
+}
+
+/// Which classes a run trains and evaluates on, for its first lines.
+pub fn describe_classes(ds: &Dataset, eval: &EvalSet) -> String {
+    let how = if eval.unseen {
+        "Recall@1 among the test images of"
+    } else {
+        "kNN on"
+    };
+    format!(
+        "training on {} classes ({}); evaluating {how} {} classes ({})",
+        ds.classes.len(),
+        ds.classes.join(", "),
+        eval.ds.classes.len(),
+        eval.ds.classes.join(", ")
+    )
+}
+
+/// An evaluation as the progress lines print it.
+pub fn describe_evaluation(e: &Evaluation) -> String {
+    match e {
+        Evaluation::Knn(k) => format!(
+            "kNN top-1 {:.2}% top-5 {:.2}%",
+            100.0 * k.top1,
+            100.0 * k.top5
+        ),
+        Evaluation::RecallAt1(r) => format!("Recall@1 (unseen classes) {:.2}%", 100.0 * r),
+    }
 }

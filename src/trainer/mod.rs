@@ -9,6 +9,7 @@
 //! | [`losses`] | the losses of a window of steps on their way back from the device |
 //! | [`outputs`] | metrics.csv/json/png, steps.csv and the checkpoints |
 //! | [`evaluate`] | the per-epoch kNN on the test split, and the raw-pixel baseline |
+//! | [`ranks`] | data-parallel runs: joining the group, the state rank 0 hands the others, stops all ranks agree on |
 //!
 //! Everything random is a function of the seed and the step (data order per epoch, each view's
 //! augmentation), and the checkpoint holds the rest of the state (parameters, batchnorm
@@ -21,6 +22,7 @@ pub mod evaluate;
 pub mod lock;
 pub mod losses;
 pub mod outputs;
+pub mod ranks;
 pub mod run;
 pub mod signals;
 
@@ -81,6 +83,17 @@ pub struct TrainConfig {
     /// per-epoch metric is Recall@1 among their test images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_classes: Option<String>,
+    /// Data-parallel ranks (processes, one GPU each) the global batch `batch` is split over:
+    /// the launcher's WORLD_SIZE (configurations from before the choice: one).
+    #[serde(
+        default = "TrainConfig::one_rank",
+        skip_serializing_if = "TrainConfig::is_one"
+    )]
+    pub ranks: usize,
+    /// BatchNorm's training statistics over the global batch (`--sync-bn`, PyTorch's
+    /// SyncBatchNorm); otherwise each rank normalizes its own images, as PyTorch's DDP does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sync_bn: bool,
     /// What the run found when it wrote config.json (the dataset's size, the thread count);
     /// ignored when the file is read back as a configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,8 +123,20 @@ impl Default for TrainConfig {
             seed: 0,
             knn: KnnConfig::default(),
             eval_classes: None,
+            ranks: 1,
+            sync_bn: false,
             recorded: None,
         }
+    }
+}
+
+impl TrainConfig {
+    fn one_rank() -> usize {
+        1
+    }
+
+    fn is_one(ranks: &usize) -> bool {
+        *ranks == 1
     }
 }
 
@@ -168,6 +193,9 @@ pub struct RunOptions {
     pub resume: bool,
     /// Show a progress bar (off in tests).
     pub progress: bool,
+    /// This process's place in a data-parallel group (the launcher's variables); None: one
+    /// process. Its world size must be the configuration's `ranks`.
+    pub group: Option<crate::dist::DistEnv>,
 }
 
 /// The device a run trains on and its loss implementation.
@@ -273,18 +301,26 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, ds: Arc<Dataset>) -> Result<T
             if cfg.method == crate::methods::Method::Invaspread {
                 crate::loss::cuda::check_version_supports(&cfg.loss, loss)?;
             }
-            let gpu = Arc::new(Gpu::require()?);
+            let gpu = match &opts.group {
+                None => Gpu::require()?,
+                Some(env) => Gpu::require_ordinal(env.local_rank)?,
+            };
+            let gpu = Arc::new(gpu);
             if opts.progress {
                 eprintln!(
-                    "training on {} ({} loss kernels, {} GEMMs)",
+                    "training on {}{} ({} loss kernels, {} GEMMs)",
                     gpu.name()?,
+                    ranks::describe(cfg, opts),
                     loss.name(),
                     precision.name()
                 );
             }
-            let backend = CudaBackend::with_loss_version(gpu, loss)?
+            let mut backend = CudaBackend::with_loss_version(gpu.clone(), loss)?
                 .with_gemm_precision(precision)
                 .with_kernels(kernels);
+            if let Some(group) = ranks::join(cfg, opts, &ds, &gpu)? {
+                backend = backend.with_data_parallel(group);
+            }
             run::Run::start(cfg, opts, ds, backend)?.train()
         }
     }

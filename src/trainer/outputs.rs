@@ -265,7 +265,8 @@ pub fn save_last<B: Backend>(
 /// checkpoint's step.
 pub struct StepLog {
     path: PathBuf,
-    file: std::io::BufWriter<std::fs::File>,
+    /// None: the log of a data-parallel rank other than 0, which writes nothing.
+    file: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl StepLog {
@@ -286,18 +287,32 @@ impl StepLog {
             .map_err(|e| Error::io(&path, e))?;
         Ok(StepLog {
             path,
-            file: std::io::BufWriter::new(file),
+            file: Some(std::io::BufWriter::new(file)),
         })
+    }
+
+    /// A log that writes nothing (rank 0 of a data-parallel group keeps the run's).
+    pub fn discard() -> StepLog {
+        StepLog {
+            path: PathBuf::new(),
+            file: None,
+        }
     }
 
     pub fn line(&mut self, step: usize, loss: f64) -> Result<()> {
         use std::io::Write;
-        writeln!(self.file, "{step},{loss}").map_err(|e| Error::io(&self.path, e))
+        match &mut self.file {
+            None => Ok(()),
+            Some(f) => writeln!(f, "{step},{loss}").map_err(|e| Error::io(&self.path, e)),
+        }
     }
 
     pub fn flush(&mut self) -> Result<()> {
         use std::io::Write;
-        self.file.flush().map_err(|e| Error::io(&self.path, e))
+        match &mut self.file {
+            None => Ok(()),
+            Some(f) => f.flush().map_err(|e| Error::io(&self.path, e)),
+        }
     }
 }
 

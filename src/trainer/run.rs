@@ -18,11 +18,12 @@ use std::time::Instant;
 
 use super::batches::epoch_order;
 use super::batches::BatchWorker;
+use super::evaluate::{class_split, describe_classes, describe_evaluation};
 use super::evaluate::{evaluate_until, raw_pixel_knn, EvalSet, Evaluation};
 use super::lock::RunLock;
 use super::losses::{EpochLoss, LossReader};
 use super::outputs::{self, EpochMetrics, StepLog, BEST, LAST, LAST_OPT, STATE};
-use super::{config, stop_flag, RunOptions, TrainConfig, TrainSummary};
+use super::{config, ranks, stop_flag, RunOptions, TrainConfig, TrainSummary};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::names::Named;
@@ -62,36 +63,25 @@ pub struct Run<'a, B: Backend> {
     summary: TrainSummary,
     /// A baseline's state (the memory bank, the classifier); None for the method itself.
     method: Option<crate::methods::MethodState>,
-    /// This process's claim on `--out`, held until the run is dropped.
-    _lock: RunLock,
+    /// The network at initialisation is still to be evaluated (epoch 0 of the metrics).
+    initial_evaluation_due: bool,
+    /// This process's claim on `--out`, held until the run is dropped (rank 0 alone of a
+    /// data-parallel group writes there; the others hold none).
+    _lock: Option<RunLock>,
 }
 
-/// Steps per epoch and in all, or an error naming the flag at fault.
-fn step_counts(cfg: &TrainConfig, ds: &Dataset) -> Result<(usize, usize)> {
-    if cfg.batch < 2 {
-        return Err(Error::invalid(format!(
-            "--batch {}: expected at least 2 images (4 rows)",
-            cfg.batch
-        )));
+/// Claims `--out` for this process (creating it) and removes what an interrupted write left.
+fn claim(opts: &RunOptions) -> Result<RunLock> {
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    let lock = RunLock::acquire(&opts.out)?;
+    let leftovers = crate::durable::remove_leftovers(&opts.out)?;
+    if leftovers > 0 && opts.progress {
+        eprintln!(
+            "removed {leftovers} temporary file(s) of an interrupted write in {}",
+            opts.out.display()
+        );
     }
-    let steps_per_epoch = ds.training_len() / cfg.batch;
-    if steps_per_epoch == 0 {
-        return Err(Error::invalid(format!(
-            "--batch {} is larger than the {} training images",
-            cfg.batch,
-            ds.train.len()
-        )));
-    }
-    let total_steps = match (cfg.steps, cfg.epochs) {
-        (Some(s), _) => s,
-        (None, Some(e)) => e.checked_mul(steps_per_epoch).ok_or_else(|| {
-            Error::invalid(format!(
-                "--epochs {e} x {steps_per_epoch} steps per epoch overflows the step count"
-            ))
-        })?,
-        (None, None) => return Err(Error::invalid("give --epochs E or --steps S")),
-    };
-    Ok((steps_per_epoch, total_steps))
+    Ok(lock)
 }
 
 impl<'a, B: Backend> Run<'a, B> {
@@ -109,16 +99,9 @@ impl<'a, B: Backend> Run<'a, B> {
         if opts.progress && (cfg.data.classes.is_some() || cfg.eval_classes.is_some()) {
             eprintln!("{}", describe_classes(&ds, &eval));
         }
-        let (steps_per_epoch, total_steps) = step_counts(cfg, &ds)?;
-        std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-        let lock = RunLock::acquire(&opts.out)?;
-        let leftovers = crate::durable::remove_leftovers(&opts.out)?;
-        if leftovers > 0 && opts.progress {
-            eprintln!(
-                "removed {leftovers} temporary file(s) of an interrupted write in {}",
-                opts.out.display()
-            );
-        }
+        let (steps_per_epoch, total_steps) = config::step_counts(cfg, &ds)?;
+        let lead = backend.rank().0 == 0;
+        let lock = if lead { Some(claim(opts)?) } else { None };
         let mut store = ParamStore::default();
         let model = Model::new(cfg.model, &mut store, &backend, cfg.seed)?;
         let method = crate::methods::MethodState::new(
@@ -153,8 +136,25 @@ impl<'a, B: Backend> Run<'a, B> {
                 unseen: false,
             },
             method,
+            initial_evaluation_due: false,
             _lock: lock,
         };
+        if lead {
+            run.open_outputs()?;
+        }
+        run.initial_evaluation_due = run.start == 0 && !run.metrics.iter().any(|m| m.epoch == 0);
+        run.share_with_ranks()?;
+        if lead && run.start > 0 {
+            run.write_derived()?; // whatever a crash after the last commit left unwritten
+        }
+        Ok(run)
+    }
+
+    /// Rank 0's part of the start (the whole of it on one device): resumes the state in
+    /// `--out` or checks that it holds none, then writes config.json.
+    fn open_outputs(&mut self) -> Result<()> {
+        let (cfg, opts) = (self.cfg, self.opts);
+        let run = self;
         let (state, last) = (opts.out.join(STATE), opts.out.join(LAST));
         if opts.resume {
             if state.exists() {
@@ -183,11 +183,30 @@ impl<'a, B: Backend> Run<'a, B> {
                 run.total_steps
             )));
         }
-        config::write(cfg, &run.ds, &opts.out)?;
-        if run.start > 0 {
-            run.write_derived()?; // whatever a crash after the last commit left unwritten
+        config::write(cfg, &run.ds, &opts.out)
+    }
+
+    /// In a data-parallel group, rank 0's position and state on every rank (ranks::share_state);
+    /// nothing on one device.
+    fn share_with_ranks(&mut self) -> Result<()> {
+        let b = &self.graph.backend;
+        if b.rank().1 == 1 {
+            return Ok(());
         }
-        Ok(run)
+        let mut position = [
+            self.start as u64,
+            self.epoch.count as u64,
+            self.sgd.step,
+            u64::from(self.initial_evaluation_due),
+        ];
+        ranks::broadcast_u64(b, &mut position)?;
+        let [start, count, sgd_step, initial] = position;
+        let too_large = |v: u64| Error::invalid(format!("rank 0 sent a position of {v}"));
+        self.start = usize::try_from(start).map_err(|_| too_large(start))?;
+        self.epoch.count = usize::try_from(count).map_err(|_| too_large(count))?;
+        self.sgd.step = sgd_step;
+        self.initial_evaluation_due = initial != 0;
+        ranks::share_state(&self.graph.backend, &mut self.graph.params)
     }
 
     /// Loads the model, the optimizer, the position, the metrics and every step's loss from
@@ -290,6 +309,10 @@ impl<'a, B: Backend> Run<'a, B> {
     /// `best.safetensors` first when `best` (see the module documentation); then the derived
     /// files.
     fn commit(&mut self, step: usize, epoch: EpochLoss, best: bool) -> Result<()> {
+        if !self.lead() {
+            self.committed = Some(step);
+            return Ok(());
+        }
         let (out, g) = (&self.opts.out, &self.graph);
         let mut meta = outputs::meta(self.cfg, &self.ds, step, epoch.sum, epoch.count);
         let losses: Vec<f64> = self
@@ -330,6 +353,9 @@ impl<'a, B: Backend> Run<'a, B> {
 
     /// The files derived from the state: last.safetensors (+ its optimizer file) and metrics.*.
     fn write_derived(&self) -> Result<()> {
+        if !self.lead() {
+            return Ok(());
+        }
         let meta = outputs::meta(
             self.cfg,
             &self.ds,
@@ -354,6 +380,21 @@ impl<'a, B: Backend> Run<'a, B> {
         )
     }
 
+    /// Rank 0 of a data-parallel group, or the one device: the process that writes.
+    fn lead(&self) -> bool {
+        self.graph.backend.rank().0 == 0
+    }
+
+    /// Whether to stop after `step`: on a signal, unless it is the last step. A data-parallel
+    /// group decides together, at `sync_point`s only (loss reads: the host waits there anyway).
+    fn stop_after(&self, step: usize, sync_point: bool) -> Result<bool> {
+        let wanted = stop_flag().load(Ordering::SeqCst) && step + 1 < self.total_steps;
+        if self.graph.backend.rank().1 == 1 {
+            return Ok(wanted);
+        }
+        Ok(sync_point && ranks::any_rank(&self.graph.backend, wanted)?)
+    }
+
     /// Steps done so far.
     fn current_step(&self) -> usize {
         self.history.len() + self.summary.step_losses.len()
@@ -364,7 +405,7 @@ impl<'a, B: Backend> Run<'a, B> {
         self.summary.classes_trained = self.ds.classes.clone();
         self.summary.classes_evaluated = self.eval.ds.classes.clone();
         self.summary.unseen = self.eval.unseen;
-        if self.start == 0 && !self.metrics.iter().any(|m| m.epoch == 0) {
+        if self.initial_evaluation_due {
             self.initial_evaluation()?;
         }
         if self.total_steps == 0 {
@@ -449,18 +490,18 @@ impl<'a, B: Backend> Run<'a, B> {
         // From the first step on, a signal stops the run after a step and saves it.
         super::signals::set_saving(true);
         let (cfg, ds) = (self.cfg, self.ds.clone());
+        let shard = ranks::shard(cfg.batch, self.graph.backend.rank());
         let worker = BatchWorker::spawn(
             ds.clone(),
             cfg.augment,
             cfg.seed,
-            cfg.batch,
+            (cfg.batch, shard.clone()),
             self.steps_per_epoch,
             (self.start, self.total_steps),
         );
-        let stop = stop_flag();
         let bar = self.progress_bar()?;
         let shape = Shape4 {
-            n: 2 * cfg.batch,
+            n: 2 * shard.len(),
             c: 3,
             h: ds.size,
             w: ds.size,
@@ -470,7 +511,11 @@ impl<'a, B: Backend> Run<'a, B> {
             .loss_read_every
             .unwrap_or_else(|| cfg.backend.loss_read_every());
         let mut reader = LossReader::new(&self.graph.backend, read_every)?;
-        let mut log = StepLog::open(&self.opts.out, &self.history)?;
+        let mut log = if self.lead() {
+            StepLog::open(&self.opts.out, &self.history)?
+        } else {
+            StepLog::discard()
+        };
         // A run stopped during an epoch's evaluation saved the epoch with its loss still open
         // (count > 0 at the epoch's boundary): that evaluation comes first.
         let boundary = self.start % self.steps_per_epoch == 0 || self.start == self.total_steps;
@@ -517,7 +562,7 @@ impl<'a, B: Backend> Run<'a, B> {
 
             let end_of_epoch =
                 (step + 1) % self.steps_per_epoch == 0 || step + 1 == self.total_steps;
-            let stopping = stop.load(Ordering::SeqCst) && step + 1 < self.total_steps;
+            let stopping = self.stop_after(step, reader.window_full() || end_of_epoch)?;
             if reader.window_full() || end_of_epoch || stopping {
                 let steps = reader.pending();
                 let elapsed = window.elapsed().as_secs_f64();
@@ -618,6 +663,10 @@ impl<'a, B: Backend> Run<'a, B> {
     fn stop(&mut self, step: usize, bar: &indicatif::ProgressBar) -> Result<()> {
         self.commit(step + 1, self.epoch, false)?;
         let last = self.opts.out.join(LAST);
+        self.summary.interrupted = true;
+        if !self.lead() {
+            return Ok(());
+        }
         bar.suspend(|| {
             eprintln!(
                 "interrupted: saved step {} to {}; continue with --resume",
@@ -625,70 +674,6 @@ impl<'a, B: Backend> Run<'a, B> {
                 last.display()
             )
         });
-        self.summary.interrupted = true;
         Ok(())
-    }
-}
-
-/// The training and evaluation datasets of a run's class split: `data.classes` restricts the
-/// training images, `eval_classes` (default: the training classes) the evaluated ones; an
-/// evaluated class outside the training classes makes an unseen-category run.
-fn class_split(cfg: &TrainConfig, full: &Arc<Dataset>) -> Result<(Arc<Dataset>, EvalSet)> {
-    use crate::data::classes::select;
-    let all: Vec<usize> = (0..full.classes.len()).collect();
-    let trained = match &cfg.data.classes {
-        Some(spec) => select(spec, &full.classes, "--classes")?,
-        None => all.clone(),
-    };
-    let evaluated = match &cfg.eval_classes {
-        Some(spec) => select(spec, &full.classes, "--eval-classes")?,
-        None => trained.clone(),
-    };
-    let unseen = evaluated.iter().any(|c| !trained.contains(c));
-    if unseen && evaluated.len() < 2 {
-        return Err(Error::invalid(
-            "--eval-classes: Recall@1 on unseen classes needs 2 classes or more",
-        ));
-    }
-    let restrict = |classes: &[usize], flag: &str| -> Result<Arc<Dataset>> {
-        if classes.len() == full.classes.len() {
-            Ok(full.clone())
-        } else {
-            Ok(Arc::new(full.restrict(classes, flag)?))
-        }
-    };
-    let ds = restrict(&trained, "--classes")?;
-    let eval = EvalSet {
-        ds: restrict(&evaluated, "--eval-classes")?,
-        unseen,
-    };
-    Ok((ds, eval))
-}
-
-/// Which classes a run trains and evaluates on, for its first lines.
-fn describe_classes(ds: &Dataset, eval: &EvalSet) -> String {
-    let how = if eval.unseen {
-        "Recall@1 among the test images of"
-    } else {
-        "kNN on"
-    };
-    format!(
-        "training on {} classes ({}); evaluating {how} {} classes ({})",
-        ds.classes.len(),
-        ds.classes.join(", "),
-        eval.ds.classes.len(),
-        eval.ds.classes.join(", ")
-    )
-}
-
-/// An evaluation as the progress lines print it.
-fn describe_evaluation(e: &Evaluation) -> String {
-    match e {
-        Evaluation::Knn(k) => format!(
-            "kNN top-1 {:.2}% top-5 {:.2}%",
-            100.0 * k.top1,
-            100.0 * k.top5
-        ),
-        Evaluation::RecallAt1(r) => format!("Recall@1 (unseen classes) {:.2}%", 100.0 * r),
     }
 }

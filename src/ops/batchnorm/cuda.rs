@@ -285,7 +285,7 @@ pub fn backward(
 }
 
 /// `--sync-bn`, first half of the training statistics: this rank's mean and M2 (the sum of
-/// squared deviations) of every channel, into `moments` (mean[C], M2[C]).
+/// squared deviations) of every channel, into `moments` (mean\[C\], M2\[C\]).
 pub fn sync_moments(
     q: &impl Queue,
     x: DevPtr<'_, f32>,

@@ -10,53 +10,10 @@ mod common;
 
 use std::io::Write;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::invaspread;
+use common::{invaspread, run_ok, step_losses, Scratch};
 use invaspread::testing::{gpu_or_skip, virtual_gpu_note};
-
-/// A scratch folder for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("invaspread-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = invaspread(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success() && !stderr.contains("panicked"),
-        "invaspread {}\n{stderr}",
-        args.join(" ")
-    );
-    stderr
-}
-
-/// The losses of steps.csv in `run`.
-fn step_losses(run: &str) -> Vec<f64> {
-    std::fs::read_to_string(Path::new(run).join("steps.csv"))
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
-        .collect()
-}
 
 fn embeddings(path: &str) -> Vec<f32> {
     invaspread::npy::read(Path::new(path)).unwrap().to_f32()

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::invaspread;
+use common::{run_ok, step_losses, Scratch};
 use invaspread::nn::checkpoint;
 use invaspread::nn::cpu_backend::Cpu;
 use invaspread::nn::models::{Model, ModelKind};
@@ -22,27 +22,11 @@ use invaspread::nn::params::ParamStore;
 use invaspread::nn::step::update_error;
 use invaspread::testing::gpu_or_skip;
 
-/// A scratch folder for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("invaspread-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        common::write_stripes(&dir.join("stripes"), 12);
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch folder with the stripes data set in `stripes/`.
+fn scratch(tag: &str) -> Scratch {
+    let scratch = Scratch::new(tag);
+    common::write_stripes(&scratch.0.join("stripes"), 12);
+    scratch
 }
 
 /// How far a rank group's update may be from one device's (update_error per tensor, float32
@@ -95,31 +79,6 @@ fn train_args<'a>(data: &'a str, out: &'a str, semantics: &'a str) -> Vec<&'a st
     ]
 }
 
-fn run_ok(args: &[&str]) -> String {
-    let out = invaspread(args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("panicked"),
-        "invaspread {}\n{text}",
-        args.join(" ")
-    );
-    text
-}
-
-/// The losses of steps.csv in `run`.
-fn step_losses(run: &str) -> Vec<f64> {
-    std::fs::read_to_string(Path::new(run).join("steps.csv"))
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
-        .collect()
-}
-
 /// Every parameter, then every BatchNorm's running mean and variance, of convnet-small: from
 /// `checkpoint`, or as initialised from `seed` when None.
 fn network(checkpoint: Option<&str>, seed: u64) -> Vec<Vec<f32>> {
@@ -161,7 +120,7 @@ fn train_over_ranks_with_sync_bn_is_one_device() {
     if !ranks_or_skip(name, 3) {
         return;
     }
-    let scratch = Scratch::new("train-ranks");
+    let scratch = scratch("train-ranks");
     let data = scratch.path("stripes");
     for (ranks, semantics) in [("2", "query-only"), ("3", "both-sides")] {
         let one = scratch.path(&format!("one-{semantics}"));
@@ -219,7 +178,7 @@ fn a_killed_rank_stops_the_other_with_its_name() {
     if !ranks_or_skip(name, 2) {
         return;
     }
-    let scratch = Scratch::new("train-kill");
+    let scratch = scratch("train-kill");
     let data = scratch.path("stripes");
     let out = scratch.path("run");
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -73,3 +73,47 @@ pub fn write_stripes(root: &Path, per_class: usize) {
         }
     }
 }
+
+/// A scratch folder for one test, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("invaspread-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the binary, which must succeed without a panic; its standard error.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = invaspread(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success() && !stderr.contains("panicked"),
+        "invaspread {}\n{stderr}",
+        args.join(" ")
+    );
+    stderr
+}
+
+/// The losses of steps.csv in the run folder `run`.
+pub fn step_losses(run: &str) -> Vec<f64> {
+    std::fs::read_to_string(Path::new(run).join("steps.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect()
+}

@@ -17,7 +17,11 @@ mod emulator;
 use invaspread::cuda::blas::to_bf16;
 use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::{Carve, DevPtr, DevPtrMut};
-use invaspread::loss::cuda::{self as loss_cuda, CudaLossVersion, Scratch};
+use invaspread::loss::cuda::ranks_v1::{
+    enqueue_finish, enqueue_rows, enqueue_sum, OwnRows, RankScratch,
+};
+use invaspread::loss::cuda::{self as loss_cuda, CudaLossVersion, LossParams, Scratch};
+use invaspread::loss::gathered::RankLayout;
 use invaspread::loss::{reference, GradSemantics, LossConfig};
 use invaspread::names::Named;
 use invaspread::ops::batchnorm::cpu::BnSaved;
@@ -698,6 +702,121 @@ fn mma_fragment_layouts() {
             )
             .unwrap();
             assert_eq!(d, p.expected_d, "{shape:?} seed {seed}");
+        }
+    }
+}
+
+// ---- the data-parallel loss rows (loss::cuda::ranks_v1) ------------------------------------
+// Every rank of a group in this one process, the collectives done on the host (the
+// reduce-scatter of the key side, the all-gather of the shares): the ranks together must give
+// one device's float64 loss and each rank its rows of dL/dz.
+
+/// A zeroed host arena of `bytes`, aligned for every scratch piece.
+fn arena(bytes: usize) -> Vec<u64> {
+    vec![0u64; bytes.div_ceil(8) + 32]
+}
+
+fn carve_of(arena: &mut [u64]) -> Carve<'_> {
+    let words = arena.len() * 8;
+    // SAFETY: reinterpreting the u64 arena as bytes (any bit pattern is a valid u8).
+    let bytes = unsafe { std::slice::from_raw_parts_mut(arena.as_mut_ptr() as *mut u8, words) };
+    Carve::from(DevPtrMut::host(bytes))
+}
+
+/// Every rank's loss and rows of dL/dz for the global batch `global` (one device's layout),
+/// `ranks` ranks of m images each.
+fn ranks_on_the_emulator(
+    e: &Emulator,
+    global: &[f32],
+    (ranks, m, d): (usize, usize, usize),
+    cfg: &LossConfig,
+) -> (f64, Vec<Vec<f32>>) {
+    let n = 2 * ranks * m;
+    let layout = RankLayout::new(&vec![m; ranks]).unwrap();
+    let p = LossParams::new(n, d, cfg, true).unwrap();
+    let both_sides = cfg.semantics == GradSemantics::BothSides;
+    let own: Vec<OwnRows> = (0..ranks)
+        .map(|r| OwnRows::new(r, ranks, m).unwrap())
+        .collect();
+    let z: Vec<Vec<f32>> = (0..ranks)
+        .map(|r| layout.take_rank_rows(global, d, r))
+        .collect();
+    let mut arenas: Vec<Vec<u64>> = own
+        .iter()
+        .map(|&o| arena(RankScratch::bytes(o, n).unwrap()))
+        .collect();
+    let mut dz = vec![vec![f32::NAN; 2 * m * d]; ranks];
+    let mut kside = vec![vec![f32::NAN; n * d]; ranks];
+    let mut shares = vec![f64::NAN; ranks];
+    for r in 0..ranks {
+        let mut s = RankScratch::carve(&mut carve_of(&mut arenas[r]), own[r], n).unwrap();
+        let key = both_sides.then(|| DevPtrMut::host(&mut kside[r][..]));
+        let share = DevPtrMut::host(&mut shares[r..r + 1]);
+        let (zr, zg) = (DevPtr::host(&z[r][..]), DevPtr::host(global));
+        let dzr = DevPtrMut::host(&mut dz[r][..]);
+        enqueue_rows(e, zr, zg, own[r], &p, &mut s, dzr, key, share).unwrap();
+    }
+    if both_sides {
+        // The reduce-scatter: rank r receives rows r 2m .. (r + 1) 2m of the sum over ranks.
+        for r in 0..ranks {
+            let rows = r * 2 * m * d..(r + 1) * 2 * m * d;
+            let summed: Vec<f32> = rows.map(|i| kside.iter().map(|k| k[i]).sum()).collect();
+            let s = RankScratch::carve(&mut carve_of(&mut arenas[r]), own[r], n).unwrap();
+            let (zr, key) = (DevPtr::host(&z[r][..]), DevPtr::host(&summed[..]));
+            enqueue_finish(e, zr, d, &s, key, DevPtrMut::host(&mut dz[r][..])).unwrap();
+        }
+    }
+    let mut loss = [f64::NAN];
+    enqueue_sum(e, DevPtr::host(&shares), DevPtrMut::host(&mut loss)).unwrap();
+    (loss[0], dz)
+}
+
+#[test]
+fn rank_rows_kernels_give_one_devices_loss_and_gradient() {
+    let Some(e) = emulator("rank_rows_kernels_give_one_devices_loss_and_gradient") else {
+        return;
+    };
+    // 3 ranks of 1 image (N = 6); 2 ranks of 37 (own rows over two 64-row tiles, N = 148 not a
+    // multiple of the tile) with d = 130 (two 128-column sweeps, not a multiple of 4).
+    let mut seed = 700;
+    for (ranks, m, d) in [(3usize, 1usize, 3usize), (2, 37, 130)] {
+        let n = 2 * ranks * m;
+        for adversarial in [false, true] {
+            seed += 1;
+            let global = if adversarial {
+                adversarial_matrix(&mut rng(seed), n, d)
+            } else {
+                random_matrix(&mut rng(seed), n, d)
+            };
+            for semantics in [GradSemantics::QueryOnly, GradSemantics::BothSides] {
+                let cfg = LossConfig {
+                    semantics,
+                    ..LossConfig::default()
+                };
+                let case =
+                    format!("{ranks} ranks x {m}, d {d}, adversarial {adversarial}, {semantics:?}");
+                let want = reference::instance_loss(&global, n, d, &cfg, true).unwrap();
+                let want_grad = want.grad_z.unwrap();
+                let (loss, dz) = ranks_on_the_emulator(e, &global, (ranks, m, d), &cfg);
+                let tol = CudaLossVersion::FusedV2.tolerance(cfg.tau, d, adversarial);
+                let rel = (loss - want.loss).abs() / want.loss.abs();
+                assert!(
+                    rel < tol.loss,
+                    "{case}: loss {loss} vs {} (rel {rel:e})",
+                    want.loss
+                );
+                let layout = RankLayout::new(&vec![m; ranks]).unwrap();
+                let mut got = vec![0.0f64; n * d];
+                for (r, rows) in dz.iter().enumerate() {
+                    let rows: Vec<f64> = rows.iter().map(|&x| f64::from(x)).collect();
+                    layout.put_rank_rows(&rows, d, r, &mut got);
+                }
+                assert!(got.iter().all(|x| x.is_finite()), "{case}: not finite");
+                if let Some(grad_tol) = tol.grad {
+                    let err = scaled_grad_error(&got, &want_grad, &global, d);
+                    assert!(err < grad_tol, "{case}: gradient error {err:e}");
+                }
+            }
         }
     }
 }

@@ -320,4 +320,9 @@ fn bench_loss_over_two_ranks_checks_every_version() {
             .unwrap_or_else(|| panic!("no row for {version}:\n{stdout}"));
         assert!(!row.contains("unchecked"), "{row}");
     }
+    let own = stdout
+        .lines()
+        .find(|l| l.starts_with("| fused-v2 own rows | 24 | 8 | 2 |"))
+        .unwrap_or_else(|| panic!("no row for fused-v2's own rows:\n{stdout}"));
+    assert!(!own.contains("unchecked"), "{own}");
 }

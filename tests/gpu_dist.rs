@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+use invaspread::bench::gathered::{rank_rows, RankTruth};
 use invaspread::cuda::{device_count, Gpu};
 use invaspread::dist::nccl::ProcessGroup;
 use invaspread::dist::DistEnv;
+use invaspread::loss::cuda::CudaLossVersion;
 use invaspread::loss::gathered::RankLayout;
 use invaspread::loss::{reference, GradSemantics, LossConfig};
 use invaspread::nn::backend::Backend;
@@ -209,6 +211,77 @@ fn run_rank(role: &str) -> Result<(), String> {
     expect("broadcast", download(&buf)?, input(root, 9, 3))?;
     println!("rank {r}: every collective matched");
     Ok(())
+}
+
+// ---- the loss rows of a rank's own queries --------------------------------------------------
+
+/// `DataParallel::own_rows_loss` (fused-v2's ranks_v1 kernels) on every rank against the
+/// float64 truth of the global batch: m = 37 images a rank (own rows across two 64-row tiles,
+/// N not a multiple of the tile), d = 130 (past one 128-column sweep, not a multiple of 4),
+/// near-duplicate rows across ranks; a second call must give the same bits.
+fn own_rows_rank(role: &str) -> Result<(), String> {
+    let env = DistEnv::from_env()
+        .map_err(|e| e.to_string())?
+        .ok_or("WORLD_SIZE is not set")?;
+    let gpu = Arc::new(Gpu::require_ordinal(env.local_rank).map_err(|e| e.to_string())?);
+    let timeout = Duration::from_secs(120);
+    let group = ProcessGroup::join(&gpu, &env, b"{\"test\":2}".to_vec(), timeout)
+        .map_err(|e| e.to_string())?;
+    let dp = DataParallel::new(group);
+    let (r, world, m, d) = (env.rank, env.world_size, 37, 130);
+    let n = 2 * m * world;
+    let mut global = random_matrix(&mut rng(900), n, d);
+    for k in 0..12 {
+        let (from, to) = ((k * 29) % n, (k * 29 + 5 * m + 3) % n);
+        let noise = random_matrix(&mut rng(901 + k as u64), 1, d);
+        for j in 0..d {
+            global[to * d + j] = global[from * d + j] + 1e-4 * noise[j];
+        }
+    }
+    let cfg = LossConfig {
+        semantics: semantics_of(role),
+        ..LossConfig::default()
+    };
+    let err = |e: invaspread::Error| format!("rank {r}: {e}");
+    let truth = RankTruth::of(&global, n, d, &cfg, r, world).map_err(err)?;
+    let rows = rank_rows(&global, n, d, r, world).map_err(err)?;
+    let stream = gpu.stream().clone();
+    let z = stream.clone_htod(&rows).map_err(|e| e.to_string())?;
+    let mut dz = stream
+        .alloc_zeros::<f32>(rows.len())
+        .map_err(|e| e.to_string())?;
+    let mut loss = stream.alloc_zeros::<f32>(1).map_err(|e| e.to_string())?;
+    let mut call = || -> Result<(Vec<f32>, Vec<f32>), String> {
+        dp.own_rows_loss(&gpu, &z, (2 * m, d), &cfg, &mut loss, &mut dz)
+            .map_err(err)?;
+        let host =
+            |b: &cudarc::driver::CudaSlice<f32>| stream.clone_dtoh(b).map_err(|e| e.to_string());
+        Ok((host(&loss)?, host(&dz)?))
+    };
+    let first = call()?;
+    if call()? != first {
+        return Err(format!("rank {r}: a second call gave other bits"));
+    }
+    let error = truth.error(f64::from(first.0[0]), &first.1, &rows, d);
+    let bound = CudaLossVersion::FusedV2
+        .tolerance(cfg.tau, d, true)
+        .either();
+    if error.is_nan() || error > bound {
+        return Err(format!(
+            "rank {r}: own rows {role}: {error:.3e} from the float64 truth, above {bound:.1e}"
+        ));
+    }
+    println!("rank {r}: own rows matched the float64 truth: error {error:.2e}");
+    Ok(())
+}
+
+/// 2 ranks query-only and 3 both-sides (the key side's reduce-scatter).
+#[test]
+fn own_query_rows_match_the_float64_truth() {
+    for (ranks, role) in [(2, "own-rows-query-only"), (3, "own-rows-both-sides")] {
+        let name = format!("own_query_rows_{ranks}_ranks_{role}");
+        group_succeeds(&name, ranks, role, "own rows matched the float64 truth");
+    }
 }
 
 // ---- training steps ------------------------------------------------------------------------
@@ -432,6 +505,8 @@ fn rank_main() {
     let role = std::env::var(ROLE).expect("started by a test of this file, with its role");
     let outcome = if role.starts_with("train") {
         train_rank(&role)
+    } else if role.starts_with("own-rows") {
+        own_rows_rank(&role)
     } else {
         run_rank(&role)
     };

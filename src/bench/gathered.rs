@@ -17,6 +17,9 @@ use crate::nn::data_parallel::DataParallel;
 #[derive(Debug, Clone)]
 pub struct RankRow {
     pub version: CudaLossVersion,
+    /// The loss rows of the rank's own queries (`DataParallel::own_rows_loss`), not the whole
+    /// gathered batch's.
+    pub own_rows: bool,
     /// The global batch: n rows (n / 2 images) of d.
     pub n: usize,
     pub d: usize,
@@ -97,7 +100,7 @@ impl RankTruth {
 
     /// The worse of the loss's relative error and this rank's dL/dz rows' error (scaled by
     /// row norms, relative to the global batch's largest such entry); NaN counts as infinite.
-    fn error(&self, loss: f64, rows: &[f32], z_rows: &[f32], d: usize) -> f64 {
+    pub fn error(&self, loss: f64, rows: &[f32], z_rows: &[f32], d: usize) -> f64 {
         let loss_err = (loss - self.loss).abs() / self.loss.abs().max(f64::MIN_POSITIVE);
         let got: Vec<f64> = rows.iter().map(|&g| f64::from(g)).collect();
         let got = scale_by_norms(&got, z_rows, d);
@@ -115,12 +118,13 @@ impl RankTruth {
 }
 
 /// Checks (against `truth`, when given) and times `version` on this rank of `dp`, the global
-/// batch `global` (n x d) split evenly.
+/// batch `global` (n x d) split evenly; `own_rows`: the loss rows of the rank's own queries
+/// (fused-v2 only), else the whole gathered batch's loss on every rank.
 #[allow(clippy::too_many_arguments)] // the case: device, group, version, batch, config, truth, time
 pub fn bench_rank(
     gpu: &Arc<Gpu>,
     dp: &DataParallel,
-    version: CudaLossVersion,
+    (version, own_rows): (CudaLossVersion, bool),
     global: &[f32],
     (n, d): (usize, usize),
     cfg: &LossConfig,
@@ -132,29 +136,41 @@ pub fn bench_rank(
     let stream = gpu.stream();
     let z = stream.clone_htod(&local_rows)?;
     let mut dz = stream.alloc_zeros::<f32>(local_rows.len())?;
+    if own_rows && version != CudaLossVersion::FusedV2 {
+        return Err(Error::invalid(format!(
+            "the loss rows of a rank's own queries exist for fused-v2, not {version:?}"
+        )));
+    }
     let mut loss = CudaLoss::new(gpu.clone(), version, n, d)?;
-    let call = |loss: &mut CudaLoss, dz: &mut cudarc::driver::CudaSlice<f32>| -> Result<()> {
-        dp.gathered_loss(gpu, &z, (local_rows.len() / d, d), dz, |zg, _, dzg| {
-            loss.enqueue(zg, Some(dzg), cfg)
-        })?;
-        stream.synchronize()?;
-        Ok(())
+    let mut own_loss = stream.alloc_zeros::<f32>(1)?;
+    let shape = (local_rows.len() / d, d);
+    let mut call = |dz: &mut cudarc::driver::CudaSlice<f32>| -> Result<f64> {
+        if own_rows {
+            dp.own_rows_loss(gpu, &z, shape, cfg, &mut own_loss, dz)?;
+            Ok(f64::from(stream.clone_dtoh(&own_loss)?[0]))
+        } else {
+            dp.gathered_loss(gpu, &z, shape, dz, |zg, _, dzg| {
+                loss.enqueue(zg, Some(dzg), cfg)
+            })?;
+            loss.loss()
+        }
     };
-    call(&mut loss, &mut dz)?;
+    let value = call(&mut dz)?;
     let error = match truth {
         None => None,
-        Some(t) => Some(t.error(loss.loss()?, &stream.clone_dtoh(&dz)?, &local_rows, d)),
+        Some(t) => Some(t.error(value, &stream.clone_dtoh(&dz)?, &local_rows, d)),
     };
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < 3 || start.elapsed().as_secs_f64() < min_seconds {
         let t = Instant::now();
-        call(&mut loss, &mut dz)?;
+        call(&mut dz)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
     Ok(RankRow {
         version,
+        own_rows,
         n,
         d,
         ranks,

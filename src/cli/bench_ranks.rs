@@ -81,21 +81,25 @@ pub fn run(args: &BenchLossArgs, cfg: &LossConfig) -> invaspread::Result<()> {
         } else {
             None
         };
-        for version in CudaLossVersion::ALL {
+        let cases = CudaLossVersion::ALL.into_iter().flat_map(|v| {
+            let own = v == CudaLossVersion::FusedV2 && dp.runs_own_rows(v, cfg);
+            [(v, false)].into_iter().chain(own.then_some((v, true)))
+        });
+        for (version, own_rows) in cases {
             if check_version_supports(cfg, version).is_err() {
                 continue;
             }
             if env.rank == 0 {
                 eprintln!(
                     "measuring {} N={n} d={} over {ranks} ranks",
-                    version.name(),
+                    label(version, own_rows),
                     args.d
                 );
             }
             let row = bench_rank(
                 &gpu,
                 &dp,
-                version,
+                (version, own_rows),
                 &global,
                 (n, args.d),
                 cfg,
@@ -108,7 +112,7 @@ pub fn run(args: &BenchLossArgs, cfg: &LossConfig) -> invaspread::Result<()> {
                     "rank {}: the gathered loss with {} at N = {n} is {err:.3e} from the float64 \
                      truth (loss relative, this rank's dL/dz rows scaled by row norms), above {bound:.1e}",
                     env.rank,
-                    version.name()
+                    label(version, own_rows)
                 )));
             }
             rows.push(row);
@@ -127,7 +131,7 @@ fn print_table(rows: &[RankRow], cfg: &LossConfig, device: &str) {
     for r in rows {
         println!(
             "| {} | {} | {} | {} | {:.3} | {} | {} |",
-            r.version.name(),
+            label(r.version, r.own_rows),
             r.n,
             r.d,
             r.ranks,
@@ -138,8 +142,19 @@ fn print_table(rows: &[RankRow], cfg: &LossConfig, device: &str) {
     }
     println!(
         "\none call: both views' rows all-gathered from every rank, the loss and dL/dz of all N \
-         rows ({} semantics, tau {}), this rank's rows of dL/dz kept, waited for; every rank \
-         checked its own rows against the float64 truth of the global batch before timing",
+         rows ({} semantics, tau {}), this rank's rows of dL/dz kept, waited for (own rows: the \
+         loss rows of this rank's queries alone, the key side reduce-scattered, the shares of \
+         the loss all-gathered); every rank checked its own rows against the float64 truth of \
+         the global batch before timing",
         cfg.semantics, cfg.tau
     );
+}
+
+/// A version's name in the table: `fused-v2 own rows` for the loss rows of a rank's queries.
+fn label(version: CudaLossVersion, own_rows: bool) -> String {
+    if own_rows {
+        format!("{} own rows", version.name())
+    } else {
+        version.name()
+    }
 }

@@ -144,6 +144,15 @@ impl<'a, T> DevPtrMut<'a, T> {
         self.len == 0
     }
 
+    /// Read access to the same memory for the whole borrow.
+    pub fn into_const(self) -> DevPtr<'a, T> {
+        DevPtr {
+            addr: self.addr,
+            len: self.len,
+            _mem: PhantomData,
+        }
+    }
+
     /// Read access to the same memory for a shorter borrow.
     pub fn as_const(&self) -> DevPtr<'_, T> {
         DevPtr {
@@ -180,6 +189,25 @@ impl<'a, T> DevPtrMut<'a, T> {
     /// Elements `range` for reading, for a shorter borrow.
     pub fn slice(&self, range: Range<usize>) -> Result<DevPtr<'_, T>> {
         self.as_const().slice(range)
+    }
+
+    /// The same bytes as elements of `U` (a float64 that travels through a float32
+    /// collective as two words): the length in bytes must divide into `U`s at an aligned
+    /// address. Kernels see an address only, so no value is reinterpreted on the host.
+    pub fn cast<U>(self) -> Result<DevPtrMut<'a, U>> {
+        let bytes = self.len * size_of::<T>();
+        if bytes % size_of::<U>() != 0 || self.addr % align_of::<U>() as u64 != 0 {
+            return Err(Error::invalid(format!(
+                "DevPtrMut::cast: {bytes} bytes at {:#x} are not whole elements of {} bytes",
+                self.addr,
+                size_of::<U>()
+            )));
+        }
+        Ok(DevPtrMut {
+            addr: self.addr,
+            len: bytes / size_of::<U>(),
+            _mem: PhantomData,
+        })
     }
 }
 

@@ -435,6 +435,9 @@ impl Backend for CudaBackend {
         self.ensure_len(dz, n * d)?;
         match &self.data_parallel {
             None => self.device_loss(z, (n, d), cfg, loss, dz),
+            Some(dp) if dp.runs_own_rows(self.loss_version, cfg) => {
+                dp.own_rows_loss(&self.gpu, z, (n, d), cfg, loss, dz)
+            }
             Some(dp) => dp.gathered_loss(&self.gpu, z, (n, d), dz, |zg, shape, dzg| {
                 self.device_loss(zg, shape, cfg, loss, dzg)
             }),

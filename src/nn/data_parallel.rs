@@ -5,14 +5,16 @@
 //! The loss. Each rank all-gathers the embeddings of both views in two collectives, view A's
 //! rows of every rank into the first M rows and view B's into the last M, so that the gathered
 //! matrix is one device's batch of the same images in rank order (image i of rank r is global
-//! image r m + i; its partner row is M rows on, as the loss kernels expect). Every rank then runs
-//! the chosen loss version on all 2M rows and keeps its own rows of dL/dz: A at r m, B at
-//! M + r m (`RankLayout::single_device_rows`). L and dL/dz are then exactly one device's for the
-//! gathered batch, for both gradient semantics (the key side's terms of a rank's rows, formed
-//! from every rank's queries, come with the full gradient; no reduce-scatter is needed because
-//! no rank's share is left out), at the price of R x the loss's work per rank (O(N^2 d), small
-//! beside the encoder's). The loss rows of one rank's queries with a reduce-scatter of the key
-//! side is `loss::gathered::rank_step` (CPU, tested); its kernels are not written yet.
+//! image r m + i; its partner row is M rows on, as the loss kernels expect). With fused-v2 (the
+//! default) each rank then computes the loss rows of its own 2m queries against all 2M keys
+//! ([`DataParallel::own_rows_loss`], `loss::cuda::ranks_v1`): its share of the loss (the shares
+//! all-gathered and summed in rank order) and the query side of its rows' gradient; both-sides,
+//! the key-side terms that its queries give every gathered row are reduce-scattered, so each
+//! rank receives the sum over ranks for its own rows (the term lightly issue 1528 lost). The
+//! other versions, or a hard/easy selection, run the whole gathered batch's loss on every rank
+//! and keep its rows of dL/dz ([`DataParallel::gathered_loss`]: R x the loss's work). Either way
+//! L and dL/dz are exactly one device's for the gathered batch, for both gradient semantics
+//! (`RankLayout::single_device_rows` places a rank's rows).
 //!
 //! The gradients. A rank's backward gives the part of dL/dθ that flows through its own images;
 //! their sum over ranks, one all-reduce of every gradient packed into one buffer before the
@@ -26,15 +28,19 @@
 //! (s1, s2) all-reduced before dx, the whole step are one device's on the global batch (the
 //! statistics do not depend on the order of the rows). Two collectives per BatchNorm and step.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaSlice;
 
 use crate::cuda::{DevPtr, DevPtrMut, Gpu};
 use crate::dist::nccl::ProcessGroup;
 use crate::error::{Error, Result};
+use crate::loss::cuda::ranks_v1::RankLoss;
+use crate::loss::cuda::{CudaLossVersion, LossParams};
 use crate::loss::gathered::RankLayout;
+use crate::loss::{LossConfig, Negatives};
 use crate::ops::batchnorm::{self, Version};
+use crate::ops::elementwise;
 use crate::ops::Grad;
 
 /// A CUDA backend's membership in a data-parallel group, and the buffers its collectives use.
@@ -44,8 +50,12 @@ pub struct DataParallel {
     rank: usize,
     world_size: usize,
     sync_bn: bool,
-    /// The gathered embeddings and their gradient (2M x d each), kept between steps.
-    gathered: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
+    /// The gathered embeddings and, for a loss of the whole batch, their gradient (2M x d
+    /// each), kept between steps.
+    gathered: Mutex<[Slot; 2]>,
+    /// The loss rows of this rank's own queries (fused-v2's data-parallel form), unless off.
+    own_rows: bool,
+    rank_loss: Mutex<Option<RankLoss>>,
     /// Every parameter gradient packed together for the one all-reduce.
     bucket: Mutex<Slot>,
     /// `--sync-bn`: a rank's (mean, M2) per channel, and every rank's gathered, sized for the
@@ -59,6 +69,15 @@ type Slot = Option<CudaSlice<f32>>;
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
     m.lock()
         .map_err(|_| Error::Cuda("a data-parallel lock was poisoned".into()))
+}
+
+/// A buffer of exactly `len` floats in `slot`, allocated again when `len` changes.
+fn exact<'a>(gpu: &Gpu, slot: &'a mut Slot, len: usize) -> Result<&'a mut CudaSlice<f32>> {
+    if slot.as_ref().is_none_or(|b| b.len() != len) {
+        *slot = Some(gpu.stream().alloc_zeros::<f32>(len)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| Error::Cuda("a data-parallel buffer vanished".into()))
 }
 
 /// A buffer of at least `len` floats in `slot`, allocated once and grown on demand.
@@ -77,7 +96,9 @@ impl DataParallel {
             world_size: group.world_size(),
             sync_bn: false,
             group: Mutex::new(group),
-            gathered: Mutex::new(None),
+            gathered: Mutex::new([None, None]),
+            own_rows: true,
+            rank_loss: Mutex::new(None),
             bucket: Mutex::new(None),
             bn_moments: Mutex::new([None, None]),
         }
@@ -93,12 +114,63 @@ impl DataParallel {
         self.sync_bn
     }
 
+    /// Off: every rank computes the loss of the whole gathered batch with any version (what
+    /// `bench-loss --ranks` compares the own rows against).
+    pub fn with_own_rows(mut self, on: bool) -> Self {
+        self.own_rows = on;
+        self
+    }
+
+    /// Whether [`DataParallel::own_rows_loss`] runs for `version` and `cfg`: fused-v2, every
+    /// negative kept (`loss::cuda::ranks_v1` is built on its tiles), unless turned off.
+    pub fn runs_own_rows(&self, version: CudaLossVersion, cfg: &LossConfig) -> bool {
+        self.own_rows && version == CudaLossVersion::FusedV2 && cfg.negatives == Negatives::All
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }
 
     pub fn world_size(&self) -> usize {
         self.world_size
+    }
+
+    /// m (images on this rank) for its `z` and `dz` of n = 2m rows of d, or an error.
+    fn images_here(
+        z: &CudaSlice<f32>,
+        dz: &CudaSlice<f32>,
+        (n, d): (usize, usize),
+    ) -> Result<usize> {
+        if n % 2 != 0 || z.len() < n * d || dz.len() < n * d {
+            return Err(Error::invalid(format!(
+                "data-parallel loss: {n} x {d} rows (n even, both views) in buffers of {} and {}",
+                z.len(),
+                dz.len()
+            )));
+        }
+        Ok(n / 2)
+    }
+
+    /// Every rank's rows (`z`: m view-A rows, then m view-B rows, d wide) into `zg` in one
+    /// device's layout of the global batch: two all-gathers.
+    fn gather(
+        &self,
+        z: &CudaSlice<f32>,
+        (m, d): (usize, usize),
+        zg: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (view, half) = (m * d, m * self.world_size * d);
+        let mut group = lock(&self.group)?;
+        group.all_gather(
+            &z.slice(0..view),
+            &mut zg.slice_mut(0..half),
+            "gathering view A's embeddings",
+        )?;
+        group.all_gather(
+            &z.slice(view..2 * view),
+            &mut zg.slice_mut(half..2 * half),
+            "gathering view B's embeddings",
+        )
     }
 
     /// The global batch's loss from this rank's `z` (n = 2m rows of d, view A first): gathers
@@ -112,42 +184,14 @@ impl DataParallel {
         dz: &mut CudaSlice<f32>,
         loss: impl FnOnce(&CudaSlice<f32>, (usize, usize), &mut CudaSlice<f32>) -> Result<()>,
     ) -> Result<()> {
-        if n % 2 != 0 || z.len() < n * d || dz.len() < n * d {
-            return Err(Error::invalid(format!(
-                "data-parallel loss: {n} x {d} rows (n even, both views) in buffers of {} and {}",
-                z.len(),
-                dz.len()
-            )));
-        }
-        let m = n / 2;
-        let images = m * self.world_size;
-        let (view, global) = (m * d, 2 * images * d);
+        let m = Self::images_here(z, dz, (n, d))?;
+        let (view, rows) = (m * d, 2 * m * self.world_size);
         let mut gathered = lock(&self.gathered)?;
-        if gathered.as_ref().is_none_or(|(g, _)| g.len() != global) {
-            let stream = gpu.stream();
-            *gathered = Some((
-                stream.alloc_zeros::<f32>(global)?,
-                stream.alloc_zeros::<f32>(global)?,
-            ));
-        }
-        let (zg, dzg) = gathered
-            .as_mut()
-            .ok_or_else(|| Error::Cuda("the gathered batch vanished".into()))?;
-        {
-            let mut group = lock(&self.group)?;
-            let half = images * d;
-            group.all_gather(
-                &z.slice(0..view),
-                &mut zg.slice_mut(0..half),
-                "gathering view A's embeddings",
-            )?;
-            group.all_gather(
-                &z.slice(view..2 * view),
-                &mut zg.slice_mut(half..2 * half),
-                "gathering view B's embeddings",
-            )?;
-        }
-        loss(zg, (2 * images, d), dzg)?;
+        let [zg, dzg] = &mut *gathered;
+        let zg = exact(gpu, zg, rows * d)?;
+        let dzg = exact(gpu, dzg, rows * d)?;
+        self.gather(z, (m, d), zg)?;
+        loss(zg, (rows, d), dzg)?;
         let stream = gpu.stream();
         let layout = RankLayout::new(&vec![m; self.world_size])?;
         for (v, own) in layout.single_device_rows(self.rank).into_iter().enumerate() {
@@ -157,6 +201,66 @@ impl DataParallel {
             )?;
         }
         Ok(())
+    }
+
+    /// The global batch's loss (into `loss`, one float) and this rank's rows of dL/dz from
+    /// the loss rows of its own queries alone (`loss::cuda::ranks_v1`): gathers every rank's
+    /// rows, runs its 2m query rows against all 2M keys, and both-sides sums the key side over
+    /// the ranks in a reduce-scatter; the loss is the ranks' shares, all-gathered and summed
+    /// in rank order. [`DataParallel::gathered_loss`]'s result with 1/R of its work.
+    pub fn own_rows_loss(
+        &self,
+        gpu: &Arc<Gpu>,
+        z: &CudaSlice<f32>,
+        (n, d): (usize, usize),
+        cfg: &LossConfig,
+        loss: &mut CudaSlice<f32>,
+        dz: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        crate::loss::cuda::validate_for_kernels(cfg)?;
+        let m = Self::images_here(z, dz, (n, d))?;
+        let rows = 2 * m * self.world_size;
+        let mut gathered = lock(&self.gathered)?;
+        let zg = exact(gpu, &mut gathered[0], rows * d)?;
+        self.gather(z, (m, d), zg)?;
+        let mut slot = lock(&self.rank_loss)?;
+        if !slot
+            .as_ref()
+            .is_some_and(|r| r.fits(self.rank, self.world_size, m, d))
+        {
+            *slot = Some(RankLoss::new(
+                gpu.clone(),
+                self.rank,
+                self.world_size,
+                m,
+                d,
+            )?);
+        }
+        let rl = slot
+            .as_mut()
+            .ok_or_else(|| Error::Cuda("the rank's loss buffers vanished".into()))?;
+        let p = LossParams::new(rows, d, cfg, true)?;
+        rl.rows(z, zg, &p, dz)?;
+        {
+            let mut group = lock(&self.group)?;
+            if p.both_sides != 0 {
+                group.reduce_scatter_sum(
+                    &rl.kside,
+                    &mut rl.key_own,
+                    "summing the key side of every rank's queries",
+                )?;
+            }
+            group.all_gather(
+                &rl.share,
+                &mut rl.shares,
+                "gathering the ranks' shares of the loss",
+            )?;
+        }
+        if p.both_sides != 0 {
+            rl.finish(z, dz)?;
+        }
+        let total = rl.sum()?;
+        elementwise::cuda::f64_to_f32(&**gpu, total, DevPtrMut::of(loss).into_slice(0..1)?)
     }
 
     /// Replaces every gradient by its sum over the ranks: packed into one buffer, one

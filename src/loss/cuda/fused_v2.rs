@@ -23,19 +23,39 @@ pub fn enqueue_norms(
     p: &LossParams,
     s: &mut Scratch<'_>,
 ) -> Result<()> {
+    launch_norms(q, z, (p.n, p.d), s.norms.reborrow(), s.inv_norms.reborrow())
+}
+
+/// instance_loss_norms_v2 on the `n` rows of z (d wide).
+pub fn launch_norms(
+    q: &impl Queue,
+    z: DevPtr<'_, f32>,
+    (n, d): (i32, i32),
+    mut norms: DevPtrMut<'_, f32>,
+    mut inv_norms: DevPtrMut<'_, f32>,
+) -> Result<()> {
     let _p = phase("fused v2: norms");
+    let rows = usize::try_from(n).map_err(|_| Error::invalid(format!("norms of {n} rows")))?;
+    if z.len() < rows * d.max(0) as usize || norms.len() < rows || inv_norms.len() < rows {
+        return Err(Error::invalid(format!(
+            "norms of {n} x {d}: buffers of {}, {} and {}",
+            z.len(),
+            norms.len(),
+            inv_norms.len()
+        )));
+    }
     let mut args = KernelArgs::new();
     args.input(z)
-        .value(p.n)
-        .value(p.d)
-        .output(&mut s.norms)
-        .output(&mut s.inv_norms);
+        .value(n)
+        .value(d)
+        .output(&mut norms)
+        .output(&mut inv_norms);
     // SAFETY: instance_loss_norms_v2(const float* z, int n, int d, float* norms,
-    // float* inv_norms); one warp per row, 8 rows a block, buffers of N (carved for N).
+    // float* inv_norms); one warp per row, 8 rows a block, lengths checked above.
     unsafe {
         q.launch(
             NORMS_V2,
-            Geometry::blocks((p.n as usize).div_ceil(8), BLOCK),
+            Geometry::blocks(rows.div_ceil(8), BLOCK),
             &mut args,
         )
     }

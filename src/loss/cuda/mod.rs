@@ -7,6 +7,7 @@
 //! | `fused-v1` | [`fused_v1`] | normalize, instance_loss_query_v1, (instance_loss_key_v1 both-sides), normalize bwd, mean | no | 4-5 |
 //! | `fused-v2` | [`fused_v2`] | instance_loss_norms_v2, instance_loss_query_v2, (instance_loss_key_v2 both-sides) | no, O(N) extra | 2-3 |
 //! | `fused-v3-tf32`, `fused-v3-bf16` | [`fused_v3`] | instance_loss_norms_v2, instance_loss_query_v3_*, (instance_loss_key_v3_* both-sides): v2's sweeps on tensor cores | no, O(N) extra | 2-3 |
+//! | (a data-parallel rank's `fused-v2`) | [`ranks_v1`] | instance_loss_norms_v2 x2, instance_loss_query_ranks_v1, (instance_loss_key_ranks_v1, a reduce-scatter, instance_loss_finish_ranks_v1 both-sides), an all-gather, instance_loss_sum_ranks_v1: the rank's own query rows only | no, O(N) extra | 4-6 |
 //!
 //! Each version lays out its scratch in a [`Scratch`] cut from one allocation, and queues its
 //! launches with [`enqueue`], generic over the [`Queue`] (a GPU, or the tests' emulator). A
@@ -17,6 +18,7 @@
 pub mod fused_v1;
 pub mod fused_v2;
 pub mod fused_v3;
+pub mod ranks_v1;
 pub mod unfused;
 
 use std::sync::Arc;

@@ -224,6 +224,20 @@ pub struct RowScratch<'a> {
     pub g_dominant: DevPtrMut<'a, f32>,
 }
 
+impl<'a> RowScratch<'a> {
+    /// The scalars of `rows` rows, cut from `c`.
+    pub fn carve(c: &mut Carve<'a>, rows: usize) -> Result<Self> {
+        Ok(RowScratch {
+            row_loss: c.take(rows)?,
+            inv_denom: c.take(rows)?,
+            r: c.take(rows)?,
+            dominant: c.take(rows)?,
+            g_partner: c.take(rows)?,
+            g_dominant: c.take(rows)?,
+        })
+    }
+}
+
 /// The scratch of one version for one (N, d).
 pub struct Scratch<'a> {
     pub norms: DevPtrMut<'a, f32>,
@@ -256,14 +270,7 @@ impl<'a> Scratch<'a> {
             inv_norms: c.take(n)?,
             f: if stores_f { Some(c.take(nd)?) } else { None },
             df: if stores_f { Some(c.take(nd)?) } else { None },
-            rows: RowScratch {
-                row_loss: c.take(n)?,
-                inv_denom: c.take(n)?,
-                r: c.take(n)?,
-                dominant: c.take(n)?,
-                g_partner: c.take(n)?,
-                g_dominant: c.take(n)?,
-            },
+            rows: RowScratch::carve(c, n)?,
             unfused: if version.stores_nxn() {
                 Some(unfused::Scratch::carve(c, n)?)
             } else {

@@ -7,7 +7,8 @@
 // up). ncclGetUniqueId, called by rank 0 as with NCCL, opens the listening socket and writes its
 // name into the id; ncclCommInitRank on rank 0 accepts the other nranks - 1 ranks, which connect
 // to that name. Every collective is queued on its stream through the driver (vgpu_enqueue), so
-// it runs in stream order after the kernels that produce its input, as on a GPU. There, every
+// it runs in stream order after the kernels that produce its input, as on a GPU, and, as NCCL's,
+// after every collective queued before it on the communicator (on any stream). There, every
 // rank but 0 sends its header and input to rank 0; rank 0 checks that every rank called the same
 // collective (kind, sequence number, count, type, operation, root: a mismatch is an error naming
 // both ranks, where NCCL would hang or corrupt), computes the result in rank order and sends each
@@ -30,6 +31,7 @@
 #include <cerrno>
 #include <cstdarg>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -163,6 +165,11 @@ struct Comm {
     // Rank 0: the socket of every other rank (peers[0] = -1); other ranks: peers[0], rank 0's.
     std::vector<int> peers;
     std::uint64_t next_seq = 0;  // collectives queued so far (host side)
+    // The collective whose turn it is. NCCL runs a communicator's collectives one at a time in
+    // the order they were queued, whichever streams they were queued on; so does this.
+    std::uint64_t turn = 0;
+    std::mutex turn_lock;
+    std::condition_variable turn_changed;
     std::atomic<int> async_error{ncclSuccess};
     std::atomic<bool> aborted{false};
     std::mutex text_lock;
@@ -178,6 +185,25 @@ struct Comm {
         int expected = ncclSuccess;
         if (async_error.compare_exchange_strong(expected, code))
             error = format("virtual NCCL, rank %d: %s", rank, message.c_str());
+        wake_all();
+    }
+    // Blocks until collective `seq` may run: every one queued before it has finished (or the
+    // communicator failed; then the caller does nothing).
+    void wait_turn(std::uint64_t seq) {
+        std::unique_lock<std::mutex> g(turn_lock);
+        turn_changed.wait(g, [&] { return turn == seq || aborted.load() || async_error.load() != ncclSuccess; });
+    }
+    void end_turn(std::uint64_t seq) {
+        {
+            std::lock_guard<std::mutex> g(turn_lock);
+            if (turn == seq) turn = seq + 1;
+        }
+        turn_changed.notify_all();
+    }
+    // Wakes every collective waiting for its turn (after an error or an abort).
+    void wake_all() {
+        { std::lock_guard<std::mutex> g(turn_lock); }
+        turn_changed.notify_all();
     }
     void wait_note(const std::string& what) {
         std::lock_guard<std::mutex> g(text_lock);
@@ -382,6 +408,13 @@ void run_leaf(Comm& c, const Collective& job, const std::vector<char>& own) {
 void run_collective(void* closure) {
     std::unique_ptr<Collective> job(static_cast<Collective*>(closure));
     Comm& c = *job->comm;
+    const std::uint64_t seq = job->header.seq;
+    c.wait_turn(seq);
+    struct EndTurn {
+        Comm& c;
+        std::uint64_t seq;
+        ~EndTurn() { c.end_turn(seq); }
+    } end_turn{c, seq};
     if (c.async_error.load() != ncclSuccess || c.aborted) return;
     char why[512] = {};
     if ((job->send_bytes && !vgpu_check_range(reinterpret_cast<CUdeviceptr>(job->send), job->send_bytes, why, sizeof why)) ||
@@ -416,7 +449,6 @@ Result queue(Handle* handle, Kind kind, const void* send, void* recv, std::size_
     auto job = std::make_unique<Collective>();
     job->comm = handle->comm;
     job->header.kind = kind;
-    job->header.seq = c.next_seq++;
     job->header.count = count;
     job->header.type = type;
     job->header.op = reduces ? op : 0;
@@ -437,6 +469,7 @@ Result queue(Handle* handle, Kind kind, const void* send, void* recv, std::size_
         if (bytes && !vgpu_check_range(reinterpret_cast<CUdeviceptr>(p), bytes, why, sizeof why))
             return global_fail(ncclInvalidArgument, format("memcheck: %s's %s buffer of %zu bytes: %s", kind_name(kind), name, bytes, why));
     }
+    job->header.seq = c.next_seq++;  // only a queued collective takes a turn
     vgpu_enqueue(stream, run_collective, job.release());
     return ncclSuccess;
 }
@@ -611,6 +644,7 @@ int ncclCommDestroy(Handle* comm) {
 int ncclCommAbort(Handle* comm) {
     if (!comm) return ncclSuccess;
     comm->comm->aborted = true;
+    comm->comm->wake_all();
     for (int fd : comm->comm->peers)
         if (fd >= 0) ::shutdown(fd, SHUT_RDWR);
     delete comm;

@@ -248,10 +248,26 @@ impl ProcessGroup {
     /// `buf` becomes the sum over every rank's `buf`.
     pub fn all_reduce_sum(&mut self, buf: &mut impl DevicePtrMut<f32>, what: &str) -> Result<()> {
         let queue = self.stream.clone();
+        self.queue_all_reduce_sum(&queue, buf, what)?;
+        self.wait(what)
+    }
+
+    /// Queues "`buf` becomes the sum over every rank's `buf`" on `stream` and returns at once,
+    /// without the watchdog: the caller orders `stream` after the work that writes `buf` and
+    /// later calls [`ProcessGroup::wait_on`] for `stream` (the data-parallel gradient buckets,
+    /// summed while the backward pass goes on). NCCL runs a communicator's collectives in the
+    /// order they were queued, whatever their streams, so every rank must queue the same ones
+    /// in the same order.
+    pub fn queue_all_reduce_sum(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        buf: &mut impl DevicePtrMut<f32>,
+        what: &str,
+    ) -> Result<()> {
         let n = buf.len();
-        let (p, _a) = buf.device_ptr_mut(&queue);
-        let (comm, stream) = (self.comm, queue.cu_stream());
-        self.run(what, || unsafe {
+        let (p, _a) = buf.device_ptr_mut(stream);
+        let (comm, cu_stream) = (self.comm, stream.cu_stream());
+        self.queue(what, || unsafe {
             // SAFETY: in place, allowed by NCCL; the buffer lives for the call.
             sys::ncclAllReduce(
                 p as *const _,
@@ -260,7 +276,7 @@ impl ProcessGroup {
                 sys::ncclDataType_t::ncclFloat32,
                 sys::ncclRedOp_t::ncclSum,
                 comm,
-                stream as _,
+                cu_stream as _,
             )
         })
     }
@@ -332,6 +348,12 @@ impl ProcessGroup {
 
     /// Queues one collective and waits for it under the watchdog.
     fn run(&mut self, what: &str, call: impl FnOnce() -> sys::ncclResult_t) -> Result<()> {
+        self.queue(what, call)?;
+        self.wait(what)
+    }
+
+    /// Queues one collective (its stream is in `call`).
+    fn queue(&mut self, what: &str, call: impl FnOnce() -> sys::ncclResult_t) -> Result<()> {
         if self.comm.is_null() {
             return Err(Error::Peer(format!(
                 "rank {}: {what}: the group was aborted by an earlier failure",
@@ -340,15 +362,27 @@ impl ProcessGroup {
         }
         self.issued += 1;
         let code = guarded(what, call)?;
-        check(code, &format!("rank {}: {what}", self.rank), self.comm)?;
-        self.wait(what)
+        check(code, &format!("rank {}: {what}", self.rank), self.comm)
     }
 
-    /// Waits until the stream has run everything queued so far, the last collective included;
-    /// aborts the group and names the reason when NCCL reports an error or `timeout` passes.
+    /// Waits until the device's stream has run everything queued so far, the last collective
+    /// included; aborts the group and names the reason when NCCL reports an error or `timeout`
+    /// passes.
     pub fn wait(&mut self, what: &str) -> Result<()> {
-        let event = self
-            .stream
+        let stream = self.stream.clone();
+        self.wait_on(&stream, what)
+    }
+
+    /// [`ProcessGroup::wait`] for another stream of the device (one that collectives were
+    /// queued on with [`ProcessGroup::queue_all_reduce_sum`]).
+    pub fn wait_on(&mut self, stream: &CudaStream, what: &str) -> Result<()> {
+        if self.comm.is_null() {
+            return Err(Error::Peer(format!(
+                "rank {}: {what}: the group was aborted by an earlier failure",
+                self.rank
+            )));
+        }
+        let event = stream
             .record_event(None)
             .map_err(|e| Error::Cuda(format!("recording an event after {what}: {e}")))?;
         let start = Instant::now();

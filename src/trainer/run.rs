@@ -154,13 +154,12 @@ impl<'a, B: Backend> Run<'a, B> {
     /// `--out` or checks that it holds none, then writes config.json.
     fn open_outputs(&mut self) -> Result<()> {
         let (cfg, opts) = (self.cfg, self.opts);
-        let run = self;
         let (state, last) = (opts.out.join(STATE), opts.out.join(LAST));
         if opts.resume {
             if state.exists() {
-                run.resume(&state)?;
+                self.resume(&state)?;
             } else if last.exists() {
-                run.resume_legacy(&last)?;
+                self.resume_legacy(&last)?;
             } else if opts.progress {
                 eprintln!(
                     "{} holds no saved state yet: starting the run from the beginning",
@@ -174,16 +173,16 @@ impl<'a, B: Backend> Run<'a, B> {
                 held.display()
             )));
         }
-        if run.start > run.total_steps {
+        if self.start > self.total_steps {
             return Err(Error::invalid(format!(
                 "the run in {} has done {} steps, and these settings end it after {}: a resumed \
                  run can only be extended (raise --epochs or --steps)",
                 opts.out.display(),
-                run.start,
-                run.total_steps
+                self.start,
+                self.total_steps
             )));
         }
-        config::write(cfg, &run.ds, &opts.out)
+        config::write(cfg, &self.ds, &opts.out)
     }
 
     /// In a data-parallel group, rank 0's position and state on every rank (ranks::share_state);

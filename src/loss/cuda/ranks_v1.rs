@@ -243,6 +243,12 @@ pub fn enqueue_sum(
     unsafe { q.launch(SUM, Geometry::blocks(1, 32), &mut args) }
 }
 
+/// The per-row scalars of `own`'s rows against N keys, carved from `arena` (the same layout
+/// in every launch).
+fn scratch(arena: &mut CudaSlice<u8>, own: OwnRows, n: usize) -> Result<RankScratch<'_>> {
+    RankScratch::carve(&mut Carve::from(DevPtrMut::of(arena)), own, n)
+}
+
 /// One rank's buffers for a gathered batch of N = 2 R m rows of d, on a GPU.
 #[derive(Debug)]
 pub struct RankLoss {
@@ -281,6 +287,11 @@ impl RankLoss {
         })
     }
 
+    /// N = 2 R m.
+    fn gathered_rows(&self) -> usize {
+        2 * self.ranks * self.own.m as usize
+    }
+
     /// Whether these buffers are for rank `rank` of `ranks` with m images of d.
     pub fn fits(&self, rank: usize, ranks: usize, m: usize, d: usize) -> bool {
         OwnRows::new(rank, ranks, m).is_ok_and(|o| o == self.own)
@@ -296,8 +307,14 @@ impl RankLoss {
         p: &LossParams,
         dz: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let mut carve = Carve::from(DevPtrMut::of(&mut self.arena));
-        let mut s = RankScratch::carve(&mut carve, self.own, p.n as usize)?;
+        if p.n as usize != self.gathered_rows() {
+            return Err(Error::invalid(format!(
+                "rank loss: a gathered batch of {} rows for buffers of {}",
+                p.n,
+                self.gathered_rows()
+            )));
+        }
+        let mut s = scratch(&mut self.arena, self.own, p.n as usize)?;
         let kside = (p.both_sides != 0).then(|| DevPtrMut::of(&mut self.kside));
         let share = DevPtrMut::of(&mut self.share).cast::<f64>()?;
         let (own, global) = (self.own.rows() * self.d, p.n as usize * self.d);
@@ -309,8 +326,8 @@ impl RankLoss {
 
     /// Launch 2 with `key_own` (after the reduce-scatter).
     pub fn finish(&mut self, zr: &CudaSlice<f32>, dz: &mut CudaSlice<f32>) -> Result<()> {
-        let mut carve = Carve::from(DevPtrMut::of(&mut self.arena));
-        let s = RankScratch::carve(&mut carve, self.own, 2 * self.ranks * self.own.m as usize)?;
+        let n = self.gathered_rows();
+        let s = scratch(&mut self.arena, self.own, n)?;
         let own = self.own.rows() * self.d;
         let key = DevPtr::of(&self.key_own);
         let zr = DevPtr::of(zr).slice(0..own)?;
@@ -320,8 +337,8 @@ impl RankLoss {
 
     /// Launch 3 with `shares` (after the all-gather); the loss's device float64.
     pub fn sum(&mut self) -> Result<DevPtr<'_, f64>> {
-        let mut carve = Carve::from(DevPtrMut::of(&mut self.arena));
-        let s = RankScratch::carve(&mut carve, self.own, 2 * self.ranks * self.own.m as usize)?;
+        let n = self.gathered_rows();
+        let s = scratch(&mut self.arena, self.own, n)?;
         let shares = DevPtrMut::of(&mut self.shares).cast::<f64>()?;
         let mut loss = s.loss;
         enqueue_sum(&*self.gpu, shares.into_const(), loss.reborrow())?;

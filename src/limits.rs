@@ -250,6 +250,10 @@ count!(
 );
 real!(MIN_SECONDS, "min_seconds", None, 0.0 <= x <= 3600.0, "seconds each measurement repeats for");
 
+// Data-parallel training.
+real!(BUCKET_MB, "bucket_mb", None, 0.0 < x <= 4096.0,
+      "MiB of parameter gradients per all-reduce; 25 as PyTorch DDP's bucket_cap_mb");
+
 /// The memory the machine can give now (MemAvailable of /proc/meminfo), or `None` where that
 /// cannot be read.
 pub fn available_memory() -> Option<u64> {

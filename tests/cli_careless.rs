@@ -72,6 +72,10 @@ fn numeric_flags_outside_their_range_are_usage_errors() {
             "0.025 <= tau <= 100",
         ),
         (
+            &["train", "--out", "/tmp/x", "--bucket-mb", "0"],
+            "0 < bucket_mb <= 4096",
+        ),
+        (
             &["train", "--out", "/tmp/x", "--image-size", "0"],
             "1 <= image_size <= 1024",
         ),

@@ -294,6 +294,8 @@ const LR: f64 = 0.03;
 /// update's size. Measured: up to 5.5e-5 on the virtual GPU (2 and 3 ranks); a rank
 /// whose gradient missed the other ranks' share, or a wrong partner row, is off by O(1).
 const UPDATE_TOLERANCE: f64 = 1e-3;
+/// Gradient buckets of the per-rank BatchNorm runs: 64 KiB, a few of convnet-small's layers.
+const BUCKET_FLOATS: usize = 16_384;
 
 fn semantics_of(role: &str) -> GradSemantics {
     if role.ends_with("both-sides") {
@@ -435,9 +437,18 @@ fn train_rank(role: &str) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let sync_bn = role.contains("sync-bn");
+    // Per-rank BatchNorm: gradients summed in buckets of BUCKET_FLOATS, queued during the
+    // backward pass (convnet-small's gradients make several); with --sync-bn, the default cap
+    // (one bucket, after the pass): both must give the reference's update.
+    let dp = DataParallel::new(group).with_sync_bn(sync_bn);
+    let dp = if sync_bn {
+        dp
+    } else {
+        dp.with_bucket_floats(BUCKET_FLOATS)
+    };
     let cuda = CudaBackend::new(Arc::new(gpu))
         .map_err(|e| e.to_string())?
-        .with_data_parallel(DataParallel::new(group).with_sync_bn(sync_bn));
+        .with_data_parallel(dp);
     let cfg = LossConfig {
         semantics: semantics_of(role),
         ..LossConfig::default()
@@ -480,6 +491,20 @@ fn train_rank(role: &str) -> Result<(), String> {
             ));
         }
     }
+    let buckets = graph
+        .backend
+        .data_parallel()
+        .ok_or("the backend left its group")?
+        .gradient_buckets()
+        .map_err(|e| e.to_string())?;
+    let want_buckets = if sync_bn { 1 } else { 2 };
+    if buckets < want_buckets {
+        return Err(format!(
+            "rank {}: the last step summed the gradients in {buckets} all-reduces, expected at \
+             least {want_buckets}",
+            env.rank
+        ));
+    }
     let mut worst = 0.0f64;
     for (i, ((g, w), b)) in got.iter().zip(&want).zip(&before).enumerate() {
         let e = update_error(b, g, w);
@@ -492,7 +517,8 @@ fn train_rank(role: &str) -> Result<(), String> {
         worst = worst.max(e);
     }
     println!(
-        "rank {}: {STEPS} steps matched {truth}: losses {losses:?}, largest update error {worst:.2e}",
+        "rank {}: {STEPS} steps matched {truth}: losses {losses:?}, largest update error \
+         {worst:.2e}, gradients in {buckets} all-reduces",
         env.rank
     );
     Ok(())

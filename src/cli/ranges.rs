@@ -40,6 +40,7 @@ parsers! {
     real sigma = limits::SIGMA;
     real negative_fraction = limits::NEGATIVE_FRACTION;
     real min_seconds = limits::MIN_SECONDS;
+    real bucket_mb = limits::BUCKET_MB;
     count k = limits::K;
     count eval_every = limits::EVAL_EVERY;
     count batch = limits::BATCH;

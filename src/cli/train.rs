@@ -173,6 +173,11 @@ pub struct TrainArgs {
     /// one device would; without it each rank normalizes its own images (PyTorch's DDP).
     #[arg(long)]
     sync_bn: bool,
+    /// Data-parallel runs: MiB of parameter gradients per all-reduce, each started as soon as
+    /// the backward pass has formed them (PyTorch DDP's bucket_cap_mb). It changes when the
+    /// sums run, not the run's results [0 < bucket-mb <= 4096].
+    #[arg(long, default_value_t = invaspread::nn::gradient_buckets::DEFAULT_BUCKET_MB, value_parser = ranges::bucket_mb)]
+    bucket_mb: f64,
 }
 
 /// The backend the device and loss flags name.
@@ -411,6 +416,7 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<
         resume: args.resume,
         progress: lead,
         group,
+        bucket_mb: args.bucket_mb,
     };
     let summary = trainer::train(&cfg, &opts, ds)?;
     let state = if summary.interrupted {

@@ -5,7 +5,7 @@
 //! Parameter gradients are always accumulated (`+=`); an input's gradient is a [`Grad`]:
 //! written, or added when another consumer of the same value already wrote one.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 use crate::ops::sgd::{SgdStep, Tensors};
 use crate::ops::topk::Neighbours;
@@ -96,8 +96,22 @@ pub trait Backend: Send + Sync + Sized {
         loss: Out<'_, Self>,
         dz: Out<'_, Self>,
     ) -> Result<()>;
+    /// A backward pass begins whose parameter gradients (`lens` floats each, in the store's
+    /// order) [`Backend::reduce_gradients`] will sum; nothing on one device.
+    fn gradients_begin(&self, lens: &[usize]) -> Result<()> {
+        let _ = lens;
+        Ok(())
+    }
+    /// Parameter `index`'s gradient is final for this backward pass (the tape reached its
+    /// last use): a data-parallel backend may start summing it over the ranks while the rest
+    /// of the pass runs; nothing on one device.
+    fn gradient_final(&self, index: usize, grad: In<'_, Self>) -> Result<()> {
+        let _ = (index, grad);
+        Ok(())
+    }
     /// Replaces every parameter gradient by its sum over the ranks of a data-parallel group,
-    /// before the update; nothing on one device.
+    /// before the update (waiting for what [`Backend::gradient_final`] started); nothing on
+    /// one device.
     fn reduce_gradients(&self, grads: &mut [&mut Self::Buffer]) -> Result<()> {
         let _ = grads;
         Ok(())
@@ -117,6 +131,19 @@ pub trait Backend: Send + Sync + Sized {
     fn all_gather(&self, local: In<'_, Self>, out: Out<'_, Self>) -> Result<()> {
         self.ensure_len(out, self.len(local))?;
         self.copy_into(local, out, 0)
+    }
+    /// `dst` = the first len(`dst`) values of `src` (a gathered buffer less its padding):
+    /// through the host here, on the device where a backend has a copy of its own.
+    fn copy_prefix(&self, src: In<'_, Self>, dst: Out<'_, Self>) -> Result<()> {
+        let (want, have) = (self.len(dst), self.len(src));
+        if want > have {
+            return Err(Error::invalid(format!(
+                "copy_prefix: {want} values from a buffer of {have}"
+            )));
+        }
+        let mut host = self.download(src)?;
+        host.truncate(want);
+        self.upload(&host, dst)
     }
     /// y = each row of x (`shape` = (N, d)) divided by its L2 norm (as the loss normalizes).
     fn normalize_rows(

@@ -443,6 +443,18 @@ impl Backend for CudaBackend {
             }),
         }
     }
+    fn gradients_begin(&self, lens: &[usize]) -> Result<()> {
+        match &self.data_parallel {
+            None => Ok(()),
+            Some(dp) => dp.gradients_begin(&self.gpu, lens),
+        }
+    }
+    fn gradient_final(&self, index: usize, grad: &CudaSlice<f32>) -> Result<()> {
+        match &self.data_parallel {
+            None => Ok(()),
+            Some(dp) => dp.gradient_final(&self.gpu, index, grad),
+        }
+    }
     fn reduce_gradients(&self, grads: &mut [&mut CudaSlice<f32>]) -> Result<()> {
         match &self.data_parallel {
             None => Ok(()),
@@ -485,6 +497,19 @@ impl Backend for CudaBackend {
             dev_mut(&mut norms),
             (n, d),
         )
+    }
+    fn copy_prefix(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
+        let len = dst.len();
+        if len > src.len() {
+            return Err(Error::invalid(format!(
+                "copy_prefix: {len} values from a buffer of {}",
+                src.len()
+            )));
+        }
+        if len > 0 {
+            self.gpu.stream().memcpy_dtod(&src.slice(0..len), dst)?;
+        }
+        Ok(())
     }
     fn copy_into(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, at: usize) -> Result<()> {
         let len = src.len();

@@ -17,8 +17,8 @@
 //! (`RankLayout::single_device_rows` places a rank's rows).
 //!
 //! The gradients. A rank's backward gives the part of dL/dθ that flows through its own images;
-//! their sum over ranks, one all-reduce of every gradient packed into one buffer before the
-//! update, is dL/dθ. So with the same BatchNorm statistics the update equals one device's; with
+//! their sum over ranks is dL/dθ: all-reduced in buckets of `--bucket-mb` while the backward
+//! pass goes on ([`GradientBuckets`]). So with the same BatchNorm statistics the update equals one device's; with
 //! BatchNorm per device (the default, as PyTorch's DDP without SyncBatchNorm) each rank
 //! normalizes its own 2m rows.
 //!
@@ -39,6 +39,7 @@ use crate::loss::cuda::ranks_v1::RankLoss;
 use crate::loss::cuda::{CudaLossVersion, LossParams};
 use crate::loss::gathered::RankLayout;
 use crate::loss::{LossConfig, Negatives};
+use crate::nn::gradient_buckets::{GradientBuckets, DEFAULT_BUCKET_MB};
 use crate::ops::batchnorm::{self, Version};
 use crate::ops::elementwise;
 use crate::ops::Grad;
@@ -56,12 +57,15 @@ pub struct DataParallel {
     /// The loss rows of this rank's own queries (fused-v2's data-parallel form), unless off.
     own_rows: bool,
     rank_loss: Mutex<Option<RankLoss>>,
-    /// Every parameter gradient packed together for the one all-reduce.
-    bucket: Mutex<Slot>,
+    /// The parameter gradients, summed in buckets during the backward pass.
+    buckets: Mutex<GradientBuckets>,
     /// `--sync-bn`: a rank's (mean, M2) per channel, and every rank's gathered, sized for the
     /// widest BatchNorm so far.
     bn_moments: Mutex<[Slot; 2]>,
 }
+
+/// [`DEFAULT_BUCKET_MB`] in floats.
+const DEFAULT_CAP: usize = (DEFAULT_BUCKET_MB * 1024.0 * 1024.0 / 4.0) as usize;
 
 /// A device buffer allocated on first use ([`sized`]).
 type Slot = Option<CudaSlice<f32>>;
@@ -99,8 +103,16 @@ impl DataParallel {
             gathered: Mutex::new([None, None]),
             own_rows: true,
             rank_loss: Mutex::new(None),
-            bucket: Mutex::new(None),
+            buckets: Mutex::new(GradientBuckets::new(DEFAULT_CAP)),
             bn_moments: Mutex::new([None, None]),
+        }
+    }
+
+    /// Gradient buckets of `floats` floats (`--bucket-mb`; [`crate::nn::gradient_buckets::cap_floats`]).
+    pub fn with_bucket_floats(self, floats: usize) -> Self {
+        DataParallel {
+            buckets: Mutex::new(GradientBuckets::new(floats)),
+            ..self
         }
     }
 
@@ -263,32 +275,28 @@ impl DataParallel {
         elementwise::cuda::f64_to_f32(&**gpu, total, DevPtrMut::of(loss).into_slice(0..1)?)
     }
 
-    /// Replaces every gradient by its sum over the ranks: packed into one buffer, one
-    /// all-reduce, unpacked (one bucket; not overlapped with the backward pass).
+    /// See [`GradientBuckets::begin`].
+    pub fn gradients_begin(&self, gpu: &Gpu, lens: &[usize]) -> Result<()> {
+        let mut buckets = lock(&self.buckets)?;
+        buckets.begin(gpu, &mut *lock(&self.group)?, lens)
+    }
+
+    /// See [`GradientBuckets::gradient_final`].
+    pub fn gradient_final(&self, gpu: &Gpu, index: usize, grad: &CudaSlice<f32>) -> Result<()> {
+        let mut buckets = lock(&self.buckets)?;
+        buckets.gradient_final(gpu, &mut *lock(&self.group)?, index, grad)
+    }
+
+    /// Replaces every gradient by its sum over the ranks: the buckets the backward pass
+    /// queued, the rest, waited for ([`GradientBuckets::finish`]).
     pub fn sum_gradients(&self, gpu: &Gpu, grads: &mut [&mut CudaSlice<f32>]) -> Result<()> {
-        let total: usize = grads.iter().map(|g| g.len()).sum();
-        if total == 0 {
-            return Ok(());
-        }
-        let mut slot = lock(&self.bucket)?;
-        let bucket = sized(gpu, &mut slot, total)?;
-        let stream = gpu.stream();
-        let mut at = 0;
-        for g in grads.iter() {
-            stream.memcpy_dtod(&**g, &mut bucket.slice_mut(at..at + g.len()))?;
-            at += g.len();
-        }
-        lock(&self.group)?.all_reduce_sum(
-            &mut bucket.slice_mut(0..total),
-            "summing the parameter gradients",
-        )?;
-        let mut at = 0;
-        for g in grads.iter_mut() {
-            let len = g.len();
-            stream.memcpy_dtod(&bucket.slice(at..at + len), &mut **g)?;
-            at += len;
-        }
-        Ok(())
+        let mut buckets = lock(&self.buckets)?;
+        buckets.finish(gpu, &mut *lock(&self.group)?, grads)
+    }
+
+    /// The all-reduces of parameter gradients the last step queued.
+    pub fn gradient_buckets(&self) -> Result<usize> {
+        Ok(lock(&self.buckets)?.buckets())
     }
 
     /// Every rank's `local`, concatenated in rank order into the first R x len(local) of `out`.

@@ -505,6 +505,22 @@ impl<B: Backend> Graph<B> {
                 .upload_f64(&[1.0], grad_buffer(&mut self.nodes[root.0].grad)?)?;
         }
         ready[root.0] = true;
+        // The node after whose backward each parameter's gradient is final (its first use on
+        // the tape): a data-parallel backend starts summing it over the ranks from there,
+        // while the rest of the backward pass runs.
+        let mut final_at = vec![usize::MAX; self.params.params.len()];
+        for (i, node) in self.nodes[..=root.0].iter().enumerate().rev() {
+            for p in params_of(&node.op).into_iter().flatten() {
+                final_at[p.0] = i;
+            }
+        }
+        let lens: Vec<usize> = self
+            .params
+            .params
+            .iter()
+            .map(|p| p.shape.iter().product())
+            .collect();
+        self.backend.gradients_begin(&lens)?;
         for i in (0..=root.0).rev() {
             if !ready[i] {
                 continue; // nothing downstream used this value
@@ -519,9 +535,32 @@ impl<B: Backend> Graph<B> {
                 input_grads: self.input_grads,
                 is_root: i == root.0,
             };
+            let formed = params_of(&op);
             ctx.run(op, before, node, &mut take)?;
+            for p in formed.into_iter().flatten() {
+                if final_at[p.0] == i {
+                    self.backend
+                        .gradient_final(p.0, &self.params.params[p.0].grad)?;
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// The parameters whose gradients an op's backward pass forms.
+fn params_of(op: &Op) -> [Option<ParamId>; 2] {
+    match *op {
+        Op::Conv2d { w, .. } => [Some(w), None],
+        Op::BatchNorm { gamma, beta, .. } => [Some(gamma), Some(beta)],
+        Op::Linear { w, b, .. } => [Some(w), Some(b)],
+        Op::Input
+        | Op::Relu { .. }
+        | Op::Add { .. }
+        | Op::AvgPool { .. }
+        | Op::Flatten { .. }
+        | Op::InstanceLoss { .. }
+        | Op::WeightedSum { .. } => [None, None],
     }
 }
 

@@ -7,6 +7,7 @@
 //! | [`cpu_backend`] | the CPU implementation (f32 training, f64 gradient checks) |
 //! | [`cuda_backend`] | the CUDA implementation, its scratch and the kernel version of every op |
 //! | [`data_parallel`] | a CUDA backend as one rank of a group: the gathered loss, the gradients summed over ranks |
+//! | [`gradient_buckets`] | a rank's parameter gradients all-reduced in buckets while the backward pass runs |
 //! | [`params`] | named parameters and batchnorm buffers (PyTorch's names and init) |
 //! | [`models`] | `resnet18-cifar` and `convnet-small` |
 //! | [`optim`] | SGD with momentum and weight decay; step and cosine schedules with warm-up |
@@ -20,6 +21,7 @@ pub mod cpu_backend;
 pub mod cuda_backend;
 pub mod data_parallel;
 pub mod embed;
+pub mod gradient_buckets;
 pub mod graph;
 pub mod models;
 pub mod optim;

@@ -196,6 +196,8 @@ pub struct RunOptions {
     /// This process's place in a data-parallel group (the launcher's variables); None: one
     /// process. Its world size must be the configuration's `ranks`.
     pub group: Option<crate::dist::DistEnv>,
+    /// A data-parallel run's MiB of parameter gradients per all-reduce (`--bucket-mb`).
+    pub bucket_mb: f64,
 }
 
 /// The device a run trains on and its loss implementation.

@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::nn::backend::Backend;
 use crate::nn::data_parallel::DataParallel;
 use crate::nn::embed::{embed_range_until, embed_split_until, EVAL_BATCH};
+use crate::nn::gradient_buckets::cap_floats;
 use crate::nn::graph::Graph;
 use crate::nn::models::{Model, EMBED_DIM};
 use crate::nn::params::ParamStore;
@@ -55,14 +56,15 @@ pub fn timeout() -> Result<Duration> {
 pub fn describe(cfg: &TrainConfig, opts: &RunOptions) -> String {
     match &opts.group {
         Some(env) if cfg.ranks > 1 => format!(
-            ", rank {} of {}, BatchNorm {}",
+            ", rank {} of {}, BatchNorm {}, gradients summed in buckets of {} MiB",
             env.rank,
             env.world_size,
             if cfg.sync_bn {
                 "over the global batch (--sync-bn)"
             } else {
                 "per rank"
-            }
+            },
+            opts.bucket_mb
         ),
         _ => String::new(),
     }
@@ -88,7 +90,12 @@ pub fn join(
         )));
     }
     let group = ProcessGroup::join(gpu, env, rendezvous_config(cfg, ds)?, timeout()?)?;
-    Ok(Some(DataParallel::new(group).with_sync_bn(cfg.sync_bn)))
+    let buckets = cap_floats(opts.bucket_mb)?;
+    Ok(Some(
+        DataParallel::new(group)
+            .with_sync_bn(cfg.sync_bn)
+            .with_bucket_floats(buckets),
+    ))
 }
 
 /// What every rank must agree on: the configuration (less what a run records, and the data
@@ -198,10 +205,12 @@ pub fn embed_split_shared<B: Backend>(
     let b = &graph.backend;
     let mut all = b.zeros(ranks * share * EMBED_DIM)?;
     b.all_gather(&padded, &mut all)?;
-    let mut host = b.download(&all)?;
-    host.truncate(n * EMBED_DIM);
+    if ranks * share == n {
+        return Ok(Some(all));
+    }
+    // Every share but the last non-empty one is full, so the n rows are the gathered prefix.
     let mut out = b.zeros(n * EMBED_DIM)?;
-    b.upload(&host, &mut out)?;
+    b.copy_prefix(&all, &mut out)?;
     Ok(Some(out))
 }
 

@@ -158,8 +158,8 @@ fn train_over_ranks_with_sync_bn_is_one_device() {
     // above pass only with --sync-bn in force. A run stopped after 2 steps and resumed to 3 over
     // 2 ranks (rank 0 reads the state and hands it to rank 1) ends in the uninterrupted run's
     // losses and parameters, bit for bit; it sums the gradients in buckets of 20 KiB (several
-    // all-reduces queued during the backward pass) where the uninterrupted run made one after
-    // it, which changes no value.
+    // all-reduces queued during the backward pass) where the uninterrupted run made two (the
+    // default 25 MiB, the first bucket 1 MiB), which changes no value.
     let (whole, resumed) = (scratch.path("ranks2-query-only"), scratch.path("resumed"));
     let launch = ["launch", "--gpus", "2", "--"];
     let mut first = [

@@ -18,9 +18,9 @@
 //!
 //! The gradients. A rank's backward gives the part of dL/dθ that flows through its own images;
 //! their sum over ranks is dL/dθ: all-reduced in buckets of `--bucket-mb` while the backward
-//! pass goes on ([`GradientBuckets`]). So with the same BatchNorm statistics the update equals one device's; with
-//! BatchNorm per device (the default, as PyTorch's DDP without SyncBatchNorm) each rank
-//! normalizes its own 2m rows.
+//! pass goes on ([`GradientBuckets`]). So with the same BatchNorm statistics the update equals
+//! one device's; with BatchNorm per device (the default, as PyTorch's DDP without
+//! SyncBatchNorm) each rank normalizes its own 2m rows.
 //!
 //! `--sync-bn` (PyTorch's SyncBatchNorm): the training statistics of every BatchNorm are the
 //! global batch's. Each rank's (mean, M2) per channel is all-gathered and merged in rank order

@@ -1,12 +1,13 @@
 //! The parameter gradients of a data-parallel backward pass, summed over the ranks in buckets
 //! while the pass goes on (PyTorch DDP's `bucket_cap_mb`).
 //!
-//! The tape reports each gradient when it is final ([`crate::nn::Backend::gradient_final`]:
-//! the last layers' first). It is copied into one device buffer, packed in that order, and
-//! whenever at least `cap` floats are packed and not yet summed, their all-reduce is queued on
-//! a stream of its own that waits for the copies: the device sums one bucket while it computes
-//! the gradients of the layers below. Before the update, [`GradientBuckets::finish`] queues
-//! the rest, waits under the group's watchdog and copies the sums back.
+//! The tape reports each gradient when it is final
+//! ([`crate::nn::backend::Backend::gradient_final`]: the last layers' first). It is copied into
+//! one device buffer, packed in that order, and whenever at least `cap` floats (at most 1 MiB
+//! for the first bucket, as in DDP) are packed and not yet summed, their all-reduce is queued
+//! on a stream of its own that waits for the copies: the device sums one bucket while it
+//! computes the gradients of the layers below. Before the update, [`GradientBuckets::finish`]
+//! queues the rest, waits under the group's watchdog and copies the sums back.
 //!
 //! Every rank runs the same tape, so every rank packs the same gradients in the same order and
 //! queues the same all-reduces, as NCCL needs. The sums are per element, so the bucket
@@ -25,6 +26,10 @@ use crate::error::{Error, Result};
 
 /// PyTorch DDP's default `bucket_cap_mb`.
 pub const DEFAULT_BUCKET_MB: f64 = 25.0;
+
+/// The first bucket of a pass holds at most 1 MiB (DDP's first bucket), so that the first
+/// all-reduce starts after the last layers rather than after 25 MiB of the pass.
+const FIRST_BUCKET_FLOATS: usize = 1 << 18;
 
 /// The floats of a bucket of `mb` MiB (at least one), as `--bucket-mb` gives it; an error
 /// naming the flag outside its range ([`crate::limits::BUCKET_MB`]).
@@ -102,7 +107,11 @@ impl GradientBuckets {
             return Ok(());
         }
         self.pack(gpu, index, grad)?;
-        if self.packed - self.queued >= self.cap {
+        let cap = match self.buckets {
+            0 => self.cap.min(FIRST_BUCKET_FLOATS),
+            _ => self.cap,
+        };
+        if self.packed - self.queued >= cap {
             self.queue_bucket(gpu, group)?;
         }
         Ok(())

@@ -352,14 +352,20 @@ impl ProcessGroup {
         self.wait(what)
     }
 
-    /// Queues one collective (its stream is in `call`).
-    fn queue(&mut self, what: &str, call: impl FnOnce() -> sys::ncclResult_t) -> Result<()> {
+    /// An error unless the communicator is usable (an earlier failure aborts it).
+    fn live(&self, what: &str) -> Result<()> {
         if self.comm.is_null() {
             return Err(Error::Peer(format!(
                 "rank {}: {what}: the group was aborted by an earlier failure",
                 self.rank
             )));
         }
+        Ok(())
+    }
+
+    /// Queues one collective (its stream is in `call`).
+    fn queue(&mut self, what: &str, call: impl FnOnce() -> sys::ncclResult_t) -> Result<()> {
+        self.live(what)?;
         self.issued += 1;
         let code = guarded(what, call)?;
         check(code, &format!("rank {}: {what}", self.rank), self.comm)
@@ -376,12 +382,7 @@ impl ProcessGroup {
     /// [`ProcessGroup::wait`] for another stream of the device (one that collectives were
     /// queued on with [`ProcessGroup::queue_all_reduce_sum`]).
     pub fn wait_on(&mut self, stream: &CudaStream, what: &str) -> Result<()> {
-        if self.comm.is_null() {
-            return Err(Error::Peer(format!(
-                "rank {}: {what}: the group was aborted by an earlier failure",
-                self.rank
-            )));
-        }
+        self.live(what)?;
         let event = stream
             .record_event(None)
             .map_err(|e| Error::Cuda(format!("recording an event after {what}: {e}")))?;

@@ -39,7 +39,7 @@ use crate::loss::cuda::ranks_v1::RankLoss;
 use crate::loss::cuda::{CudaLossVersion, LossParams};
 use crate::loss::gathered::RankLayout;
 use crate::loss::{LossConfig, Negatives};
-use crate::nn::gradient_buckets::{GradientBuckets, DEFAULT_BUCKET_MB};
+use crate::nn::gradient_buckets::GradientBuckets;
 use crate::ops::batchnorm::{self, Version};
 use crate::ops::elementwise;
 use crate::ops::Grad;
@@ -63,9 +63,6 @@ pub struct DataParallel {
     /// widest BatchNorm so far.
     bn_moments: Mutex<[Slot; 2]>,
 }
-
-/// [`DEFAULT_BUCKET_MB`] in floats.
-const DEFAULT_CAP: usize = (DEFAULT_BUCKET_MB * 1024.0 * 1024.0 / 4.0) as usize;
 
 /// A device buffer allocated on first use ([`sized`]).
 type Slot = Option<CudaSlice<f32>>;
@@ -103,7 +100,7 @@ impl DataParallel {
             gathered: Mutex::new([None, None]),
             own_rows: true,
             rank_loss: Mutex::new(None),
-            buckets: Mutex::new(GradientBuckets::new(DEFAULT_CAP)),
+            buckets: Mutex::new(GradientBuckets::default()),
             bn_moments: Mutex::new([None, None]),
         }
     }

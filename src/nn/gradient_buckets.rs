@@ -34,8 +34,12 @@ const FIRST_BUCKET_FLOATS: usize = 1 << 18;
 /// The floats of a bucket of `mb` MiB (at least one), as `--bucket-mb` gives it; an error
 /// naming the flag outside its range ([`crate::limits::BUCKET_MB`]).
 pub fn cap_floats(mb: f64) -> Result<usize> {
-    let mb = crate::limits::BUCKET_MB.check(mb)?;
-    Ok(((mb * 1024.0 * 1024.0 / 4.0) as usize).max(1))
+    Ok(floats_in(crate::limits::BUCKET_MB.check(mb)?))
+}
+
+/// The float32 values in `mb` MiB, at least one.
+fn floats_in(mb: f64) -> usize {
+    ((mb * 1024.0 * 1024.0 / 4.0) as usize).max(1)
 }
 
 /// One backward pass's packing, and the buffers kept between passes.
@@ -56,6 +60,13 @@ pub struct GradientBuckets {
     open: bool,
     /// Where the all-reduces run, made on first use.
     stream: Option<Arc<CudaStream>>,
+}
+
+impl Default for GradientBuckets {
+    /// Buckets of [`DEFAULT_BUCKET_MB`].
+    fn default() -> Self {
+        GradientBuckets::new(floats_in(DEFAULT_BUCKET_MB))
+    }
 }
 
 impl GradientBuckets {

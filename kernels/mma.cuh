@@ -2,7 +2,7 @@
 // them. On a GPU each function is one PTX instruction; on the virtual GPU and the tests'
 // emulator (vgpu/emu.h) the same call goes to vgpu/engine.cpp, which exchanges the warp's
 // registers and computes D by the fragment layouts below. kernels/mma.cu probes the layouts
-// alone (tests: `mma_fragment_layouts` in tests/emulated_kernels.rs and tests/gpu_loss.rs).
+// alone (tests: `mma_fragment_layouts` in tests/emulated/kernels.rs and tests/gpu/loss.rs).
 //
 // Fragment layouts, PTX ISA 8.7 section 9.7.14.5.8 ("Matrix Fragments for mma.m16n8k8", .tf32)
 // and section 9.7.14.5.9 ("Matrix Fragments for mma.m16n8k16 with floating point type", .bf16);

@@ -15,7 +15,7 @@
 #
 # Settings (environment):
 #   PHASES          check | bench | all (default), or steps: tests sanitizer bench-loss bench-train cifar
-#   ONLY_GPU_TESTS  1 (default): the GPU test binaries (test-gpu_*); 0: every test binary
+#   ONLY_GPU_TESTS  1 (default): the GPU tests (test-gpu); 0: every test executable
 #                   in the bundle (scripts/device-bundle packs the others only with ALL_TESTS=1)
 #   SMOKE=1         every step at tiny sizes, to test this script itself: CI runs it on the
 #                   virtual GPU (INVASPREAD_GPU=virtual), where it takes a few minutes
@@ -179,37 +179,49 @@ torch_missing() {
 }
 
 # ---- tests -----------------------------------------------------------------------------------
-# The GPU test binaries; at smoke size, their smallest cases only.
+# The GPU tests (one executable, test-gpu, a module per part: one step each); at smoke size,
+# each module's smallest case only.
+gpu_modules="normalize loss nn cli dist train_ranks"
 smoke_filter() {
   case "$1" in
-    test-gpu_loss) echo sanitizer_sized_cases ;;
-    test-gpu_nn) echo sanitizer_sized_ops ;;
-    test-gpu_cli) echo bench_loss_over_two_ranks_checks_every_version ;;
-    test-gpu_dist) echo collectives_across_2_processes ;;
-    test-gpu_train_ranks) echo a_killed_rank_stops_the_other_with_its_name ;;
-    *) echo "" ;;
+    loss) echo loss::sanitizer_sized_cases ;;
+    nn) echo nn::sanitizer_sized_ops ;;
+    cli) echo cli::bench_loss_over_two_ranks_checks_every_version ;;
+    dist) echo dist::collectives_across_2_processes ;;
+    train_ranks) echo train_ranks::a_killed_rank_stops_the_other_with_its_name ;;
+    *) echo "$1::" ;;
   esac
+}
+# Runs test executable $1 as step $2 with test filter $3.
+run_tests() {
+  local t=$1 name=$2 filter=$3
+  ran=$((ran + 1))
+  if run_step "$name" "$( ((smoke)) && echo 120 || echo 300)" "$name.log" "$t" --test-threads=1 $filter; then
+    note "PASS $name${filter:+ ($filter)}: $(grep -E '^test result' "$logs/$name.log" | tail -1) [${STEP_SECONDS} s]"
+    skipped=$(grep -c "SKIPPED (no GPU)" "$logs/$name.log")
+    ((skipped > 0)) && fail "$name: $skipped test(s) SKIPPED although REQUIRE_GPU=1"
+    # Tests of several ranks need as many GPUs; on fewer they say so (not a failure).
+    fewer=$(grep -c "SKIPPED (fewer than" "$logs/$name.log")
+    ((fewer > 0)) && note "  $name: $fewer test(s) need more GPUs than this machine has"
+  fi
 }
 if want tests; then
   ran=0
-  for t in "$bin"/test-* "$bin"/unit-lib-*; do
-    [[ -x "$t" ]] || continue
-    name=$(basename "$t")
-    # virtual_gpu tests the emulator itself (CI runs it); it has no meaning on a real GPU.
-    [[ "$name" == test-virtual_gpu ]] && continue
-    [[ "$only_gpu_tests" == 1 && "$name" != test-gpu_* ]] && continue
-    filter=""
-    ((smoke)) && filter=$(smoke_filter "$name")
-    ran=$((ran + 1))
-    if run_step "$name" "$( ((smoke)) && echo 120 || echo 300)" "$name.log" "$t" --test-threads=1 $filter; then
-      note "PASS $name${filter:+ ($filter)}: $(grep -E '^test result' "$logs/$name.log" | tail -1) [${STEP_SECONDS} s]"
-      skipped=$(grep -c "SKIPPED (no GPU)" "$logs/$name.log")
-      ((skipped > 0)) && fail "$name: $skipped test(s) SKIPPED although REQUIRE_GPU=1"
-      # Tests of several ranks need as many GPUs; on fewer they say so (not a failure).
-      fewer=$(grep -c "SKIPPED (fewer than" "$logs/$name.log")
-      ((fewer > 0)) && note "  $name: $fewer test(s) need more GPUs than this machine has"
-    fi
-  done
+  if [[ -x "$bin/test-gpu" ]]; then
+    for m in $gpu_modules; do
+      if ((smoke)); then filter=$(smoke_filter "$m"); else filter="$m::"; fi
+      run_tests "$bin/test-gpu" "test-gpu $m" "$filter"
+    done
+  fi
+  if [[ "$only_gpu_tests" != 1 ]]; then
+    for t in "$bin"/test-* "$bin"/unit-lib-*; do
+      [[ -x "$t" ]] || continue
+      name=$(basename "$t")
+      # test-emulated tests the emulator itself (CI runs it); it has no meaning on a real GPU.
+      [[ "$name" == test-gpu || "$name" == test-emulated ]] && continue
+      run_tests "$t" "$name" ""
+    done
+  fi
   ((ran > 0)) || fail "tests: no test binary in the bundle"
   # The criterion benches once per case (--test): each checks its output before it would time.
   for b in bench-instance_loss bench-train_step; do
@@ -242,11 +254,11 @@ if want sanitizer; then
       note "compute-sanitizer: --kernel-name filters refused (logs/sanitizer-filter-probe.log); checking every kernel"
       filters=()
     fi
-    for spec in "test-gpu_normalize:" "test-gpu_loss:sanitizer_sized_cases" "test-gpu_nn:sanitizer_sized_ops"; do
+    for spec in "test-gpu:normalize::" "test-gpu:loss::sanitizer_sized_cases" "test-gpu:nn::sanitizer_sized_ops"; do
       exe=${spec%%:*}; filter=${spec#*:}
       [[ -x "$bin/$exe" ]] || { fail "sanitizer: $exe is not in the bundle"; continue; }
       for tool in memcheck racecheck; do
-        log="sanitizer-$tool-$exe.log"
+        log="sanitizer-$tool-$exe-${filter//:/}.log"
         if run_step "compute-sanitizer $tool $exe" 240 "$log" \
             compute-sanitizer --tool "$tool" --error-exitcode 3 "${filters[@]}" "$bin/$exe" --test-threads=1 $filter; then
           note "PASS compute-sanitizer $tool $exe $filter: $(grep -E 'ERROR SUMMARY' "$logs/$log" | tail -1) [${STEP_SECONDS} s]"

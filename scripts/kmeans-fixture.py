@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/kmeans/: fixed embeddings and what scikit-learn's KMeans (10
 k-means++ starts, the lowest inertia kept: the official evaluation's protocol) and
-normalized_mutual_info_score make of them, for tests/kmeans_sklearn.rs.
+normalized_mutual_info_score make of them, for tests/cpu/kmeans_sklearn.rs.
 
     pip install scikit-learn numpy && python3 scripts/kmeans-fixture.py
 

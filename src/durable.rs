@@ -8,7 +8,7 @@
 //! Fault injection for the crash-consistency test: with `INVASPREAD_CRASH_AT_WRITE=n`, the
 //! process aborts (as `kill -9` would end it) at the n-th write event, counting two per file:
 //! after the temporary is written and synced, and after the rename. A test runs a training
-//! with n = 1, 2, ... and resumes each time (tests/cli_crash.rs).
+//! with n = 1, 2, ... and resumes each time (tests/cli/crash.rs).
 
 use std::fs;
 use std::io::Write;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""An independent float64 implementation of the instance loss, for tests/cli_loss.rs.
+"""An independent float64 implementation of the instance loss, for tests/cli/loss.rs.
 
 It follows the operations of the authors' PyTorch code (mangye16/Unsupervised_Embedding_Learning,
 BatchAverage.py, class BatchCriterion) one by one, in plain Python floats (IEEE float64, no

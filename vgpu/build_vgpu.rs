@@ -1,7 +1,7 @@
 // Builds the virtual GPU (vgpu/) with the system C++ compiler: the kernel library
 // (libvgpu_kernels.so: every kernels/*.cu on emu.h, instrumented, plus engine.cpp), the driver
 // (libcuda.so), the cuBLAS stand-in (libcublas.so) and the NCCL stand-in (libnccl.so). Included by build.rs, and by the tests
-// that build a copy with a planted bug (tests/virtual_gpu.rs), so there is one recipe.
+// that build a copy with a planted bug (tests/emulated/virtual_gpu.rs), so there is one recipe.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! tests measure error.
 //!
 //! The truth is the float64 [`reference`](mod@reference) up to [`REFERENCE_MAX_N`] (it keeps N x N), and the
-//! fused CPU path in float64 above (tested against the reference in tests/cpu_loss.rs, and
+//! fused CPU path in float64 above (tested against the reference in tests/cpu/cpu_loss.rs, and
 //! O(N) in memory). The loss is compared relatively; dL/dz with each row scaled by ||z_a||
 //! ([`scaled_grad_error`]), because dL/dz_a shrinks as 1/||z_a|| and rows of any norm must count.
 
@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 pub const REFERENCE_MAX_N: usize = 4096;
 
 /// Tolerance of a float32 implementation on random input, for the loss and for dL/dz (the
-/// GPU and CPU tests' bound: tests/gpu_loss.rs, tests/cpu_loss.rs).
+/// GPU and CPU tests' bound: tests/gpu/loss.rs, tests/cpu/cpu_loss.rs).
 pub const FLOAT32_TOLERANCE: f64 = 5e-5;
 
 /// The float64 loss, and dL/dz when asked for, of one input.

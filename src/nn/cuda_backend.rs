@@ -5,8 +5,8 @@
 //! loss shape's scratch, the staged uploader, and which kernel version every op runs.
 //!
 //! Storage and sums are float32; the GEMMs multiply in float32, TF32 or with bfloat16
-//! operands ([`GemmPrecision`]). `tests/gpu_nn.rs` runs every op against the CPU backend on a
-//! GPU; `tests/emulated_kernels.rs` runs the same launchers on a CPU emulator in CI.
+//! operands ([`GemmPrecision`]). `tests/gpu/nn.rs` runs every op against the CPU backend on a
+//! GPU; `tests/emulated/kernels.rs` runs the same launchers on a CPU emulator in CI.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

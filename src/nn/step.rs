@@ -165,7 +165,7 @@ impl StepAgreement {
 /// 4 and 16 images: float32 3e-3 (the CPU's own float32 error: the step is ill-conditioned,
 /// batchnorm's backward cancelling), TF32 0.10, bf16 0.28 from convnet-small to resnet18-cifar.
 /// An unrelated update is about 1.4 away, so the TF32 and bf16 bounds catch gross breakage
-/// only; the float32 bound, and tests/gpu_nn.rs against float64, are the precise checks.
+/// only; the float32 bound, and tests/gpu/nn.rs against float64, are the precise checks.
 pub fn step_tolerance(precision: GemmPrecision) -> f64 {
     match precision {
         GemmPrecision::F32 => 1e-2,

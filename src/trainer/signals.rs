@@ -80,7 +80,7 @@ fn on_signal(signal: i32) {
 
 /// Test hook: with `INVASPREAD_SIGNAL_AT_EVAL=1`, the first end-of-epoch evaluation begins as
 /// if SIGTERM had just arrived (through [`on_signal`], as the watcher delivers it), so that
-/// tests/cli_signals.rs can stop a run there at a known moment.
+/// tests/cli/signals.rs can stop a run there at a known moment.
 pub fn hook_at_evaluation() {
     static DONE: AtomicBool = AtomicBool::new(false);
     if std::env::var("INVASPREAD_SIGNAL_AT_EVAL").is_ok_and(|v| v == "1")

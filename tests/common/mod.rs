@@ -6,13 +6,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Runs the binary under test; `INVASPREAD_EXE` overrides the build path (scripts/device-check.sh
+/// The binary under test; `INVASPREAD_EXE` overrides the build path (scripts/device-check.sh
 /// runs these tests on a machine where the build folder does not exist).
+pub fn exe() -> String {
+    std::env::var("INVASPREAD_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_invaspread").to_string())
+}
+
+/// Runs the binary under test and waits for it.
 pub fn invaspread(args: &[&str]) -> Output {
-    let exe = std::env::var("INVASPREAD_EXE")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_invaspread").to_string());
-    Command::new(exe)
+    Command::new(exe())
         .args(args)
         .output()
         .expect("run invaspread")
@@ -74,15 +78,23 @@ pub fn write_stripes(root: &Path, per_class: usize) {
     }
 }
 
-/// A scratch folder for one test, removed when dropped.
+/// A new empty folder for one test: its tag, the process and a per-process count, so that the
+/// modules of one test binary never share a folder.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("invaspread-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A [`scratch_dir`] removed when dropped.
 pub struct Scratch(pub PathBuf);
 
 impl Scratch {
     pub fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("invaspread-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
+        Scratch(scratch_dir(tag))
     }
 
     pub fn path(&self, name: &str) -> String {
@@ -116,4 +128,38 @@ pub fn step_losses(run: &str) -> Vec<f64> {
         .skip(1)
         .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
         .collect()
+}
+
+/// Central finite differences of `f` at `x` with step `h`, one coordinate at a time.
+pub fn numerical_gradient(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    let mut x = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let orig = x[i];
+            x[i] = orig + h;
+            let plus = f(&x);
+            x[i] = orig - h;
+            let minus = f(&x);
+            x[i] = orig;
+            (plus - minus) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// Skips (visibly) without a GPU, or with fewer real GPUs than `ranks` (the virtual GPU has as
+/// many as asked for); false then.
+pub fn ranks_or_skip(name: &str, ranks: usize) -> bool {
+    use std::io::Write;
+    let Some(gpu) = invaspread::testing::gpu_or_skip(name) else {
+        return false;
+    };
+    if !gpu.is_virtual() && invaspread::cuda::device_count().unwrap_or(0) < ranks {
+        // Straight to the terminal, as testing::gpu_or_skip does (eprintln! is captured).
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (fewer than {ranks} GPUs): {name}"
+        );
+        return false;
+    }
+    true
 }

@@ -14,7 +14,7 @@ use invaspread::{Error, Result};
 
 #[path = "../../vgpu/build_vgpu.rs"]
 #[allow(dead_code)]
-mod build_vgpu;
+pub mod build_vgpu;
 pub use build_vgpu::kernel_names;
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, *mut *mut c_void) -> i32;

@@ -123,7 +123,7 @@ impl CudaLossVersion {
     /// adversarial (near-duplicate) inputs; the tests' and `bench-loss`'s bound.
     ///
     /// float32 versions: 5e-5, and 2e-4 on adversarial inputs (the normalization backward's
-    /// projection loses more there; see tests/cpu_loss.rs). The tensor-core versions round
+    /// projection loses more there; see tests/cpu/cpu_loss.rs). The tensor-core versions round
     /// every similarity's operands (relative u: 2^-11 TF32, 2^-9 bf16), so each exponent
     /// (s - 1)/tau carries about u/tau: the loss, an average over rows, stays within the bounds
     /// the GPU issue set (TF32 3e-4, bf16 1e-2) everywhere, and so does the gradient at

@@ -2,7 +2,7 @@
 //! own queries against every key of the gathered global batch, on fused v2's tiles. What
 //! `nn::data_parallel` runs for `fused-v2`, so that each of R ranks does 1/R of the loss's work
 //! instead of all of it. The math is `loss::gathered::rank_step`'s (a rank's loss rows, its
-//! query-side gradient, its key-side terms for every gathered row), which tests/gpu_dist.rs
+//! query-side gradient, its key-side terms for every gathered row), which tests/gpu/dist.rs
 //! compares against.
 //!
 //! One call, in the order [`RankLoss`] and `DataParallel::own_rows_loss` queue it:

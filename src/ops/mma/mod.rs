@@ -6,8 +6,8 @@
 //! virtual GPU's emulation of it (vgpu/engine.cpp). [`Probe`] places a product's operands in
 //! registers by these tables and predicts every lane's D; `kernels/mma.cu` runs the product on
 //! the device, so a layout that differs from the ISA's, in the emulator or on the hardware,
-//! shows as a wrong D (tests: `mma_fragment_layouts` in tests/emulated_kernels.rs on the
-//! emulator, in tests/gpu_loss.rs on a GPU and the virtual GPU).
+//! shows as a wrong D (tests: `mma_fragment_layouts` in tests/emulated/kernels.rs on the
+//! emulator, in tests/gpu/loss.rs on a GPU and the virtual GPU).
 
 pub mod cuda;
 

@@ -16,7 +16,7 @@
 //!   domain: `S_xi (C_out x C_in) += (A dy A^T)_xi (C_out x T) V_xi^T (T x C_in)`.
 //!
 //! All three are exact in exact arithmetic; in float32 the transforms' constants (up to 8 and
-//! 1/24) amplify rounding. Measured against the direct sum in float64 (tests/conv_versions.rs)
+//! 1/24) amplify rounding. Measured against the direct sum in float64 (tests/cpu/conv_versions.rs)
 //! at a ResNet18 layer's shape (64 channels, 32 x 32): relative errors 1.7e-6 (y), 3.2e-6 (dW)
 //! and 1.7e-6 (dx), against im2col's 3.0e-7, 4.0e-7 and 1.6e-7; the tests hold every case to
 //! [`F32_ERROR_BOUND`].

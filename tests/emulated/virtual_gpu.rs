@@ -7,11 +7,8 @@
 //! Skips (`SKIPPED (no virtual GPU)`) when build.rs could not build the virtual GPU; fails then
 //! under REQUIRE_GPU=1.
 
-#[path = "../vgpu/build_vgpu.rs"]
-#[allow(dead_code)]
-mod vgpu_build;
-
-mod common;
+use crate::common;
+use crate::emulator::build_vgpu as vgpu_build;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -64,7 +61,7 @@ fn run_child(case: &str, library: Option<&Path>, seed: Option<&str>) -> Output {
     let exe = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
     cmd.args([
-        "child",
+        "virtual_gpu::child",
         "--exact",
         "--ignored",
         "--nocapture",

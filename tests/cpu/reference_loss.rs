@@ -1,5 +1,6 @@
 //! The float64 reference against loss.md: its test vector, finite differences under both
 //! gradient semantics, invariance to row scaling, and every rejected input.
+use crate::common::numerical_gradient;
 
 use invaspread::loss::reference::{instance_loss, loss_with_fixed_keys};
 use invaspread::loss::{GradSemantics, LossConfig};
@@ -71,22 +72,6 @@ fn test_vector_loss_and_gradients() {
         let mean: f64 = out.row_losses.iter().sum::<f64>() / 4.0;
         assert!((mean - out.loss).abs() < 1e-15);
     }
-}
-
-/// Central differences of a scalar function at `x`, coordinate by coordinate.
-fn numerical_gradient(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
-    let mut x = x.to_vec();
-    (0..x.len())
-        .map(|i| {
-            let orig = x[i];
-            x[i] = orig + h;
-            let plus = f(&x);
-            x[i] = orig - h;
-            let minus = f(&x);
-            x[i] = orig;
-            (plus - minus) / (2.0 * h)
-        })
-        .collect()
 }
 
 fn assert_relative(got: &[f64], want: &[f64], tol: f64, what: &str) {

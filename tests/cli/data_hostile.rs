@@ -1,25 +1,17 @@
 //! Hostile dataset files: each case ends in a clear error (or a bounded load), never a panic, a
 //! hang or memory that the file, not the user's flags, decides. Each case was a panic, a hang or
 //! an unbounded allocation before it had a check.
-
-mod common;
+use crate::common::exe;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::invaspread;
+use crate::common::invaspread;
 
 fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("invaspread-hostile-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn exe() -> String {
-    std::env::var("INVASPREAD_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_invaspread").to_string())
+    crate::common::scratch_dir(&format!("hostile-{tag}"))
 }
 
 /// `train --steps 0` on `dataset` at `data`: loads it, evaluates, saves the initial network.

@@ -9,11 +9,8 @@ use invaspread::data::augment::{self, crop_params, draw, view_rng, AugmentConfig
 use invaspread::data::{self, Dataset, OnBadImage};
 use invaspread::trainer::{self, KnnConfig, RunOptions, TrainConfig};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("invaspread-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(tag: &str) -> PathBuf {
+    crate::common::scratch_dir(&format!("data-{tag}"))
 }
 
 #[test]

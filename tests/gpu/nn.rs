@@ -5,8 +5,6 @@
 // The op bodies take every buffer explicitly, as the backend methods do.
 #![allow(clippy::too_many_arguments)]
 
-mod common;
-
 use std::sync::Arc;
 
 use invaspread::cuda::GemmPrecision;
@@ -26,7 +24,7 @@ use invaspread::ops::sgd::SgdStep;
 use invaspread::ops::{batchnorm, conv2d, linear, Grad, Shape4};
 use invaspread::testing::{gpu_or_skip, random_matrix, rng};
 
-use common::{assert_close, rel_err};
+use crate::common::{assert_close, rel_err};
 
 /// The CPU (float32) and CUDA backends, or None when the test is skipped.
 fn backends(name: &str) -> Option<(Cpu<f32>, CudaBackend)> {
@@ -488,7 +486,7 @@ fn loss_op_matches_cpu() {
         let (lw, gw) = cpu.run(&z, n, d, &cfg);
         let (lg, gg) = cuda.run(&z, n, d, &cfg);
         // Two float32 approximations of the float64 loss (each within 5e-5 of it, see
-        // tests/gpu_loss.rs and tests/cpu_loss.rs): they differ by up to the sum.
+        // tests/gpu/loss.rs and tests/cpu/cpu_loss.rs): they differ by up to the sum.
         assert_close(&format!("loss N={n} d={d}"), &lg, &lw, 5e-5);
         assert_close(&format!("dL/dz N={n} d={d}"), &gg, &gw, 3e-4);
     }
@@ -595,7 +593,7 @@ fn knn_neighbours_match_cpu_including_ties() {
             if q == 0 {
                 // The four exact copies of query 0 come first; which of them leads can differ
                 // where cuBLAS forms a tile's dot products differently (ties are broken by
-                // index on exactly equal values; tests/emulated_kernels.rs checks that).
+                // index on exactly equal values; tests/emulated/kernels.rs checks that).
                 let copies = [0usize, 7, 100, 2999];
                 let mut top: Vec<usize> = gi[..4.min(k)].to_vec();
                 top.sort_unstable();

@@ -1,6 +1,7 @@
 //! Hard and easy negatives (`--negatives hard|easy`, the paper's ablation): the float64
 //! reference against an independent brute force and finite differences, and the fused CPU loss
 //! (f32, f64) against the reference on random and adversarial inputs, both semantics.
+use crate::common::numerical_gradient;
 
 use invaspread::loss::{cpu, reference, GradSemantics, LossConfig, Negatives};
 use invaspread::testing::{adversarial_matrix, random_matrix, rng, scaled_grad_error};
@@ -139,21 +140,6 @@ fn keeping_every_negative_is_the_plain_loss_divided_by_n_minus_1() {
         hard.loss,
         easy.loss
     );
-}
-
-fn numerical_gradient(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
-    let mut x = x.to_vec();
-    (0..x.len())
-        .map(|i| {
-            let orig = x[i];
-            x[i] = orig + h;
-            let plus = f(&x);
-            x[i] = orig - h;
-            let minus = f(&x);
-            x[i] = orig;
-            (plus - minus) / (2.0 * h)
-        })
-        .collect()
 }
 
 #[test]

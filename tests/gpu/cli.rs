@@ -6,13 +6,13 @@
 //! that the kNN evaluations at the start and end of a run stay cheap on the virtual GPU.
 //! Without a GPU the commands must fail with a clear error; with REQUIRE_GPU=1 that fails.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 
 use std::path::Path;
 
-use common::{invaspread, run_ok, step_losses, Scratch};
+use crate::common::{invaspread, run_ok, step_losses, Scratch};
 use invaspread::testing::{gpu_or_skip, virtual_gpu_note};
 
 fn embeddings(path: &str) -> Vec<f32> {

@@ -2,20 +2,16 @@
 //! (tests/independent_reference.py, the authors' operations back-propagated by hand), and clear
 //! errors for bad files.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{invaspread, repo};
+use crate::common::{invaspread, repo};
 
 use invaspread::npy;
 use invaspread::testing::{random_matrix, rng};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("invaspread-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(tag: &str) -> PathBuf {
+    crate::common::scratch_dir(&format!("cli-{tag}"))
 }
 
 fn python_reference(z: &Path, tau: f64, mu: f64, semantics: &str, grad: &Path) -> f64 {

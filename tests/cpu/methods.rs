@@ -2,7 +2,7 @@
 //! recipe.md's formulas, their gradients against finite differences of those references, the
 //! bank's update, and their state's round trip through a run's resume.
 
-mod common;
+use crate::common;
 
 use invaspread::methods::exemplar::Classifier;
 use invaspread::methods::memory_bank::{MemoryBank, Objective, NOISE, TEMPERATURE};
@@ -67,19 +67,9 @@ fn exemplar_reference(z: &[f64], c: &Classifier, y: &[usize]) -> f64 {
     total / y.len() as f64
 }
 
+/// Finite differences with the step of the baselines' float64 references.
 fn numerical_gradient(z: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
-    let mut x = z.to_vec();
-    (0..x.len())
-        .map(|i| {
-            let orig = x[i];
-            x[i] = orig + 1e-6;
-            let plus = f(&x);
-            x[i] = orig - 1e-6;
-            let minus = f(&x);
-            x[i] = orig;
-            (plus - minus) / 2e-6
-        })
-        .collect()
+    crate::common::numerical_gradient(z, 1e-6, f)
 }
 
 /// `got` (a loss and dL/dz in float32 arithmetic) against the float64 reference `f` at `z`.

@@ -11,8 +11,7 @@
 //! The emulator is built with the system C++ compiler ($CXX, else g++); without one the tests
 //! print `SKIPPED (no C++ compiler)` and pass.
 
-mod common;
-mod emulator;
+use crate::emulator;
 
 use invaspread::cuda::blas::to_bf16;
 use invaspread::cuda::GemmPrecision;
@@ -32,8 +31,8 @@ use invaspread::ops::{
 };
 use invaspread::testing::{adversarial_matrix, random_matrix, rng, scaled_grad_error};
 
-use common::assert_close;
-use emulator::{emulator, Emulator};
+use crate::common::assert_close;
+use crate::emulator::{emulator, Emulator};
 
 fn host(v: &[f32]) -> DevPtr<'_, f32> {
     DevPtr::host(v)

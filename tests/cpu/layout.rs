@@ -3,7 +3,7 @@
 //! formatted by hand (serde writes it), and every `kernels/<op>.cu` has its launchers in
 //! `src/ops/<op>/cuda.rs` (or is one of the named exceptions).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -1,8 +1,6 @@
 //! `invaspread train`, `eval` and `embed` end to end on the generated default dataset.
 
-mod common;
-
-use common::invaspread;
+use crate::common::invaspread;
 
 #[test]
 fn train_then_eval_and_embed_the_checkpoint() {

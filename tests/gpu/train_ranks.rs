@@ -7,21 +7,20 @@
 //! On the virtual GPU (each rank a process with its own emulated device) or on enough real GPUs.
 //! The data is a tiny image folder (two classes of stripes, resized to 8 x 8): the virtual GPU
 //! emulates every kernel, and each rank is a process on the same two cores.
+use crate::common::ranks_or_skip;
 
-mod common;
+use crate::common;
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{run_ok, step_losses, Scratch};
+use crate::common::{run_ok, step_losses, Scratch};
 use invaspread::nn::checkpoint;
 use invaspread::nn::cpu_backend::Cpu;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::params::ParamStore;
 use invaspread::nn::step::update_error;
-use invaspread::testing::gpu_or_skip;
 
 /// A scratch folder with the stripes data set in `stripes/`: 26 training images (the kNN bank:
 /// 3 ranks embed 9, 9 and 8 of them) and 12 test images.
@@ -34,21 +33,6 @@ fn scratch(tag: &str) -> Scratch {
 /// How far a rank group's update may be from one device's (update_error per tensor, float32
 /// GEMMs): measured up to 7.7e-6 on the virtual GPU (2 and 3 ranks, both semantics).
 const UPDATE_TOLERANCE: f64 = 5e-5;
-
-/// Skips (visibly) without a GPU, or with fewer real GPUs than `ranks`; false then.
-fn ranks_or_skip(name: &str, ranks: usize) -> bool {
-    let Some(gpu) = gpu_or_skip(name) else {
-        return false;
-    };
-    if !gpu.is_virtual() && invaspread::cuda::device_count().unwrap_or(0) < ranks {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (fewer than {ranks} GPUs): {name}"
-        );
-        return false;
-    }
-    true
-}
 
 /// `train` on CUDA in float32: 3 steps of a global batch of 6 images (2 or 3 per rank) of
 /// 8 x 8, seed 5.
@@ -114,7 +98,7 @@ fn worst_update_error(got: &str, want: &str) -> f64 {
     worst
 }
 
-/// 2 ranks with query-only gradients and 3 with both-sides ones (tests/gpu_dist.rs runs the
+/// 2 ranks with query-only gradients and 3 with both-sides ones (tests/gpu/dist.rs runs the
 /// other two pairs against the float64 reference), each against one device's run.
 #[test]
 fn train_over_ranks_with_sync_bn_is_one_device() {

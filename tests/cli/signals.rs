@@ -2,21 +2,16 @@
 //! first evaluation) the process ends at once with 128 + signal and saves nothing; during
 //! training it stops after a step, saves, and ends with 128 + signal; `--resume` then finishes a
 //! run whose checkpoints and step log are byte-identical to an uninterrupted run's.
+use crate::common::exe;
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn exe() -> String {
-    std::env::var("INVASPREAD_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_invaspread").to_string())
-}
-
 fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("invaspread-signals-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    crate::common::scratch_dir(&format!("signals-{tag}"))
 }
 
 fn spawn(args: &[&str], log: &Path) -> Child {

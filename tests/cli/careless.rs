@@ -2,12 +2,12 @@
 //! names the flag or file, the value and what was expected, with no panic and no abort. Each case
 //! here crashed, hung, aborted or was accepted silently before it had a check.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::invaspread;
+use crate::common::invaspread;
 
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

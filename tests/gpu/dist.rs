@@ -4,15 +4,15 @@
 //! enough. Each result is checked against what it must be on every rank; a rank that dies or
 //! hangs must make the others exit non-zero within the timeout, naming it.
 //! Skips without a GPU (`SKIPPED (no GPU): ...`), fails under REQUIRE_GPU=1.
+use crate::common::ranks_or_skip;
 
-use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
 use invaspread::bench::gathered::{rank_rows, RankTruth};
-use invaspread::cuda::{device_count, Gpu};
+use invaspread::cuda::Gpu;
 use invaspread::dist::nccl::ProcessGroup;
 use invaspread::dist::DistEnv;
 use invaspread::loss::cuda::CudaLossVersion;
@@ -28,28 +28,12 @@ use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::params::ParamStore;
 use invaspread::nn::step::{train_step, update_error};
 use invaspread::ops::Shape4;
-use invaspread::testing::{gpu_or_skip, random_matrix, rng};
+use invaspread::testing::{random_matrix, rng};
 
 /// The environment variable that makes this binary a rank: what the rank does.
 const ROLE: &str = "INVASPREAD_TEST_RANK_ROLE";
 /// The watchdog's timeout in the fault cases, in seconds.
 const FAULT_TIMEOUT_S: u64 = 4;
-
-/// Whether `ranks` ranks can run here (the virtual GPU has as many devices as asked for).
-fn ranks_or_skip(name: &str, ranks: usize) -> bool {
-    let Some(gpu) = gpu_or_skip(name) else {
-        return false;
-    };
-    if !gpu.is_virtual() && device_count().unwrap_or(0) < ranks {
-        // Straight to the terminal, as testing::gpu_or_skip does (eprintln! is captured).
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (fewer than {ranks} GPUs): {name}"
-        );
-        return false;
-    }
-    true
-}
 
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
@@ -63,7 +47,12 @@ fn spawn_group(ranks: usize, role: &str) -> Vec<Child> {
     (0..ranks)
         .map(|rank| {
             Command::new(&exe)
-                .args(["--exact", "rank_main", "--nocapture", "--include-ignored"])
+                .args([
+                    "--exact",
+                    "dist::rank_main",
+                    "--nocapture",
+                    "--include-ignored",
+                ])
                 .env(ROLE, role)
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", ranks.to_string())
@@ -585,7 +574,7 @@ fn data_parallel_steps_match_the_per_rank_reference() {
 
 /// With `--sync-bn`: STEPS steps of convnet-small give the float64 reference's losses,
 /// parameters and running statistics of one device on the same global batches. The other
-/// pairs of ranks and semantics run through `train` in tests/gpu_train_ranks.rs, against one
+/// pairs of ranks and semantics run through `train` in tests/gpu/train_ranks.rs, against one
 /// device's float32 run.
 #[test]
 fn data_parallel_steps_with_sync_bn_match_one_device() {

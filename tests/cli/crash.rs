@@ -4,16 +4,13 @@
 //! and every run crashed again while it resumes, must end in the same files, byte for byte, as
 //! a run that never stopped. A full disk (a file size limit) in the middle of a save must leave
 //! the previous state resumable.
+use crate::common::exe;
 
-mod common;
+use crate::common;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn exe() -> String {
-    std::env::var("INVASPREAD_EXE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_invaspread").to_string())
-}
 
 struct Case {
     root: PathBuf,

@@ -5,15 +5,13 @@
 //! Temporaries are named `.<name>.tmp<pid>`; a run removes those left by a killed writer
 //! ([`remove_leftovers`]) when it takes its folder.
 //!
-//! Fault injection for the crash-consistency test: with `INVASPREAD_CRASH_AT_WRITE=n`, the
-//! process aborts (as `kill -9` would end it) at the n-th write event, counting two per file:
-//! after the temporary is written and synced, and after the rename. A test runs a training
-//! with n = 1, 2, ... and resumes each time (tests/cli/crash.rs).
+//! Each write has two events for the crash-consistency test's fault injection
+//! ([`crate::test_hooks`], only in builds with the `test-hooks` feature): after the temporary
+//! is written and synced, and after the rename.
 
 use std::fs;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -31,9 +29,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut file = fs::File::create(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        crash_point();
+        crate::test_hooks::write_event();
         fs::rename(&tmp, path)?;
-        crash_point();
+        crate::test_hooks::write_event();
         sync_dir(path)
     })();
     if let Err(e) = result {
@@ -70,24 +68,6 @@ pub fn remove_leftovers(dir: &Path) -> Result<usize> {
         }
     }
     Ok(removed)
-}
-
-/// The write events so far, for `INVASPREAD_CRASH_AT_WRITE`.
-static WRITE_EVENTS: AtomicU64 = AtomicU64::new(0);
-
-fn crash_point() {
-    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let at = AT.get_or_init(|| {
-        std::env::var("INVASPREAD_CRASH_AT_WRITE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    });
-    if let Some(at) = *at {
-        if WRITE_EVENTS.fetch_add(1, Ordering::SeqCst) + 1 == at {
-            eprintln!("INVASPREAD_CRASH_AT_WRITE={at}: aborting at this write");
-            std::process::abort();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,8 @@
 //! | [`linalg`], [`simd`], [`scratch`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors for the CPU paths; scratch buffers kept between calls |
 //! | [`npy`] | `.npy` reading and writing with clear errors |
 //! | [`plot`] | charts as PNG with axes, ticks, labels and legends: `metrics.png`, `invaspread plot`, `embed --png` |
-//! | [`durable`] | atomic, synced file writes; leftovers of killed writers; the crash-injection hook |
+//! | [`durable`] | atomic, synced file writes; leftovers of killed writers |
+//! | [`test_hooks`] | fault injection for the crate's tests, only with the `test-hooks` feature |
 //! | [`limits`] | the range of every numeric setting (flags, config files, library calls) and the memory check before large allocations |
 //! | [`names`] | one spelling for every named choice (clap's `ValueEnum` names, also in config files) |
 //! | [`rng`] | seeded generators |
@@ -52,6 +53,7 @@ pub mod plot;
 pub mod rng;
 pub mod scratch;
 pub mod simd;
+pub mod test_hooks;
 pub mod testing;
 pub mod trainer;
 

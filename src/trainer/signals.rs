@@ -78,14 +78,10 @@ fn on_signal(signal: i32) {
     );
 }
 
-/// Test hook: with `INVASPREAD_SIGNAL_AT_EVAL=1`, the first end-of-epoch evaluation begins as
-/// if SIGTERM had just arrived (through [`on_signal`], as the watcher delivers it), so that
-/// tests/cli/signals.rs can stop a run there at a known moment.
+/// At the start of an end-of-epoch evaluation: a test hook ([`crate::test_hooks`]) may deliver
+/// SIGTERM here, through [`on_signal`] as the watcher delivers it.
 pub fn hook_at_evaluation() {
-    static DONE: AtomicBool = AtomicBool::new(false);
-    if std::env::var("INVASPREAD_SIGNAL_AT_EVAL").is_ok_and(|v| v == "1")
-        && !DONE.swap(true, Ordering::SeqCst)
-    {
+    if crate::test_hooks::signal_at_evaluation() {
         on_signal(SIGTERM);
     }
 }

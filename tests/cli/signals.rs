@@ -192,6 +192,10 @@ fn sigterm_mid_training_saves_exits_143_and_resume_ends_as_an_uninterrupted_run(
 
 #[test]
 fn a_signal_during_an_epochs_evaluation_saves_it_pending_and_resume_evaluates_it() {
+    let name = "a_signal_during_an_epochs_evaluation_saves_it_pending_and_resume_evaluates_it";
+    if !common::hooks_or_skip(name) {
+        return;
+    }
     let dir = scratch("eval");
     let data = dir.join("data");
     common::write_stripes(&data, 16); // 4 steps an epoch at batch 8

@@ -163,3 +163,17 @@ pub fn ranks_or_skip(name: &str, ranks: usize) -> bool {
     }
     true
 }
+
+/// Whether the crate was built with its `test-hooks` feature (`cargo test --features
+/// test-hooks`, as `.ci/run` tests); prints `SKIPPED (no test-hooks feature): test` when not.
+pub fn hooks_or_skip(test: &str) -> bool {
+    if invaspread::test_hooks::ENABLED {
+        return true;
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED (no test-hooks feature; cargo test --features test-hooks): {test}"
+    );
+    false
+}

@@ -263,3 +263,63 @@ fn the_function_scanner_measures_bodies() {
         vec![("a".to_string(), 1, 3), ("c".to_string(), 5, 2)]
     );
 }
+
+/// The environment variables a user may set (the README documents each); every other
+/// `INVASPREAD_*` name in src/ is a test hook and belongs in src/test_hooks.rs.
+const USER_VARIABLES: [&str; 4] = [
+    "INVASPREAD_GPU",
+    "INVASPREAD_VGPU_DIR",
+    "INVASPREAD_VGPU_DEVICES",
+    "INVASPREAD_DIST_TIMEOUT_S",
+];
+
+/// The quoted `INVASPREAD_*` names in `text`.
+fn quoted_variables(text: &str) -> Vec<String> {
+    text.match_indices("\"INVASPREAD_")
+        .map(|(i, _)| {
+            let rest = &text[i + 1..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(rest.len());
+            rest[..end].to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn test_hooks_exist_only_in_builds_with_the_test_feature() {
+    let src = common::repo().join("src");
+    let hooks = src.join("test_hooks.rs");
+    for path in rust_files(&src) {
+        if path == hooks {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for name in quoted_variables(&text) {
+            assert!(
+                USER_VARIABLES.contains(&name.as_str()),
+                "{}: reads {name}, which is no user setting: a test hook goes in src/test_hooks.rs, \
+                 behind the test-hooks feature",
+                path.display()
+            );
+        }
+    }
+    // In test_hooks.rs every variable is read inside the module the feature gates.
+    let text = std::fs::read_to_string(&hooks).unwrap();
+    let gate = text
+        .find("#[cfg(feature = \"test-hooks\")]\nmod enabled {")
+        .expect("test_hooks.rs gates its hooks in `mod enabled` behind the test-hooks feature");
+    let end = gate + text[gate..].find("\n}\n").expect("the end of mod enabled");
+    for (at, _) in text.match_indices("std::env::var") {
+        assert!(
+            (gate..end).contains(&at),
+            "src/test_hooks.rs reads a variable outside the gated module"
+        );
+    }
+    let manifest = std::fs::read_to_string(common::repo().join("Cargo.toml")).unwrap();
+    let default = manifest.lines().find(|l| l.starts_with("default"));
+    assert!(
+        default.is_none_or(|l| !l.contains("test-hooks")),
+        "the test-hooks feature must not be a default feature"
+    );
+}

@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use cudarc::driver::sys::CUevent_flags;
-use invaspread::bench::{bench_input, pass_name};
-use invaspread::loss::check::{Truth, FLOAT32_TOLERANCE};
+use invaspread::bench::{bench_input, pass_name, run_cpu};
+use invaspread::loss::check::Truth;
 use invaspread::loss::cuda::{CudaLoss, CudaLossVersion};
-use invaspread::loss::{cpu, reference, LossConfig};
+use invaspread::loss::{CpuLossVersion, LossConfig};
 use invaspread::names::Named;
 use invaspread::testing::{gpu_or_skip, virtual_gpu_note};
 
@@ -61,50 +61,26 @@ fn cpu_benches(c: &mut Criterion) {
             let z = bench_input(n, D);
             let z64: Vec<f64> = z.iter().map(|&x| f64::from(x)).collect();
             let truth = Truth::of(&z, n, D, &cfg, with_grad).unwrap();
-            let as_f32 =
-                |g: Option<Vec<f64>>| g.map(|g| g.iter().map(|&x| x as f32).collect::<Vec<f32>>());
-            let out = cpu::instance_loss(&z64, n, D, &cfg, with_grad).unwrap();
-            check(
-                &truth,
-                ("fused-f64", FLOAT32_TOLERANCE),
-                n,
-                with_grad,
-                out.loss,
-                as_f32(out.grad_z).as_deref(),
-            );
-            let out = cpu::instance_loss(&z, n, D, &cfg, with_grad).unwrap();
-            check(
-                &truth,
-                ("fused-f32", FLOAT32_TOLERANCE),
-                n,
-                with_grad,
-                out.loss,
-                out.grad_z.as_deref(),
-            );
             group.throughput(Throughput::Elements((n * n) as u64));
-            if n <= 4096 {
-                group.bench_with_input(BenchmarkId::new("reference-f64", n), &n, |b, &n| {
-                    b.iter(|| {
-                        black_box(
-                            reference::instance_loss(&z, n, D, &cfg, with_grad)
-                                .unwrap()
-                                .loss,
-                        )
-                    })
+            for version in CpuLossVersion::all() {
+                if version == CpuLossVersion::Reference && n > 4096 {
+                    continue; // stores N x N
+                }
+                let run = || run_cpu(version, &z, &z64, n, D, &cfg, with_grad).unwrap();
+                let (loss, grad) = run();
+                let tolerance = version.version().tolerance(cfg.tau, D, false).either();
+                check(
+                    &truth,
+                    (&version.name(), tolerance),
+                    n,
+                    with_grad,
+                    loss,
+                    grad.as_deref(),
+                );
+                group.bench_with_input(BenchmarkId::new(version.name(), n), &n, |b, _| {
+                    b.iter(|| black_box(run().0))
                 });
             }
-            group.bench_with_input(BenchmarkId::new("fused-f64", n), &n, |b, &n| {
-                b.iter(|| {
-                    black_box(
-                        cpu::instance_loss(&z64, n, D, &cfg, with_grad)
-                            .unwrap()
-                            .loss,
-                    )
-                })
-            });
-            group.bench_with_input(BenchmarkId::new("fused-f32", n), &n, |b, &n| {
-                b.iter(|| black_box(cpu::instance_loss(&z, n, D, &cfg, with_grad).unwrap().loss))
-            });
         }
         group.finish();
     }
@@ -138,7 +114,7 @@ fn cuda_benches(c: &mut Criterion) {
             let z = stream.clone_htod(&z_host).unwrap();
             let mut dz = stream.alloc_zeros::<f32>(n * D).unwrap();
             group.throughput(Throughput::Elements((n * n) as u64));
-            for version in CudaLossVersion::ALL {
+            for version in CudaLossVersion::all() {
                 let free = gpu.context().mem_get_info().unwrap().0;
                 if version.stores_nxn() && 3 * n * n * 4 > free {
                     continue; // the unfused chain's N x N matrices do not fit

@@ -329,7 +329,7 @@ if [[ -n "${NCU:-}" ]] && want bench-loss && command -v ncu > /dev/null; then
   "$bin/invaspread" random --n 4096 --d 128 --out "$work/z4096.npy" > /dev/null 2>&1
   for version in fused-v2 fused-v3-tf32; do
     if run_step "ncu $version" 180 "ncu-$version.txt" ncu --clock-control none -k regex:instance_loss_ --set basic \
-        "$bin/invaspread" loss --input "$work/z4096.npy" --device cuda --kernel "$version" --grad-out "$work/dz4096.npy"; then
+        "$bin/invaspread" loss --input "$work/z4096.npy" --device cuda --loss "$version" --grad-out "$work/dz4096.npy"; then
       note "PASS ncu profile of $version (logs/ncu-$version.txt)"
     fi
   done

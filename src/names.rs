@@ -4,6 +4,13 @@
 
 use clap::ValueEnum;
 
+/// Where a computation runs (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
 /// The command-line name of a value.
 pub trait Named {
     fn name(&self) -> String;

@@ -23,9 +23,10 @@ use serde::Serialize;
 
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::loss::check::{Truth, FLOAT32_TOLERANCE};
-use crate::loss::cuda::{CudaLoss, CudaLossVersion};
+use crate::loss::check::Truth;
+use crate::loss::cuda::CudaLoss;
 use crate::loss::{cpu, reference, GradSemantics, LossConfig};
+use crate::loss::{CpuLossVersion, CudaLossVersion};
 use crate::names::Named;
 use crate::rng::{random_matrix, rng};
 
@@ -181,78 +182,61 @@ pub fn cpu_reference_extra_bytes(n: usize, d: usize, threads: usize, with_grad: 
         + if with_grad { n * n * 8 } else { 0 }
 }
 
-/// CPU implementations measured by `bench-loss --device cpu`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum CpuVersion {
-    #[value(name = "reference-f64")]
-    Reference,
-    FusedF64,
-    FusedF32,
-}
-
-impl CpuVersion {
-    pub const ALL: [CpuVersion; 3] = [
-        CpuVersion::Reference,
-        CpuVersion::FusedF64,
-        CpuVersion::FusedF32,
-    ];
+/// One run of a CPU version on `z` (its float64 copy `z64` for the float64 versions): the loss
+/// and, with `with_grad`, dL/dz as float32 (what is checked).
+pub fn run_cpu(
+    version: CpuLossVersion,
+    z: &[f32],
+    z64: &[f64],
+    n: usize,
+    d: usize,
+    cfg: &LossConfig,
+    with_grad: bool,
+) -> Result<(f64, Option<Vec<f32>>)> {
+    let as_f32 = |g: Option<Vec<f64>>| g.map(|g| g.iter().map(|&x| x as f32).collect());
+    Ok(match version {
+        CpuLossVersion::Reference => {
+            let out = reference::instance_loss(z, n, d, cfg, with_grad)?;
+            (out.loss, as_f32(out.grad_z))
+        }
+        CpuLossVersion::FusedF64 => {
+            let out = cpu::instance_loss(z64, n, d, cfg, with_grad)?;
+            (out.loss, as_f32(out.grad_z))
+        }
+        CpuLossVersion::Fused => {
+            let out = cpu::instance_loss(z, n, d, cfg, with_grad)?;
+            (out.loss, out.grad_z)
+        }
+    })
 }
 
 /// Times one CPU version on the case's input, after checking its output against the truth;
 /// `None` when the size is past what that version is meant for (the reference stores N x N).
 pub fn bench_cpu(
-    version: CpuVersion,
+    version: CpuLossVersion,
     case: &Case<'_>,
     min_seconds: f64,
     rates: &mut floor::Rates,
 ) -> Result<Option<BenchRow>> {
     let (z, n, d, cfg, with_grad) = (case.z, case.n, case.d, case.cfg, case.with_grad);
-    if version == CpuVersion::Reference && n > 8192 {
+    if version == CpuLossVersion::Reference && n > 8192 {
         return Ok(None);
     }
     let z64: Vec<f64> = z.iter().map(|&x| f64::from(x)).collect();
     let threads = rayon::current_num_threads();
-    // One run of the version: its loss and dL/dz as float32 (what is checked).
-    let run = || -> Result<(f64, Option<Vec<f32>>)> {
-        Ok(match version {
-            CpuVersion::Reference => {
-                let out = reference::instance_loss(z, n, d, cfg, with_grad)?;
-                let grad = out.grad_z.map(|g| g.iter().map(|&x| x as f32).collect());
-                (out.loss, grad)
-            }
-            CpuVersion::FusedF64 => {
-                let out = cpu::instance_loss(&z64, n, d, cfg, with_grad)?;
-                let grad = out.grad_z.map(|g| g.iter().map(|&x| x as f32).collect());
-                (out.loss, grad)
-            }
-            CpuVersion::FusedF32 => {
-                let out = cpu::instance_loss(z, n, d, cfg, with_grad)?;
-                (out.loss, out.grad_z)
-            }
-        })
-    };
+    let run = || run_cpu(version, z, &z64, n, d, cfg, with_grad);
     let (loss, grad) = run()?;
-    let check_error = case.check(&version.name(), loss, grad.as_deref(), FLOAT32_TOLERANCE)?;
-    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+    let tolerance = version.version().tolerance(cfg.tau, d, false).either();
+    let check_error = case.check(&version.name(), loss, grad.as_deref(), tolerance)?;
+    let (median_s, runs) = median_time(3, 50, min_seconds, || {
         let t = Instant::now();
-        f()?;
+        run()?;
         Ok(t.elapsed().as_secs_f64())
-    };
-    let (median_s, runs) = match version {
-        CpuVersion::Reference => median_time(3, 50, min_seconds, || {
-            timed(&mut || reference::instance_loss(z, n, d, cfg, with_grad).map(drop))
-        })?,
-        CpuVersion::FusedF64 => median_time(3, 50, min_seconds, || {
-            timed(&mut || cpu::instance_loss(&z64, n, d, cfg, with_grad).map(drop))
-        })?,
-        CpuVersion::FusedF32 => median_time(3, 50, min_seconds, || {
-            timed(&mut || cpu::instance_loss(z, n, d, cfg, with_grad).map(drop))
-        })?,
-    };
+    })?;
     let extra_bytes = match version {
-        CpuVersion::Reference => cpu_reference_extra_bytes(n, d, threads, with_grad),
-        CpuVersion::FusedF64 => cpu_fused_extra_bytes(n, d, 8, threads, with_grad),
-        CpuVersion::FusedF32 => cpu_fused_extra_bytes(n, d, 4, threads, with_grad),
+        CpuLossVersion::Reference => cpu_reference_extra_bytes(n, d, threads, with_grad),
+        CpuLossVersion::FusedF64 => cpu_fused_extra_bytes(n, d, 8, threads, with_grad),
+        CpuLossVersion::Fused => cpu_fused_extra_bytes(n, d, 4, threads, with_grad),
     };
     let mut row = BenchRow::new(
         format!("cpu ({threads} threads)"),
@@ -267,8 +251,8 @@ pub fn bench_cpu(
     row.check_error = check_error;
     let shape = (n, d, cpu::ROW_BLOCK);
     row.floor_s = Some(match version {
-        CpuVersion::FusedF32 => rates.loss_seconds::<f32>(shape, with_grad, cfg.semantics)?,
-        CpuVersion::Reference | CpuVersion::FusedF64 => {
+        CpuLossVersion::Fused => rates.loss_seconds::<f32>(shape, with_grad, cfg.semantics)?,
+        CpuLossVersion::Reference | CpuLossVersion::FusedF64 => {
             rates.loss_seconds::<f64>(shape, with_grad, cfg.semantics)?
         }
     });

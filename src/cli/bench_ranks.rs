@@ -81,7 +81,7 @@ pub fn run(args: &BenchLossArgs, cfg: &LossConfig) -> invaspread::Result<()> {
         } else {
             None
         };
-        let cases = CudaLossVersion::ALL.into_iter().flat_map(|v| {
+        let cases = CudaLossVersion::all().flat_map(|v| {
             let own = v == CudaLossVersion::FusedV2 && dp.runs_own_rows(v, cfg);
             [(v, false)].into_iter().chain(own.then_some((v, true)))
         });

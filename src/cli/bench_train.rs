@@ -10,8 +10,7 @@ use std::time::Instant;
 use invaspread::bench::{floor, gpu_floor};
 use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::Gpu;
-use invaspread::loss::cuda::CudaLossVersion;
-use invaspread::loss::LossConfig;
+use invaspread::loss::{CpuLossVersion, CudaLossVersion, LossConfig, LossVersion};
 use invaspread::names::Named;
 use invaspread::nn::backend::Backend;
 use invaspread::nn::cpu_backend::Cpu;
@@ -44,6 +43,9 @@ pub struct BenchTrainArgs {
     /// GEMM precisions to time on CUDA (float32 storage and accumulation in every case).
     #[arg(long, value_enum, num_args = 1.., default_values_t = [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::Bf16])]
     precision: Vec<GemmPrecision>,
+    /// The loss version of the steps (default: fused on the CPU, fused-v2 on CUDA).
+    #[arg(long, value_enum)]
+    loss: Option<LossVersion>,
     /// Convolution versions to time on the CPU.
     #[arg(long, value_enum, num_args = 1.., default_values_t = [CpuVersion::Im2col, CpuVersion::Winograd])]
     cpu_conv: Vec<CpuVersion>,
@@ -104,12 +106,12 @@ fn cuda_step_floor(
     precision: GemmPrecision,
     convs: &[ConvUse],
     rows: usize,
+    loss: CudaLossVersion,
 ) -> f64 {
     let gemms: Vec<_> = convs
         .iter()
         .flat_map(|c| conv2d::cpu::gemm_shapes(CpuVersion::Im2col, &c.conv, c.input, c.with_dx))
         .collect();
-    let loss = CudaLossVersion::FusedV2;
     gpu_floor::step_floor_seconds(peaks, precision, &gemms, loss, (rows, EMBED_DIM))
 }
 
@@ -119,6 +121,15 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
         Device::Cpu => None,
     };
     let version = env!("CARGO_PKG_VERSION");
+    let loss = args
+        .loss
+        .unwrap_or(LossVersion::default_on(args.device))
+        .for_device(args.device, "--loss")?;
+    // The version of the device timed (the other device's is not used).
+    let (cpu_loss, cuda_loss) = match loss {
+        LossVersion::Cpu(v) => (v, CudaLossVersion::FusedV2),
+        LossVersion::Cuda(v) => (CpuLossVersion::Fused, v),
+    };
     let (shape, views) = random_views(args.batch, 1);
     let mut checks = Vec::new();
     if gpu.as_ref().is_some_and(|g| g.is_virtual()) {
@@ -132,7 +143,7 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
             None => {
                 let threads = rayon::current_num_threads();
                 for &conv in &args.cpu_conv {
-                    let backend = Cpu::<f32>::new().with_conv(conv);
+                    let backend = Cpu::<f32>::new().with_conv(conv).with_loss(cpu_loss);
                     let (s, convs) = time_steps(kind, backend, (shape, &views), args.steps)?;
                     let floor = cpu_step_floor(&mut rates, conv, &convs, shape.n)?;
                     println!(
@@ -149,18 +160,20 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
             Some(gpu) => {
                 for &precision in &args.precision {
                     let what = format!("{} cuda {}", kind.name(), precision.name());
-                    let backend = CudaBackend::new(gpu.clone())?.with_gemm_precision(precision);
+                    let backend = CudaBackend::with_loss_version(gpu.clone(), cuda_loss)?
+                        .with_gemm_precision(precision);
                     let err = first_step_agreement(kind, backend, &views, shape)?
                         .check(&what, step_tolerance(precision))?;
                     checks.push(format!(
                         "{what}: one step within {err:.1e} of the CPU's float32 step (at most {:.0e})",
                         step_tolerance(precision)
                     ));
-                    let backend = CudaBackend::new(gpu.clone())?.with_gemm_precision(precision);
+                    let backend = CudaBackend::with_loss_version(gpu.clone(), cuda_loss)?
+                        .with_gemm_precision(precision);
                     let (s, convs) = time_steps(kind, backend, (shape, &views), args.steps)?;
                     let (floor, ratio) = match gpu_floor::CardPeaks::of(gpu)? {
                         Some(peaks) => {
-                            let f = cuda_step_floor(&peaks, precision, &convs, shape.n);
+                            let f = cuda_step_floor(&peaks, precision, &convs, shape.n, cuda_loss);
                             (invaspread::bench::human_time(f), format!("{:.2}x", s / f))
                         }
                         None => ("-".into(), "-".into()),

@@ -2,7 +2,7 @@
 
 use clap::ValueEnum;
 use invaspread::cuda::{self, kernels, Gpu};
-use invaspread::loss::cuda::CudaLossVersion;
+use invaspread::loss::{CpuLossVersion, CudaLossVersion};
 use invaspread::names::Named;
 use invaspread::ops::{batchnorm, conv2d, elementwise, linear, normalize_rows, pool, sgd, topk};
 
@@ -83,8 +83,10 @@ fn print_versions() {
         let names: Vec<String> = V::value_variants().iter().map(|v| v.name()).collect();
         names.join(" ")
     }
-    println!("kernel versions (train --loss / --kernels op=version; the last is the default):");
-    println!("  loss:           {}", names::<CudaLossVersion>());
+    println!("loss versions (--loss of train, loss, bench-loss, bench-train):");
+    println!("  cpu:            {}", names::<CpuLossVersion>());
+    println!("  cuda:           {}", names::<CudaLossVersion>());
+    println!("kernel versions (train --kernels op=version; the last is the default):");
     for (op, versions) in [
         ("conv2d", names::<conv2d::Version>()),
         ("batchnorm", names::<batchnorm::Version>()),

@@ -5,27 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use invaspread::cuda::Gpu;
-use invaspread::loss::cuda::{self, CudaLossVersion};
-use invaspread::loss::{cpu, reference, GradSemantics, LossConfig};
+use invaspread::loss::cuda;
+use invaspread::loss::{cpu, reference, CpuLossVersion, GradSemantics, LossConfig, LossVersion};
 use invaspread::{npy, Error};
 
 use super::Device;
-
-/// Which implementation computes the loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LossImpl {
-    /// The float64 reference (stores the N x N gradient matrix; for checking small inputs).
-    Reference,
-    /// The fused path: never stores N x N (CPU: rayon row blocks and GEMM).
-    Fused,
-}
-
-/// Arithmetic precision of the CPU path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Precision {
-    F32,
-    F64,
-}
 
 #[derive(Debug, clap::Args)]
 pub struct LossArgs {
@@ -47,15 +31,10 @@ pub struct LossArgs {
     /// Where to compute.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
-    /// Which implementation.
-    #[arg(long = "impl", value_enum, default_value_t = LossImpl::Fused)]
-    implementation: LossImpl,
-    /// Which CUDA kernel version, for --device cuda.
-    #[arg(long, value_enum, default_value_t = CudaLossVersion::FusedV2)]
-    kernel: CudaLossVersion,
-    /// Arithmetic of the fused CPU path (f64 prints the loss to full float64 accuracy).
-    #[arg(long, value_enum, default_value_t = Precision::F64)]
-    precision: Precision,
+    /// The loss implementation (default: fused-f64 on the CPU, the loss to full float64
+    /// accuracy; fused-v2 on CUDA).
+    #[arg(long, value_enum)]
+    loss: Option<LossVersion>,
     #[command(flatten)]
     negatives: NegativeArgs,
 }
@@ -68,43 +47,38 @@ pub fn run(args: LossArgs) -> invaspread::Result<()> {
         negatives: args.negatives.choice(),
     };
     cfg.validate()?;
+    let version = match (args.loss, args.device) {
+        (Some(v), device) => v.for_device(device, "--loss")?,
+        (None, Device::Cpu) => LossVersion::Cpu(CpuLossVersion::FusedF64),
+        (None, Device::Cuda) => LossVersion::default_on(Device::Cuda),
+    };
+    version.supports(&cfg)?;
     let (n, d, array) = npy::read_matrix(&args.input)?;
     let with_grad = args.grad_out.is_some();
     let in_file = |e: Error| e.in_file(&args.input);
-    let (loss, grad): (f64, Option<Vec<f32>>) =
-        match (args.device, args.implementation, args.precision) {
-            (Device::Cpu, LossImpl::Reference, _) => {
-                let out = reference::instance_loss(&array.to_f64(), n, d, &cfg, with_grad)
-                    .map_err(in_file)?;
-                (
-                    out.loss,
-                    out.grad_z.map(|g| g.iter().map(|&x| x as f32).collect()),
-                )
-            }
-            (Device::Cpu, LossImpl::Fused, Precision::F64) => {
-                let out =
-                    cpu::instance_loss(&array.to_f64(), n, d, &cfg, with_grad).map_err(in_file)?;
-                (
-                    out.loss,
-                    out.grad_z.map(|g| g.iter().map(|&x| x as f32).collect()),
-                )
-            }
-            (Device::Cpu, LossImpl::Fused, Precision::F32) => {
-                let out =
-                    cpu::instance_loss(&array.to_f32(), n, d, &cfg, with_grad).map_err(in_file)?;
-                (out.loss, out.grad_z)
-            }
-            (Device::Cuda, LossImpl::Reference, _) => {
-                return Err(Error::InvalidInput(
-                    "--impl reference runs on the CPU; drop --device cuda".into(),
-                ))
-            }
-            (Device::Cuda, LossImpl::Fused, _) => {
-                let gpu = Arc::new(Gpu::require()?);
-                cuda::instance_loss(gpu, args.kernel, &array.to_f32(), n, d, &cfg, with_grad)
-                    .map_err(in_file)?
-            }
-        };
+    let as_f32 = |g: Option<Vec<f64>>| g.map(|g| g.iter().map(|&x| x as f32).collect());
+    let (loss, grad): (f64, Option<Vec<f32>>) = match version {
+        LossVersion::Cpu(CpuLossVersion::Reference) => {
+            let out = reference::instance_loss(&array.to_f64(), n, d, &cfg, with_grad)
+                .map_err(in_file)?;
+            (out.loss, as_f32(out.grad_z))
+        }
+        LossVersion::Cpu(CpuLossVersion::FusedF64) => {
+            let out =
+                cpu::instance_loss(&array.to_f64(), n, d, &cfg, with_grad).map_err(in_file)?;
+            (out.loss, as_f32(out.grad_z))
+        }
+        LossVersion::Cpu(CpuLossVersion::Fused) => {
+            let out =
+                cpu::instance_loss(&array.to_f32(), n, d, &cfg, with_grad).map_err(in_file)?;
+            (out.loss, out.grad_z)
+        }
+        LossVersion::Cuda(kernel) => {
+            let gpu = Arc::new(Gpu::require()?);
+            cuda::instance_loss(gpu, kernel, &array.to_f32(), n, d, &cfg, with_grad)
+                .map_err(in_file)?
+        }
+    };
     println!("{loss}");
     if let (Some(path), Some(grad)) = (&args.grad_out, grad) {
         npy::write(path, &[n, d], &grad)?;

@@ -80,9 +80,4 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> invaspread::Result<()> {
     }
 }
 
-/// Where a computation runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
+pub use invaspread::names::Device;

@@ -10,8 +10,7 @@ use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::Gpu;
 use invaspread::data::augment::Augmentations;
 use invaspread::dist::DistEnv;
-use invaspread::loss::cuda::CudaLossVersion;
-use invaspread::loss::GradSemantics;
+use invaspread::loss::{GradSemantics, LossVersion};
 use invaspread::methods::Method;
 use invaspread::names::Named;
 use invaspread::nn::cuda_backend::EncoderKernels;
@@ -35,26 +34,6 @@ pub enum ScheduleArg {
     /// x0.1 at epoch 120 and x0.01 at 160 (the paper's).
     Step,
     Cosine,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LossArg {
-    /// The float64 reference (slow; stores N x N).
-    Reference,
-    /// The fused CPU loss.
-    Fused,
-    /// The unfused CUDA chain (--device cuda).
-    Unfused,
-    /// The unfused CUDA chain with cuBLAS products (--device cuda).
-    UnfusedCublas,
-    /// Fused CUDA kernels, one block per row (--device cuda).
-    FusedV1,
-    /// Fused, tiled CUDA kernels (--device cuda; its default).
-    FusedV2,
-    /// Fused v2 on tensor cores, TF32 operands (--device cuda).
-    FusedV3Tf32,
-    /// Fused v2 on tensor cores, bf16 operands (--device cuda).
-    FusedV3Bf16,
 }
 
 #[derive(Debug, clap::Args)]
@@ -124,8 +103,9 @@ pub struct TrainArgs {
     /// exemplar (a classifier with one class per image).
     #[arg(long, value_enum, default_value_t = Method::Invaspread)]
     method: Method,
-    #[arg(long, value_enum, default_value_t = LossArg::Fused)]
-    loss: LossArg,
+    /// The loss implementation (default: fused on the CPU, fused-v2 on CUDA).
+    #[arg(long, value_enum)]
+    loss: Option<LossVersion>,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
     /// GEMM precision on CUDA; float32 storage and sums in every mode. tf32 is what PyTorch
@@ -182,37 +162,20 @@ pub struct TrainArgs {
 
 /// The backend the device and loss flags name.
 fn backend_choice(args: &TrainArgs) -> invaspread::Result<BackendChoice> {
-    let cuda = |loss| BackendChoice::Cuda {
-        loss,
-        precision: args.precision,
-        kernels: args.kernels,
-    };
-    Ok(match (args.device, args.loss) {
-        (Device::Cpu, LossArg::Reference) => BackendChoice::Cpu {
-            reference_loss: true,
+    let version = args
+        .loss
+        .unwrap_or(LossVersion::default_on(args.device))
+        .for_device(args.device, "--loss")?;
+    Ok(match version {
+        LossVersion::Cpu(loss) => BackendChoice::Cpu {
+            loss,
             conv: args.cpu_conv,
         },
-        (Device::Cpu, LossArg::Fused) => BackendChoice::Cpu {
-            reference_loss: false,
-            conv: args.cpu_conv,
+        LossVersion::Cuda(loss) => BackendChoice::Cuda {
+            loss,
+            precision: args.precision,
+            kernels: args.kernels,
         },
-        (Device::Cuda, LossArg::Fused | LossArg::FusedV2) => cuda(CudaLossVersion::FusedV2),
-        (Device::Cuda, LossArg::FusedV1) => cuda(CudaLossVersion::FusedV1),
-        (Device::Cuda, LossArg::Unfused) => cuda(CudaLossVersion::Unfused),
-        (Device::Cuda, LossArg::UnfusedCublas) => cuda(CudaLossVersion::UnfusedCublas),
-        (Device::Cuda, LossArg::FusedV3Tf32) => cuda(CudaLossVersion::FusedV3Tf32),
-        (Device::Cuda, LossArg::FusedV3Bf16) => cuda(CudaLossVersion::FusedV3Bf16),
-        (Device::Cuda, LossArg::Reference) => {
-            return Err(Error::invalid(
-                "--loss reference runs on the CPU only; use --device cpu, or a CUDA loss (fused-v2, fused-v3-tf32, fused-v3-bf16, fused-v1, unfused, unfused-cublas)",
-            ))
-        }
-        (Device::Cpu, other) => {
-            return Err(Error::invalid(format!(
-                "--loss {} is a CUDA kernel; add --device cuda, or use --loss fused on the CPU",
-                other.name()
-            )))
-        }
     })
 }
 

@@ -13,10 +13,6 @@ use crate::error::{Error, Result};
 /// Largest N for which the truth is the reference itself (N x N float64 coefficients: 134 MB).
 pub const REFERENCE_MAX_N: usize = 4096;
 
-/// Tolerance of a float32 implementation on random input, for the loss and for dL/dz (the
-/// GPU and CPU tests' bound: tests/gpu/loss.rs, tests/cpu/cpu_loss.rs).
-pub const FLOAT32_TOLERANCE: f64 = 5e-5;
-
 /// The float64 loss, and dL/dz when asked for, of one input.
 #[derive(Debug, Clone)]
 pub struct Truth {

@@ -1,5 +1,7 @@
 //! The instance loss of Ye et al. (CVPR 2019), exactly as `../shared/notes/loss.md` states it.
 //!
+//! - [`versions`]: the registry of every implementation (names, devices, arithmetic,
+//!   tolerances): what flags, config.json, benchmarks and tests list.
 //! - [`reference`](mod@reference): float64, plain loops, the truth every other version is tested against.
 //! - [`cpu`]: the fast CPU path, fused per row block, f32 or f64, never storing N x N.
 //! - [`cuda`]: every GPU kernel version (unfused, fused v1, v2), a file each, behind one
@@ -16,8 +18,11 @@ pub mod cpu;
 pub mod cuda;
 pub mod gathered;
 pub mod reference;
+pub mod versions;
 
 use crate::error::{Error, Result};
+
+pub use versions::{CpuLossVersion, CudaLossVersion, LossVersion};
 
 /// Which gradient the backward pass returns (loss.md, "Backward: two semantics").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -1,13 +1,13 @@
 //! The CPU backend: buffers are `Vec<T>` (f32 for training, f64 for gradient checks) and every
-//! op is a call into `ops::<op>::cpu`. The loss op runs the fused CPU loss, or the float64
-//! reference when built with [`Cpu::with_reference_loss`]; the convolution runs the version
+//! op is a call into `ops::<op>::cpu`. The loss op runs the CPU loss version chosen with
+//! [`Cpu::with_loss`] (the fused loss in the backend's precision by default); the convolution runs the version
 //! chosen with [`Cpu::with_conv`] (Winograd by default).
 
 use std::marker::PhantomData;
 
 use super::backend::{Backend, In, Out, PendingRead};
 use crate::error::{Error, Result};
-use crate::loss::{cpu as cpu_loss, reference, LossConfig};
+use crate::loss::{cpu as cpu_loss, reference, CpuLossVersion, LossConfig};
 use crate::ops::batchnorm::cpu::BnSaved;
 use crate::ops::sgd::{SgdStep, Tensors};
 use crate::ops::topk::Neighbours;
@@ -19,7 +19,7 @@ use crate::simd::CpuFloat;
 /// The CPU backend, in f32 (training) or f64 (gradient checks).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Cpu<T> {
-    reference_loss: bool,
+    loss: CpuLossVersion,
     conv: conv2d::CpuVersion,
     _elem: PhantomData<T>,
 }
@@ -27,16 +27,17 @@ pub struct Cpu<T> {
 impl<T> Cpu<T> {
     pub fn new() -> Self {
         Cpu {
-            reference_loss: false,
+            loss: CpuLossVersion::Fused,
             conv: conv2d::CpuVersion::default(),
             _elem: PhantomData,
         }
     }
-    /// The loss op runs `loss::reference` (float64, stores N x N; for checking).
-    pub fn with_reference_loss() -> Self {
+    /// The loss op runs `version`: `reference` (float64, stores N x N; for checking), `fused`
+    /// (in the backend's precision) or `fused-f64`.
+    pub fn with_loss(self, version: CpuLossVersion) -> Self {
         Cpu {
-            reference_loss: true,
-            ..Cpu::new()
+            loss: version,
+            ..self
         }
     }
     /// The convolution runs `version`.
@@ -166,18 +167,29 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         loss: &mut Vec<T>,
         dz: &mut Vec<T>,
     ) -> Result<()> {
-        let value = if self.reference_loss {
-            let out = reference::instance_loss(z, n, d, cfg, true)?;
-            if let Some(g) = out.grad_z {
-                *dz = g.into_iter().map(T::of).collect();
+        let value = match self.loss {
+            CpuLossVersion::Reference => {
+                let out = reference::instance_loss(z, n, d, cfg, true)?;
+                if let Some(g) = out.grad_z {
+                    *dz = g.into_iter().map(T::of).collect();
+                }
+                out.loss
             }
-            out.loss
-        } else {
-            let out = cpu_loss::instance_loss(z, n, d, cfg, true)?;
-            if let Some(g) = out.grad_z {
-                *dz = g;
+            CpuLossVersion::Fused => {
+                let out = cpu_loss::instance_loss(z, n, d, cfg, true)?;
+                if let Some(g) = out.grad_z {
+                    *dz = g;
+                }
+                out.loss
             }
-            out.loss
+            CpuLossVersion::FusedF64 => {
+                let z64: Vec<f64> = z.iter().map(|&x| x.into()).collect();
+                let out = cpu_loss::instance_loss(&z64, n, d, cfg, true)?;
+                if let Some(g) = out.grad_z {
+                    *dz = g.into_iter().map(T::of).collect();
+                }
+                out.loss
+            }
         };
         *loss = vec![T::of(value)];
         Ok(())

@@ -259,7 +259,7 @@ mod tests {
         assert_eq!(
             cfg.backend,
             crate::trainer::BackendChoice::Cpu {
-                reference_loss: false,
+                loss: crate::loss::CpuLossVersion::Fused,
                 conv: crate::ops::conv2d::CpuVersion::Im2col,
             }
         );

@@ -36,8 +36,8 @@ use crate::cuda::GemmPrecision;
 use crate::cuda::Gpu;
 use crate::data::{DataConfig, Dataset};
 use crate::error::Result;
-use crate::loss::cuda::CudaLossVersion;
 use crate::loss::LossConfig;
+use crate::loss::{CpuLossVersion, CudaLossVersion, LossVersion};
 use crate::names::Named;
 use crate::nn::cpu_backend::Cpu;
 use crate::nn::cuda_backend::{CudaBackend, EncoderKernels};
@@ -116,7 +116,7 @@ impl Default for TrainConfig {
             loss: LossConfig::default(),
             method: crate::methods::Method::Invaspread,
             backend: BackendChoice::Cpu {
-                reference_loss: false,
+                loss: CpuLossVersion::Fused,
                 conv: conv2d::CpuVersion::default(),
             },
             loss_read_every: None,
@@ -200,20 +200,45 @@ pub struct RunOptions {
     pub bucket_mb: f64,
 }
 
-/// The device a run trains on and its loss implementation.
+/// The device a run trains on and its loss implementation (a CPU or a CUDA version of the
+/// loss registry, `loss::versions`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "device", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(
+    tag = "device",
+    rename_all = "kebab-case",
+    deny_unknown_fields,
+    try_from = "BackendFile"
+)]
 pub enum BackendChoice {
-    /// The CPU backend (float32); `reference_loss` runs the float64 reference loss instead of
-    /// the fused CPU loss; `conv` is the convolution's version (configurations written before
-    /// the choice existed ran im2col, and resume with it).
+    /// The CPU backend (float32) with the given loss version; `conv` is the convolution's
+    /// version (configurations written before the choice existed ran im2col, and resume with
+    /// it).
     Cpu {
-        reference_loss: bool,
-        #[serde(default = "conv2d::CpuVersion::legacy")]
+        loss: CpuLossVersion,
         conv: conv2d::CpuVersion,
     },
     /// The CUDA backend on device 0 with the given loss kernels, GEMM precision and encoder
     /// kernel versions.
+    Cuda {
+        loss: CudaLossVersion,
+        precision: GemmPrecision,
+        kernels: EncoderKernels,
+    },
+}
+
+/// [`BackendChoice`] as config.json may hold it: also as configurations before the loss
+/// registry wrote it (`"reference_loss": true|false` on the CPU).
+#[derive(Deserialize)]
+#[serde(tag = "device", rename_all = "kebab-case", deny_unknown_fields)]
+enum BackendFile {
+    Cpu {
+        #[serde(default)]
+        loss: Option<CpuLossVersion>,
+        #[serde(default)]
+        reference_loss: Option<bool>,
+        #[serde(default = "conv2d::CpuVersion::legacy")]
+        conv: conv2d::CpuVersion,
+    },
     Cuda {
         loss: CudaLossVersion,
         precision: GemmPrecision,
@@ -222,18 +247,56 @@ pub enum BackendChoice {
     },
 }
 
+impl TryFrom<BackendFile> for BackendChoice {
+    type Error = String;
+
+    fn try_from(file: BackendFile) -> std::result::Result<Self, String> {
+        Ok(match file {
+            BackendFile::Cpu {
+                loss,
+                reference_loss,
+                conv,
+            } => {
+                let loss = match (loss, reference_loss) {
+                    (Some(_), Some(_)) => {
+                        return Err(
+                            "backend: give `loss`, or the older `reference_loss`, not both".into(),
+                        )
+                    }
+                    (Some(loss), None) => loss,
+                    (None, Some(true)) => CpuLossVersion::Reference,
+                    (None, Some(false) | None) => CpuLossVersion::Fused,
+                };
+                BackendChoice::Cpu { loss, conv }
+            }
+            BackendFile::Cuda {
+                loss,
+                precision,
+                kernels,
+            } => BackendChoice::Cuda {
+                loss,
+                precision,
+                kernels,
+            },
+        })
+    }
+}
+
 impl BackendChoice {
+    /// The run's loss version.
+    pub fn loss(&self) -> LossVersion {
+        match *self {
+            BackendChoice::Cpu { loss, .. } => LossVersion::Cpu(loss),
+            BackendChoice::Cuda { loss, .. } => LossVersion::Cuda(loss),
+        }
+    }
+
     /// How the run's loss is computed, for messages.
     pub fn describe(&self) -> String {
         match self {
-            BackendChoice::Cpu {
-                reference_loss: true,
-                conv,
-            } => format!("cpu reference, {} convolutions", conv.name()),
-            BackendChoice::Cpu {
-                reference_loss: false,
-                conv,
-            } => format!("cpu fused, {} convolutions", conv.name()),
+            BackendChoice::Cpu { loss, conv } => {
+                format!("cpu {} loss, {} convolutions", loss.name(), conv.name())
+            }
             BackendChoice::Cuda {
                 loss, precision, ..
             } => {
@@ -282,16 +345,9 @@ pub fn stop_flag() -> Arc<AtomicBool> {
 /// Trains as configured on `ds`; see the module documentation.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions, ds: Arc<Dataset>) -> Result<TrainSummary> {
     match cfg.backend {
-        BackendChoice::Cpu {
-            reference_loss,
-            conv,
-        } => {
-            let backend: Cpu<f32> = if reference_loss {
-                Cpu::with_reference_loss()
-            } else {
-                Cpu::new()
-            };
-            let backend = backend.with_conv(conv);
+        BackendChoice::Cpu { loss, conv } => {
+            cfg.backend.loss().supports(&cfg.loss)?;
+            let backend = Cpu::<f32>::new().with_loss(loss).with_conv(conv);
             run::Run::start(cfg, opts, ds, backend)?.train()
         }
         BackendChoice::Cuda {

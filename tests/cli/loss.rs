@@ -59,8 +59,8 @@ fn loss_and_gradient_agree_with_an_independent_float64_implementation() {
         for tau in [0.1, 0.5] {
             for mu in [1.0, 2.0] {
                 for (semantics, implementation) in [
-                    ("query-only", "fused"),
-                    ("both-sides", "fused"),
+                    ("query-only", "fused-f64"),
+                    ("both-sides", "fused-f64"),
                     ("query-only", "reference"),
                 ] {
                     let ours_grad = dir.join("ours.npy");
@@ -75,6 +75,8 @@ fn loss_and_gradient_agree_with_an_independent_float64_implementation() {
                         &mu.to_string(),
                         "--grad-semantics",
                         semantics,
+                        "--loss",
+                        implementation,
                         "--grad-out",
                         ours_grad.to_str().unwrap(),
                     ]);

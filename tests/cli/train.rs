@@ -107,7 +107,7 @@ fn cuda_loss_kernels_need_the_cuda_device() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
     assert!(
-        stderr.contains("--loss fused-v2 is a CUDA kernel; add --device cuda"),
+        stderr.contains("--loss fused-v2 runs on CUDA: add --device cuda"),
         "{stderr}"
     );
 }

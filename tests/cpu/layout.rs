@@ -323,3 +323,83 @@ fn test_hooks_exist_only_in_builds_with_the_test_feature() {
         "the test-hooks feature must not be a default feature"
     );
 }
+
+/// `fused-v3-tf32` as an enum variant would spell it: `FusedV3Tf32`.
+fn camel_case(name: &str) -> String {
+    name.split('-')
+        .map(|part| {
+            let mut c = part.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The variants of every `enum` defined in `text`: the first word of each line of its body.
+fn enum_variants(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        let Some(rest) = t
+            .strip_prefix("pub enum ")
+            .or_else(|| t.strip_prefix("enum "))
+        else {
+            continue;
+        };
+        let name: String = rest.chars().take_while(|c| c.is_alphanumeric()).collect();
+        let mut variants = Vec::new();
+        for l in &lines[i + 1..] {
+            let l = l.trim();
+            if l.starts_with('}') {
+                break;
+            }
+            if l.starts_with("//") || l.starts_with('#') {
+                continue;
+            }
+            let v: String = l.chars().take_while(|c| c.is_alphanumeric()).collect();
+            if !v.is_empty() {
+                variants.push(v);
+            }
+        }
+        out.push((name, variants));
+    }
+    out
+}
+
+#[test]
+fn loss_versions_are_listed_in_the_registry_alone() {
+    let src = common::repo().join("src");
+    let registry = src.join("loss/versions.rs");
+    let names: Vec<&str> = invaspread::loss::versions::REGISTRY
+        .iter()
+        .map(|e| e.name)
+        .collect();
+    let variants: Vec<String> = names.iter().map(|n| camel_case(n)).collect();
+    assert!(variants.contains(&"FusedV3Tf32".to_string()));
+    for path in rust_files(&src) {
+        if path == registry {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (name, vs) in enum_variants(&text) {
+            let copied: Vec<&String> = vs.iter().filter(|v| variants.contains(v)).collect();
+            assert!(
+                copied.len() < 2,
+                "{}: enum {name} lists loss versions {copied:?}: take them from the registry \
+                 (loss::versions::REGISTRY, LossVersion)",
+                path.display()
+            );
+        }
+        let quoted = names
+            .iter()
+            .filter(|n| text.contains(&format!("\"{n}\"")))
+            .count();
+        assert!(
+            quoted < 3,
+            "{}: spells {quoted} loss versions' names: take them from the registry",
+            path.display()
+        );
+    }
+}

@@ -283,7 +283,7 @@ fn bad_fractions_and_the_cuda_path_are_refused_clearly() {
         Negatives::Easy { fraction: 0.5 },
     );
     use invaspread::loss::cuda::{check_version_supports, CudaLossVersion};
-    for version in CudaLossVersion::ALL {
+    for version in CudaLossVersion::all() {
         let supported = check_version_supports(&cfg, version);
         if version.stores_nxn() || version.selects_in_tiles() {
             assert!(

@@ -17,7 +17,7 @@ fn check_all_versions(
 ) {
     let adversarial = case.starts_with("adversarial");
     let want = reference::instance_loss(z, n, d, &cfg, true).unwrap();
-    for version in CudaLossVersion::ALL {
+    for version in CudaLossVersion::all() {
         let (loss, grad) = cuda::instance_loss(gpu.clone(), version, z, n, d, &cfg, true)
             .unwrap_or_else(|e| panic!("{} {case}: {e}", version.name()));
         let tolerance = version.tolerance(cfg.tau, d, adversarial);
@@ -224,7 +224,7 @@ fn every_version_is_deterministic() {
         semantics: GradSemantics::BothSides,
         ..LossConfig::default()
     };
-    for version in CudaLossVersion::ALL {
+    for version in CudaLossVersion::all() {
         let (l1, g1) = cuda::instance_loss(gpu.clone(), version, &z, n, d, &cfg, true).unwrap();
         let (l2, g2) = cuda::instance_loss(gpu.clone(), version, &z, n, d, &cfg, true).unwrap();
         assert_eq!(

@@ -13,7 +13,8 @@
 //! launches with [`enqueue`], generic over the [`Queue`] (a GPU, or the tests' emulator). A
 //! [`CudaLoss`] owns the allocation of one version for one shape, so repeated calls (training
 //! steps, benchmark iterations) allocate nothing. A new version is a file here and an arm of
-//! [`CudaLossVersion`].
+//! [`CudaLossVersion`] and its row in
+//! the registry (`loss::versions`).
 
 pub mod fused_v1;
 pub mod fused_v2;
@@ -73,133 +74,13 @@ impl LossParams {
     }
 }
 
-/// The GPU implementations of the loss, oldest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum CudaLossVersion {
-    /// One kernel per step, N x N matrices stored, own tiled matmul.
-    Unfused,
-    /// One kernel per step, N x N matrices stored, cuBLAS SGEMM.
-    UnfusedCublas,
-    /// Fused, one block per row, three sweeps recomputing dot products.
-    FusedV1,
-    /// Fused, tiled, O(N) extra memory, at most 3 launches.
-    FusedV2,
-    /// Fused v2's sweeps on tensor cores, TF32 operands, float32 accumulation.
-    FusedV3Tf32,
-    /// Fused v2's sweeps on tensor cores, bf16 operands, float32 accumulation.
-    FusedV3Bf16,
-}
-crate::serde_by_name!(CudaLossVersion);
+pub use super::versions::{CudaLossVersion, Tolerance};
 
-impl CudaLossVersion {
-    /// Every version, oldest first.
-    pub const ALL: [CudaLossVersion; 6] = [
-        CudaLossVersion::Unfused,
-        CudaLossVersion::UnfusedCublas,
-        CudaLossVersion::FusedV1,
-        CudaLossVersion::FusedV2,
-        CudaLossVersion::FusedV3Tf32,
-        CudaLossVersion::FusedV3Bf16,
-    ];
-
-    /// Whether the version runs a hard/easy selection over recomputed tiles (O(N) scratch)
-    /// rather than over stored N x N exponentials.
-    pub fn selects_in_tiles(self) -> bool {
-        matches!(
-            self,
-            CudaLossVersion::FusedV3Tf32 | CudaLossVersion::FusedV3Bf16
-        )
-    }
-
-    /// Whether the version stores N x N matrices.
-    pub fn stores_nxn(self) -> bool {
-        matches!(
-            self,
-            CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas
-        )
-    }
-
-    /// How close this version must come to the float64 truth, for `tau`, `d` and random or
-    /// adversarial (near-duplicate) inputs; the tests' and `bench-loss`'s bound.
-    ///
-    /// float32 versions: 5e-5, and 2e-4 on adversarial inputs (the normalization backward's
-    /// projection loses more there; see tests/cpu/cpu_loss.rs). The tensor-core versions round
-    /// every similarity's operands (relative u: 2^-11 TF32, 2^-9 bf16), so each exponent
-    /// (s - 1)/tau carries about u/tau: the loss, an average over rows, stays within the bounds
-    /// the GPU issue set (TF32 3e-4, bf16 1e-2) everywhere, and so does the gradient at
-    /// tau >= 0.1; below, the gradient's bound grows as (0.1 / tau)^2 (measured on the
-    /// emulator at tau = 0.05: TF32 6.2e-4, bf16 6.7e-3 at worst). Below d = 64 a similarity's
-    /// rounding averages over fewer terms: the gradient's bound is 4x (TF32 measured up to 6e-4
-    /// at d = 3 at every tau, 3.2e-4 at d = 16 and tau = 0.1); in fewer than 16 dimensions
-    /// near-duplicate rows, where a close neighbour's exponent moves by u/tau, have a bound on
-    /// the loss only.
-    pub fn tolerance(self, tau: f64, d: usize, adversarial: bool) -> Tolerance {
-        let loss = match self {
-            CudaLossVersion::FusedV3Tf32 => 3e-4,
-            CudaLossVersion::FusedV3Bf16 => 1e-2,
-            _ => {
-                let t = if adversarial { 2e-4 } else { 5e-5 };
-                return Tolerance {
-                    loss: t,
-                    grad: Some(t),
-                };
-            }
-        };
-        let small_d = if d < 64 { 4.0 } else { 1.0 };
-        let grad = loss * (0.1 / tau).max(1.0).powi(2) * small_d;
-        Tolerance {
-            loss,
-            grad: (!(adversarial && d < 16)).then_some(grad),
-        }
-    }
-
-    /// Kernel launches of one call (forward, plus backward when `with_grad`).
-    pub fn launches(self, cfg: &LossConfig, with_grad: bool) -> usize {
-        let both = (with_grad && cfg.semantics == GradSemantics::BothSides) as usize;
-        match self {
-            CudaLossVersion::Unfused | CudaLossVersion::UnfusedCublas => {
-                let selects = (cfg.negatives != super::Negatives::All) as usize;
-                6 + selects + if with_grad { 3 + both } else { 0 }
-            }
-            CudaLossVersion::FusedV1 => 3 + if with_grad { 1 + both } else { 0 },
-            CudaLossVersion::FusedV2 => 2 + both,
-            CudaLossVersion::FusedV3Tf32 | CudaLossVersion::FusedV3Bf16 => {
-                let selects = (cfg.negatives != super::Negatives::All) as usize;
-                2 + selects + both
-            }
-        }
-    }
-}
-
-/// A version's bound against the float64 truth ([`CudaLossVersion::tolerance`]): the loss's
-/// relative error, and dL/dz's error scaled by row norms (`loss::check::scaled_grad_error`)
-/// where one is set.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Tolerance {
-    pub loss: f64,
-    pub grad: Option<f64>,
-}
-
-impl Tolerance {
-    /// The larger bound, for a check of both at once (`loss::check::Truth::check`).
-    pub fn either(self) -> f64 {
-        self.loss.max(self.grad.unwrap_or(self.loss))
-    }
-}
-
-/// Whether `version` computes `cfg`: a hard/easy selection of negatives runs in the unfused
-/// chain (over the stored N x N exponentials) and in fused v3 (over recomputed tiles); fused
-/// v1 and v2 have none.
+/// Whether `version` computes `cfg` (the registry's `selects`: a hard/easy selection runs in
+/// the unfused chain, over the stored N x N exponentials, and in fused v3, over recomputed
+/// tiles).
 pub fn check_version_supports(cfg: &LossConfig, version: CudaLossVersion) -> Result<()> {
-    let selects = cfg.negatives != super::Negatives::All;
-    if selects && !(version.stores_nxn() || version.selects_in_tiles()) {
-        return Err(Error::invalid(format!(
-            "--negatives hard|easy runs in the unfused CUDA chain (--loss unfused or \
-             unfused-cublas) and in fused-v3-tf32 / fused-v3-bf16; {} has no selection",
-            crate::names::Named::name(&version)
-        )));
-    }
-    Ok(())
+    version.version().supports(cfg)
 }
 
 /// Checks what the kernels need beyond the loss's own rules.

@@ -11,22 +11,22 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use invaspread::backend::Cpu;
+use invaspread::backend::CudaBackend;
 use invaspread::cuda::GemmPrecision;
 use invaspread::loss::LossConfig;
 use invaspread::names::Named;
-use invaspread::nn::backend::Backend;
-use invaspread::nn::cpu_backend::Cpu;
-use invaspread::nn::cuda_backend::CudaBackend;
-use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
-use invaspread::nn::params::ParamStore;
 use invaspread::nn::step::{first_step_agreement, queue_train_step, random_views, step_tolerance};
+use invaspread::nn::Encoder;
+use invaspread::tape::params::ParamStore;
+use invaspread::tape::Graph;
 use invaspread::testing::{gpu_or_skip, virtual_gpu_note};
 
 const IMAGES: usize = 128;
 
-fn bench_backend<B: Backend>(
+fn bench_backend<B: Encoder>(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     kind: ModelKind,
     device: &str,

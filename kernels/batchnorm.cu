@@ -303,7 +303,7 @@ batchnorm_bwd_dx_v2(const float* __restrict__ x, const float* __restrict__ dy, c
 // Every rank's moments are gathered between the two statistics kernels, and its (s1, s2) summed
 // between the backward's reduction (batchnorm_bwd_reduce_v1, unchanged: dbeta and dgamma take
 // the rank's own sums, which the gradient all-reduce then adds up) and dx; the collectives are
-// the host's (src/nn/data_parallel.rs). saved has v1's layout (4 C floats).
+// the host's (src/dist/data_parallel.rs). saved has v1's layout (4 C floats).
 // batchnorm_sync_moments_v1: one block of 512 per channel: the rank's mean and M2 = sum (x -
 //   mean)^2 by two passes (v1's reductions).
 // batchnorm_sync_stats_v1: one thread per channel: the R ranks' (mean, M2), each over `count`

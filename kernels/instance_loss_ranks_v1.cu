@@ -1,6 +1,6 @@
 // Ranks v1: the loss rows of one data-parallel rank's own queries against every key of the
 // gathered global batch, on fused v2's tiles (loss_tiles_v2.cuh), O(N) extra memory. Each rank
-// does 1/R of the loss's work instead of all of it (`nn::data_parallel`, issue 14).
+// does 1/R of the loss's work instead of all of it (`dist::data_parallel`, issue 14).
 //
 // Layout. The gathered batch Zg (N x d, M = N / 2 images) is one device's layout of the global
 // batch: view A of every rank's images in rank order, then view B. Rank r holds its own rows

@@ -34,6 +34,7 @@
 //! The CUDA sources live in `kernels/` (see `kernels/README.md` for the table of kernels and
 //! versions); `build.rs` compiles them with nvcc into fat binaries embedded in this crate.
 
+pub mod backend;
 pub mod bench;
 pub mod cuda;
 pub mod data;
@@ -53,6 +54,7 @@ pub mod plot;
 pub mod rng;
 pub mod scratch;
 pub mod simd;
+pub mod tape;
 pub mod test_hooks;
 pub mod testing;
 pub mod trainer;

@@ -14,12 +14,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use invaspread::backend::Cpu;
 use invaspread::data::{self, DataConfig};
 use invaspread::nn::checkpoint;
-use invaspread::nn::cpu_backend::Cpu;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
-use invaspread::nn::params::ParamStore;
+use invaspread::tape::params::ParamStore;
 use invaspread::trainer::{config, TrainConfig};
 use rand::{Rng, SeedableRng};
 

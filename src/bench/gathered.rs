@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cuda::Gpu;
+use crate::dist::data_parallel::DataParallel;
 use crate::error::{Error, Result};
 use crate::loss::cuda::{CudaLoss, CudaLossVersion};
 use crate::loss::gathered::RankLayout;
 use crate::loss::{reference, LossConfig};
-use crate::nn::data_parallel::DataParallel;
 
 /// One version's result on one rank.
 #[derive(Debug, Clone)]

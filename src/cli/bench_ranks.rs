@@ -8,6 +8,7 @@ use std::time::Duration;
 use invaspread::bench::bench_input;
 use invaspread::bench::gathered::{bench_rank, RankRow, RankTruth};
 use invaspread::cuda::Gpu;
+use invaspread::dist::data_parallel::DataParallel;
 use invaspread::dist::launch::{launch, LaunchPlan};
 use invaspread::dist::nccl::ProcessGroup;
 use invaspread::dist::DistEnv;
@@ -15,7 +16,6 @@ use invaspread::loss::check::REFERENCE_MAX_N;
 use invaspread::loss::cuda::{check_version_supports, CudaLossVersion};
 use invaspread::loss::LossConfig;
 use invaspread::names::Named;
-use invaspread::nn::data_parallel::DataParallel;
 use invaspread::Error;
 
 use super::bench_loss::BenchLossArgs;

@@ -7,21 +7,23 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use invaspread::backend::Backend;
+use invaspread::backend::Cpu;
+use invaspread::backend::CudaBackend;
 use invaspread::bench::{floor, gpu_floor};
 use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::Gpu;
 use invaspread::loss::{CpuLossVersion, CudaLossVersion, LossConfig, LossVersion};
 use invaspread::names::Named;
-use invaspread::nn::backend::Backend;
-use invaspread::nn::cpu_backend::Cpu;
-use invaspread::nn::cuda_backend::CudaBackend;
-use invaspread::nn::graph::{ConvUse, Graph};
 use invaspread::nn::models::{Model, ModelKind, EMBED_DIM};
 use invaspread::nn::optim::{Sgd, SgdConfig};
-use invaspread::nn::params::ParamStore;
 use invaspread::nn::step::{first_step_agreement, queue_train_step, random_views, step_tolerance};
+use invaspread::nn::Encoder;
+use invaspread::ops::conv2d::node::ConvUse;
 use invaspread::ops::conv2d::{self, CpuVersion};
 use invaspread::ops::Shape4;
+use invaspread::tape::params::ParamStore;
+use invaspread::tape::Graph;
 
 use super::Device;
 
@@ -53,7 +55,7 @@ pub struct BenchTrainArgs {
 
 /// The median over 3 repetitions of the mean step time of `steps` queued steps, and the step's
 /// convolutions with their input shapes.
-fn time_steps<B: Backend>(
+fn time_steps<B: Encoder>(
     kind: ModelKind,
     backend: B,
     (shape, views): (Shape4, &[f32]),
@@ -143,7 +145,7 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
             None => {
                 let threads = rayon::current_num_threads();
                 for &conv in &args.cpu_conv {
-                    let backend = Cpu::<f32>::new().with_conv(conv).with_loss(cpu_loss);
+                    let backend = Cpu::<f32>::new().with_option(conv).with_option(cpu_loss);
                     let (s, convs) = time_steps(kind, backend, (shape, &views), args.steps)?;
                     let floor = cpu_step_floor(&mut rates, conv, &convs, shape.n)?;
                     println!(
@@ -160,7 +162,8 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
             Some(gpu) => {
                 for &precision in &args.precision {
                     let what = format!("{} cuda {}", kind.name(), precision.name());
-                    let backend = CudaBackend::with_loss_version(gpu.clone(), cuda_loss)?
+                    let backend = CudaBackend::new(gpu.clone())?
+                        .with_option(cuda_loss)
                         .with_gemm_precision(precision);
                     let err = first_step_agreement(kind, backend, &views, shape)?
                         .check(&what, step_tolerance(precision))?;
@@ -168,7 +171,8 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
                         "{what}: one step within {err:.1e} of the CPU's float32 step (at most {:.0e})",
                         step_tolerance(precision)
                     ));
-                    let backend = CudaBackend::with_loss_version(gpu.clone(), cuda_loss)?
+                    let backend = CudaBackend::new(gpu.clone())?
+                        .with_option(cuda_loss)
                         .with_gemm_precision(precision);
                     let (s, convs) = time_steps(kind, backend, (shape, &views), args.steps)?;
                     let (floor, ratio) = match gpu_floor::CardPeaks::of(gpu)? {

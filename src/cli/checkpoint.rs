@@ -3,21 +3,21 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use invaspread::nn::backend::Backend;
 use invaspread::nn::checkpoint;
-use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
-use invaspread::nn::params::ParamStore;
+use invaspread::nn::Encoder;
+use invaspread::tape::params::ParamStore;
+use invaspread::tape::Graph;
 use invaspread::{names, Error};
 
 /// The model a checkpoint names, on `backend`, with the checkpoint's values.
-pub fn load<B: Backend>(path: &Path, backend: B) -> invaspread::Result<(Graph<B>, Model)> {
+pub fn load<B: Encoder>(path: &Path, backend: B) -> invaspread::Result<(Graph<B>, Model)> {
     let (graph, model, _) = load_with_metadata(path, backend)?;
     Ok((graph, model))
 }
 
 /// [`load`], with the checkpoint's metadata (model, dataset, image_size, seed, step).
-pub fn load_with_metadata<B: Backend>(
+pub fn load_with_metadata<B: Encoder>(
     path: &Path,
     backend: B,
 ) -> invaspread::Result<(Graph<B>, Model, HashMap<String, String>)> {

@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use invaspread::nn::backend::Backend;
-use invaspread::nn::cpu_backend::Cpu;
+use invaspread::backend::Cpu;
 use invaspread::nn::embed::embed_split_host;
 use invaspread::nn::models::EMBED_DIM;
+use invaspread::nn::Encoder;
 use invaspread::npy;
 
 use super::data::DataArgs;
@@ -46,7 +46,7 @@ pub fn run(args: EmbedArgs) -> invaspread::Result<()> {
     }
 }
 
-fn embed_on<B: Backend>(args: EmbedArgs, backend: B) -> invaspread::Result<()> {
+fn embed_on<B: Encoder>(args: EmbedArgs, backend: B) -> invaspread::Result<()> {
     let (mut graph, model, meta) = checkpoint::load_with_metadata(&args.checkpoint, backend)?;
     let ds = checkpoint::dataset_for(&args.data, &meta, &args.checkpoint)?;
     let split = if args.split == SplitArg::Train {

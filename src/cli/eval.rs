@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use invaspread::backend::Cpu;
+use invaspread::backend::CudaBackend;
 use invaspread::cuda::Gpu;
 use invaspread::eval;
-use invaspread::nn::backend::Backend;
-use invaspread::nn::cpu_backend::Cpu;
-use invaspread::nn::cuda_backend::CudaBackend;
 use invaspread::nn::embed::{embed_split, weighted_knn, EVAL_BATCH};
 use invaspread::nn::models::EMBED_DIM;
+use invaspread::nn::Encoder;
 use invaspread::trainer::KnnConfig;
 use serde::Serialize;
 
@@ -76,7 +76,7 @@ pub fn run(args: EvalArgs) -> invaspread::Result<()> {
     }
 }
 
-fn eval_on<B: Backend>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
+fn eval_on<B: Encoder>(args: EvalArgs, backend: B) -> invaspread::Result<()> {
     let (mut graph, model, meta) = checkpoint::load_with_metadata(&args.checkpoint, backend)?;
     let ds = checkpoint::dataset_for(&args.data, &meta, &args.checkpoint)?;
     let train = embed_split(&mut graph, &model, &ds.train, ds.size, EVAL_BATCH)?;

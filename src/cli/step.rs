@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use invaspread::backend::{Backend, Cpu};
 use invaspread::loss::LossConfig;
 use invaspread::names::Named;
 use invaspread::nn::checkpoint as nn_checkpoint;
-use invaspread::nn::cpu_backend::Cpu;
 use invaspread::nn::optim::{Sgd, SgdConfig};
 use invaspread::nn::step::train_step;
 use invaspread::ops::conv2d::CpuVersion;
@@ -39,8 +39,10 @@ pub struct StepArgs {
 }
 
 pub fn run(args: StepArgs) -> invaspread::Result<()> {
-    let (mut graph, model) =
-        checkpoint::load(&args.checkpoint, Cpu::<f32>::new().with_conv(args.cpu_conv))?;
+    let (mut graph, model) = checkpoint::load(
+        &args.checkpoint,
+        Cpu::<f32>::new().with_option(args.cpu_conv),
+    )?;
     let array = npy::read(&args.input)?;
     let shape = match array.shape[..] {
         [n, 3, h, w] => Shape4 { n, c: 3, h, w },

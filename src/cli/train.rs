@@ -13,9 +13,9 @@ use invaspread::dist::DistEnv;
 use invaspread::loss::{GradSemantics, LossVersion};
 use invaspread::methods::Method;
 use invaspread::names::Named;
-use invaspread::nn::cuda_backend::EncoderKernels;
 use invaspread::nn::models::ModelKind;
 use invaspread::nn::optim::Schedule;
+use invaspread::nn::EncoderKernels;
 use invaspread::ops::conv2d::CpuVersion;
 use invaspread::trainer::{self, config, BackendChoice, RunOptions, TrainConfig};
 use invaspread::Error;
@@ -156,7 +156,7 @@ pub struct TrainArgs {
     /// Data-parallel runs: MiB of parameter gradients per all-reduce, each started as soon as
     /// the backward pass has formed them (PyTorch DDP's bucket_cap_mb). It changes when the
     /// sums run, not the run's results [0 < bucket-mb <= 4096].
-    #[arg(long, default_value_t = invaspread::nn::gradient_buckets::DEFAULT_BUCKET_MB, value_parser = ranges::bucket_mb)]
+    #[arg(long, default_value_t = invaspread::dist::gradient_buckets::DEFAULT_BUCKET_MB, value_parser = ranges::bucket_mb)]
     bucket_mb: f64,
 }
 

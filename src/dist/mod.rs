@@ -3,9 +3,15 @@
 //! `MASTER_PORT`) and the start-up rendezvous ([`rendezvous`]) in which rank 0 checks that
 //! every rank runs the same configuration and hands out the collective library's unique id;
 //! the collectives themselves over NCCL ([`nccl`], with a watchdog that names a failed rank);
-//! and [`launch`], which starts a machine's ranks as `torchrun` does.
-//! The loss over the gathered global batch is `loss::gathered`.
+//! and [`launch`], which starts a machine's ranks as `torchrun` does. Above the backends:
+//! [`collectives`], what the trainer asks of one device or of a group, and [`data_parallel`],
+//! a CUDA rank's group (the gathered loss, `--sync-bn`, the gradients summed in
+//! [`gradient_buckets`] while the backward pass runs), registered as the graph's hooks.
+//! The loss over the gathered global batch, in float64, is `loss::gathered`.
 
+pub mod collectives;
+pub mod data_parallel;
+pub mod gradient_buckets;
 pub mod launch;
 pub mod nccl;
 pub mod rendezvous;

@@ -6,6 +6,7 @@
 //! - [`cpu`]: the fast CPU path, fused per row block, f32 or f64, never storing N x N.
 //! - [`cuda`]: every GPU kernel version (unfused, fused v1, v2), a file each, behind one
 //!   launcher that owns their scratch.
+//! - [`node`]: the loss on the tape (`Graph::instance_loss`) and on both backends.
 //! - [`check`]: an output against the float64 truth (what the benchmarks check before timing).
 //! - [`gathered`]: the loss of a global batch split over data-parallel ranks (each rank's rows
 //!   against the all-gathered keys), its float64 reference and how its gradient recombines.
@@ -17,6 +18,7 @@ pub mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod gathered;
+pub mod node;
 pub mod reference;
 pub mod versions;
 

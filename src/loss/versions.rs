@@ -36,7 +36,7 @@ pub enum CpuLossVersion {
 }
 
 /// The GPU implementations, oldest first (`loss::cuda`, a file each).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CudaLossVersion {
     /// One kernel per step, N x N matrices stored, own tiled matmul.
     Unfused,
@@ -45,6 +45,7 @@ pub enum CudaLossVersion {
     /// Fused, one block per row, three sweeps recomputing dot products.
     FusedV1,
     /// Fused, tiled, O(N) extra memory, at most 3 launches.
+    #[default]
     FusedV2,
     /// Fused v2's sweeps on tensor cores, TF32 operands, float32 accumulation.
     FusedV3Tf32,
@@ -250,7 +251,8 @@ impl LossVersion {
     /// How close this version must come to the float64 truth, for `tau`, `d` and random or
     /// adversarial (near-duplicate) inputs; the tests' and `bench-loss`'s bound.
     ///
-    /// float64: 1e-10. float32 on the CPU: 5e-5, and 1e-4 on adversarial inputs (near-duplicate
+    /// float64: 1e-6 (its dL/dz is checked as float32, which rounds it by 2^-24; the loss
+    /// itself agrees to about 1e-12). float32 on the CPU: 5e-5, and 1e-4 on adversarial inputs (near-duplicate
     /// rows make dL/df_a almost parallel to f_a, and the normalization backward's projection
     /// cancels in float32); on CUDA 5e-5 and 2e-4. The tensor-core versions round every
     /// similarity's operands (relative u: 2^-11 TF32, 2^-9 bf16), so each exponent (s - 1)/tau
@@ -268,7 +270,7 @@ impl LossVersion {
             grad: Some(t),
         };
         let loss = match (self.entry().arithmetic, self.device()) {
-            (Arithmetic::F64, _) => return both(1e-10),
+            (Arithmetic::F64, _) => return both(1e-6),
             (Arithmetic::F32, Device::Cpu) => return both(if adversarial { 1e-4 } else { 5e-5 }),
             (Arithmetic::F32, Device::Cuda) => return both(if adversarial { 2e-4 } else { 5e-5 }),
             (Arithmetic::Tf32, _) => 3e-4,

@@ -9,11 +9,11 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors};
 
-use super::backend::Backend;
 use super::optim::Sgd;
-use super::params::ParamStore;
+use crate::backend::Backend;
 use crate::durable::write_atomically;
 use crate::error::{Error, Result};
+use crate::tape::params::ParamStore;
 
 fn serialize(
     path: &Path,

@@ -4,20 +4,20 @@
 
 use std::ops::Range;
 
-use super::backend::Backend;
-use super::graph::Graph;
 use super::models::{Model, EMBED_DIM};
+use super::Encoder;
 use crate::data::{augment, Split};
 use crate::error::Result;
 use crate::eval;
 use crate::ops::Shape4;
+use crate::tape::Graph;
 
 /// Images per forward pass of the evaluation.
 pub const EVAL_BATCH: usize = 256;
 
 /// The split's L2-normalized embeddings (N x 128) as one buffer of `graph`'s backend, in
 /// batches of `batch` images.
-pub fn embed_split<B: Backend>(
+pub fn embed_split<B: Encoder>(
     graph: &mut Graph<B>,
     model: &Model,
     split: &Split,
@@ -31,7 +31,7 @@ pub fn embed_split<B: Backend>(
 
 /// [`embed_split`], stopping between batches once `stop()` holds (None then): how a run's
 /// evaluation gives way to a signal.
-pub fn embed_split_until<B: Backend>(
+pub fn embed_split_until<B: Encoder>(
     graph: &mut Graph<B>,
     model: &Model,
     split: &Split,
@@ -44,7 +44,7 @@ pub fn embed_split_until<B: Backend>(
 
 /// [`embed_split_until`] of the images `range` of the split (a data-parallel rank's share);
 /// `range` is not empty.
-pub fn embed_range_until<B: Backend>(
+pub fn embed_range_until<B: Encoder>(
     graph: &mut Graph<B>,
     model: &Model,
     split: &Split,
@@ -84,7 +84,7 @@ pub fn embed_range_until<B: Backend>(
 }
 
 /// [`embed_split`] on the host.
-pub fn embed_split_host<B: Backend>(
+pub fn embed_split_host<B: Encoder>(
     graph: &mut Graph<B>,
     model: &Model,
     split: &Split,
@@ -98,7 +98,7 @@ pub fn embed_split_host<B: Backend>(
 /// bank embeddings votes for its label with weight exp(similarity / sigma); the search runs on
 /// `backend`.
 #[allow(clippy::too_many_arguments)] // the bank, the queries, their labels and the kNN's k, sigma
-pub fn weighted_knn<B: Backend>(
+pub fn weighted_knn<B: Encoder>(
     backend: &B,
     bank: &B::Buffer,
     bank_labels: &[i64],

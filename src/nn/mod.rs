@@ -1,29 +1,21 @@
-//! The encoder: a small autodiff graph and the models it trains.
+//! The encoder: the models, their ops' list, SGD, checkpoints, a training step and
+//! embeddings. The tape they record on is [`crate::tape`], the ops themselves live in
+//! [`crate::ops`] (and the loss in [`crate::loss`]), the backends in [`crate::backend`].
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`graph`] | the tape: ops recorded in execution order, backward in reverse, buffers reused |
-//! | [`backend`] | the `Backend` trait: buffers and ops of a device, each op a call into `ops::<op>` |
-//! | [`cpu_backend`] | the CPU implementation (f32 training, f64 gradient checks) |
-//! | [`cuda_backend`] | the CUDA implementation, its scratch and the kernel version of every op |
-//! | [`data_parallel`] | a CUDA backend as one rank of a group: the gathered loss, the gradients summed over ranks |
-//! | [`gradient_buckets`] | a rank's parameter gradients all-reduced in buckets while the backward pass runs |
-//! | [`params`] | named parameters and batchnorm buffers (PyTorch's names and init) |
-//! | [`models`] | `resnet18-cifar` and `convnet-small` |
+//! | [`encoder`] | the one list of encoder ops: the `Encoder` bound and `EncoderKernels` (each op's CUDA version) |
+//! | [`models`] | `resnet18-cifar` and `convnet-small` (PyTorch's parameter names and init) |
 //! | [`optim`] | SGD with momentum and weight decay; step and cosine schedules with warm-up |
 //! | [`checkpoint`] | safetensors files that PyTorch's `load_state_dict(strict=True)` takes |
 //! | [`step`] | one training step on two augmented views (used by the bench and the trainer) |
 //! | [`embed`] | L2-normalized embeddings of a dataset split on the backend, and the kNN over them |
 
-pub mod backend;
 pub mod checkpoint;
-pub mod cpu_backend;
-pub mod cuda_backend;
-pub mod data_parallel;
 pub mod embed;
-pub mod gradient_buckets;
-pub mod graph;
+pub mod encoder;
 pub mod models;
 pub mod optim;
-pub mod params;
 pub mod step;
+
+pub use encoder::{Encoder, EncoderKernels};

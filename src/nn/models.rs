@@ -4,12 +4,13 @@
 
 use rand_chacha::ChaCha8Rng;
 
-use super::backend::Backend;
-use super::graph::{Graph, Var};
-use super::params::{BnId, ParamId, ParamStore};
+use super::Encoder;
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::ops::conv2d::Conv;
 use crate::rng::rng;
+use crate::tape::params::{BnId, ParamId, ParamStore};
+use crate::tape::{Graph, Var};
 
 /// Which encoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -189,12 +190,12 @@ impl Model {
         })
     }
 
-    fn conv_bn<B: Backend>(g: &mut Graph<B>, x: Var, cb: &ConvBn, training: bool) -> Result<Var> {
+    fn conv_bn<B: Encoder>(g: &mut Graph<B>, x: Var, cb: &ConvBn, training: bool) -> Result<Var> {
         let y = g.conv2d(x, cb.w, cb.conv)?;
         g.batchnorm(y, cb.bn, cb.gamma, cb.beta, training)
     }
 
-    fn conv_bn_relu<B: Backend>(
+    fn conv_bn_relu<B: Encoder>(
         g: &mut Graph<B>,
         x: Var,
         cb: &ConvBn,
@@ -206,7 +207,7 @@ impl Model {
 
     /// The embeddings z (N x 128, not normalized) of a batch of images `x` (N x 3 x H x W).
     /// `training` selects batch statistics (and updates the running ones) in batchnorm.
-    pub fn forward<B: Backend>(&self, g: &mut Graph<B>, x: Var, training: bool) -> Result<Var> {
+    pub fn forward<B: Encoder>(&self, g: &mut Graph<B>, x: Var, training: bool) -> Result<Var> {
         let mut h = x;
         for cb in &self.stem {
             h = Self::conv_bn_relu(g, h, cb, training)?;

@@ -2,10 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::backend::Backend;
-use super::params::ParamStore;
 use crate::error::Result;
+use crate::ops::sgd::SgdDevice;
 use crate::ops::sgd::SgdStep;
+use crate::tape::params::ParamStore;
 
 /// SGD's hyper-parameters; the recipe's: lr 0.03, momentum 0.9, weight decay 5e-4 on every
 /// parameter (batchnorm and biases included), no Nesterov, dampening 0.
@@ -88,8 +88,9 @@ impl Sgd {
         Sgd { cfg, step: 0 }
     }
 
-    /// One update of every parameter with learning rate `lr`.
-    pub fn update<B: Backend>(
+    /// One update of every parameter with learning rate `lr` (after
+    /// `Graph::finish_gradients`, which gives a data-parallel group's sums).
+    pub fn update<B: SgdDevice>(
         &mut self,
         backend: &B,
         store: &mut ParamStore<B>,
@@ -102,8 +103,7 @@ impl Sgd {
             nesterov: self.cfg.nesterov,
             first: self.step == 0,
         };
-        backend.reduce_gradients(&mut store.grads_mut())?;
-        backend.sgd_update_all(&mut store.sgd_tensors(), &step)?;
+        backend.sgd_update_all(&mut crate::ops::sgd::device::tensors(store), &step)?;
         self.step += 1;
         Ok(())
     }

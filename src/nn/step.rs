@@ -1,20 +1,20 @@
 //! One training step: both views of m images as one batch of N = 2m (view A rows first, as
 //! the loss expects), forward, the instance loss, backward, SGD.
 
-use super::backend::Backend;
-use super::cpu_backend::Cpu;
-use super::graph::{Graph, Var};
 use super::models::{Model, ModelKind};
 use super::optim::Sgd;
+use super::Encoder;
+use crate::backend::{Backend, Cpu};
 use crate::cuda::{phase, GemmPrecision};
 use crate::error::{Error, Result};
 use crate::loss::LossConfig;
 use crate::ops::conv2d::CpuVersion;
 use crate::ops::Shape4;
+use crate::tape::{Graph, Var};
 
 /// Runs one step on `views` (N x 3 x H x W, N = 2m: rows 0..m view A, m..2m view B of the
 /// same images) and returns the loss before the update (waiting for the device to finish).
-pub fn train_step<B: Backend>(
+pub fn train_step<B: Encoder>(
     graph: &mut Graph<B>,
     model: &Model,
     sgd: &mut Sgd,
@@ -29,7 +29,7 @@ pub fn train_step<B: Backend>(
 
 /// [`train_step`] without reading the loss back: on a GPU every launch is only queued, and the
 /// returned node holds the loss until the graph's next step (see [`Graph::record_scalar`]).
-pub fn queue_train_step<B: Backend>(
+pub fn queue_train_step<B: Encoder>(
     graph: &mut Graph<B>,
     model: &Model,
     sgd: &mut Sgd,
@@ -61,6 +61,7 @@ pub fn queue_train_step<B: Backend>(
         graph.backward(loss)?;
     }
     let _range = phase("sgd");
+    graph.finish_gradients()?;
     sgd.update(&graph.backend, &mut graph.params, lr)?;
     Ok(loss)
 }
@@ -69,7 +70,7 @@ pub fn queue_train_step<B: Backend>(
 /// of the images `indices`), the method's loss on the host, backward, SGD, then the method's
 /// own update (the bank, the classifier). Returns the loss node.
 #[allow(clippy::too_many_arguments)] // the step's graph, model, optimisers, batch and position
-pub fn queue_method_step<B: Backend>(
+pub fn queue_method_step<B: Encoder>(
     graph: &mut Graph<B>,
     model: &Model,
     sgd: &mut Sgd,
@@ -99,6 +100,7 @@ pub fn queue_method_step<B: Backend>(
         weight_decay: sgd.cfg.weight_decay,
         nesterov: sgd.cfg.nesterov,
     };
+    graph.finish_gradients()?;
     sgd.update(&graph.backend, &mut graph.params, lr)?;
     method.update(&z_host, indices, &settings)?;
     Ok(loss)
@@ -178,13 +180,13 @@ pub fn step_tolerance(precision: GemmPrecision) -> f64 {
 /// backend from the same initialisation and `views`; see [`StepAgreement`]. The CPU runs its
 /// im2col convolutions, its float32 version nearest to float64: Winograd's own rounding is of
 /// the same size as the float32 bound (resnet18-cifar, 2 images: 1.26e-2 against CUDA f32).
-pub fn first_step_agreement<B: Backend>(
+pub fn first_step_agreement<B: Encoder>(
     kind: ModelKind,
     backend: B,
     views: &[f32],
     shape: Shape4,
 ) -> Result<StepAgreement> {
-    let cpu = || Cpu::<f32>::new().with_conv(CpuVersion::Im2col);
+    let cpu = || Cpu::<f32>::new().with_option(CpuVersion::Im2col);
     let (before, _) = one_step(kind, cpu(), views, shape, false)?;
     let (want, cpu_loss) = one_step(kind, cpu(), views, shape, true)?;
     let (got, loss) = one_step(kind, backend, views, shape, true)?;
@@ -208,14 +210,14 @@ pub fn update_error(before: &[f32], got: &[f32], want: &[f32]) -> f64 {
 }
 
 /// Every parameter after one step (or none) of `kind` from seed 0, concatenated, and the loss.
-fn one_step<B: Backend>(
+fn one_step<B: Encoder>(
     kind: ModelKind,
     backend: B,
     views: &[f32],
     shape: Shape4,
     step: bool,
 ) -> Result<(Vec<f32>, f64)> {
-    let mut store = super::params::ParamStore::default();
+    let mut store = crate::tape::ParamStore::default();
     let model = Model::new(kind, &mut store, &backend, 0)?;
     let mut graph = Graph::new(backend, store);
     let mut sgd = Sgd::new(super::optim::SgdConfig::default());

@@ -19,7 +19,8 @@
 //! | [`mma`] | warp-level tensor-core products (tf32, bf16) of the tensor-core loss versions: the PTX ISA's fragment layouts and their probe | the expected registers | `mma.cuh`, probed by `mma.cu` |
 //!
 //! Every op with CUDA kernels has a `Version` enum (`v1`, ...): versions are kept side by side,
-//! selected by name (see `nn::cuda_backend::EncoderKernels`).
+//! selected by name (see `nn::encoder::EncoderKernels`). Each op's `node.rs` (or `device.rs`) holds its
+//! tape op, its `Graph` method and its device trait, implemented for both backends.
 
 pub mod batchnorm;
 pub mod conv2d;
@@ -31,29 +32,7 @@ pub mod normalize_rows;
 pub mod pool;
 pub mod reduce;
 pub mod sgd;
-pub mod shape;
 pub mod topk;
 
-pub use shape::Shape4;
-
-/// A gradient output: written (`accumulate == false`), or added to what an earlier consumer of
-/// the same value wrote (so a value used twice receives both contributions and no buffer needs
-/// clearing first).
-#[derive(Debug)]
-pub struct Grad<Y> {
-    pub buf: Y,
-    pub accumulate: bool,
-}
-
-impl<Y> Grad<Y> {
-    pub fn new(buf: Y, accumulate: bool) -> Self {
-        Grad { buf, accumulate }
-    }
-    /// The same flag on another handle to the buffer.
-    pub fn map<Y2>(self, f: impl FnOnce(Y) -> Y2) -> Grad<Y2> {
-        Grad {
-            buf: f(self.buf),
-            accumulate: self.accumulate,
-        }
-    }
-}
+/// The tape's shapes and gradient outputs, which every op takes.
+pub use crate::tape::{Grad, Shape4};

@@ -8,42 +8,44 @@ use std::sync::Arc;
 use super::ranks::embed_split_shared;
 use super::{KnnConfig, TrainConfig};
 use crate::data::{augment, Dataset, Split};
+use crate::dist::collectives::{Collectives, SingleDevice};
 use crate::error::{Error, Result};
 use crate::eval;
 use crate::eval::KnnAccuracy;
 use crate::linalg::{matmul, MatRef};
-use crate::nn::backend::Backend;
 use crate::nn::embed::weighted_knn;
-use crate::nn::graph::Graph;
 use crate::nn::models::{Model, EMBED_DIM};
+use crate::nn::Encoder;
 use crate::ops::normalize_rows;
 use crate::rng::{random_matrix, rng};
+use crate::tape::Graph;
 
 /// Weighted kNN top-1 and top-5 of the model on the dataset's test split (train split as the
 /// memory bank).
-pub fn knn_accuracy<B: Backend>(
+pub fn knn_accuracy<B: Encoder>(
     graph: &mut Graph<B>,
     model: &Model,
     ds: &Dataset,
     knn: &KnnConfig,
 ) -> Result<KnnAccuracy> {
     let never = || false;
-    let knn = knn_accuracy_until(graph, model, ds, knn, &never)?;
+    let knn = knn_accuracy_until(&SingleDevice, graph, model, ds, knn, &never)?;
     knn.ok_or_else(|| Error::invalid("internal: an evaluation stopped unasked"))
 }
 
 /// [`knn_accuracy`], given up (None) once `stop()` holds between embedding batches.
-pub fn knn_accuracy_until<B: Backend>(
+pub fn knn_accuracy_until<B: Encoder>(
+    group: &dyn Collectives<B>,
     graph: &mut Graph<B>,
     model: &Model,
     ds: &Dataset,
     knn: &KnnConfig,
     stop: &dyn Fn() -> bool,
 ) -> Result<Option<KnnAccuracy>> {
-    let Some(bank) = embed_split_shared(graph, model, &ds.train, ds.size, stop)? else {
+    let Some(bank) = embed_split_shared(group, graph, model, &ds.train, ds.size, stop)? else {
         return Ok(None);
     };
-    let Some(queries) = embed_split_shared(graph, model, &ds.test, ds.size, stop)? else {
+    let Some(queries) = embed_split_shared(group, graph, model, &ds.test, ds.size, stop)? else {
         return Ok(None);
     };
     weighted_knn(
@@ -87,7 +89,8 @@ impl Evaluation {
 }
 
 /// [`knn_accuracy_until`], or Recall@1 among the test images of an unseen-class set.
-pub fn evaluate_until<B: Backend>(
+pub fn evaluate_until<B: Encoder>(
+    group: &dyn Collectives<B>,
     graph: &mut Graph<B>,
     model: &Model,
     set: &EvalSet,
@@ -98,17 +101,19 @@ pub fn evaluate_until<B: Backend>(
     // A data-parallel group evaluates together: with rank 0's BatchNorm statistics, and
     // without giving way to a signal that one rank may see before the others.
     let never = || false;
-    let stop: &dyn Fn() -> bool = if graph.backend.rank().1 > 1 {
-        super::ranks::share_bn_statistics(&graph.backend, &mut graph.params)?;
+    let stop: &dyn Fn() -> bool = if group.world_size() > 1 {
+        super::ranks::share_bn_statistics(group, &graph.backend, &mut graph.params)?;
         &never
     } else {
         stop
     };
     if !set.unseen {
-        return Ok(knn_accuracy_until(graph, model, &set.ds, knn, stop)?.map(Evaluation::Knn));
+        return Ok(
+            knn_accuracy_until(group, graph, model, &set.ds, knn, stop)?.map(Evaluation::Knn)
+        );
     }
     let ds = &set.ds;
-    let Some(test) = embed_split_shared(graph, model, &ds.test, ds.size, stop)? else {
+    let Some(test) = embed_split_shared(group, graph, model, &ds.test, ds.size, stop)? else {
         return Ok(None);
     };
     let test = graph.backend.download(&test)?;

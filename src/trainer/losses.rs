@@ -5,9 +5,9 @@
 //! end, and what is computed never depends on when it is read.
 
 use super::outputs::StepLog;
+use crate::backend::{Backend, PendingRead};
 use crate::error::{Error, Result};
-use crate::nn::backend::{Backend, PendingRead};
-use crate::nn::graph::{Graph, Var};
+use crate::tape::{Graph, Var};
 
 /// The losses of a window of steps, being copied back.
 struct LossWindow {

@@ -32,17 +32,19 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::CudaBackend;
+use crate::backend::{Backend, Cpu};
 use crate::cuda::GemmPrecision;
 use crate::cuda::Gpu;
 use crate::data::{DataConfig, Dataset};
+use crate::dist::collectives::{Collectives, SingleDevice};
 use crate::error::Result;
 use crate::loss::LossConfig;
 use crate::loss::{CpuLossVersion, CudaLossVersion, LossVersion};
 use crate::names::Named;
-use crate::nn::cpu_backend::Cpu;
-use crate::nn::cuda_backend::{CudaBackend, EncoderKernels};
 use crate::nn::models::ModelKind;
 use crate::nn::optim::{Schedule, SgdConfig};
+use crate::nn::EncoderKernels;
 use crate::ops::conv2d;
 
 pub use config::Recorded;
@@ -347,8 +349,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, ds: Arc<Dataset>) -> Result<T
     match cfg.backend {
         BackendChoice::Cpu { loss, conv } => {
             cfg.backend.loss().supports(&cfg.loss)?;
-            let backend = Cpu::<f32>::new().with_loss(loss).with_conv(conv);
-            run::Run::start(cfg, opts, ds, backend)?.train()
+            let backend = Cpu::<f32>::new().with_option(loss).with_option(conv);
+            run::Run::start(cfg, opts, ds, backend, Arc::new(SingleDevice))?.train()
         }
         BackendChoice::Cuda {
             loss,
@@ -373,13 +375,15 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, ds: Arc<Dataset>) -> Result<T
                     precision.name()
                 );
             }
-            let mut backend = CudaBackend::with_loss_version(gpu.clone(), loss)?
-                .with_gemm_precision(precision)
-                .with_kernels(kernels);
-            if let Some(group) = ranks::join(cfg, opts, &ds, &gpu)? {
-                backend = backend.with_data_parallel(group);
-            }
-            run::Run::start(cfg, opts, ds, backend)?.train()
+            let backend = kernels
+                .apply(CudaBackend::new(gpu.clone())?.with_option(loss))
+                .with_gemm_precision(precision);
+            let group: Arc<dyn Collectives<CudaBackend>> = match ranks::join(cfg, opts, &ds, &gpu)?
+            {
+                Some(group) => Arc::new(group),
+                None => Arc::new(SingleDevice),
+            };
+            run::Run::start(cfg, opts, ds, backend, group)?.train()
         }
     }
 }

@@ -9,14 +9,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::TrainConfig;
+use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::durable::write_atomically;
 use crate::error::{Error, Result};
 use crate::names::Named;
-use crate::nn::backend::Backend;
 use crate::nn::checkpoint;
-use crate::nn::graph::Graph;
 use crate::nn::optim::Sgd;
+use crate::tape::Graph;
 
 /// The run's state, its one source of truth (see `run.rs`): everything else is derived.
 pub const STATE: &str = "state.safetensors";

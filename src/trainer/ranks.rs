@@ -23,17 +23,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{RunOptions, TrainConfig};
+use crate::backend::Backend;
 use crate::cuda::Gpu;
 use crate::data::{Dataset, Split};
+use crate::dist::collectives::Collectives;
+use crate::dist::data_parallel::DataParallel;
+use crate::dist::gradient_buckets::cap_floats;
 use crate::dist::nccl::ProcessGroup;
 use crate::error::{Error, Result};
-use crate::nn::backend::Backend;
-use crate::nn::data_parallel::DataParallel;
 use crate::nn::embed::{embed_range_until, embed_split_until, EVAL_BATCH};
-use crate::nn::gradient_buckets::cap_floats;
-use crate::nn::graph::Graph;
 use crate::nn::models::{Model, EMBED_DIM};
-use crate::nn::params::ParamStore;
+use crate::nn::Encoder;
+use crate::tape::params::ParamStore;
+use crate::tape::Graph;
 
 /// How long a rank waits for the others (the rendezvous, then every collective) before it
 /// stops with an error naming the missing rank: `INVASPREAD_DIST_TIMEOUT_S`, default 600 s
@@ -125,14 +127,18 @@ pub fn shard(batch: usize, (rank, ranks): (usize, usize)) -> Range<usize> {
 
 /// Rank 0's values of `values` on every rank. Each value travels as four 16-bit pieces, each a
 /// float holding a whole number (exact), so no bit pattern depends on how floats are copied.
-pub fn broadcast_u64<B: Backend>(backend: &B, values: &mut [u64]) -> Result<()> {
+pub fn broadcast_u64<B: Backend>(
+    group: &dyn Collectives<B>,
+    backend: &B,
+    values: &mut [u64],
+) -> Result<()> {
     let pieces: Vec<f32> = values
         .iter()
         .flat_map(|v| (0..4).map(move |i| ((v >> (16 * i)) & 0xffff) as f32))
         .collect();
     let mut buf = backend.zeros(pieces.len())?;
     backend.upload(&pieces, &mut buf)?;
-    backend.broadcast(&mut [&mut buf])?;
+    group.broadcast(backend, &mut [&mut buf])?;
     let back = backend.download(&buf)?;
     for (v, p) in values.iter_mut().zip(back.chunks_exact(4)) {
         *v = p
@@ -144,51 +150,60 @@ pub fn broadcast_u64<B: Backend>(backend: &B, values: &mut [u64]) -> Result<()> 
 }
 
 /// Whether `flag` holds on any rank (every rank gets the same answer); `flag` on one device.
-pub fn any_rank<B: Backend>(backend: &B, flag: bool) -> Result<bool> {
-    if backend.rank().1 == 1 {
+pub fn any_rank<B: Backend>(group: &dyn Collectives<B>, backend: &B, flag: bool) -> Result<bool> {
+    if group.world_size() == 1 {
         return Ok(flag);
     }
     let mut own = backend.zeros(1)?;
     backend.upload(&[f32::from(u8::from(flag))], &mut own)?;
-    let mut all = backend.zeros(backend.rank().1)?;
-    backend.all_gather(&own, &mut all)?;
+    let mut all = backend.zeros(group.world_size())?;
+    group.all_gather(backend, &own, &mut all)?;
     Ok(backend.download(&all)?.iter().any(|&f| f != 0.0))
 }
 
 /// Rank 0's BatchNorm running statistics on every rank.
-pub fn share_bn_statistics<B: Backend>(backend: &B, store: &mut ParamStore<B>) -> Result<()> {
+pub fn share_bn_statistics<B: Backend>(
+    group: &dyn Collectives<B>,
+    backend: &B,
+    store: &mut ParamStore<B>,
+) -> Result<()> {
     let mut bufs: Vec<&mut B::Buffer> = store
         .bns
         .iter_mut()
         .flat_map(|bn| [&mut bn.running_mean, &mut bn.running_var])
         .collect();
-    backend.broadcast(&mut bufs)
+    group.broadcast(backend, &mut bufs)
 }
 
 /// Rank 0's parameters, momentum and BatchNorm statistics on every rank (its initialisation,
 /// or the state it resumed).
-pub fn share_state<B: Backend>(backend: &B, store: &mut ParamStore<B>) -> Result<()> {
+pub fn share_state<B: Backend>(
+    group: &dyn Collectives<B>,
+    backend: &B,
+    store: &mut ParamStore<B>,
+) -> Result<()> {
     let mut bufs: Vec<&mut B::Buffer> = store
         .params
         .iter_mut()
         .flat_map(|p| [&mut p.value, &mut p.momentum])
         .collect();
-    backend.broadcast(&mut bufs)?;
-    share_bn_statistics(backend, store)
+    group.broadcast(backend, &mut bufs)?;
+    share_bn_statistics(group, backend, store)
 }
 
 /// The split's L2-normalized embeddings (N x 128) on every rank, each rank embedding its
 /// share (ceil(N / ranks) images in rank order, the last share shorter); on one device, all of
 /// them. None when `stop()` held between batches (one device only: a group's ranks must not
 /// stop apart).
-pub fn embed_split_shared<B: Backend>(
+pub fn embed_split_shared<B: Encoder>(
+    group: &dyn Collectives<B>,
     graph: &mut Graph<B>,
     model: &Model,
     split: &Split,
     size: usize,
     stop: &dyn Fn() -> bool,
 ) -> Result<Option<B::Buffer>> {
-    let (rank, ranks) = graph.backend.rank();
+    let (rank, ranks) = (group.rank(), group.world_size());
     if ranks == 1 {
         return embed_split_until(graph, model, split, size, EVAL_BATCH, stop);
     }
@@ -204,7 +219,7 @@ pub fn embed_split_shared<B: Backend>(
     }
     let b = &graph.backend;
     let mut all = b.zeros(ranks * share * EMBED_DIM)?;
-    b.all_gather(&padded, &mut all)?;
+    group.all_gather(b, &padded, &mut all)?;
     if ranks * share == n {
         return Ok(Some(all));
     }
@@ -227,11 +242,12 @@ mod tests {
 
     #[test]
     fn u64_values_survive_their_float_pieces_on_one_device() {
-        let b = crate::nn::cpu_backend::Cpu::<f32>::new();
+        let b = crate::backend::Cpu::<f32>::new();
+        let one = crate::dist::collectives::SingleDevice;
         let mut v = [0, 1, u64::MAX, 0x7fc0_0001_ff80_0001, 123_456_789_012];
         let want = v;
-        broadcast_u64(&b, &mut v).unwrap();
+        broadcast_u64(&one, &b, &mut v).unwrap();
         assert_eq!(v, want);
-        assert!(any_rank(&b, true).unwrap() && !any_rank(&b, false).unwrap());
+        assert!(any_rank(&one, &b, true).unwrap() && !any_rank(&one, &b, false).unwrap());
     }
 }

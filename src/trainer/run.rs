@@ -25,20 +25,24 @@ use super::losses::{EpochLoss, LossReader};
 use super::outputs::{self, EpochMetrics, StepLog, BEST, LAST, LAST_OPT, STATE};
 use super::{config, ranks, stop_flag, RunOptions, TrainConfig, TrainSummary};
 use crate::data::Dataset;
+use crate::dist::collectives::Collectives;
 use crate::error::{Error, Result};
 use crate::names::Named;
-use crate::nn::backend::Backend;
 use crate::nn::checkpoint;
-use crate::nn::graph::Graph;
 use crate::nn::models::Model;
 use crate::nn::optim::{learning_rate, Sgd};
-use crate::nn::params::ParamStore;
 use crate::nn::step::{queue_method_step, queue_train_step};
+use crate::nn::Encoder;
 use crate::ops::Shape4;
+use crate::tape::params::ParamStore;
+use crate::tape::Graph;
 
 /// A run in progress; see the module documentation.
-pub struct Run<'a, B: Backend> {
+pub struct Run<'a, B: Encoder> {
     cfg: &'a TrainConfig,
+    /// This process alone, or its data-parallel group: who writes, which images are its share,
+    /// what the ranks share.
+    group: Arc<dyn Collectives<B>>,
     opts: &'a RunOptions,
     /// The training images (of the training classes).
     ds: Arc<Dataset>,
@@ -84,7 +88,7 @@ fn claim(opts: &RunOptions) -> Result<RunLock> {
     Ok(lock)
 }
 
-impl<'a, B: Backend> Run<'a, B> {
+impl<'a, B: Encoder> Run<'a, B> {
     /// Checks the configuration, builds the model on `backend` and, when resuming, loads the
     /// last checkpoint; writes config.json.
     pub fn start(
@@ -92,6 +96,7 @@ impl<'a, B: Backend> Run<'a, B> {
         opts: &'a RunOptions,
         ds: Arc<Dataset>,
         backend: B,
+        group: Arc<dyn Collectives<B>>,
     ) -> Result<Self> {
         config::validate(cfg)?;
         cfg.loss.validate()?;
@@ -100,7 +105,7 @@ impl<'a, B: Backend> Run<'a, B> {
             eprintln!("{}", describe_classes(&ds, &eval));
         }
         let (steps_per_epoch, total_steps) = config::step_counts(cfg, &ds)?;
-        let lead = backend.rank().0 == 0;
+        let lead = group.rank() == 0;
         let lock = if lead { Some(claim(opts)?) } else { None };
         let mut store = ParamStore::default();
         let model = Model::new(cfg.model, &mut store, &backend, cfg.seed)?;
@@ -110,12 +115,15 @@ impl<'a, B: Backend> Run<'a, B> {
             crate::nn::models::EMBED_DIM,
             cfg.seed,
         )?;
+        let mut graph = Graph::new(backend, store);
+        group.clone().install(&mut graph)?;
         let mut run = Run {
             cfg,
+            group,
             opts,
             ds,
             eval,
-            graph: Graph::new(backend, store),
+            graph,
             model,
             sgd: Sgd::new(cfg.sgd),
             steps_per_epoch,
@@ -188,8 +196,8 @@ impl<'a, B: Backend> Run<'a, B> {
     /// In a data-parallel group, rank 0's position and state on every rank (ranks::share_state);
     /// nothing on one device.
     fn share_with_ranks(&mut self) -> Result<()> {
-        let b = &self.graph.backend;
-        if b.rank().1 == 1 {
+        let (b, group) = (&self.graph.backend, &*self.group);
+        if group.world_size() == 1 {
             return Ok(());
         }
         let mut position = [
@@ -198,14 +206,14 @@ impl<'a, B: Backend> Run<'a, B> {
             self.sgd.step,
             u64::from(self.initial_evaluation_due),
         ];
-        ranks::broadcast_u64(b, &mut position)?;
+        ranks::broadcast_u64(group, b, &mut position)?;
         let [start, count, sgd_step, initial] = position;
         let too_large = |v: u64| Error::invalid(format!("rank 0 sent a position of {v}"));
         self.start = usize::try_from(start).map_err(|_| too_large(start))?;
         self.epoch.count = usize::try_from(count).map_err(|_| too_large(count))?;
         self.sgd.step = sgd_step;
         self.initial_evaluation_due = initial != 0;
-        ranks::share_state(&self.graph.backend, &mut self.graph.params)
+        ranks::share_state(group, &self.graph.backend, &mut self.graph.params)
     }
 
     /// Loads the model, the optimizer, the position, the metrics and every step's loss from
@@ -381,17 +389,17 @@ impl<'a, B: Backend> Run<'a, B> {
 
     /// Rank 0 of a data-parallel group, or the one device: the process that writes.
     fn lead(&self) -> bool {
-        self.graph.backend.rank().0 == 0
+        self.group.rank() == 0
     }
 
     /// Whether to stop after `step`: on a signal, unless it is the last step. A data-parallel
     /// group decides together, at `sync_point`s only (loss reads: the host waits there anyway).
     fn stop_after(&self, step: usize, sync_point: bool) -> Result<bool> {
         let wanted = stop_flag().load(Ordering::SeqCst) && step + 1 < self.total_steps;
-        if self.graph.backend.rank().1 == 1 {
+        if self.group.world_size() == 1 {
             return Ok(wanted);
         }
-        Ok(sync_point && ranks::any_rank(&self.graph.backend, wanted)?)
+        Ok(sync_point && ranks::any_rank(&*self.group, &self.graph.backend, wanted)?)
     }
 
     /// Steps done so far.
@@ -420,7 +428,7 @@ impl<'a, B: Backend> Run<'a, B> {
     fn initial_evaluation(&mut self) -> Result<()> {
         let never = || false;
         let (g, m, set) = (&mut self.graph, &self.model, &self.eval);
-        let evaluation = evaluate_until(g, m, set, &self.cfg.knn, &never)?
+        let evaluation = evaluate_until(&*self.group, g, m, set, &self.cfg.knn, &never)?
             .ok_or_else(|| Error::invalid("internal: an evaluation stopped unasked"))?;
         if let Evaluation::Knn(knn) = evaluation {
             self.summary.knn_at_start = Some(knn);
@@ -489,7 +497,7 @@ impl<'a, B: Backend> Run<'a, B> {
         // From the first step on, a signal stops the run after a step and saves it.
         super::signals::set_saving(true);
         let (cfg, ds) = (self.cfg, self.ds.clone());
-        let shard = ranks::shard(cfg.batch, self.graph.backend.rank());
+        let shard = ranks::shard(cfg.batch, (self.group.rank(), self.group.world_size()));
         let worker = BatchWorker::spawn(
             ds.clone(),
             cfg.augment,
@@ -612,7 +620,9 @@ impl<'a, B: Backend> Run<'a, B> {
             let stop = stop_flag();
             let stopped = || stop.load(Ordering::SeqCst);
             let (g, m, set) = (&mut self.graph, &self.model, &self.eval);
-            let Some(evaluation) = evaluate_until(g, m, set, &self.cfg.knn, &stopped)? else {
+            let Some(evaluation) =
+                evaluate_until(&*self.group, g, m, set, &self.cfg.knn, &stopped)?
+            else {
                 self.commit(step + 1, self.epoch, false)?;
                 bar.suspend(|| {
                     eprintln!(

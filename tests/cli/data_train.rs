@@ -218,7 +218,7 @@ fn train(
         resume,
         progress: false,
         group: None,
-        bucket_mb: invaspread::nn::gradient_buckets::DEFAULT_BUCKET_MB,
+        bucket_mb: invaspread::dist::gradient_buckets::DEFAULT_BUCKET_MB,
     };
     trainer::train(cfg, &opts, ds)
 }

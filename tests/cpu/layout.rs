@@ -403,3 +403,47 @@ fn loss_versions_are_listed_in_the_registry_alone() {
         );
     }
 }
+
+/// The code of `text` without its comments (`//` to the end of a line).
+fn code_of(text: &str) -> String {
+    text.lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn backends_tape_and_ops_know_nothing_of_ranks() {
+    // Collectives are a layer of their own (src/dist/collectives.rs) above the backends: no
+    // Backend method, and nothing in the backends, the tape or the ops, names a rank or a
+    // collective.
+    const RANK_WORDS: [&str; 8] = [
+        "rank",
+        "world_size",
+        "all_gather",
+        "all_reduce",
+        "reduce_scatter",
+        "broadcast",
+        "ProcessGroup",
+        "DataParallel",
+    ];
+    let src = common::repo().join("src");
+    for dir in ["backend", "tape", "ops"] {
+        for path in rust_files(&src.join(dir)) {
+            let code = code_of(&std::fs::read_to_string(&path).unwrap());
+            for word in RANK_WORDS {
+                assert!(
+                    !code.contains(word),
+                    "{}: `{word}` in the code: ranks and collectives belong to src/dist/",
+                    path.display()
+                );
+            }
+        }
+    }
+    let backend = code_of(&std::fs::read_to_string(src.join("backend/mod.rs")).unwrap());
+    let start = backend.find("pub trait Backend").expect("the Backend trait");
+    let body = &backend[start..start + backend[start..].find("\n}\n").unwrap()];
+    for word in ["gradient", "collective", "group"] {
+        assert!(!body.contains(word), "the Backend trait mentions {word}");
+    }
+}

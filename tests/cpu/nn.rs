@@ -4,16 +4,16 @@
 
 use std::collections::HashMap;
 
+use invaspread::backend::Cpu;
 use invaspread::loss::{GradSemantics, LossConfig};
 use invaspread::nn::checkpoint;
-use invaspread::nn::cpu_backend::Cpu;
-use invaspread::nn::graph::{Graph, Var};
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{learning_rate, Schedule, Sgd, SgdConfig};
-use invaspread::nn::params::ParamStore;
 use invaspread::nn::step::train_step;
 use invaspread::ops::conv2d::Conv;
 use invaspread::ops::Shape4;
+use invaspread::tape::params::ParamStore;
+use invaspread::tape::{Graph, Var};
 use invaspread::testing::{random_matrix, rng};
 
 type G64 = Graph<Cpu<f64>>;

@@ -11,23 +11,24 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+use invaspread::backend::Backend;
+use invaspread::backend::Cpu;
+use invaspread::backend::CudaBackend;
 use invaspread::bench::gathered::{rank_rows, RankTruth};
 use invaspread::cuda::Gpu;
+use invaspread::dist::collectives::Collectives;
+use invaspread::dist::data_parallel::DataParallel;
 use invaspread::dist::nccl::ProcessGroup;
 use invaspread::dist::DistEnv;
 use invaspread::loss::cuda::CudaLossVersion;
 use invaspread::loss::gathered::RankLayout;
 use invaspread::loss::{reference, GradSemantics, LossConfig};
-use invaspread::nn::backend::Backend;
-use invaspread::nn::cpu_backend::Cpu;
-use invaspread::nn::cuda_backend::CudaBackend;
-use invaspread::nn::data_parallel::DataParallel;
-use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind, EMBED_DIM};
 use invaspread::nn::optim::{Sgd, SgdConfig};
-use invaspread::nn::params::ParamStore;
 use invaspread::nn::step::{train_step, update_error};
 use invaspread::ops::Shape4;
+use invaspread::tape::params::ParamStore;
+use invaspread::tape::Graph;
 use invaspread::testing::{random_matrix, rng};
 
 /// The environment variable that makes this binary a rank: what the rank does.
@@ -436,9 +437,8 @@ fn train_rank(role: &str) -> Result<(), String> {
     } else {
         dp.with_bucket_floats(BUCKET_FLOATS)
     };
-    let cuda = CudaBackend::new(Arc::new(gpu))
-        .map_err(|e| e.to_string())?
-        .with_data_parallel(dp);
+    let dp = Arc::new(dp);
+    let cuda = CudaBackend::new(Arc::new(gpu)).map_err(|e| e.to_string())?;
     let cfg = LossConfig {
         semantics: semantics_of(role),
         ..LossConfig::default()
@@ -447,6 +447,7 @@ fn train_rank(role: &str) -> Result<(), String> {
     let model =
         Model::new(ModelKind::ConvnetSmall, &mut store, &cuda, 0).map_err(|e| e.to_string())?;
     let mut graph = Graph::new(cuda, store);
+    dp.clone().install(&mut graph).map_err(|e| e.to_string())?;
     let mut sgd = Sgd::new(SgdConfig::default());
     let images = env.world_size * IMAGES_PER_RANK;
     let mut losses = Vec::new();
@@ -481,12 +482,7 @@ fn train_rank(role: &str) -> Result<(), String> {
             ));
         }
     }
-    let buckets = graph
-        .backend
-        .data_parallel()
-        .ok_or("the backend left its group")?
-        .gradient_buckets()
-        .map_err(|e| e.to_string())?;
+    let buckets = dp.gradient_buckets().map_err(|e| e.to_string())?;
     let want_buckets = if sync_bn { 2 } else { 5 };
     if buckets < want_buckets {
         return Err(format!(

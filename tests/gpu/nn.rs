@@ -7,21 +7,24 @@
 
 use std::sync::Arc;
 
+use invaspread::backend::Backend;
+use invaspread::backend::Cpu;
+use invaspread::backend::CudaBackend;
 use invaspread::cuda::GemmPrecision;
 use invaspread::loss::LossConfig;
 use invaspread::names::Named;
-use invaspread::nn::backend::Backend;
-use invaspread::nn::cpu_backend::Cpu;
-use invaspread::nn::cuda_backend::CudaBackend;
-use invaspread::nn::graph::Graph;
 use invaspread::nn::models::{Model, ModelKind};
 use invaspread::nn::optim::{Sgd, SgdConfig};
-use invaspread::nn::params::{Param, ParamStore};
 use invaspread::nn::step::train_step;
+use invaspread::nn::Encoder;
+use invaspread::ops::batchnorm::BatchNormDevice;
 use invaspread::ops::conv2d::Conv;
+use invaspread::ops::conv2d::Conv2dDevice;
 use invaspread::ops::normalize_rows::cpu::forward as normalize;
 use invaspread::ops::sgd::SgdStep;
 use invaspread::ops::{batchnorm, conv2d, linear, Grad, Shape4};
+use invaspread::tape::params::{Param, ParamStore};
+use invaspread::tape::Graph;
 use invaspread::testing::{gpu_or_skip, random_matrix, rng};
 
 use crate::common::{assert_close, rel_err};
@@ -33,14 +36,14 @@ fn backends(name: &str) -> Option<(Cpu<f32>, CudaBackend)> {
     Some((Cpu::new(), cuda))
 }
 
-fn buf<B: Backend>(b: &B, host: &[f32]) -> B::Buffer {
+fn buf<B: Encoder>(b: &B, host: &[f32]) -> B::Buffer {
     let mut x = b.zeros(host.len()).unwrap();
     b.upload(host, &mut x).unwrap();
     x
 }
 
 /// The kNN search on a backend, from host rows.
-fn nearest_on<B: Backend>(
+fn nearest_on<B: Encoder>(
     b: &B,
     queries: &[f32],
     keys: &[f32],
@@ -51,7 +54,7 @@ fn nearest_on<B: Backend>(
 }
 
 /// Convolution forward, then backward with dw += and dx written or added to random contents.
-fn conv_on<B: Backend>(
+fn conv_on<B: Encoder>(
     b: &B,
     x: &[f32],
     xs: Shape4,
@@ -238,13 +241,11 @@ fn conv2d_matches_cpu_forward_and_backward() {
         check_conv(&cpu, &cuda, i, xs, &conv, 1e-5);
     }
     // v1 (the default is the newest, v2) on the same cases.
-    let kernels = invaspread::nn::cuda_backend::EncoderKernels {
+    let kernels = invaspread::nn::EncoderKernels {
         conv2d: conv2d::Version::V1,
         ..Default::default()
     };
-    let v1 = CudaBackend::new(cuda.gpu().clone())
-        .unwrap()
-        .with_kernels(kernels);
+    let v1 = kernels.apply(CudaBackend::new(cuda.gpu().clone()).unwrap());
     for (i, &g) in cases.iter().enumerate() {
         let (xs, conv) = conv_case(g);
         check_conv(&cpu, &v1, i, xs, &conv, 1e-5);
@@ -259,7 +260,7 @@ fn conv2d_matches_cpu_forward_and_backward() {
             "conv2d_matches_cpu_forward_and_backward",
             "the 130-image case runs as 9 images in groups of 2 (a smaller workspace)",
         );
-        let cuda = cuda.with_conv_workspace_cap(2 * per_image);
+        let cuda = cuda.with_option(invaspread::ops::conv2d::node::WorkspaceCap(2 * per_image));
         check_conv(&cpu, &cuda, cases.len(), xs, &conv, 1e-5);
     } else {
         check_conv(&cpu, &cuda, cases.len(), xs, &conv, 1e-5);
@@ -268,7 +269,7 @@ fn conv2d_matches_cpu_forward_and_backward() {
 
 /// Batchnorm forward (training or eval) and backward; returns y, dx, dgamma, dbeta and the
 /// running statistics after the forward.
-fn batchnorm_on<B: Backend>(
+fn batchnorm_on<B: Encoder>(
     b: &B,
     x: &[f32],
     xs: Shape4,
@@ -281,7 +282,7 @@ fn batchnorm_on<B: Backend>(
     let (xb, g, be) = (buf(b, x), buf(b, affine.0), buf(b, affine.1));
     let (mut rm, mut rv) = (buf(b, running.0), buf(b, running.1));
     let mut y = b.zeros(xs.len()).unwrap();
-    let mut saved = B::BnSaved::default();
+    let mut saved = <B as BatchNormDevice>::Saved::default();
     b.batchnorm_forward(
         batchnorm::Forward {
             x: &xb,
@@ -324,7 +325,7 @@ fn batchnorm_on<B: Backend>(
 
 #[test]
 fn batchnorm_matches_cpu_in_training_and_eval() {
-    use invaspread::nn::cuda_backend::EncoderKernels;
+    use invaspread::nn::EncoderKernels;
     let Some((cpu, cuda)) = backends("batchnorm_matches_cpu_in_training_and_eval") else {
         return;
     };
@@ -335,7 +336,7 @@ fn batchnorm_matches_cpu_in_training_and_eval() {
             batchnorm: version,
             ..EncoderKernels::default()
         };
-        let cuda = CudaBackend::new(gpu.clone()).unwrap().with_kernels(kernels);
+        let cuda = kernels.apply(CudaBackend::new(gpu.clone()).unwrap());
         batchnorm_cases(&cpu, &cuda, version);
     }
 }
@@ -381,7 +382,7 @@ fn batchnorm_cases(cpu: &Cpu<f32>, cuda: &CudaBackend, version: batchnorm::Versi
 }
 
 /// relu, add, copy, axpy, average pooling and linear, forward and backward.
-fn small_ops_on<B: Backend>(b: &B, seed: u64) -> Vec<Vec<f32>> {
+fn small_ops_on<B: Encoder>(b: &B, seed: u64) -> Vec<Vec<f32>> {
     let mut r = rng(seed);
     let xs = Shape4 {
         n: 3,
@@ -497,7 +498,7 @@ trait LossOn {
     fn run(&self, z: &[f32], n: usize, d: usize, cfg: &LossConfig) -> (Vec<f32>, Vec<f32>);
 }
 
-impl<B: Backend> LossOn for B {
+impl<B: Encoder> LossOn for B {
     fn run(&self, z: &[f32], n: usize, d: usize, cfg: &LossConfig) -> (Vec<f32>, Vec<f32>) {
         let zb = buf(self, z);
         let (mut loss, mut dz) = (self.zeros(1).unwrap(), self.zeros(n * d).unwrap());
@@ -507,7 +508,7 @@ impl<B: Backend> LossOn for B {
     }
 }
 
-fn sgd_on<B: Backend>(b: &B, lens: &[usize], nesterov: bool) -> Vec<Vec<f32>> {
+fn sgd_on<B: Encoder>(b: &B, lens: &[usize], nesterov: bool) -> Vec<Vec<f32>> {
     let mut r = rng(400);
     let params: Vec<Param<B>> = lens
         .iter()
@@ -532,7 +533,11 @@ fn sgd_on<B: Backend>(b: &B, lens: &[usize], nesterov: bool) -> Vec<Vec<f32>> {
             nesterov,
             first,
         };
-        b.sgd_update_all(&mut store.sgd_tensors(), &step).unwrap();
+        b.sgd_update_all(
+            &mut invaspread::ops::sgd::device::tensors(&mut store),
+            &step,
+        )
+        .unwrap();
     }
     store
         .params
@@ -609,7 +614,7 @@ fn knn_neighbours_match_cpu_including_ties() {
 
 /// `steps` training steps of `kind` from seed 0 on a fixed batch; returns every parameter and
 /// batchnorm statistic after them, and the last loss.
-fn step_on<B: Backend>(
+fn step_on<B: Encoder>(
     b: B,
     kind: ModelKind,
     (images, side): (usize, usize),

@@ -16,11 +16,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::{run_ok, step_losses, Scratch};
+use invaspread::backend::Cpu;
 use invaspread::nn::checkpoint;
-use invaspread::nn::cpu_backend::Cpu;
 use invaspread::nn::models::{Model, ModelKind};
-use invaspread::nn::params::ParamStore;
 use invaspread::nn::step::update_error;
+use invaspread::tape::params::ParamStore;
 
 /// A scratch folder with the stripes data set in `stripes/`: 26 training images (the kNN bank:
 /// 3 ranks embed 9, 9 and 8 of them) and 12 test images.

@@ -1,6 +1,6 @@
 //! `ranks-v1` (kernels/instance_loss_ranks_v1.cu): the loss rows of one data-parallel rank's
 //! own queries against every key of the gathered global batch, on fused v2's tiles. What
-//! `nn::data_parallel` runs for `fused-v2`, so that each of R ranks does 1/R of the loss's work
+//! `dist::data_parallel` runs for `fused-v2`, so that each of R ranks does 1/R of the loss's work
 //! instead of all of it. The math is `loss::gathered::rank_step`'s (a rank's loss rows, its
 //! query-side gradient, its key-side terms for every gathered row), which tests/gpu/dist.rs
 //! compares against.

@@ -12,7 +12,7 @@
 //! `--sync-bn` (a data-parallel group's statistics over the global batch) splits the training
 //! statistics in two, [`sync_moments`] and [`sync_stats`], and the backward's dx into the
 //! unchanged v1 reduction and [`sync_dx`]; the collectives between them are the caller's
-//! (`nn::data_parallel`). Its `saved` has v1's layout.
+//! (`dist::data_parallel`). Its `saved` has v1's layout.
 
 use super::{Backward, Forward, Version, EPS, MOMENTUM};
 use crate::cuda::{
@@ -80,7 +80,7 @@ fn dims(xs: Shape4) -> Result<(i32, i32, i32)> {
 
 /// The forward pass on `q`; `saved` receives the statistics.
 /// No kernel here fuses the ReLU (the graph records it as its own op on CUDA, see
-/// `Backend::fuses_batchnorm_relu`).
+/// `BatchNormDevice::fuses_relu`).
 fn refuse_fused_relu(relu: bool) -> Result<()> {
     if relu {
         return Err(crate::Error::invalid(
@@ -308,13 +308,13 @@ pub fn sync_moments(
     }
 }
 
-/// `--sync-bn`, second half: the `ranks` ranks' moments (`gathered`, rank after rank, each
-/// over this rank's `xs`, the same on every rank) merged into the global batch's statistics in
+/// `--sync-bn`, second half: the moments of `parts` devices (`gathered`, device after device, each
+/// over its own `xs`, the same on every device) merged into the whole batch's statistics in
 /// `saved` (v1's layout), and the running statistics updated with them.
 pub fn sync_stats(
     q: &impl Queue,
     gathered: DevPtr<'_, f32>,
-    ranks: usize,
+    parts: usize,
     xs: Shape4,
     saved: &mut DevPtrMut<'_, f32>,
     running_mean: &mut DevPtrMut<'_, f32>,
@@ -324,7 +324,7 @@ pub fn sync_stats(
     check_len(
         "batchnorm gathered moments",
         gathered.len(),
-        2 * xs.c * ranks,
+        2 * xs.c * parts,
     )?;
     check_len("batchnorm saved", saved.len(), saved_len(Version::V1, xs))?;
     check_len("running_mean", running_mean.len(), xs.c)?;
@@ -333,7 +333,7 @@ pub fn sync_stats(
         .map_err(|_| crate::Error::invalid("batchnorm: N H W exceeds a 64-bit count"))?;
     let mut args = KernelArgs::new();
     args.input(gathered)
-        .value(to_i32("ranks", ranks)?)
+        .value(to_i32("parts", parts)?)
         .value(count)
         .value(c)
         .value(MOMENTUM as f32)
@@ -349,7 +349,7 @@ pub fn sync_stats(
 }
 
 /// `--sync-bn`'s training dx, from the statistics of [`sync_stats`] and the (s1, s2) of the
-/// backward's reduction summed over the `ranks` ranks (in `saved`).
+/// backward's reduction summed over the `parts` devices (in `saved`).
 #[allow(clippy::too_many_arguments)] // the op's buffers, as backward takes them in a struct
 pub fn sync_dx(
     q: &impl Queue,
@@ -358,7 +358,7 @@ pub fn sync_dx(
     gamma: DevPtr<'_, f32>,
     saved: DevPtr<'_, f32>,
     xs: Shape4,
-    ranks: usize,
+    parts: usize,
     mut dx: Grad<DevPtrMut<'_, f32>>,
 ) -> Result<()> {
     let (n, c, hw) = dims(xs)?;
@@ -367,7 +367,7 @@ pub fn sync_dx(
     }
     check_len("gamma", gamma.len(), xs.c)?;
     check_len("batchnorm saved", saved.len(), saved_len(Version::V1, xs))?;
-    let m = (xs.n * xs.h * xs.w * ranks) as f32;
+    let m = (xs.n * xs.h * xs.w * parts) as f32;
     let mut args = KernelArgs::new();
     args.input(x)
         .input(dy)

@@ -14,6 +14,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod node;
+
+pub use node::BatchNormDevice;
 
 use super::{Grad, Shape4};
 

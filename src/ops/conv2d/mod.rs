@@ -11,7 +11,10 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod node;
 pub mod winograd;
+
+pub use node::Conv2dDevice;
 
 use super::{Grad, Shape4};
 use crate::cuda::to_i32;

@@ -4,6 +4,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod node;
+
+pub use node::ElementwiseDevice;
 
 /// The CUDA kernel versions of the elementwise ops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

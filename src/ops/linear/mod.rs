@@ -3,6 +3,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod node;
+
+pub use node::LinearDevice;
 
 use super::Grad;
 

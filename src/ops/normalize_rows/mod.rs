@@ -5,6 +5,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod device;
+
+pub use device::NormalizeDevice;
 
 use crate::error::{Error, Result};
 

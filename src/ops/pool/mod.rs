@@ -4,6 +4,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod node;
+
+pub use node::PoolDevice;
 
 use super::Shape4;
 

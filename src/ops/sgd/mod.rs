@@ -5,6 +5,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod device;
+
+pub use device::SgdDevice;
 
 use crate::cuda::to_i32;
 use crate::error::Result;

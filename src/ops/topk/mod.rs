@@ -4,6 +4,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod device;
+
+pub use device::NearestDevice;
 
 /// For each query, its neighbours as (similarity, index), best first.
 pub type Neighbours = Vec<Vec<(f32, usize)>>;

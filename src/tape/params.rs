@@ -3,9 +3,8 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::backend::Backend;
+use crate::backend::Backend;
 use crate::error::Result;
-use crate::ops::sgd::Tensors;
 
 /// A handle to a trainable parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,18 +148,6 @@ impl<B: Backend> ParamStore<B> {
     /// Every parameter's gradient, in order.
     pub fn grads_mut(&mut self) -> Vec<&mut B::Buffer> {
         self.params.iter_mut().map(|p| &mut p.grad).collect()
-    }
-
-    /// Every parameter's buffers as the SGD update takes them.
-    pub fn sgd_tensors(&mut self) -> Vec<Tensors<'_, B::Buffer>> {
-        self.params
-            .iter_mut()
-            .map(|p| Tensors {
-                w: &mut p.value,
-                g: &p.grad,
-                v: &mut p.momentum,
-            })
-            .collect()
     }
 
     /// The number of trainable scalars.

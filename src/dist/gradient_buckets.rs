@@ -2,7 +2,7 @@
 //! while the pass goes on (PyTorch DDP's `bucket_cap_mb`).
 //!
 //! The tape reports each gradient when it is final
-//! ([`crate::nn::backend::Backend::gradient_final`]: the last layers' first). It is copied into
+//! ([`crate::tape::GradientHook::ready`]: the last layers' first). It is copied into
 //! one device buffer, packed in that order, and whenever at least `cap` floats (at most 1 MiB
 //! for the first bucket, as in DDP) are packed and not yet summed, their all-reduce is queued
 //! on a stream of its own that waits for the copies: the device sums one bucket while it
@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 
+use super::nccl::ProcessGroup;
 use crate::cuda::Gpu;
-use crate::dist::nccl::ProcessGroup;
 use crate::error::{Error, Result};
 
 /// PyTorch DDP's default `bucket_cap_mb`.

@@ -1,6 +1,9 @@
-//! Data-parallel training on the CUDA backend: what a `CudaBackend`
-//! does differently when it belongs to a [`ProcessGroup`] of R ranks, each with m images of the
-//! global batch of M = R m (2M rows).
+//! Data-parallel training on the CUDA backend: a [`ProcessGroup`] of R ranks, each with m
+//! images of the global batch of M = R m (2M rows), as the layer above a rank's
+//! `CudaBackend`. [`DataParallel`] is the trainer's [`Collectives`] and registers itself on
+//! the graph ([`Collectives::install`]) as the hooks of the ops that cross devices: the loss
+//! ([`LossGroup`]), BatchNorm under `--sync-bn` ([`BatchNormGroup`]) and the parameter
+//! gradients ([`GradientHook`]). The backend and the ops know nothing of ranks.
 //!
 //! The loss. Each rank all-gathers the embeddings of both views in two collectives, view A's
 //! rows of every rank into the first M rows and view B's into the last M, so that the gathered
@@ -32,19 +35,25 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaSlice;
 
+use super::collectives::Collectives;
+use super::gradient_buckets::GradientBuckets;
+use super::nccl::ProcessGroup;
+use crate::backend::cuda::{dev, dev_mut};
+use crate::backend::{Backend, CudaBackend};
 use crate::cuda::{DevPtr, DevPtrMut, Gpu};
-use crate::dist::nccl::ProcessGroup;
 use crate::error::{Error, Result};
 use crate::loss::cuda::ranks_v1::RankLoss;
 use crate::loss::cuda::{CudaLossVersion, LossParams};
 use crate::loss::gathered::RankLayout;
+use crate::loss::node::{LossDevice, LossGroup};
 use crate::loss::{LossConfig, Negatives};
-use crate::nn::gradient_buckets::GradientBuckets;
+use crate::ops::batchnorm::node::{cuda_saved, cuda_saved_for_backward, BatchNormGroup, CudaSaved};
 use crate::ops::batchnorm::{self, Version};
 use crate::ops::elementwise;
 use crate::ops::Grad;
+use crate::tape::{GradientHook, Graph};
 
-/// A CUDA backend's membership in a data-parallel group, and the buffers its collectives use.
+/// A CUDA rank's membership in a data-parallel group, and the buffers its collectives use.
 #[derive(Debug)]
 pub struct DataParallel {
     group: Mutex<ProcessGroup>,
@@ -105,7 +114,7 @@ impl DataParallel {
         }
     }
 
-    /// Gradient buckets of `floats` floats (`--bucket-mb`; [`crate::nn::gradient_buckets::cap_floats`]).
+    /// Gradient buckets of `floats` floats (`--bucket-mb`; [`super::gradient_buckets::cap_floats`]).
     pub fn with_bucket_floats(self, floats: usize) -> Self {
         DataParallel {
             buckets: Mutex::new(GradientBuckets::new(floats)),
@@ -328,7 +337,7 @@ type BnBackward<'a> = batchnorm::Backward<&'a CudaSlice<f32>, &'a mut CudaSlice<
 impl DataParallel {
     /// `--sync-bn`'s training forward: this rank's moments, gathered, merged into `saved` (v1's
     /// layout, 4 C) and the running statistics, then the affine apply.
-    pub fn batchnorm_forward(
+    fn sync_batchnorm_forward(
         &self,
         gpu: &Gpu,
         a: BnForward<'_>,
@@ -373,7 +382,7 @@ impl DataParallel {
 
     /// `--sync-bn`'s training backward: v1's reduction (dgamma, dbeta take this rank's sums;
     /// the gradient all-reduce adds the ranks' up), its (s1, s2) summed over ranks, then dx.
-    pub fn batchnorm_backward(
+    fn sync_batchnorm_backward(
         &self,
         gpu: &Gpu,
         a: BnBackward<'_>,
@@ -406,5 +415,116 @@ impl DataParallel {
                 Grad::new(DevPtrMut::of(dx.buf), dx.accumulate),
             ),
         }
+    }
+}
+
+/// The loss over the gathered global batch (see the module documentation), in place of the
+/// backend's own: one device's L and this rank's rows of its dL/dz.
+impl LossGroup<CudaBackend> for DataParallel {
+    fn instance_loss(
+        &self,
+        backend: &CudaBackend,
+        z: &CudaSlice<f32>,
+        (n, d): (usize, usize),
+        cfg: &LossConfig,
+        loss: &mut CudaSlice<f32>,
+        dz: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        crate::loss::cuda::validate_for_kernels(cfg)?;
+        backend.ensure_len(loss, 1)?;
+        backend.ensure_len(dz, n * d)?;
+        let gpu = backend.gpu();
+        if self.runs_own_rows(backend.option::<CudaLossVersion>(), cfg) {
+            return self.own_rows_loss(gpu, z, (n, d), cfg, loss, dz);
+        }
+        self.gathered_loss(gpu, z, (n, d), dz, |zg, shape, dzg| {
+            backend.instance_loss(zg, shape, cfg, loss, dzg)
+        })
+    }
+}
+
+/// `--sync-bn`: every BatchNorm in v1's layout of the statistics (its kernels share it), the
+/// training ones over the global batch.
+impl BatchNormGroup<CudaBackend> for DataParallel {
+    fn forward(
+        &self,
+        backend: &CudaBackend,
+        a: batchnorm::Forward<&CudaSlice<f32>, &mut CudaSlice<f32>>,
+        saved: &mut CudaSaved,
+    ) -> Result<()> {
+        let saved = cuda_saved(backend, Version::V1, a.xs, saved)?;
+        if a.training {
+            return self.sync_batchnorm_forward(backend.gpu(), a, saved);
+        }
+        let gpu = &**backend.gpu();
+        batchnorm::cuda::forward(
+            gpu,
+            Version::V1,
+            a.map(dev, dev_mut),
+            &mut DevPtrMut::of(saved),
+        )
+    }
+    fn backward(
+        &self,
+        backend: &CudaBackend,
+        a: batchnorm::Backward<&CudaSlice<f32>, &mut CudaSlice<f32>>,
+        saved: &mut CudaSaved,
+    ) -> Result<()> {
+        let saved = cuda_saved_for_backward(Version::V1, a.xs, saved)?;
+        if a.training {
+            return self.sync_batchnorm_backward(backend.gpu(), a, saved);
+        }
+        let gpu = &**backend.gpu();
+        batchnorm::cuda::backward(
+            gpu,
+            Version::V1,
+            a.map(dev, dev_mut),
+            &mut DevPtrMut::of(saved),
+        )
+    }
+}
+
+/// The parameter gradients summed over the ranks in buckets while the backward pass runs.
+impl GradientHook<CudaBackend> for DataParallel {
+    fn begin(&self, backend: &CudaBackend, lens: &[usize]) -> Result<()> {
+        self.gradients_begin(backend.gpu(), lens)
+    }
+    fn ready(&self, backend: &CudaBackend, index: usize, grad: &CudaSlice<f32>) -> Result<()> {
+        self.gradient_final(backend.gpu(), index, grad)
+    }
+    fn finish(&self, backend: &CudaBackend, grads: &mut [&mut CudaSlice<f32>]) -> Result<()> {
+        self.sum_gradients(backend.gpu(), grads)
+    }
+}
+
+impl Collectives<CudaBackend> for DataParallel {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+    fn all_gather(
+        &self,
+        backend: &CudaBackend,
+        local: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        backend.ensure_len(out, local.len() * self.world_size)?;
+        DataParallel::all_gather(self, local, out)
+    }
+    fn broadcast(&self, _: &CudaBackend, bufs: &mut [&mut CudaSlice<f32>]) -> Result<()> {
+        DataParallel::broadcast(self, bufs, 0)
+    }
+    fn install(self: Arc<Self>, graph: &mut Graph<CudaBackend>) -> Result<()> {
+        let loss: Arc<dyn LossGroup<CudaBackend>> = self.clone();
+        let grads: Arc<dyn GradientHook<CudaBackend>> = self.clone();
+        graph.extensions.insert(loss);
+        graph.extensions.insert(grads);
+        if self.sync_bn {
+            let bn: Arc<dyn BatchNormGroup<CudaBackend>> = self;
+            graph.extensions.insert(bn);
+        }
+        Ok(())
     }
 }

@@ -11,7 +11,7 @@ use invaspread::cuda::Gpu;
 use invaspread::data::augment::Augmentations;
 use invaspread::dist::DistEnv;
 use invaspread::loss::{GradSemantics, LossVersion};
-use invaspread::methods::Method;
+use invaspread::methods::MethodKind;
 use invaspread::names::Named;
 use invaspread::nn::models::ModelKind;
 use invaspread::nn::optim::Schedule;
@@ -101,8 +101,8 @@ pub struct TrainArgs {
     /// How to learn: the instance loss (invaspread), or a baseline of the paper's comparison:
     /// npid (memory bank, full softmax), nce (memory bank, NCE with 4096 noise entries),
     /// exemplar (a classifier with one class per image).
-    #[arg(long, value_enum, default_value_t = Method::Invaspread)]
-    method: Method,
+    #[arg(long, value_enum, default_value_t = MethodKind::Invaspread)]
+    method: MethodKind,
     /// The loss implementation (default: fused on the CPU, fused-v2 on CUDA).
     #[arg(long, value_enum)]
     loss: Option<LossVersion>,

@@ -11,18 +11,26 @@
 //! The baselines see one augmented view per image (view A of the batch, as lemniscate's
 //! loader gives one). Their losses are computed on the host from the encoder's output, in
 //! float32 with float64 sums, and handed to the graph as a loss node with its gradient
-//! (`Graph::given_loss` in `nn`), so they run on either backend. Their state (the
-//! bank, NCE's normaliser, the classifier and its momentum) is part of the run state: saved
-//! with every commit, restored on resume ([`MethodState::tensors`], [`MethodState::restore`]).
+//! (`Graph::given_loss`), so they run on either backend. Each is a [`Method`]: the step loop
+//! asks it for the batch's loss and its own update, and the run state holds its state (the
+//! bank, NCE's normaliser, the classifier and its momentum): saved with every commit,
+//! restored on resume ([`Method::tensors`], [`restore`]).
 
 pub mod exemplar;
 pub mod memory_bank;
 
 use crate::error::{Error, Result};
+use crate::loss::LossConfig;
+use crate::nn::models::Model;
+use crate::nn::optim::Sgd;
+use crate::nn::step::queue_step as queue_train_loss;
+use crate::nn::Encoder;
+use crate::ops::Shape4;
+use crate::tape::{Graph, Var};
 
 /// How a run learns (`--method`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Method {
+pub enum MethodKind {
     /// The instance loss of Ye et al. (this crate's method).
     #[default]
     Invaspread,
@@ -33,16 +41,200 @@ pub enum Method {
     /// A parametric classifier with one class per training image (Exemplar CNN).
     Exemplar,
 }
-crate::serde_by_name!(Method);
+crate::serde_by_name!(MethodKind);
 
-/// A tensor of a method's state: its shape and float32 values.
-pub type ShapedValues = (Vec<usize>, Vec<f32>);
+/// A tensor of a method's state: its shape and float32 values (as `nn::checkpoint` reads
+/// the run state's extra tensors).
+pub use crate::nn::checkpoint::ShapedValues;
 
-/// The state a baseline keeps between steps.
-#[derive(Debug, Clone, PartialEq)]
-pub enum MethodState {
-    Bank(memory_bank::MemoryBank),
-    Exemplar(exemplar::Classifier),
+/// A named tensor of a method's state, as the run state file holds it.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+/// How a run learns, as the step loop sees it: the loss of a batch on the encoder's output,
+/// the state kept between steps, and what of it a run saves and restores. The step loop holds
+/// one `Box<dyn Method<B>>` ([`build`]) and no branch per method.
+pub trait Method<B: Encoder>: Send {
+    /// The views of each image it trains on: 2 (the instance loss: both), or 1 (the baselines
+    /// see view A, as lemniscate's loader gives one view).
+    fn views(&self) -> usize;
+    /// Records the batch's loss on `graph` from the encoder's output `z` (one row per view of
+    /// each of the images `indices`, view A first); `step` is the optimiser's (it seeds NCE's
+    /// noise).
+    fn loss(&mut self, graph: &mut Graph<B>, z: Var, indices: &[usize], step: u64) -> Result<Var>;
+    /// After the encoder's update: the method's own (the bank takes the batch's features, the
+    /// classifier its SGD step with the run's settings).
+    fn after_update(&mut self, sgd: &SgdSettings) -> Result<()> {
+        let _ = sgd;
+        Ok(())
+    }
+    /// Its state as named float32 tensors for the run state file (none for the instance loss).
+    fn tensors(&self) -> Vec<NamedTensor> {
+        Vec::new()
+    }
+    /// Sets the tensor `name` ([`Method::tensors`]' names) to `values`.
+    fn set(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let _ = values;
+        Err(Error::invalid(format!(
+            "the method has no state tensor {name}"
+        )))
+    }
+}
+
+/// The method a run's configuration names, for `n` training images of `d`-wide features.
+pub fn build<B: Encoder>(
+    method: MethodKind,
+    loss: LossConfig,
+    n: usize,
+    d: usize,
+    seed: u64,
+) -> Result<Box<dyn Method<B>>> {
+    Ok(match method {
+        MethodKind::Invaspread => Box::new(InstanceLoss(loss)),
+        MethodKind::Npid => Box::new(BankMethod::new(memory_bank::MemoryBank::new(
+            n,
+            d,
+            memory_bank::Objective::Softmax,
+            seed,
+        )?)),
+        MethodKind::Nce => Box::new(BankMethod::new(memory_bank::MemoryBank::new(
+            n,
+            d,
+            memory_bank::Objective::Nce,
+            seed,
+        )?)),
+        MethodKind::Exemplar => Box::new(exemplar::Classifier::new(n, d, seed)?),
+    })
+}
+
+/// Restores `method`'s state from the tensors [`Method::tensors`] wrote; `get(name)` gives a
+/// tensor's shape and values, or None. Nothing for a method without state.
+pub fn restore<B: Encoder>(
+    method: &mut dyn Method<B>,
+    get: &dyn Fn(&str) -> Option<ShapedValues>,
+) -> Result<()> {
+    for (name, shape, values) in method.tensors() {
+        let (got_shape, got) = get(&name).ok_or_else(|| {
+            Error::invalid(format!("the run state has no tensor {name} (method state)"))
+        })?;
+        if got_shape != shape || got.len() != values.len() {
+            return Err(Error::invalid(format!(
+                "the run state's {name} has shape {got_shape:?}, expected {shape:?}"
+            )));
+        }
+        method.set(&name, &got)?;
+    }
+    Ok(())
+}
+
+/// One training step of `method`: its views of the batch (`views`, N x 3 x H x W with both
+/// views of the images `indices`, view A first) through the encoder, its loss, backward, SGD,
+/// then its own update. Returns the loss node (nothing is read back).
+#[allow(clippy::too_many_arguments)] // the step's graph, model, optimisers, batch and position
+pub fn queue_step<B: Encoder>(
+    method: &mut dyn Method<B>,
+    graph: &mut Graph<B>,
+    model: &Model,
+    sgd: &mut Sgd,
+    views: &[f32],
+    shape: Shape4,
+    indices: &[usize],
+    lr: f64,
+) -> Result<Var> {
+    let input = match method.views() {
+        2 => (views, shape),
+        _ => {
+            // The baselines see view A of each image (the first m rows).
+            let one = Shape4 {
+                n: indices.len(),
+                ..shape
+            };
+            if one.n == 0 || one.len() > views.len() {
+                return Err(Error::invalid(format!(
+                    "a baseline's batch is m x 3 x H x W for m images, got {shape:?} for {} images",
+                    indices.len()
+                )));
+            }
+            (&views[..one.len()], one)
+        }
+    };
+    let loss = queue_train_loss(graph, model, sgd, input, lr, |g, z, step| {
+        method.loss(g, z, indices, step)
+    })?;
+    method.after_update(&SgdSettings {
+        lr,
+        momentum: sgd.cfg.momentum,
+        weight_decay: sgd.cfg.weight_decay,
+        nesterov: sgd.cfg.nesterov,
+    })?;
+    Ok(loss)
+}
+
+/// The method of Ye et al.: the instance loss over the batch's two views.
+pub struct InstanceLoss(pub LossConfig);
+
+impl<B: Encoder> Method<B> for InstanceLoss {
+    fn views(&self) -> usize {
+        2
+    }
+    fn loss(&mut self, graph: &mut Graph<B>, z: Var, _: &[usize], _: u64) -> Result<Var> {
+        graph.instance_loss(z, &self.0)
+    }
+}
+
+/// A memory bank's method: the bank, and the batch whose features it takes after the update.
+pub struct BankMethod {
+    pub bank: memory_bank::MemoryBank,
+    batch: (Vec<f32>, Vec<usize>),
+}
+
+impl BankMethod {
+    pub fn new(bank: memory_bank::MemoryBank) -> Self {
+        BankMethod {
+            bank,
+            batch: (Vec::new(), Vec::new()),
+        }
+    }
+}
+
+impl<B: Encoder> Method<B> for BankMethod {
+    fn views(&self) -> usize {
+        1
+    }
+    fn loss(&mut self, graph: &mut Graph<B>, z: Var, indices: &[usize], step: u64) -> Result<Var> {
+        let z_host = graph.value(z)?;
+        let out = self.bank.loss(&z_host, indices, step)?;
+        self.batch = (z_host, indices.to_vec());
+        graph.given_loss(z, out.loss, &out.dz)
+    }
+    fn after_update(&mut self, _: &SgdSettings) -> Result<()> {
+        self.bank.update(&self.batch.0, &self.batch.1)
+    }
+    fn tensors(&self) -> Vec<NamedTensor> {
+        self.bank.tensors()
+    }
+    fn set(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        self.bank.set(name, values)
+    }
+}
+
+impl<B: Encoder> Method<B> for exemplar::Classifier {
+    fn views(&self) -> usize {
+        1
+    }
+    fn loss(&mut self, graph: &mut Graph<B>, z: Var, indices: &[usize], _: u64) -> Result<Var> {
+        let z_host = graph.value(z)?;
+        let out = exemplar::Classifier::loss(self, &z_host, indices)?;
+        graph.given_loss(z, out.loss, &out.dz)
+    }
+    fn after_update(&mut self, sgd: &SgdSettings) -> Result<()> {
+        self.update(sgd)
+    }
+    fn tensors(&self) -> Vec<NamedTensor> {
+        exemplar::Classifier::tensors(self)
+    }
+    fn set(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        exemplar::Classifier::set(self, name, values)
+    }
 }
 
 /// One step's loss and its gradient in the raw embeddings (m x d, the encoder's output).
@@ -50,77 +242,6 @@ pub enum MethodState {
 pub struct StepLoss {
     pub loss: f64,
     pub dz: Vec<f32>,
-}
-
-impl MethodState {
-    /// The initial state of `method` for `n` training images of `d`-wide features (None for
-    /// the method itself, which keeps none).
-    pub fn new(method: Method, n: usize, d: usize, seed: u64) -> Result<Option<MethodState>> {
-        Ok(match method {
-            Method::Invaspread => None,
-            Method::Npid => Some(MethodState::Bank(memory_bank::MemoryBank::new(
-                n,
-                d,
-                memory_bank::Objective::Softmax,
-                seed,
-            )?)),
-            Method::Nce => Some(MethodState::Bank(memory_bank::MemoryBank::new(
-                n,
-                d,
-                memory_bank::Objective::Nce,
-                seed,
-            )?)),
-            Method::Exemplar => Some(MethodState::Exemplar(exemplar::Classifier::new(
-                n, d, seed,
-            )?)),
-        })
-    }
-
-    /// The loss of the raw embeddings `z` (one row per image of `indices`) and dL/dz; `step`
-    /// seeds NCE's noise draw.
-    pub fn loss(&mut self, z: &[f32], indices: &[usize], step: u64) -> Result<StepLoss> {
-        match self {
-            MethodState::Bank(bank) => bank.loss(z, indices, step),
-            MethodState::Exemplar(c) => c.loss(z, indices),
-        }
-    }
-
-    /// After the encoder's update: the bank takes the batch's features; the classifier takes
-    /// its SGD step (learning rate `lr`, the run's momentum and weight decay).
-    pub fn update(&mut self, z: &[f32], indices: &[usize], sgd: &SgdSettings) -> Result<()> {
-        match self {
-            MethodState::Bank(bank) => bank.update(z, indices),
-            MethodState::Exemplar(c) => c.update(sgd),
-        }
-    }
-
-    /// The state as named float32 tensors (name, shape, values) for the run state file.
-    pub fn tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-        match self {
-            MethodState::Bank(bank) => bank.tensors(),
-            MethodState::Exemplar(c) => c.tensors(),
-        }
-    }
-
-    /// Restores the state from the tensors [`MethodState::tensors`] wrote; `get(name)` gives
-    /// a tensor's shape and values, or None.
-    pub fn restore(&mut self, get: &dyn Fn(&str) -> Option<ShapedValues>) -> Result<()> {
-        for (name, shape, values) in self.tensors() {
-            let (got_shape, got) = get(&name).ok_or_else(|| {
-                Error::invalid(format!("the run state has no tensor {name} (method state)"))
-            })?;
-            if got_shape != shape || got.len() != values.len() {
-                return Err(Error::invalid(format!(
-                    "the run state's {name} has shape {got_shape:?}, expected {shape:?}"
-                )));
-            }
-            match self {
-                MethodState::Bank(bank) => bank.set(&name, &got)?,
-                MethodState::Exemplar(c) => c.set(&name, &got)?,
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The run's SGD settings at one step, for the exemplar classifier's own update.

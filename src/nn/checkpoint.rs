@@ -381,9 +381,12 @@ const STEP_LOSSES: &str = "run.step_losses";
 /// The prefix of the extra tensors a run state may hold (a baseline's state, `methods`).
 pub const EXTRA: &str = "method.";
 
+/// A tensor's shape and float32 values.
+pub type ShapedValues = (Vec<usize>, Vec<f32>);
+
 /// The float32 tensors of a run state whose names start with [`EXTRA`]: name -> (shape,
 /// values).
-pub fn load_extra_tensors(path: &Path) -> Result<HashMap<String, crate::methods::ShapedValues>> {
+pub fn load_extra_tensors(path: &Path) -> Result<HashMap<String, ShapedValues>> {
     let bytes = read(path)?;
     let (st, _) = parse(path, &bytes)?;
     let mut out = HashMap::new();

@@ -43,17 +43,33 @@ pub fn queue_train_step<B: Encoder>(
             "a training batch is 2m x 3 x H x W with m >= 2 and H, W >= 1, got {shape:?}"
         )));
     }
+    queue_step(graph, model, sgd, (views, shape), lr, |g, z, _| {
+        g.instance_loss(z, loss_cfg)
+    })
+}
+
+/// One step of any loss: the encoder on `input` (its `shape`), `loss(graph, z, sgd step)`
+/// recording the loss of its output z, backward, SGD (after the gradient hook's final values,
+/// a data-parallel group's sums). Returns the loss node; nothing is read back.
+pub fn queue_step<B: Encoder>(
+    graph: &mut Graph<B>,
+    model: &Model,
+    sgd: &mut Sgd,
+    (input, shape): (&[f32], Shape4),
+    lr: f64,
+    loss: impl FnOnce(&mut Graph<B>, Var, u64) -> Result<Var>,
+) -> Result<Var> {
     // NVTX ranges (no-ops without libnvToolsExt) so that Nsight shows the step's parts: they
     // mark when the host queues each part; the GPU's work follows on the stream.
     graph.begin();
     let z = {
         let _range = phase("forward");
-        let x = graph.input(views, shape)?;
+        let x = graph.input(input, shape)?;
         model.forward(graph, x, true)?
     };
     let loss = {
         let _range = phase("loss");
-        graph.instance_loss(z, loss_cfg)?
+        loss(graph, z, sgd.step)?
     };
     {
         let _range = phase("backward");
@@ -63,46 +79,6 @@ pub fn queue_train_step<B: Encoder>(
     let _range = phase("sgd");
     graph.finish_gradients()?;
     sgd.update(&graph.backend, &mut graph.params, lr)?;
-    Ok(loss)
-}
-
-/// One step of a baseline ([`crate::methods`]): the encoder on `view` (m x 3 x H x W, one view
-/// of the images `indices`), the method's loss on the host, backward, SGD, then the method's
-/// own update (the bank, the classifier). Returns the loss node.
-#[allow(clippy::too_many_arguments)] // the step's graph, model, optimisers, batch and position
-pub fn queue_method_step<B: Encoder>(
-    graph: &mut Graph<B>,
-    model: &Model,
-    sgd: &mut Sgd,
-    method: &mut crate::methods::MethodState,
-    view: &[f32],
-    shape: Shape4,
-    indices: &[usize],
-    lr: f64,
-) -> Result<Var> {
-    if shape.n != indices.len() || shape.c != 3 || shape.n == 0 {
-        return Err(Error::invalid(format!(
-            "a baseline's batch is m x 3 x H x W for m images, got {shape:?} for {} images",
-            indices.len()
-        )));
-    }
-    graph.begin();
-    let x = graph.input(view, shape)?;
-    let z = model.forward(graph, x, true)?;
-    let z_host = graph.value(z)?;
-    let step = method.loss(&z_host, indices, sgd.step)?;
-    let loss = graph.given_loss(z, step.loss, &step.dz)?;
-    graph.params.zero_grad(&graph.backend)?;
-    graph.backward(loss)?;
-    let settings = crate::methods::SgdSettings {
-        lr,
-        momentum: sgd.cfg.momentum,
-        weight_decay: sgd.cfg.weight_decay,
-        nesterov: sgd.cfg.nesterov,
-    };
-    graph.finish_gradients()?;
-    sgd.update(&graph.backend, &mut graph.params, lr)?;
-    method.update(&z_host, indices, &settings)?;
     Ok(loss)
 }
 

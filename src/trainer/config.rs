@@ -151,7 +151,7 @@ fn validate_ranks(cfg: &TrainConfig) -> Result<()> {
              --device cuda, or run one process on the CPU"
         )));
     }
-    if cfg.method != crate::methods::Method::Invaspread {
+    if cfg.method != crate::methods::MethodKind::Invaspread {
         return Err(Error::invalid(format!(
             "WORLD_SIZE={ranks}: --method {} trains on one device (its memory bank or classifier \
              is not split over ranks); run it without a launcher",

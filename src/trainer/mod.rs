@@ -72,7 +72,7 @@ pub struct TrainConfig {
     /// How the run learns: the method, or one of the paper's baselines (configurations from
     /// before the choice: the method).
     #[serde(default)]
-    pub method: crate::methods::Method,
+    pub method: crate::methods::MethodKind,
     /// Where the encoder trains, and which loss implementation it runs.
     pub backend: BackendChoice,
     /// Steps between loss reads (None: every step on the CPU, every
@@ -116,7 +116,7 @@ impl Default for TrainConfig {
             warmup_steps: 0,
             augment: crate::data::augment::Augmentations::all(),
             loss: LossConfig::default(),
-            method: crate::methods::Method::Invaspread,
+            method: crate::methods::MethodKind::Invaspread,
             backend: BackendChoice::Cpu {
                 loss: CpuLossVersion::Fused,
                 conv: conv2d::CpuVersion::default(),
@@ -358,7 +358,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions, ds: Arc<Dataset>) -> Result<T
             kernels,
         } => {
             crate::loss::cuda::validate_for_kernels(&cfg.loss)?;
-            if cfg.method == crate::methods::Method::Invaspread {
+            if cfg.method == crate::methods::MethodKind::Invaspread {
                 crate::loss::cuda::check_version_supports(&cfg.loss, loss)?;
             }
             let gpu = match &opts.group {

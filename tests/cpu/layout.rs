@@ -441,7 +441,9 @@ fn backends_tape_and_ops_know_nothing_of_ranks() {
         }
     }
     let backend = code_of(&std::fs::read_to_string(src.join("backend/mod.rs")).unwrap());
-    let start = backend.find("pub trait Backend").expect("the Backend trait");
+    let start = backend
+        .find("pub trait Backend")
+        .expect("the Backend trait");
     let body = &backend[start..start + backend[start..].find("\n}\n").unwrap()];
     for word in ["gradient", "collective", "group"] {
         assert!(!body.contains(word), "the Backend trait mentions {word}");

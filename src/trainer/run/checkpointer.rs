@@ -1,0 +1,270 @@
+//! The run's files: its claim on `--out` (the lock, and the removal of temporaries an
+//! interrupted write left), the atomic commits of `state.safetensors` and the files derived
+//! from it, and the resume from them. Rank 0 of a data-parallel group (or the one device)
+//! writes; the other ranks hold a checkpointer that writes nothing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::reporter::Reporter;
+use super::{Learner, Position};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::methods;
+use crate::names::Named;
+use crate::nn::checkpoint;
+use crate::nn::Encoder;
+use crate::trainer::lock::RunLock;
+use crate::trainer::losses::EpochLoss;
+use crate::trainer::outputs::{self, EpochMetrics, BEST, LAST, LAST_OPT, STATE};
+use crate::trainer::{RunOptions, TrainConfig};
+
+/// See the module documentation.
+pub(super) struct Checkpointer {
+    out: PathBuf,
+    /// This process's claim on `--out`, held until the run is dropped; None on the ranks that
+    /// do not write.
+    lock: Option<RunLock>,
+}
+
+impl Checkpointer {
+    /// Claims `--out` for this process (creating it) when it is the one that `writes`, and
+    /// removes what an interrupted write left.
+    pub fn claim(opts: &RunOptions, writes: bool, report: &Reporter) -> Result<Checkpointer> {
+        let out = opts.out.clone();
+        if !writes {
+            return Ok(Checkpointer { out, lock: None });
+        }
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        let lock = RunLock::acquire(&out)?;
+        let leftovers = crate::durable::remove_leftovers(&out)?;
+        if leftovers > 0 {
+            report.line(&format!(
+                "removed {leftovers} temporary file(s) of an interrupted write in {}",
+                out.display()
+            ));
+        }
+        Ok(Checkpointer {
+            out,
+            lock: Some(lock),
+        })
+    }
+
+    /// Whether this process writes the run's files.
+    pub fn writes(&self) -> bool {
+        self.lock.is_some()
+    }
+
+    /// For a new run: `--out` must hold no run yet.
+    pub fn check_new(&self) -> Result<()> {
+        let (state, last) = (self.out.join(STATE), self.out.join(LAST));
+        if let Some(held) = [&state, &last].into_iter().find(|p| p.exists()) {
+            return Err(Error::invalid(format!(
+                "{} already holds a run ({}); pass --resume to continue it or choose another --out",
+                self.out.display(),
+                held.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `--resume`: the model, the optimizer, the method's state, the position, the metrics and
+    /// every step's loss from the run's state file (or the files of a run from before it).
+    pub fn resume<B: Encoder>(
+        &self,
+        cfg: &TrainConfig,
+        learner: &mut Learner<B>,
+        at: &mut Position,
+        report: &Reporter,
+    ) -> Result<()> {
+        let (state, last) = (self.out.join(STATE), self.out.join(LAST));
+        if state.exists() {
+            self.resume_state(cfg, &state, learner, at)
+        } else if last.exists() {
+            self.resume_legacy(cfg, &last, learner, at)
+        } else {
+            report.line(&format!(
+                "{} holds no saved state yet: starting the run from the beginning",
+                self.out.display()
+            ));
+            Ok(())
+        }
+    }
+
+    /// Loads everything from `state.safetensors`.
+    fn resume_state<B: Encoder>(
+        &self,
+        cfg: &TrainConfig,
+        state: &Path,
+        learner: &mut Learner<B>,
+        at: &mut Position,
+    ) -> Result<()> {
+        let (g, sgd) = (&mut learner.graph, &mut learner.sgd);
+        let (m, losses) = checkpoint::load_run_state(&mut g.params, sgd, &g.backend, state)?;
+        position(cfg, state, &m, at)?;
+        if losses.len() != at.start {
+            return Err(Error::bad_file(
+                state,
+                format!("holds {} step losses for step {}", losses.len(), at.start),
+            ));
+        }
+        at.history = losses;
+        at.committed = Some(at.start);
+        if !learner.method.tensors().is_empty() {
+            let extra = checkpoint::load_extra_tensors(state)?;
+            let get = |name: &str| extra.get(name).cloned();
+            methods::restore(&mut *learner.method, &get)
+                .map_err(|e| Error::bad_file(state, e.to_string()))?;
+        }
+        let metrics = m
+            .get("metrics")
+            .ok_or_else(|| Error::bad_file(state, "metadata has no metrics"))?;
+        at.metrics = serde_json::from_str(metrics)
+            .map_err(|e| Error::bad_file(state, format!("metrics: {e}")))?;
+        Ok(())
+    }
+
+    /// A run written before the state file existed: `last.safetensors` and its optimizer
+    /// file, which must be of the same step (two files renamed one after the other can be
+    /// from different saves if the writer died between the renames), and steps.csv.
+    fn resume_legacy<B: Encoder>(
+        &self,
+        cfg: &TrainConfig,
+        last: &Path,
+        learner: &mut Learner<B>,
+        at: &mut Position,
+    ) -> Result<()> {
+        let g = &mut learner.graph;
+        let m = checkpoint::load_model(&mut g.params, &g.backend, last)?;
+        let opt = self.out.join(LAST_OPT);
+        checkpoint::load_optimizer(&mut g.params, &mut learner.sgd, &g.backend, &opt)?;
+        position(cfg, last, &m, at)?;
+        if learner.sgd.step != at.start as u64 {
+            return Err(Error::bad_file(
+                &opt,
+                format!(
+                    "is from step {} but {} from step {}: a save was interrupted between them; \
+                     the run cannot be resumed from this pair",
+                    learner.sgd.step,
+                    last.display(),
+                    at.start
+                ),
+            ));
+        }
+        at.metrics = outputs::parse_metrics_csv(&self.out.join("metrics.csv"))?;
+        let log = std::fs::read_to_string(self.out.join("steps.csv")).unwrap_or_default();
+        at.history = log
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(',').and_then(|(_, v)| v.parse().ok()))
+            .take(at.start)
+            .collect();
+        if at.history.len() != at.start {
+            return Err(Error::bad_file(
+                &self.out.join("steps.csv"),
+                format!(
+                    "holds {} step losses, the checkpoint is at step {}",
+                    at.history.len(),
+                    at.start
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Commits the state after `step` steps (the current epoch's running loss in `epoch`), with
+    /// every step's loss `losses` and the `metrics` so far; `best.safetensors` first when
+    /// `best`. Nothing on a rank that does not write.
+    #[allow(clippy::too_many_arguments)] // the run's configuration, data, learner and position
+    pub fn commit<B: Encoder>(
+        &self,
+        cfg: &TrainConfig,
+        ds: &Dataset,
+        learner: &Learner<B>,
+        metrics: &[EpochMetrics],
+        losses: &[f64],
+        (step, epoch): (usize, EpochLoss),
+        best: bool,
+    ) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
+        let g = &learner.graph;
+        let mut meta = outputs::meta(cfg, ds, step, epoch.sum, epoch.count);
+        if losses.len() != step {
+            return Err(Error::invalid(format!(
+                "internal: {} losses collected at step {step}",
+                losses.len()
+            )));
+        }
+        if best {
+            checkpoint::save_model(&g.params, &g.backend, &self.out.join(BEST), meta.clone())?;
+        }
+        let metrics = serde_json::to_string(metrics)
+            .map_err(|e| Error::invalid(format!("serialising the metrics: {e}")))?;
+        meta.insert("metrics".into(), metrics);
+        checkpoint::save_run_state(
+            &g.params,
+            &learner.sgd,
+            &g.backend,
+            losses,
+            &learner.method.tensors(),
+            &self.out.join(STATE),
+            meta,
+        )
+    }
+
+    /// The files derived from the state at `(step, epoch)`: last.safetensors (+ its optimizer
+    /// file) and metrics.*. Nothing on a rank that does not write.
+    pub fn write_derived<B: Encoder>(
+        &self,
+        cfg: &TrainConfig,
+        ds: &Dataset,
+        learner: &Learner<B>,
+        metrics: &[EpochMetrics],
+        (step, epoch): (usize, EpochLoss),
+    ) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
+        let meta = outputs::meta(cfg, ds, step, epoch.sum, epoch.count);
+        outputs::save_last(&learner.graph, &learner.sgd, &self.out, meta)?;
+        outputs::write_metrics(metrics, &self.out)
+    }
+
+    /// Where the last checkpoint lies, for messages.
+    pub fn last(&self) -> PathBuf {
+        self.out.join(LAST)
+    }
+
+    /// Where the state lies, for messages.
+    pub fn state(&self) -> PathBuf {
+        self.out.join(STATE)
+    }
+}
+
+/// The model name, step and current epoch's running loss from a saved file's metadata.
+fn position(
+    cfg: &TrainConfig,
+    path: &Path,
+    m: &HashMap<String, String>,
+    at: &mut Position,
+) -> Result<()> {
+    let model = cfg.model.name();
+    if m.get("model") != Some(&model) {
+        return Err(Error::bad_file(
+            path,
+            format!("holds model {:?}, not {model}", m.get("model")),
+        ));
+    }
+    at.start = checkpoint::integer(path, m, "step")?;
+    let sum = m
+        .get("epoch_loss_sum")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::bad_file(path, "metadata epoch_loss_sum is not a number"))?;
+    at.epoch = EpochLoss {
+        sum,
+        count: checkpoint::integer(path, m, "epoch_loss_count")?,
+    };
+    Ok(())
+}

@@ -8,7 +8,7 @@
 use std::ffi::{c_char, c_void, CString};
 use std::sync::OnceLock;
 
-use invaspread::cuda::{DevPtr, Geometry, Kernel, KernelArgs, Queue};
+use invaspread::cuda::{DevPtr, DevPtrMut, Geometry, Kernel, KernelArgs, Queue};
 use invaspread::cuda::{Gemm, GemmPrecision};
 use invaspread::{Error, Result};
 
@@ -169,5 +169,27 @@ impl Queue for Emulator {
         let host = unsafe { host_slice(src.addr() as *const T, src.len()) };
         dst.copy_from_slice(host);
         Ok(())
+    }
+}
+
+/// The emulator as a device of the op bodies (tests/common/op_cases.rs): buffers are host
+/// vectors, launches synchronous.
+impl crate::common::op_cases::TestDevice for Emulator {
+    type Q = Emulator;
+    type Buf<T: crate::common::op_cases::Elem> = Vec<T>;
+    fn queue(&self) -> &Emulator {
+        self
+    }
+    fn upload<T: crate::common::op_cases::Elem>(&self, host: &[T]) -> Vec<T> {
+        host.to_vec()
+    }
+    fn download<T: crate::common::op_cases::Elem>(&self, buf: &Vec<T>) -> Vec<T> {
+        buf.clone()
+    }
+    fn ptr<T: crate::common::op_cases::Elem>(buf: &Vec<T>) -> DevPtr<'_, T> {
+        DevPtr::host(buf)
+    }
+    fn ptr_mut<T: crate::common::op_cases::Elem>(buf: &mut Vec<T>) -> DevPtrMut<'_, T> {
+        DevPtrMut::host(buf)
     }
 }

@@ -1,5 +1,6 @@
-//! The CUDA backend against the CPU backend: every op forward and backward (one generic body
-//! run on both devices), the multi-tensor SGD, kNN, and whole training steps of both encoders.
+//! Every encoder op's kernels against the CPU on a GPU (the bodies of tests/common/op_cases.rs,
+//! which tests/emulated/kernels.rs runs on the emulator), the CUDA backend's wiring of every op
+//! against the CPU backend, GEMM precisions, and whole training steps of both encoders.
 //! Skips without a GPU (`SKIPPED (no GPU): ...`), fails under REQUIRE_GPU=1.
 
 // The op bodies take every buffer explicitly, as the backend methods do.
@@ -27,6 +28,7 @@ use invaspread::tape::params::{Param, ParamStore};
 use invaspread::tape::Graph;
 use invaspread::testing::{gpu_or_skip, random_matrix, rng};
 
+use crate::common::op_cases::{self, GpuDevice};
 use crate::common::{assert_close, rel_err};
 
 /// The CPU (float32) and CUDA backends, or None when the test is skipped.
@@ -169,7 +171,10 @@ fn conv2d_in_tf32_and_bf16_stays_within_their_rounding() {
     );
 }
 
-/// Small cases of every kernel, for compute-sanitizer (memcheck, racecheck) to run quickly.
+/// Every op through the CUDA backend (its device traits: the versions of its options, the
+/// scratch of its slots) against the CPU backend, at small sizes: the backends' wiring (the
+/// kernels themselves are the op bodies' above), and what compute-sanitizer (memcheck,
+/// racecheck) runs quickly.
 #[test]
 fn sanitizer_sized_ops() {
     let Some((cpu, cuda)) = backends("sanitizer_sized_ops") else {
@@ -223,12 +228,12 @@ fn sanitizer_sized_ops() {
 }
 
 #[test]
-fn conv2d_matches_cpu_forward_and_backward() {
-    let Some((cpu, cuda)) = backends("conv2d_matches_cpu_forward_and_backward") else {
+fn conv_kernels_match_the_cpu_convolution() {
+    let Some(gpu) = gpu_or_skip("conv_kernels_match_the_cpu_convolution") else {
         return;
     };
     // (images, C_in, H, W, C_out, k, stride, pad): odd sizes, stride 2, 1x1 shortcuts, no
-    // padding, and a batch large enough to need several im2col groups.
+    // padding; every version, in one group and in groups of one image.
     let cases = [
         (3, 5, 9, 7, 6, 3, 1, 1),
         (4, 3, 8, 8, 8, 3, 2, 1),
@@ -236,20 +241,23 @@ fn conv2d_matches_cpu_forward_and_backward() {
         (2, 3, 5, 5, 4, 3, 1, 0),
         (1, 1, 1, 1, 1, 1, 1, 0),
     ];
-    for (i, &g) in cases.iter().enumerate() {
-        let (xs, conv) = conv_case(g);
-        check_conv(&cpu, &cuda, i, xs, &conv, 1e-5);
-    }
-    // v1 (the default is the newest, v2) on the same cases.
+    op_cases::conv(&GpuDevice(&gpu), &cases, 1e-5);
+}
+
+#[test]
+fn the_backend_runs_its_conv_version_in_workspace_groups() {
+    let Some((cpu, cuda)) = backends("the_backend_runs_its_conv_version_in_workspace_groups")
+    else {
+        return;
+    };
+    // The version the backend's options choose (v1; the default is the newest, v2).
     let kernels = invaspread::nn::EncoderKernels {
         conv2d: conv2d::Version::V1,
         ..Default::default()
     };
     let v1 = kernels.apply(CudaBackend::new(cuda.gpu().clone()).unwrap());
-    for (i, &g) in cases.iter().enumerate() {
-        let (xs, conv) = conv_case(g);
-        check_conv(&cpu, &v1, i, xs, &conv, 1e-5);
-    }
+    let (xs, conv) = conv_case((4, 3, 8, 8, 8, 3, 2, 1));
+    check_conv(&cpu, &v1, 0, xs, &conv, 1e-5);
     // Several im2col groups, the last one partial: 130 images at the default workspace on a
     // GPU; on the virtual GPU (38 s for that case) 9 images with a workspace of 2 images.
     let (xs, conv) = conv_case((130, 64, 32, 32, 64, 3, 1, 1));
@@ -257,13 +265,13 @@ fn conv2d_matches_cpu_forward_and_backward() {
         let (xs, conv) = conv_case((9, 16, 16, 16, 16, 3, 1, 1));
         let per_image = conv.patch() * conv.out_shape(xs).h * conv.out_shape(xs).w;
         invaspread::testing::virtual_gpu_note(
-            "conv2d_matches_cpu_forward_and_backward",
+            "the_backend_runs_its_conv_version_in_workspace_groups",
             "the 130-image case runs as 9 images in groups of 2 (a smaller workspace)",
         );
         let cuda = cuda.with_option(invaspread::ops::conv2d::node::WorkspaceCap(2 * per_image));
-        check_conv(&cpu, &cuda, cases.len(), xs, &conv, 1e-5);
+        check_conv(&cpu, &cuda, 1, xs, &conv, 1e-5);
     } else {
-        check_conv(&cpu, &cuda, cases.len(), xs, &conv, 1e-5);
+        check_conv(&cpu, &cuda, 1, xs, &conv, 1e-5);
     }
 }
 
@@ -324,61 +332,15 @@ fn batchnorm_on<B: Encoder>(
 }
 
 #[test]
-fn batchnorm_matches_cpu_in_training_and_eval() {
-    use invaspread::nn::EncoderKernels;
-    let Some((cpu, cuda)) = backends("batchnorm_matches_cpu_in_training_and_eval") else {
+fn batchnorm_kernels_match_the_cpu_batchnorm() {
+    let Some(gpu) = gpu_or_skip("batchnorm_kernels_match_the_cpu_batchnorm") else {
         return;
     };
-    let gpu = cuda.gpu().clone();
-    // Every kernel version; (256, 64, 8, 8) runs v2 in 9 chunks: 8 of 29 images, one of 24.
-    for version in [batchnorm::Version::V1, batchnorm::Version::V2] {
-        let kernels = EncoderKernels {
-            batchnorm: version,
-            ..EncoderKernels::default()
-        };
-        let cuda = kernels.apply(CudaBackend::new(gpu.clone()).unwrap());
-        batchnorm_cases(&cpu, &cuda, version);
-    }
-}
-
-fn batchnorm_cases(cpu: &Cpu<f32>, cuda: &CudaBackend, version: batchnorm::Version) {
-    for (i, &(n, c, h, w)) in [(2, 3, 5, 7), (256, 64, 8, 8), (7, 5, 1, 1), (3, 130, 4, 4)]
-        .iter()
-        .enumerate()
-    {
-        let xs = Shape4 { n, c, h, w };
-        let mut r = rng(200 + i as u64);
-        // A channel offset far from zero: the two-pass variance must not cancel.
-        let mut x = random_matrix(&mut r, 1, xs.len());
-        for (j, v) in x.iter_mut().enumerate() {
-            *v = *v * 3.0 + if (j / (h * w)) % c == 0 { 50.0 } else { 0.0 };
-        }
-        let gamma = random_matrix(&mut r, 1, c);
-        let beta = random_matrix(&mut r, 1, c);
-        let rm = random_matrix(&mut r, 1, c);
-        let rv: Vec<f32> = random_matrix(&mut r, 1, c)
-            .iter()
-            .map(|v| v.abs() + 0.5)
-            .collect();
-        let dy = random_matrix(&mut r, 1, xs.len());
-        let dx0 = random_matrix(&mut r, 1, xs.len());
-        for training in [true, false] {
-            let args = ((&gamma[..], &beta[..]), (&rm[..], &rv[..]));
-            let want = batchnorm_on(cpu, &x, xs, args.0, args.1, training, &dy, &dx0);
-            let got = batchnorm_on(cuda, &x, xs, args.0, args.1, training, &dy, &dx0);
-            for (k, what) in ["y", "dx", "dgamma", "dbeta", "running_mean", "running_var"]
-                .iter()
-                .enumerate()
-            {
-                assert_close(
-                    &format!("batchnorm {version:?} case {i} training {training}: {what}"),
-                    &got[k],
-                    &want[k],
-                    2e-4,
-                );
-            }
-        }
-    }
+    // Every version; (256, 64, 8, 8) runs v2 in 9 chunks: 8 of 29 images, one of 24. A channel
+    // offset far from zero: the two-pass variance must not cancel. The GPU's float32
+    // reductions against the CPU's float64 sums: 2e-4.
+    let shapes = [(2, 3, 5, 7), (256, 64, 8, 8), (7, 5, 1, 1), (3, 130, 4, 4)];
+    op_cases::batchnorm(&GpuDevice(&gpu), &shapes, 50.0, 2e-4);
 }
 
 /// relu, add, copy, axpy, average pooling and linear, forward and backward.
@@ -465,15 +427,15 @@ fn small_ops_on<B: Encoder>(b: &B, seed: u64) -> Vec<Vec<f32>> {
 }
 
 #[test]
-fn elementwise_pooling_and_linear_match_cpu() {
-    let Some((cpu, cuda)) = backends("elementwise_pooling_and_linear_match_cpu") else {
+fn elementwise_pooling_and_linear_kernels_match_the_cpu() {
+    let Some(gpu) = gpu_or_skip("elementwise_pooling_and_linear_kernels_match_the_cpu") else {
         return;
     };
-    let want = small_ops_on(&cpu, 300);
-    let got = small_ops_on(&cuda, 300);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_close(&format!("small op output {i}"), g, w, 1e-5);
-    }
+    let d = GpuDevice(&gpu);
+    op_cases::elementwise(&d, 1000);
+    op_cases::pool(&d);
+    op_cases::linear(&d, (7, 37, 300), (1e-5, 1e-5));
+    op_cases::normalize_rows(&d, (130, 37));
 }
 
 #[test]
@@ -552,64 +514,20 @@ fn sgd_on<B: Encoder>(b: &B, lens: &[usize], nesterov: bool) -> Vec<Vec<f32>> {
 }
 
 #[test]
-fn multi_tensor_sgd_matches_cpu() {
-    let Some((cpu, cuda)) = backends("multi_tensor_sgd_matches_cpu") else {
+fn multi_tensor_sgd_kernel_matches_the_cpu_update() {
+    let Some(gpu) = gpu_or_skip("multi_tensor_sgd_kernel_matches_the_cpu_update") else {
         return;
     };
-    // Lengths around the 1024-element chunk, one tiny, one spanning many blocks.
-    let lens = [1, 1023, 1024, 1025, 64, 300_001];
-    for nesterov in [false, true] {
-        let want = sgd_on(&cpu, &lens, nesterov);
-        let got = sgd_on(&cuda, &lens, nesterov);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_close(&format!("sgd nesterov {nesterov} buffer {i}"), g, w, 1e-6);
-        }
-    }
+    // Lengths around the 1024-element chunk, one tiny, one empty, one spanning many blocks.
+    op_cases::sgd(&GpuDevice(&gpu), &[1, 1023, 0, 1024, 1025, 64, 300_001]);
 }
 
 #[test]
-fn knn_neighbours_match_cpu_including_ties() {
-    let Some((cpu, cuda)) = backends("knn_neighbours_match_cpu_including_ties") else {
+fn topk_kernel_matches_the_cpu_neighbour_search() {
+    let Some(gpu) = gpu_or_skip("topk_kernel_matches_the_cpu_neighbour_search") else {
         return;
     };
-    let d = 16;
-    let mut r = rng(500);
-    let mut keys = random_matrix(&mut r, 3000, d);
-    // Exact duplicates: ties must go to the lower index on both devices.
-    let dup = keys[..d].to_vec();
-    for row in [7usize, 100, 2999] {
-        keys[row * d..(row + 1) * d].copy_from_slice(&dup);
-    }
-    let mut queries = random_matrix(&mut r, 37, d);
-    queries[..d].copy_from_slice(&dup);
-    let keys = normalize(&keys, 3000, d).unwrap().0;
-    let queries = normalize(&queries, 37, d).unwrap().0;
-    for k in [1, 3, 200, 3000] {
-        let want = nearest_on(&cpu, &queries, &keys, d, k);
-        let got = nearest_on(&cuda, &queries, &keys, d, k);
-        for (q, (g, w)) in got.iter().zip(&want).enumerate() {
-            let gi: Vec<usize> = g.iter().map(|x| x.1).collect();
-            let wi: Vec<usize> = w.iter().map(|x| x.1).collect();
-            // Similarities within float32 rounding of different GEMMs may swap neighbours
-            // whose similarities differ by less than that; compare values, then indices.
-            let gv: Vec<f32> = g.iter().map(|x| x.0).collect();
-            let wv: Vec<f32> = w.iter().map(|x| x.0).collect();
-            assert_close(&format!("k {k} query {q} similarities"), &gv, &wv, 1e-5);
-            if q == 0 {
-                // The four exact copies of query 0 come first; which of them leads can differ
-                // where cuBLAS forms a tile's dot products differently (ties are broken by
-                // index on exactly equal values; tests/emulated/kernels.rs checks that).
-                let copies = [0usize, 7, 100, 2999];
-                let mut top: Vec<usize> = gi[..4.min(k)].to_vec();
-                top.sort_unstable();
-                assert!(
-                    top.iter().all(|j| copies.contains(j)),
-                    "query 0's nearest are {top:?}, expected among {copies:?} (CPU: {:?})",
-                    &wi[..4.min(k)]
-                );
-            }
-        }
-    }
+    op_cases::topk(&GpuDevice(&gpu), (3000, 37, 16), &[1, 3, 200, 3000], 1e-5);
 }
 
 /// `steps` training steps of `kind` from seed 0 on a fixed batch; returns every parameter and

@@ -6,29 +6,32 @@
 //!
 //! ## Map of the crate
 //!
-//! Lower rows never depend on higher ones (no module circles).
+//! Lower rows never depend on higher ones (no module circles; `docs/ARCHITECTURE.md` says who
+//! may call whom and where each kind of change goes).
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`trainer`] | `invaspread train` in parts: configuration as data (`config.json`), the run, the batch worker, loss read-back, outputs, evaluation, data-parallel runs (`trainer::ranks`: rank 0 writes and hands the others its state, sharded batches and kNN, agreed stops) |
-//! | [`nn`] | the encoder: autodiff tape, the `Backend` trait and its CPU and CUDA implementations, a CUDA backend as one rank of a data-parallel group (`nn::data_parallel`: gathered loss, summed gradients, `--sync-bn`), ResNet18/ConvNet, SGD, checkpoints, embeddings |
-//! | [`methods`] | the paper's baselines beside the method (`--method npid\|nce\|exemplar`): memory bank, NCE, exemplar classifier, their state |
-//! | [`eval`] | metrics of embeddings: weighted kNN, Recall@K, k-means NMI |
-//! | [`data`] | datasets, one file each (synthetic default, digits, CIFAR-10, STL-10, image folders), and the recipe's augmentation |
+//! | [`trainer`] | `invaspread train`: configuration as data (`config.json`), the run in parts (`trainer::run`: checkpointer, reporter, step loop, epoch end), the batch worker, loss read-back, outputs, evaluation, data-parallel runs (`trainer::ranks`) |
 //! | [`bench`](mod@bench) | timing of the loss implementations for `bench-loss` and criterion, each checked against the float64 truth first; floors from rates measured on the machine ([`bench::floor`]) |
 //! | [`testing`] | adversarial inputs, error measures, the `SKIPPED (no GPU)` guard and the virtual GPU's notes for tests and benches |
-//! | [`loss`] | the instance loss: config and validation; [`loss::reference`], the float64 truth; [`loss::check`], an output against it; [`loss::cpu`], the fused CPU path; [`loss::cuda`], every GPU version, a file each; [`loss::gathered`], a global batch over data-parallel ranks |
-//! | [`dist`] | data-parallel process groups: the launcher's variables (`RANK`, `WORLD_SIZE`, ...), the start-up rendezvous that checks every rank's configuration, and NCCL's collectives with a watchdog that names a failed rank ([`dist::nccl`]), and `invaspread launch` ([`dist::launch`]) |
-//! | [`ops`] | one folder per op: its math and parameter structs, `cpu.rs`, `cuda.rs` (the launchers of `kernels/<op>.cu`) |
+//! | [`methods`] | how a run learns: the [`methods::Method`] trait, the instance loss and the paper's baselines (`--method npid\|nce\|exemplar`: memory bank, NCE, exemplar classifier), their state |
+//! | [`dist`] | collectives as a layer above the backends ([`dist::collectives`]: one device, or a data-parallel group), the launcher's variables, the rendezvous, NCCL with a watchdog, the data-parallel hooks of a CUDA rank ([`dist::data_parallel`]), `invaspread launch` |
+//! | [`nn`] | the encoder: ResNet18/ConvNet, the one list of encoder ops ([`nn::encoder`]), SGD, checkpoints, the training step, embeddings |
+//! | [`loss`] | the instance loss: the registry of its versions ([`loss::versions`]), config and validation, [`loss::reference`] (the float64 truth), [`loss::check`], [`loss::cpu`], [`loss::cuda`] (every GPU version, a file each), its tape node ([`loss::node`]), [`loss::gathered`] |
+//! | [`eval`] | metrics of embeddings: weighted kNN, Recall@K, k-means NMI, the linear probe |
+//! | [`ops`] | one folder per op: its math and parameter structs, `cpu.rs`, `cuda.rs` (the launchers of `kernels/<op>.cu`), `node.rs` (its tape op, `Graph` method and device trait for both backends) |
+//! | [`tape`] | the autodiff tape: nodes, the `TapeOp` trait, parameters, extensions (hooks of a layer above), the gradient hook; no op |
+//! | [`backend`] | where buffers live: the `Backend` trait (storage and copies only), `Cpu` and `CudaBackend` with their options and per-op state |
 //! | [`cuda`] | the GPU runtime only: [`cuda::Gpu`] and its module cache, launches ([`cuda::Queue`]), the one cuBLAS front, staged copies, the choice of device and the virtual GPU ([`cuda::virtual_gpu`]) |
+//! | [`data`] | datasets, one file each (synthetic default, digits, CIFAR-10, STL-10, image folders), and the recipe's augmentation |
 //! | [`linalg`], [`simd`], [`scratch`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors for the CPU paths; scratch buffers kept between calls |
 //! | [`npy`] | `.npy` reading and writing with clear errors |
 //! | [`plot`] | charts as PNG with axes, ticks, labels and legends: `metrics.png`, `invaspread plot`, `embed --png` |
 //! | [`durable`] | atomic, synced file writes; leftovers of killed writers |
-//! | [`test_hooks`] | fault injection for the crate's tests, only with the `test-hooks` feature |
 //! | [`limits`] | the range of every numeric setting (flags, config files, library calls) and the memory check before large allocations |
 //! | [`names`] | one spelling for every named choice (clap's `ValueEnum` names, also in config files) |
 //! | [`rng`] | seeded generators |
+//! | [`test_hooks`] | fault injection for the crate's tests (a crash at a write, a signal at an evaluation), only with the `test-hooks` feature |
 //! | [`error`] | the crate's [`Error`] type |
 //!
 //! The CUDA sources live in `kernels/` (see `kernels/README.md` for the table of kernels and

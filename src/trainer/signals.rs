@@ -79,7 +79,7 @@ fn on_signal(signal: i32) {
 }
 
 /// At the start of an end-of-epoch evaluation: a test hook ([`crate::test_hooks`]) may deliver
-/// SIGTERM here, through [`on_signal`] as the watcher delivers it.
+/// SIGTERM here, as the watcher delivers it.
 pub fn hook_at_evaluation() {
     if crate::test_hooks::signal_at_evaluation() {
         on_signal(SIGTERM);

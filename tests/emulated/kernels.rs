@@ -147,8 +147,8 @@ fn loss_kernels_match_the_float64_reference() {
     // Sizes around fused v2's and v3's 64-row tiles, 32-column (v3 bf16: 64) chunks and
     // 128-column sweeps (N = 130, d = 130: three row blocks, a masked tail, two sweeps), random
     // and adversarial inputs.
-    // The one-block-per-row versions (unfused, v1) run fewer cases: the emulator spawns an OS
-    // thread per CUDA thread, N blocks of 256 each, and v1 synchronises often (~10 s a case).
+    // The one-block-per-row versions (unfused, v1) run fewer cases: the emulator runs N blocks
+    // of 256 fibers each, and v1 synchronises often (a fiber switch at every barrier).
     // Above the small sizes, the tiled versions only (fused-v2 and later).
     let versions = |n: usize, adversarial: bool| -> Vec<CudaLossVersion> {
         let all = CudaLossVersion::all();

@@ -3,10 +3,10 @@
 //! | part | its job |
 //! |---|---|
 //! | this file | [`Run::start`] (the configuration checked, the model, the method and the group's hooks built, the state resumed or the folder claimed) and [`Run::train`] |
-//! | [`checkpointer`] | the run's files: the claim on `--out`, the atomic commits of `state.safetensors`, the files derived from it, resume |
-//! | [`reporter`] | what the user sees: the progress bar and the lines of each phase |
-//! | [`step_loop`] | the steps: batches in, steps queued, losses read back in windows, stops |
-//! | [`epoch_end`] | the initial evaluation and the end of an epoch (kNN, the metrics row, the commit) |
+//! | `checkpointer` | the run's files: the claim on `--out`, the atomic commits of `state.safetensors`, the files derived from it, resume |
+//! | `reporter` | what the user sees: the progress bar and the lines of each phase |
+//! | `step_loop` | the steps: batches in, steps queued, losses read back in windows, stops |
+//! | `epoch_end` | the initial evaluation and the end of an epoch (kNN, the metrics row, the commit) |
 //!
 //! The run's state is one file, `state.safetensors` (model, momentum, every step's loss, the
 //! position and the metrics history, the method's state), committed in one atomic rename at

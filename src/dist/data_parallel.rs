@@ -45,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::loss::cuda::ranks_v1::RankLoss;
 use crate::loss::cuda::{CudaLossVersion, LossParams};
 use crate::loss::gathered::RankLayout;
-use crate::loss::node::{LossDevice, LossGroup};
+use crate::loss::node::{cuda_outputs, LossDevice, LossGroup};
 use crate::loss::{LossConfig, Negatives};
 use crate::ops::batchnorm::node::{cuda_saved, cuda_saved_for_backward, BatchNormGroup, CudaSaved};
 use crate::ops::batchnorm::{self, Version};
@@ -430,9 +430,7 @@ impl LossGroup<CudaBackend> for DataParallel {
         loss: &mut CudaSlice<f32>,
         dz: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        crate::loss::cuda::validate_for_kernels(cfg)?;
-        backend.ensure_len(loss, 1)?;
-        backend.ensure_len(dz, n * d)?;
+        cuda_outputs(backend, cfg, (n, d), loss, dz)?;
         let gpu = backend.gpu();
         if self.runs_own_rows(backend.option::<CudaLossVersion>(), cfg) {
             return self.own_rows_loss(gpu, z, (n, d), cfg, loss, dz);

@@ -85,9 +85,7 @@ impl LossDevice for CudaBackend {
         loss: &mut CudaSlice<f32>,
         dz: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        validate_for_kernels(cfg)?;
-        self.ensure_len(loss, 1)?;
-        self.ensure_len(dz, n * d)?;
+        cuda_outputs(self, cfg, (n, d), loss, dz)?;
         let version = self.option::<CudaLossVersion>();
         let init = || -> Result<LossCache> { Ok(HashMap::new()) };
         self.slots().with(init, |losses: &mut LossCache| {
@@ -101,6 +99,20 @@ impl LossDevice for CudaBackend {
             elementwise::cuda::f64_to_f32(&**self.gpu(), DevPtr::of(l.loss_buffer()), dev_mut(loss))
         })
     }
+}
+
+/// What every CUDA computation of the loss checks and sizes first: the kernels' rules on
+/// `cfg`, and the loss (one float) and dL/dz (N x d) outputs.
+pub fn cuda_outputs(
+    backend: &CudaBackend,
+    cfg: &LossConfig,
+    (n, d): (usize, usize),
+    loss: &mut CudaSlice<f32>,
+    dz: &mut CudaSlice<f32>,
+) -> Result<()> {
+    validate_for_kernels(cfg)?;
+    backend.ensure_len(loss, 1)?;
+    backend.ensure_len(dz, n * d)
 }
 
 /// The loss of a graph computed by a layer above the backend (a data-parallel group: the loss

@@ -44,7 +44,7 @@ instance_loss_query_v1(const float* __restrict__ f, LossParams p, double* __rest
     __shared__ NegState warp_state[V1_WARPS];
     __shared__ double warp_log[V1_WARPS], warp_r[V1_WARPS];
     __shared__ float red[V1_WARPS][V1_CHUNK];
-    __shared__ float s_xp, s_inv_d, s_r, s_gp, s_gdom;
+    __shared__ float s_xp, s_inv_d, s_nu_r, s_gp, s_gdom;
     __shared__ int s_dom;
     __shared__ RowDenominator s_den;
     const int a = blockIdx.x, n = p.n, d = p.d, pa = partner_of(a, n);
@@ -93,8 +93,10 @@ instance_loss_query_v1(const float* __restrict__ f, LossParams p, double* __rest
             ls += warp_log[w];
             rs += warp_r[w];
         }
-        const RowFinal fin = row_final(s_xp, s_den, ls, rs, p.mu);
-        s_r = fin.r;
+        const RowFinal fin = row_final(s_xp, s_den, ls, rs, p);
+        // nu R_a once for sweep 3 (read from the parameters there, ptxas spills in the f64
+        // division's slow path above).
+        s_nu_r = p.nu * fin.r;
         s_gp = fin.g_partner;
         s_gdom = fin.g_dominant;
         row_loss[a] = fin.loss;
@@ -108,6 +110,7 @@ instance_loss_query_v1(const float* __restrict__ f, LossParams p, double* __rest
     if (!p.with_grad) return;
 
     // Sweep 3: dF_a = (1/(N tau)) sum_b g_ab f_b, 256 columns at a time.
+
     for (int c0 = 0; c0 < d; c0 += V1_CHUNK) {
         float acc[V1_CHUNK / 32] = {};
         for (int b = warp; b < n; b += V1_WARPS) {
@@ -116,7 +119,7 @@ instance_loss_query_v1(const float* __restrict__ f, LossParams p, double* __rest
             float g;
             if (b == pa) g = s_gp;
             else if (b == s_dom) g = s_gdom;
-            else g = g_negative(expf((warp_dot(fa, fb, d) - 1.f) * p.inv_tau) * s_inv_d, p.mu, s_r);
+            else g = g_negative(expf((warp_dot(fa, fb, d) - 1.f) * p.inv_tau) * s_inv_d, p.mu, p.nu_over_mu, s_nu_r);
 #pragma unroll
             for (int t = 0; t < V1_CHUNK / 32; ++t) {
                 const int k = c0 + lane + 32 * t;
@@ -147,7 +150,7 @@ instance_loss_key_v1(const float* __restrict__ f, LossParams p, const float* __r
             float g;
             if (b == partner_of(a, n)) g = g_partner[a];
             else if (b == dominant[a]) g = g_dominant[a];
-            else g = g_negative(expf((warp_dot(fa, fb, d) - 1.f) * p.inv_tau) * inv_denom[a], p.mu, r[a]);
+            else g = g_negative(expf((warp_dot(fa, fb, d) - 1.f) * p.inv_tau) * inv_denom[a], p, r[a]);
 #pragma unroll
             for (int t = 0; t < V1_CHUNK / 32; ++t) {
                 const int k = c0 + lane + 32 * t;

@@ -134,7 +134,7 @@ instance_loss_query_v2(const float* __restrict__ z, const float* __restrict__ no
                         if (r < n && c < n && c != r) {
                             if (c == pr) g = scalars.g_partner[row];
                             else if (c == scalars.dominant[row]) g = scalars.g_dominant[row];
-                            else g = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * scalars.inv_d[row], p.mu, scalars.r[row]);
+                            else g = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * scalars.inv_d[row], p, scalars.r[row]);
                         }
                         sm.Gs[row][col] = g;
                     }
@@ -180,7 +180,7 @@ instance_loss_key_v2(const float* __restrict__ z, const float* __restrict__ norm
                     if (b < n && a < n && a != b) {
                         if (b == partner_of(a, n)) g = g_partner[a];
                         else if (b == dominant[a]) g = g_dominant[a];
-                        else g = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * inv_denom[a], p.mu, r_row[a]);
+                        else g = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * inv_denom[a], p, r_row[a]);
                     }
                     sm.Gs[row][col] = g;
                 }

@@ -447,7 +447,7 @@ __device__ __forceinline__ void query_rows(const float* __restrict__ z, const fl
                             // The partner and the dominant negative: added exactly below.
                             if (r < n && c < n && c != r && c != pr && c != scalars.dominant[row] &&
                                 (!SELECT || negative_kept(p, acc[j][2 * h + e], c, s_thr[row], s_cut[row])))
-                                gv = g_negative(expf((acc[j][2 * h + e] - 1.f) * p.inv_tau) * scalars.inv_d[row], p.mu,
+                                gv = g_negative(expf((acc[j][2 * h + e] - 1.f) * p.inv_tau) * scalars.inv_d[row], p,
                                                 scalars.r[row]);
                             acc[j][2 * h + e] = gv;
                         }
@@ -506,7 +506,7 @@ __device__ __forceinline__ void key_rows(const float* __restrict__ z, const floa
                             else if (SELECT &&
                                      !negative_kept(p, acc[j][2 * h + e], b, sel_threshold[a], sel_cut[a]))
                                 gv = 0.f;
-                            else gv = g_negative(expf((acc[j][2 * h + e] - 1.f) * p.inv_tau) * inv_denom[a], p.mu, r_row[a]);
+                            else gv = g_negative(expf((acc[j][2 * h + e] - 1.f) * p.inv_tau) * inv_denom[a], p, r_row[a]);
                         }
                         acc[j][2 * h + e] = gv;
                     }

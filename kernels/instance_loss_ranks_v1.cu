@@ -141,7 +141,7 @@ instance_loss_query_ranks_v1(const float* __restrict__ zq, const float* __restri
                         if (r < nq && c < n && c != g) {
                             if (c == pr) gv = scalars.g_partner[row];
                             else if (c == scalars.dominant[row]) gv = scalars.g_dominant[row];
-                            else gv = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * scalars.inv_d[row], p.mu, scalars.r[row]);
+                            else gv = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * scalars.inv_d[row], p, scalars.r[row]);
                         }
                         sm.Gs[row][col] = gv;
                     }
@@ -196,7 +196,7 @@ instance_loss_key_ranks_v1(const float* __restrict__ zk, const float* __restrict
                         if (b == ga) gv = 0.f;
                         else if (b == partner_of(ga, n)) gv = g_partner[a];
                         else if (b == dominant[a]) gv = g_dominant[a];
-                        else gv = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * inv_denom[a], p.mu, r_row[a]);
+                        else gv = g_negative(expf((acc[i][j] - 1.f) * p.inv_tau) * inv_denom[a], p, r_row[a]);
                     }
                     sm.Gs[row][col] = gv;
                 }

@@ -154,7 +154,7 @@ unfused_row_terms_v1(const float* __restrict__ E, LossParams p, const float* __r
         den.denom = denom[a];
         den.one_minus_q_max = one_minus_q_max[a];
         den.q_max = q_max[a];
-        const RowFinal fin = row_final(x_partner[a], den, ls, rs, p.mu);
+        const RowFinal fin = row_final(x_partner[a], den, ls, rs, p);
         row_loss[a] = fin.loss * p.row_scale;
         r_out[a] = fin.r;
         g_partner[a] = fin.g_partner;
@@ -176,7 +176,7 @@ unfused_grad_matrix_v1(const float* __restrict__ E, LossParams p, const double* 
         if (b == a) g = 0.f;
         else if (b == partner_of(a, n)) g = g_partner[a];
         else if (b == dominant[a]) g = g_dominant[a];
-        else g = g_negative(E[i] * (float)(1.0 / denom[a]), p.mu, r[a]);
+        else g = g_negative(E[i] * (float)(1.0 / denom[a]), p, r[a]);
         G[i] = g;
     }
 }

@@ -24,8 +24,11 @@ struct LossParams {
     int both_sides;    // 1: keys receive gradient too
     int keep;          // negatives kept per row: N - 2 for all, fewer with a hard/easy selection
     int hard;          // 1: keep the most similar negatives, 0: the least (when keep < N - 2)
-    float row_scale;   // the factor on each row's loss term: 1, or 1/(keep + 1) with a selection
-                       // (the gradient's share of it is folded into grad_scale on the host)
+    float row_scale;   // the factor on each row's loss term inside the mean over rows: 1, or with a
+                       // selection N/(keep + 1) (official scale) or 1/(keep + 1) (mean scale); the
+                       // gradient's share of it is folded into grad_scale on the host
+    float nu;          // the weight of the log(1 - Q_ab) terms: mu, or mu F (official hard/easy)
+    float nu_over_mu;  // nu / mu, exactly 1 but for the official hard/easy scale
 };
 
 __device__ __forceinline__ int partner_of(int a, int n) {
@@ -143,29 +146,35 @@ __device__ __forceinline__ RowDenominator row_denominator(float x_partner, NegSt
     return r;
 }
 
-// g_ab for a negative b other than b*: mu Q (1 + 1/(1 - Q) - mu R_a).
-__device__ __forceinline__ float g_negative(float q, float mu, float r) {
-    return mu * q * (1.f + 1.f / (1.f - q) - mu * r);
+// g_ab for a negative b other than b*: mu Q (1 + (nu/mu)/(1 - Q) - nu R_a) (loss.md's with the
+// log terms weighted by nu; nu = mu gives its form to the bit). nu/mu times a reciprocal, not a
+// quotient: the reciprocal is the one instruction it was, the quotient a slow-path call.
+__device__ __forceinline__ float g_negative(float q, float mu, float nu_over_mu, float nu_r) {
+    return mu * q * (1.f + nu_over_mu * (1.f / (1.f - q)) - nu_r);
+}
+__device__ __forceinline__ float g_negative(float q, const LossParams& p, float r) {
+    return g_negative(q, p.mu, p.nu_over_mu, p.nu * r);
 }
 
 // The row's remaining scalars once the log terms are summed.
 struct RowFinal {
     double loss;        // l_a
     float r;            // R_a
-    float g_partner;    // g_ap = -1 + P_a - mu P_a R_a
+    float g_partner;    // g_ap = -1 + P_a - nu P_a R_a
     float g_dominant;   // g_ab* (exact 1 - Q)
 };
 
 __device__ __forceinline__ RowFinal row_final(float x_partner, RowDenominator den, double log_sum_rest,
-                                              double r_rest, float mu) {
+                                              double r_rest, const LossParams& p) {
+    const double mu = (double)p.mu, nu = (double)p.nu, nu_over_mu = (double)p.nu_over_mu;
     RowFinal f;
     const double r = r_rest + den.q_max / den.one_minus_q_max;
     // -log P_a = log D_a - x_ap, with x_ap = (s_ap - 1) / tau the partner's exponent.
-    f.loss = log(den.denom) - (double)x_partner - (double)mu * (log_sum_rest + log(den.one_minus_q_max));
+    f.loss = log(den.denom) - (double)x_partner - nu * (log_sum_rest + log(den.one_minus_q_max));
     f.r = (float)r;
-    const double p = exp((double)x_partner) / den.denom;
-    f.g_partner = (float)(-1.0 + p - (double)mu * p * r);
-    f.g_dominant = (float)((double)mu * den.q_max * (1.0 + 1.0 / den.one_minus_q_max - (double)mu * r));
+    const double p_a = exp((double)x_partner) / den.denom;
+    f.g_partner = (float)(-1.0 + p_a - nu * p_a * r);
+    f.g_dominant = (float)(mu * den.q_max * (1.0 + nu_over_mu * (1.0 / den.one_minus_q_max) - nu * r));
     return f;
 }
 
@@ -194,7 +203,7 @@ struct QueryRowScalars {
     __device__ __forceinline__ void finish(int row, int a, double log_sum, double r_sum, const LossParams& p,
                                            float* inv_denom_out, float* r_out, int* dominant_out,
                                            float* g_partner_out, float* g_dominant_out) {
-        const RowFinal fin = row_final(xp[row], den[row], log_sum, r_sum, p.mu);
+        const RowFinal fin = row_final(xp[row], den[row], log_sum, r_sum, p);
         loss[row] = fin.loss * p.row_scale;
         r[row] = fin.r;
         g_partner[row] = fin.g_partner;

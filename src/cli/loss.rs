@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use invaspread::cuda::Gpu;
 use invaspread::loss::cuda;
-use invaspread::loss::{cpu, reference, CpuLossVersion, GradSemantics, LossConfig, LossVersion};
+use invaspread::loss::{
+    cpu, reference, CpuLossVersion, GradSemantics, LossConfig, LossVersion, NegativeScale,
+    Negatives,
+};
 use invaspread::{npy, Error};
 
 use super::Device;
@@ -97,27 +100,31 @@ pub enum NegativesArg {
     Easy,
 }
 
-/// `--negatives` and `--negative-fraction`, shared by `train` and `loss`.
+/// `--negatives`, `--negative-fraction` and `--negative-scale`, shared by `train` and `loss`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NegativeArgs {
     /// Which of each query's negatives enter its loss term: all, or the hard or easy
-    /// --negative-fraction of them (the row then divided by kept + 1, as the official code's
-    /// first version).
+    /// --negative-fraction F of them (the official code's first version, negM = F).
     #[arg(long, value_enum, default_value_t = NegativesArg::All)]
     pub negatives: NegativesArg,
-    /// The share of negatives kept by --negatives hard|easy [0 < negative_fraction <= 1].
+    /// The share F of negatives kept by --negatives hard|easy [0 < negative_fraction <= 1].
     #[arg(long, default_value_t = 0.5, value_parser = super::ranges::negative_fraction)]
     pub negative_fraction: f64,
+    /// How a hard/easy loss is scaled: official (floor(N F) kept, -(A + F B) / (kept + 1), as
+    /// the authors' code) or mean (round(F (N - 2)) kept, each row / (kept + 1) in the mean
+    /// over rows: this crate's form before 2026-12).
+    #[arg(long, value_enum, default_value_t = NegativeScale::Official)]
+    pub negative_scale: NegativeScale,
 }
 
 impl NegativeArgs {
-    pub fn choice(&self) -> invaspread::loss::Negatives {
-        use invaspread::loss::Negatives;
+    pub fn choice(&self) -> Negatives {
         let fraction = self.negative_fraction;
         match self.negatives {
             NegativesArg::All => Negatives::All,
-            NegativesArg::Hard => Negatives::Hard { fraction },
-            NegativesArg::Easy => Negatives::Easy { fraction },
+            NegativesArg::Hard => Negatives::hard(fraction),
+            NegativesArg::Easy => Negatives::easy(fraction),
         }
+        .with_scale(self.negative_scale)
     }
 }

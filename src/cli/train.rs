@@ -219,7 +219,7 @@ fn apply_flags(
         "no_pixel_baseline" => cfg.knn.pixel_baseline, !args.no_pixel_baseline;
         "sync_bn" => cfg.sync_bn, args.sync_bn;
     }
-    if given("negatives") || given("negative_fraction") {
+    if given("negatives") || given("negative_fraction") || given("negative_scale") {
         cfg.loss.negatives = args.negatives.choice();
     }
     // --epochs and --steps replace each other.
@@ -264,7 +264,7 @@ fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::R
 }
 
 /// Where each flag lives in config.json; what a resume compares.
-const FIELDS: [(&str, &str); 35] = [
+const FIELDS: [(&str, &str); 36] = [
     ("dataset", "/data/dataset"),
     ("data_dir", "/data/data_dir"),
     ("image_size", "/data/image_size"),
@@ -289,6 +289,7 @@ const FIELDS: [(&str, &str); 35] = [
     ("grad_semantics", "/loss/grad_semantics"),
     ("negatives", "/loss/negatives"),
     ("negative_fraction", "/loss/negatives"),
+    ("negative_scale", "/loss/negatives"),
     ("device", "/backend"),
     ("loss", "/backend"),
     ("precision", "/backend"),

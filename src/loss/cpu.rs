@@ -202,6 +202,8 @@ fn query_row<T: CpuFloat>(
     let s_ap: f64 = row[p].into();
     let dropped = cfg.negatives.dropped(row, a);
     let row_scale = cfg.negatives.row_scale(n);
+    // nu: the log(1 - Q) terms' weight (mu, or mu F under the official hard/easy scale).
+    let nu = cfg.negatives.log_weight(mu);
 
     // The diagonal never enters: put it below any cosine similarity for the maximum, then 0.
     row[a] = T::of(-3.0);
@@ -249,7 +251,7 @@ fn query_row<T: CpuFloat>(
     let r = r_rest + q_max / one_minus_q_max;
     let shift64: f64 = shift.into();
     let loss = row_scale
-        * (denom.ln() - (s_ap - shift64) / cfg.tau - mu * (log_one_minus_q + one_minus_q_max.ln()));
+        * (denom.ln() - (s_ap - shift64) / cfg.tau - nu * (log_one_minus_q + one_minus_q_max.ln()));
     let mut scalars = RowScalars {
         shift,
         inv_denom,
@@ -259,19 +261,25 @@ fn query_row<T: CpuFloat>(
     };
 
     if with_grad {
-        // Negatives: g_ab = mu Q (1 + 1/(1 - Q) - mu R_a); the zeroed entries stay 0.
-        let (mu_v, mu_r) = (T::splat(T::of(mu)), T::splat(T::of(mu * r)));
+        // Negatives: g_ab = mu Q (1 + (nu/mu)/(1 - Q) - nu R_a); the zeroed entries stay 0.
+        // (nu/mu is exactly 1 but for the official hard/easy scale.)
+        let ratio = nu / mu;
+        let (mu_v, ratio_v, nu_r) = (
+            T::splat(T::of(mu)),
+            T::splat(T::of(ratio)),
+            T::splat(T::of(nu * r)),
+        );
         map_row(row, T::ZERO, |e| {
             let q = e * inv_denom_v;
-            mu_v * q * (one + one / (one - q) - mu_r)
+            mu_v * q * (one + ratio_v / (one - q) - nu_r)
         });
         if dominant != a {
-            scalars.dominant_g = T::of(mu * q_max * (1.0 + 1.0 / one_minus_q_max - mu * r));
+            scalars.dominant_g = T::of(mu * q_max * (1.0 + ratio / one_minus_q_max - nu * r));
             row[dominant] = scalars.dominant_g;
         }
-        // The partner: g_ap = -1 + P_a - mu P_a R_a.
+        // The partner: g_ap = -1 + P_a - nu P_a R_a.
         let p_a = e_p64 / denom;
-        row[p] = T::of(-1.0 + p_a - mu * p_a * r);
+        row[p] = T::of(-1.0 + p_a - nu * p_a * r);
         if row_scale != 1.0 {
             let scale = T::splat(T::of(row_scale));
             map_row(row, T::ZERO, |g| g * scale);
@@ -298,19 +306,22 @@ fn key_row<T: CpuFloat>(
     let a_partner = partner(b, n); // the one query whose partner is b
     let s_partner: f64 = row[a_partner].into();
     let mu = cfg.mu;
-    let (one, mu_v, inv_tau) = (
+    let nu = cfg.negatives.log_weight(mu);
+    let (one, mu_v, nu_v, ratio_v, inv_tau) = (
         T::splat(T::ONE),
         T::splat(T::of(mu)),
+        T::splat(T::of(nu)),
+        T::splat(T::of(nu / mu)),
         T::splat(T::of(1.0 / cfg.tau)),
     );
     map_row_with(row, scalars, |s, [shift, inv_denom, r]| {
         let q = T::exp((s - shift) * inv_tau) * inv_denom;
-        mu_v * q * (one + one / (one - q) - mu_v * r)
+        mu_v * q * (one + ratio_v / (one - q) - nu_v * r)
     });
     row[b] = T::ZERO;
     let [shift, inv_denom, r] = scalars.map(|v| v[a_partner].into());
     let p = ((s_partner - shift) / cfg.tau).exp() * inv_denom;
-    row[a_partner] = T::of(-1.0 + p - mu * p * r);
+    row[a_partner] = T::of(-1.0 + p - nu * p * r);
     if let Some(dropped) = dropped {
         for (a, g) in row.iter_mut().enumerate() {
             if dropped.contains(a, b) {

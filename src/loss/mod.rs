@@ -11,6 +11,9 @@
 //! - [`gathered`]: the loss of a global batch split over data-parallel ranks (each rank's rows
 //!   against the all-gathered keys), its float64 reference and how its gradient recombines.
 //!
+//! Hard and easy negatives (the paper's ablation): [`Negatives`] and [`NegativeScale`], whose
+//! table gives both forms' math (the authors' `official`, the default, and the earlier `mean`).
+//!
 //! Batch layout: N = 2m rows; rows `0..m` are view A of images `0..m`, rows `m..2m` view B of
 //! the same images, so the partner of row `a` is `(a + m) mod N`.
 
@@ -45,10 +48,13 @@ impl std::fmt::Display for GradSemantics {
 
 /// Which negatives of each query enter its loss term: all (the method), or, for the paper's
 /// ablation (the official code's first version, `negM < 1`; ../shared/notes/recipe.md), the
-/// hard or easy fraction F of the 2m - 2: the K = round(F (2m - 2)) negatives (at least 1) of
-/// highest (hard) or lowest (easy) similarity, ties to the lower row index. The others leave
-/// D_a and the negative sum as if absent, and a row with a selection is divided by K + 1 as
-/// that code did. The choice is piecewise constant, so the gradient is that of the kept set.
+/// hard or easy fraction F: the K negatives of highest (hard) or lowest (easy) similarity,
+/// ties to the lower row index. The others leave D_a and the negative sum as if absent. The
+/// choice is piecewise constant, so the gradient is that of the kept set.
+///
+/// How a selection's loss is scaled is [`NegativeScale`]: by default exactly the official
+/// code's `BatchCriterion` (K = floor(N F), L = -(A + F B) / (K + 1)); the crate's earlier
+/// normalised form stays selectable as `mean`.
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Negatives {
@@ -56,29 +62,127 @@ pub enum Negatives {
     All,
     Hard {
         fraction: f64,
+        /// Configurations from before the choice recorded no scale: they ran `mean`.
+        #[serde(default = "NegativeScale::before_the_choice")]
+        scale: NegativeScale,
     },
     Easy {
         fraction: f64,
+        #[serde(default = "NegativeScale::before_the_choice")]
+        scale: NegativeScale,
     },
 }
 
+/// How a hard/easy selection's loss is formed (both keep the loss.md row term's shape).
+///
+/// With N = 2m rows, A = sum_a log P_a, B = sum_a sum_{b kept} log(1 - Q_ab), and
+/// D_a = e_ap + mu sum_{b kept} e_ab:
+///
+/// | scale | kept per row K | loss |
+/// |---|---|---|
+/// | `official` | floor(N F), clamped to [1, N - 2] | -(A + mu F B) / (K + 1) |
+/// | `mean` | round(F (N - 2)), clamped to [1, N - 2] | -(A + mu B) / (N (K + 1)) |
+///
+/// `official` is the authors' first upload (mangye16/Unsupervised_Embedding_Learning, commit
+/// 045f5bc, `BatchCriterion` with `negM = F < 1`: `negNum = int(2 batchSize negM)`, D_a without
+/// a weight, the log(1 - Q) sum times negM, the total divided by `negNum + 1` and not by N).
+/// mu = 1 there; mu > 1 weighs D_a's negatives as loss.md does and the B term by mu F. Easy
+/// negatives were never committed by the authors; `easy` is the same formula over the lowest
+/// similarities. At F = 1 the official code takes its other branch (all negatives, / N);
+/// here F = 1 keeps every negative under the formula above, / (N - 1).
+///
+/// `mean` is this crate's form before it matched the official code: a row with a selection
+/// divided by K + 1 inside the mean over rows, the negatives' terms at full weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NegativeScale {
+    /// The official code's loss: K = floor(N F), -(A + mu F B) / (K + 1).
+    #[default]
+    Official,
+    /// The earlier normalised form: K = round(F (N - 2)), -(A + mu B) / (N (K + 1)).
+    Mean,
+}
+crate::serde_by_name!(NegativeScale);
+
+impl NegativeScale {
+    /// What a configuration that records no scale ran.
+    pub fn before_the_choice() -> NegativeScale {
+        NegativeScale::Mean
+    }
+}
+
+impl std::fmt::Display for NegativeScale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::names::Named::name(self))
+    }
+}
+
 impl Negatives {
-    /// K: the negatives kept of each of `n` rows' n - 2.
-    pub fn kept(&self, n: usize) -> usize {
-        let all = n.saturating_sub(2);
+    /// The hardest fraction F of each row's negatives, scaled as the official code.
+    pub fn hard(fraction: f64) -> Negatives {
+        Negatives::Hard {
+            fraction,
+            scale: NegativeScale::Official,
+        }
+    }
+
+    /// The easiest fraction F, scaled as [`Negatives::hard`].
+    pub fn easy(fraction: f64) -> Negatives {
+        Negatives::Easy {
+            fraction,
+            scale: NegativeScale::Official,
+        }
+    }
+
+    /// The same selection under `scale` (no change for `All`).
+    pub fn with_scale(self, scale: NegativeScale) -> Negatives {
         match self {
-            Negatives::All => all,
-            Negatives::Hard { fraction } | Negatives::Easy { fraction } => {
-                ((fraction * all as f64).round() as usize).clamp(1, all.max(1))
+            Negatives::All => Negatives::All,
+            Negatives::Hard { fraction, .. } => Negatives::Hard { fraction, scale },
+            Negatives::Easy { fraction, .. } => Negatives::Easy { fraction, scale },
+        }
+    }
+
+    /// F and the scale of a selection (None for `All`).
+    pub fn selection(&self) -> Option<(f64, NegativeScale)> {
+        match *self {
+            Negatives::All => None,
+            Negatives::Hard { fraction, scale } | Negatives::Easy { fraction, scale } => {
+                Some((fraction, scale))
             }
         }
     }
 
-    /// The factor on each row's loss term and gradient: 1, or 1/(K + 1) with a selection.
+    /// K: the negatives kept of each of `n` rows' n - 2 ([`NegativeScale`]'s table).
+    pub fn kept(&self, n: usize) -> usize {
+        let all = n.saturating_sub(2);
+        let Some((fraction, scale)) = self.selection() else {
+            return all;
+        };
+        let k = match scale {
+            // Python's int() of a positive float is its floor; n F is the same IEEE product.
+            NegativeScale::Official => (n as f64 * fraction).floor(),
+            NegativeScale::Mean => (fraction * all as f64).round(),
+        };
+        (k as usize).clamp(1, all.max(1))
+    }
+
+    /// The factor on each row's term l_a inside the mean over rows, (1/N) sum_a factor l_a:
+    /// 1 for all negatives, N / (K + 1) for `official` (its total is divided by K + 1, not N),
+    /// 1 / (K + 1) for `mean`. The gradient carries the same factor.
     pub fn row_scale(&self, n: usize) -> f64 {
-        match self {
-            Negatives::All => 1.0,
-            _ => 1.0 / (self.kept(n) + 1) as f64,
+        match self.selection() {
+            None => 1.0,
+            Some((_, NegativeScale::Official)) => n as f64 / (self.kept(n) + 1) as f64,
+            Some((_, NegativeScale::Mean)) => 1.0 / (self.kept(n) + 1) as f64,
+        }
+    }
+
+    /// nu, the weight of a row's log(1 - Q_ab) terms (l_a = -log P_a - nu sum log(1 - Q_ab)),
+    /// for the loss's `mu`: mu F for `official`, mu otherwise. D_a's weight stays mu.
+    pub fn log_weight(&self, mu: f64) -> f64 {
+        match self.selection() {
+            Some((fraction, NegativeScale::Official)) => mu * fraction,
+            _ => mu,
         }
     }
 
@@ -125,7 +229,7 @@ impl Negatives {
     pub fn validate(&self) -> Result<()> {
         match self {
             Negatives::All => Ok(()),
-            Negatives::Hard { fraction } | Negatives::Easy { fraction } => {
+            Negatives::Hard { fraction, .. } | Negatives::Easy { fraction, .. } => {
                 if fraction.is_finite() && *fraction > 0.0 && *fraction <= 1.0 {
                     Ok(())
                 } else {

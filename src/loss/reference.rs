@@ -191,6 +191,8 @@ pub(crate) fn row_terms(
         kept[b] = false;
     }
     let row_scale = cfg.negatives.row_scale(n);
+    // nu: the weight of the log(1 - Q) terms, mu but for the official hard/easy scale (mu F).
+    let nu = cfg.negatives.log_weight(mu);
 
     // Every ratio below is invariant to a common factor on e_ab, so subtract the row maximum:
     // then the largest term is exactly 1, nothing overflows, and D_a >= 1 never underflows
@@ -231,7 +233,7 @@ pub(crate) fn row_terms(
     // than the partner at small tau), where 1 - Q_ab formed in floating point would round to 0.
     let one_minus_q_numerator = |b: usize| prefix[b] + suffix[b + 1] + (mu - 1.0) * e(b);
 
-    // l_a = -log P_a - mu * sum_{b not in {a,p}} log(1 - Q_ab), with P_a = Q_ap = e_ap / D_a.
+    // l_a = -log P_a - nu * sum_{b not in {a,p}} log(1 - Q_ab), with P_a = Q_ap = e_ap / D_a.
     // -log P_a is formed in the log domain so that P_a underflowing to 0 cannot give inf.
     // (With tau below about 0.003 the terms of one row span more than float64's exponent range
     // and the loss may still come out inf; nothing in training is near that.)
@@ -245,7 +247,7 @@ pub(crate) fn row_terms(
             r += e(b) / numerator; // Q / (1 - Q) = e_ab / (D_a - e_ab)
         }
     }
-    let loss = row_scale * (neg_log_p - mu * log_one_minus_q);
+    let loss = row_scale * (neg_log_p - nu * log_one_minus_q);
     if !with_grad {
         return RowTerms {
             loss,
@@ -253,8 +255,9 @@ pub(crate) fn row_terms(
         };
     }
 
-    // g_ab = -[b = p] + w_b Q_ab + mu [b not in {a,p}] Q_ab / (1 - Q_ab) - mu w_b Q_ab R_a
-    // (loss.md, query-only).
+    // g_ab = -[b = p] + w_b Q_ab + nu [b not in {a,p}] Q_ab / (1 - Q_ab) - nu w_b Q_ab R_a
+    // (loss.md, query-only, with nu = mu; d/ds_ab of -nu log(1 - Q_ac) is
+    // nu Q_ac/(1 - Q_ac) ([c = b] - w_b Q_ab)).
     let mut g = vec![0.0f64; n];
     for b in 0..n {
         if b == a || !kept[b] {
@@ -262,11 +265,11 @@ pub(crate) fn row_terms(
         }
         let q = e(b) / denom;
         let w = weight(b);
-        let mut gab = w * q - mu * w * q * r;
+        let mut gab = w * q - nu * w * q * r;
         if b == p {
             gab -= 1.0;
         } else {
-            gab += mu * e(b) / one_minus_q_numerator(b);
+            gab += nu * e(b) / one_minus_q_numerator(b);
         }
         g[b] = row_scale * gab;
     }

@@ -4,6 +4,7 @@
 // Every test binary compiles this module and uses a part of it.
 #![allow(dead_code)]
 
+pub mod negatives;
 pub mod op_cases;
 
 use std::path::{Path, PathBuf};

@@ -63,7 +63,7 @@ fn ranks_together_equal_one_device_on_the_same_global_batch() {
         let layout = RankLayout::new(images).unwrap();
         let (z, single) = split_batch(&layout, d, 900 + case as u64);
         for semantics in [GradSemantics::QueryOnly, GradSemantics::BothSides] {
-            for negatives in [Negatives::All, Negatives::Hard { fraction: 0.5 }] {
+            for negatives in [Negatives::All, Negatives::hard(0.5)] {
                 let cfg = LossConfig {
                     semantics,
                     negatives,

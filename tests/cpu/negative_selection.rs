@@ -1,9 +1,11 @@
-//! Hard and easy negatives (`--negatives hard|easy`, the paper's ablation): the float64
-//! reference against an independent brute force and finite differences, and the fused CPU loss
-//! (f32, f64) against the reference on random and adversarial inputs, both semantics.
+//! Hard and easy negatives (`--negatives hard|easy`, the paper's ablation): the default held
+//! to the authors' formula (tests/common/negatives.rs: loss and finite differences), the `mean`
+//! scale to a brute force of its own, and the fused CPU loss (f32, f64) against the reference
+//! on random and adversarial inputs, both semantics.
+use crate::common::negatives::{self, Bounds, FRACTIONS};
 use crate::common::numerical_gradient;
 
-use invaspread::loss::{cpu, reference, GradSemantics, LossConfig, Negatives};
+use invaspread::loss::{cpu, reference, GradSemantics, LossConfig, NegativeScale, Negatives};
 use invaspread::testing::{adversarial_matrix, random_matrix, rng, scaled_grad_error};
 
 fn normalized(z: &[f64], d: usize) -> Vec<f64> {
@@ -15,9 +17,18 @@ fn normalized(z: &[f64], d: usize) -> Vec<f64> {
         .collect()
 }
 
-/// The loss written out from recipe.md's words, sharing no code with the crate: for each row
-/// sort its negatives by similarity, keep the first K, and divide the row by K + 1.
-fn brute_force(z: &[f64], n: usize, d: usize, tau: f64, mu: f64, hard: bool, fraction: f64) -> f64 {
+/// The `mean` scale written out from its words, sharing no code with the crate: for each row
+/// sort its negatives by similarity, keep the first K = round(F (N - 2)), divide the row by
+/// K + 1, and take the mean over rows.
+fn mean_brute_force(
+    z: &[f64],
+    n: usize,
+    d: usize,
+    tau: f64,
+    mu: f64,
+    hard: bool,
+    fraction: f64,
+) -> f64 {
     let f = normalized(z, d);
     let dot = |a: usize, b: usize| (0..d).map(|k| f[a * d + k] * f[b * d + k]).sum::<f64>();
     let k = ((fraction * (n - 2) as f64).round() as usize).clamp(1, n - 2);
@@ -55,20 +66,68 @@ fn as_f64(z: &[f32]) -> Vec<f64> {
     z.iter().map(|&x| f64::from(x)).collect()
 }
 
+/// The default (the official scale) in the reference and the fused CPU loss, f32 and f64,
+/// against the authors' formula: the loss, and dL/dz against the formula's finite differences.
 #[test]
-fn the_reference_equals_the_brute_force() {
+fn the_default_is_the_official_formula_on_the_cpu() {
+    let compared = negatives::hold_to_the_official_formula("cpu", |input, cfg| {
+        let (n, d, z64) = (input.n, input.d, input.z64());
+        let reference = reference::instance_loss(&z64, n, d, cfg, true).unwrap();
+        let fused_f64 = cpu::instance_loss(&z64, n, d, cfg, true).unwrap();
+        let fused_f32 = cpu::instance_loss(&input.z, n, d, cfg, true).unwrap();
+        let f64_bounds = Bounds {
+            loss: 1e-10,
+            grad: 1e-6,
+            similarity: 1e-12,
+        };
+        vec![
+            (
+                "reference".into(),
+                f64_bounds,
+                (reference.loss, reference.grad_z.unwrap()),
+            ),
+            (
+                "fused-f64".into(),
+                f64_bounds,
+                (fused_f64.loss, fused_f64.grad_z.unwrap()),
+            ),
+            (
+                "fused".into(),
+                Bounds {
+                    loss: 5e-5,
+                    grad: 2e-4,
+                    similarity: 1e-6,
+                },
+                (
+                    fused_f32.loss,
+                    fused_f32
+                        .grad_z
+                        .unwrap()
+                        .iter()
+                        .map(|&g| f64::from(g))
+                        .collect(),
+                ),
+            ),
+        ]
+    });
+    assert!(compared > 100, "only {compared} gradients compared");
+}
+
+#[test]
+fn the_mean_scale_equals_its_brute_force() {
     for (seed, n, d) in [(1u64, 6usize, 3usize), (2, 10, 5), (3, 16, 8)] {
         let z = as_f64(&random_matrix(&mut rng(seed), n, d));
-        for fraction in [0.1, 0.25, 0.5, 0.75, 1.0] {
+        for fraction in FRACTIONS {
             for (hard, negatives) in [
-                (true, Negatives::Hard { fraction }),
-                (false, Negatives::Easy { fraction }),
+                (true, Negatives::hard(fraction)),
+                (false, Negatives::easy(fraction)),
             ] {
+                let negatives = negatives.with_scale(NegativeScale::Mean);
                 let cfg = config(0.2, 1.5, GradSemantics::QueryOnly, negatives);
                 let ours = reference::instance_loss(&z, n, d, &cfg, false)
                     .unwrap()
                     .loss;
-                let want = brute_force(&z, n, d, 0.2, 1.5, hard, fraction);
+                let want = mean_brute_force(&z, n, d, 0.2, 1.5, hard, fraction);
                 assert!(
                     (ours - want).abs() < 1e-12 * want.abs(),
                     "N={n} {negatives:?}: {ours} vs {want}"
@@ -79,24 +138,31 @@ fn the_reference_equals_the_brute_force() {
 }
 
 #[test]
-fn keeping_every_negative_is_the_plain_loss_divided_by_n_minus_1() {
+fn keeping_every_negative_is_the_plain_loss_rescaled() {
+    // F = 1 keeps all N - 2: the official scale divides the sum by N - 1 (the authors' code
+    // takes its all-negatives branch there instead, / N), the mean scale each row by N - 1.
     let (n, d) = (12, 7);
     let z = as_f64(&random_matrix(&mut rng(9), n, d));
     for semantics in [GradSemantics::QueryOnly, GradSemantics::BothSides] {
         let all =
             reference::instance_loss(&z, n, d, &config(0.1, 1.0, semantics, Negatives::All), true)
                 .unwrap();
-        for negatives in [
-            Negatives::Hard { fraction: 1.0 },
-            Negatives::Easy { fraction: 1.0 },
+        for (negatives, scale) in [
+            (Negatives::hard(1.0), n as f64 / (n - 1) as f64),
+            (Negatives::easy(1.0), n as f64 / (n - 1) as f64),
+            (
+                Negatives::hard(1.0).with_scale(NegativeScale::Mean),
+                1.0 / (n - 1) as f64,
+            ),
         ] {
             let every =
                 reference::instance_loss(&z, n, d, &config(0.1, 1.0, semantics, negatives), true)
                     .unwrap();
-            let scale = 1.0 / (n - 1) as f64;
             assert!(
-                (every.loss - all.loss * scale).abs() < 1e-14,
-                "{negatives:?}"
+                (every.loss - all.loss * scale).abs() < 1e-13 * all.loss.abs(),
+                "{negatives:?}: {} vs {}",
+                every.loss,
+                all.loss * scale
             );
             for (g, h) in every
                 .grad_z
@@ -104,51 +170,101 @@ fn keeping_every_negative_is_the_plain_loss_divided_by_n_minus_1() {
                 .iter()
                 .zip(all.grad_z.as_ref().unwrap())
             {
-                assert!((g - h * scale).abs() < 1e-14, "{negatives:?} {semantics}");
+                assert!((g - h * scale).abs() < 1e-13, "{negatives:?} {semantics}");
             }
         }
     }
-    let hard = reference::instance_loss(
-        &z,
-        n,
-        d,
-        &config(
-            0.1,
-            1.0,
-            GradSemantics::QueryOnly,
-            Negatives::Hard { fraction: 0.5 },
-        ),
-        false,
-    )
-    .unwrap();
-    let easy = reference::instance_loss(
-        &z,
-        n,
-        d,
-        &config(
-            0.1,
-            1.0,
-            GradSemantics::QueryOnly,
-            Negatives::Easy { fraction: 0.5 },
-        ),
-        false,
-    )
-    .unwrap();
+    let loss_of = |negatives| {
+        reference::instance_loss(
+            &z,
+            n,
+            d,
+            &config(0.1, 1.0, GradSemantics::QueryOnly, negatives),
+            false,
+        )
+        .unwrap()
+        .loss
+    };
+    let (hard, easy) = (loss_of(Negatives::hard(0.5)), loss_of(Negatives::easy(0.5)));
     assert!(
-        hard.loss > easy.loss,
-        "the most similar negatives cost more: {} vs {}",
-        hard.loss,
-        easy.loss
+        hard > easy,
+        "the most similar negatives cost more: {hard} vs {easy}"
     );
+}
+
+/// The official scale against the `mean` one at the paper's batch: K = 128 against 127 of
+/// 254 negatives at F = 0.5, and a loss about N = 256 times larger (the issue's measurement).
+#[test]
+fn the_two_scales_differ_as_documented() {
+    assert_eq!(Negatives::hard(0.5).kept(256), 128);
+    assert_eq!(
+        Negatives::hard(0.5)
+            .with_scale(NegativeScale::Mean)
+            .kept(256),
+        127
+    );
+    assert_eq!(Negatives::easy(0.001).kept(6), 1, "at least one");
+    assert_eq!(Negatives::hard(1.0).kept(256), 254, "at most N - 2");
+    assert_eq!(
+        Negatives::hard(0.7).kept(10),
+        7,
+        "floor(10 x 0.7) = 7, as int() in Python"
+    );
+    let (n, d) = (256, 16);
+    let z = as_f64(&random_matrix(&mut rng(40), n, d));
+    let loss_of = |negatives| {
+        reference::instance_loss(
+            &z,
+            n,
+            d,
+            &config(0.1, 1.0, GradSemantics::QueryOnly, negatives),
+            false,
+        )
+        .unwrap()
+        .loss
+    };
+    let official = loss_of(Negatives::hard(0.5));
+    let mean = loss_of(Negatives::hard(0.5).with_scale(NegativeScale::Mean));
+    let ratio = official / mean;
+    assert!(
+        (150.0..300.0).contains(&ratio),
+        "official / mean = {ratio}: expected about N (the B term at half weight)"
+    );
+}
+
+/// config.json and checkpoints: the scale is recorded; a selection recorded before the
+/// choice (no `scale`) ran, and resumes as, `mean`.
+#[test]
+fn the_scale_is_recorded_and_older_records_read_as_mean() {
+    let json = serde_json::to_string(&Negatives::hard(0.5)).unwrap();
+    assert_eq!(json, r#"{"kind":"hard","fraction":0.5,"scale":"official"}"#);
+    let old: Negatives = serde_json::from_str(r#"{"kind":"easy","fraction":0.25}"#).unwrap();
+    assert_eq!(old, Negatives::easy(0.25).with_scale(NegativeScale::Mean));
+    let err = serde_json::from_str::<Negatives>(r#"{"kind":"hard","fraction":0.5,"scale":"max"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("official") && err.contains("mean"), "{err}");
 }
 
 #[test]
 fn gradients_match_finite_differences_of_the_kept_set() {
     // Random inputs have no ties, so a step of 1e-6 never changes which negatives are kept.
     for (seed, n, d, negatives) in [
-        (11u64, 8usize, 4usize, Negatives::Hard { fraction: 0.5 }),
-        (12, 10, 3, Negatives::Easy { fraction: 0.5 }),
-        (13, 12, 5, Negatives::Hard { fraction: 0.3 }),
+        (11u64, 8usize, 4usize, Negatives::hard(0.5)),
+        (12, 10, 3, Negatives::easy(0.5)),
+        (13, 12, 5, Negatives::hard(0.3)),
+        (
+            14,
+            10,
+            3,
+            Negatives::hard(0.5).with_scale(NegativeScale::Mean),
+        ),
+        (
+            15,
+            12,
+            5,
+            Negatives::easy(0.3).with_scale(NegativeScale::Mean),
+        ),
     ] {
         let z = as_f64(&random_matrix(&mut rng(seed), n, d));
         for semantics in [GradSemantics::QueryOnly, GradSemantics::BothSides] {
@@ -222,9 +338,10 @@ fn check(z: &[f32], n: usize, d: usize, cfg: LossConfig, tolerance_f32: f64, cas
 #[test]
 fn the_fused_cpu_loss_selects_as_the_reference_does() {
     let selections = [
-        Negatives::Hard { fraction: 0.5 },
-        Negatives::Easy { fraction: 0.5 },
-        Negatives::Hard { fraction: 0.1 },
+        Negatives::hard(0.5),
+        Negatives::easy(0.5),
+        Negatives::hard(0.1),
+        Negatives::easy(0.25).with_scale(NegativeScale::Mean),
     ];
     for (seed, n, d) in [
         (20u64, 6usize, 3usize),
@@ -271,17 +388,12 @@ fn bad_fractions_and_the_cuda_path_are_refused_clearly() {
             0.1,
             1.0,
             GradSemantics::QueryOnly,
-            Negatives::Hard { fraction },
+            Negatives::hard(fraction),
         );
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("expected 0 < F <= 1"), "{err}");
     }
-    let cfg = config(
-        0.1,
-        1.0,
-        GradSemantics::QueryOnly,
-        Negatives::Easy { fraction: 0.5 },
-    );
+    let cfg = config(0.1, 1.0, GradSemantics::QueryOnly, Negatives::easy(0.5));
     use invaspread::loss::cuda::{check_version_supports, CudaLossVersion};
     for version in CudaLossVersion::all() {
         let supported = check_version_supports(&cfg, version);
@@ -295,10 +407,4 @@ fn bad_fractions_and_the_cuda_path_are_refused_clearly() {
             assert!(err.contains("has no selection"), "{err}");
         }
     }
-    assert_eq!(Negatives::Hard { fraction: 0.5 }.kept(256), 127);
-    assert_eq!(
-        Negatives::Easy { fraction: 0.001 }.kept(6),
-        1,
-        "at least one"
-    );
 }

@@ -51,14 +51,20 @@ pub struct LossParams {
     pub keep: i32,
     /// 1: the most similar are kept, 0: the least (with keep < N - 2).
     pub hard: i32,
-    /// The factor on each row's loss term (1, or 1/(keep + 1) with a selection); the
-    /// gradient's share is in `grad_scale`.
+    /// The factor on each row's loss term inside the mean over rows
+    /// ([`Negatives::row_scale`](super::Negatives::row_scale)); the gradient's share is in
+    /// `grad_scale`.
     pub row_scale: f32,
+    /// The weight of the log(1 - Q) terms ([`Negatives::log_weight`](super::Negatives::log_weight)).
+    pub nu: f32,
+    /// nu / mu (exactly 1 but for the official hard/easy scale).
+    pub nu_over_mu: f32,
 }
 
 impl LossParams {
     pub fn new(n: usize, d: usize, cfg: &LossConfig, with_grad: bool) -> Result<LossParams> {
         let row_scale = cfg.negatives.row_scale(n);
+        let nu = cfg.negatives.log_weight(cfg.mu);
         Ok(LossParams {
             n: to_i32("N", n)?,
             d: to_i32("d", d)?,
@@ -70,6 +76,8 @@ impl LossParams {
             keep: to_i32("kept negatives", cfg.negatives.kept(n))?,
             hard: matches!(cfg.negatives, super::Negatives::Hard { .. }) as i32,
             row_scale: row_scale as f32,
+            nu: nu as f32,
+            nu_over_mu: (nu / cfg.mu) as f32,
         })
     }
 }

@@ -1,10 +1,13 @@
 // libcublas.so for the virtual GPU: handles, streams, and the two products this crate calls
 // (cublasSgemm_v2, cublasGemmEx), computed on the CPU in float64 from operands rounded as the
-// tensor cores round them (TF32: 10 mantissa bits, round to nearest with ties away from zero;
-// bf16 operands are exact in float32). Column-major, as cuBLAS; queued on the handle's stream
+// tensor cores round them (TF32: 10 mantissa bits; bf16 operands are exact in float32).
+// How cuBLAS rounds a float32 operand to TF32 is not documented (round to nearest, ties away,
+// as cvt.rna.tf32.f32, or truncation), so INVASPREAD_VGPU_TF32 picks it: `nearest` (the
+// default) or `truncate`, read at every product; the tests of TF32 GEMMs run under both. Column-major, as cuBLAS; queued on the handle's stream
 // through the driver (vgpu_enqueue), with every operand's extent checked against its allocation.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -37,13 +40,27 @@ struct Handle {
     int pointer_mode = 0;  // host
 };
 
-float tf32(float x) {
+enum Tf32Rounding { TF32_OFF, TF32_NEAREST, TF32_TRUNCATE };
+
+float tf32(float x, Tf32Rounding mode) {
     std::uint32_t u;
     std::memcpy(&u, &x, 4);
     if ((u & 0x7f800000u) == 0x7f800000u) return x;
-    u = (u + 0x1000u) & ~0x1fffu;
+    if (mode == TF32_NEAREST) u += 0x1000u;  // ties away from zero: the magnitude's half-ulp
+    u &= ~0x1fffu;
     std::memcpy(&x, &u, 4);
     return x;
+}
+
+// The TF32 rounding of a product queued now (INVASPREAD_VGPU_TF32; an unknown value stops the
+// process with its name, as every other misuse of the virtual GPU does).
+Tf32Rounding tf32_rounding() {
+    const char* v = std::getenv("INVASPREAD_VGPU_TF32");
+    if (!v || !*v || std::strcmp(v, "nearest") == 0) return TF32_NEAREST;
+    if (std::strcmp(v, "truncate") == 0) return TF32_TRUNCATE;
+    const std::string message = std::string("INVASPREAD_VGPU_TF32=") + v + " is invalid: expected nearest or truncate";
+    vgpu_fail(message.c_str());
+    return TF32_NEAREST;
 }
 
 float from_bf16(std::uint16_t h) {
@@ -60,12 +77,12 @@ struct Product {
     const void* b;
     float* c;
     int type;  // of A and B
-    bool round_tf32;
+    Tf32Rounding rounding;
 
     double element(const void* base, long index) const {
         if (type == CUDA_R_16BF) return from_bf16(static_cast<const std::uint16_t*>(base)[index]);
         const float x = static_cast<const float*>(base)[index];
-        return round_tf32 ? tf32(x) : x;
+        return rounding == TF32_OFF ? x : tf32(x, rounding);
     }
 
     void run() const {
@@ -180,7 +197,7 @@ int cublasSgemm_v2(Handle* h, int transa, int transb, int m, int n, int k, const
                    int lda, const float* b, int ldb, const float* beta, float* c, int ldc) {
     const bool tf = h && (h->math_mode & 0xf) == CUBLAS_TF32_TENSOR_OP_MATH;
     return queue_product(h, "cublasSgemm", Product{transa, transb, m, n, k, lda, ldb, ldc, *alpha, *beta, a, b, c,
-                                                   CUDA_R_32F, tf});
+                                                   CUDA_R_32F, tf ? tf32_rounding() : TF32_OFF});
 }
 
 int cublasGemmEx(Handle* h, int transa, int transb, int m, int n, int k, const void* alpha, const void* a, int atype,
@@ -198,7 +215,8 @@ int cublasGemmEx(Handle* h, int transa, int transb, int m, int n, int k, const v
                                             (h && (h->math_mode & 0xf) == CUBLAS_TF32_TENSOR_OP_MATH));
     return queue_product(h, "cublasGemmEx",
                          Product{transa, transb, m, n, k, lda, ldb, ldc, *static_cast<const float*>(alpha),
-                                 *static_cast<const float*>(beta), a, b, static_cast<float*>(c), atype, tf});
+                                 *static_cast<const float*>(beta), a, b, static_cast<float*>(c), atype,
+                                 tf ? tf32_rounding() : TF32_OFF});
 }
 
 }  // extern "C"

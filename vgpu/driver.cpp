@@ -950,8 +950,11 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
     *f = reinterpret_cast<CUfunction>(new Function{k, name});
     return CUDA_SUCCESS;
 }
-CUresult cuFuncGetAttribute(int* v, int, CUfunction) {
-    *v = 0;
+CUresult cuFuncGetAttribute(int* v, int attribute, CUfunction fn) {
+    if (!v) return CUDA_ERROR_INVALID_VALUE;
+    // CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK (0): the kernel's __launch_bounds__, as the hardware
+    // reports it; the others are 0.
+    *v = attribute == 0 && fn ? reinterpret_cast<Function*>(fn)->kernel->max_threads : 0;
     return CUDA_SUCCESS;
 }
 CUresult cuFuncSetAttribute(CUfunction, int, int) { return CUDA_SUCCESS; }
@@ -967,6 +970,10 @@ CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, un
         return invalid(CUDA_ERROR_INVALID_VALUE, format("%s: grid (%u,%u,%u) is invalid", f.name.c_str(), gx, gy, gz));
     if (bx == 0 || bx * by * bz > 1024)
         return invalid(CUDA_ERROR_INVALID_VALUE, format("%s: block (%u,%u,%u) is invalid", f.name.c_str(), bx, by, bz));
+    if ((int)(bx * by * bz) > f.kernel->max_threads)
+        return invalid(CUDA_ERROR_INVALID_VALUE,
+                       format("%s: a block of %u threads exceeds its __launch_bounds__ of %d", f.name.c_str(),
+                              bx * by * bz, f.kernel->max_threads));
     if (by != 1 || bz != 1)
         return invalid(CUDA_ERROR_NOT_SUPPORTED, f.name + ": the virtual GPU runs one-dimensional blocks");
     if (shared != 0)

@@ -551,6 +551,7 @@ extern "C" VK_EXPORT int vk_where(char* out, std::size_t len) {
 extern "C" VK_EXPORT int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned threads, void** args) {
     const VkKernel* k = vk_find(name);
     if (!k) return 1;
+    if ((int)threads > k->max_threads) return 3;  // beyond its __launch_bounds__, as the hardware
     // One block at a time in this library copy (its shared memory and engine state are global).
     static std::mutex serial;
     std::lock_guard<std::mutex> hold(serial);

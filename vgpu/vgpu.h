@@ -15,6 +15,9 @@ struct VkKernel {
     int params;
     std::size_t param_size[VK_MAX_PARAMS];
     bool param_is_pointer[VK_MAX_PARAMS];
+    // Its __launch_bounds__ maximum of threads a block (1024 without one): a launch with more
+    // fails, as on the hardware.
+    int max_threads;
 };
 
 template <class... P>

@@ -58,6 +58,15 @@ fn planted_library(tag: &str, file: &str, from: &str, to: &str) -> PathBuf {
 /// Runs this test binary's ignored `child` test for `case` on the virtual GPU, with `library`
 /// as its kernel library (or the built one) and the streams' and blocks' seed (or the default).
 fn run_child(case: &str, library: Option<&Path>, seed: Option<&str>) -> Output {
+    run_child_with(case, library, seed, &[])
+}
+
+fn run_child_with(
+    case: &str,
+    library: Option<&Path>,
+    seed: Option<&str>,
+    env: &[(&str, &str)],
+) -> Output {
     let exe = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
     cmd.args([
@@ -75,6 +84,7 @@ fn run_child(case: &str, library: Option<&Path>, seed: Option<&str>) -> Output {
     if let Some(seed) = seed {
         cmd.env("INVASPREAD_VGPU_SEED", seed);
     }
+    cmd.envs(env.iter().copied());
     cmd.output().expect("run the child test")
 }
 
@@ -166,6 +176,57 @@ fn child() {
                 let early = std::ptr::read_volatile(host);
                 eprintln!("child read {early} before synchronising");
             }
+        }
+        "launch-bounds" => {
+            // mma_probe_tf32_m16n8k8_v1 is __launch_bounds__(32): one warp and then two, with
+            // room for 64 lanes so that only the bound can refuse.
+            use invaspread::cuda::{Geometry, Kernel, KernelArgs, Queue};
+            let a = stream.clone_htod(&vec![0u32; 64 * 4]).unwrap();
+            let b = stream.clone_htod(&vec![0u32; 64 * 2]).unwrap();
+            let c = stream.clone_htod(&vec![0f32; 64 * 4]).unwrap();
+            let mut d = stream.alloc_zeros::<f32>(64 * 4).unwrap();
+            for threads in [32u32, 64] {
+                let mut d = DevPtrMut::of(&mut d);
+                let mut args = KernelArgs::new();
+                args.input(DevPtr::of(&a))
+                    .input(DevPtr::of(&b))
+                    .input(DevPtr::of(&c))
+                    .output(&mut d);
+                let kernel = Kernel::new("mma", "mma_probe_tf32_m16n8k8_v1");
+                // SAFETY: mma_probe_tf32_m16n8k8_v1(const unsigned*, const unsigned*, const
+                // float*, float*), every buffer for 64 lanes.
+                let got = unsafe { gpu.launch(kernel, Geometry::blocks(1, threads), &mut args) };
+                let synced = stream.synchronize();
+                eprintln!("child result {threads}: {got:?} then {synced:?}");
+            }
+        }
+        "tf32-gemm" => {
+            // 1 + 3 2^-12 has 12 mantissa bits: TF32 (10) rounds it to 1 + 2^-10 to nearest
+            // and to 1 by truncation; times 1 (exact) it shows the mode.
+            use invaspread::cuda::{Gemm, GemmPrecision, Queue};
+            let x = 1.0f32 + 3.0 * 2f32.powi(-12);
+            let a = stream.clone_htod(&[x]).unwrap();
+            let b = stream.clone_htod(&[1.0f32]).unwrap();
+            let mut c = stream.alloc_zeros::<f32>(1).unwrap();
+            gpu.gemm(&Gemm {
+                trans_a: false,
+                trans_b: false,
+                m: 1,
+                n: 1,
+                k: 1,
+                alpha: 1.0,
+                a: DevPtr::of(&a),
+                lda: 1,
+                b: DevPtr::of(&b),
+                ldb: 1,
+                beta: 0.0,
+                c: DevPtrMut::of(&mut c),
+                ldc: 1,
+                precision: GemmPrecision::Tf32,
+            })
+            .unwrap();
+            let got = stream.clone_dtoh(&c).unwrap();
+            eprintln!("child result: {:?}", got[0].to_bits());
         }
         other => panic!("unknown child case {other}"),
     }
@@ -303,5 +364,79 @@ fn info_names_the_virtual_gpu_and_a_bad_selection_is_an_error() {
     assert!(
         all.contains("INVASPREAD_GPU=\"virtaul\": expected one of auto, virtual, real, none"),
         "{all}"
+    );
+}
+
+/// A block larger than the kernel's `__launch_bounds__` is refused as on the hardware (there it
+/// fails the launch; an emulator that ran it would pass code the card rejects).
+#[test]
+fn a_block_beyond_the_launch_bounds_is_refused() {
+    if !built_or_skip("a_block_beyond_the_launch_bounds_is_refused") {
+        return;
+    }
+    let err = stderr_of(&run_child("launch-bounds", None, None));
+    assert!(err.contains("child result 32: Ok(()) then Ok(())"), "{err}");
+    assert!(
+        err.contains("child result 64: Err(")
+            && err.contains("a block of 64 threads exceeds its __launch_bounds__ of 32"),
+        "{err}"
+    );
+}
+
+/// The bound each kernel's table entry carries is its source's `__launch_bounds__` (a macro
+/// such as BN_THREADS included): every kernel of kernels/*.cu has one entry, bound or 1024.
+#[test]
+fn every_kernel_has_its_launch_bound_in_the_table() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let files = vgpu_build::kernel_files(&root.join("kernels")).unwrap();
+    let mut bounded = 0;
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let kernels = vgpu_build::kernel_bounds(&text);
+        assert_eq!(
+            kernels.len(),
+            text.matches("extern \"C\" __global__").count(),
+            "{}: a kernel the table would miss",
+            f.display()
+        );
+        for (name, bound) in kernels {
+            if let Some(bound) = bound {
+                assert!(
+                    bound.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{name}: bound {bound:?} is not a literal or a macro name"
+                );
+                bounded += 1;
+            }
+        }
+    }
+    assert!(bounded >= 60, "only {bounded} kernels with a bound found");
+}
+
+/// The virtual cuBLAS's TF32 rounding of float32 operands (INVASPREAD_VGPU_TF32): to nearest
+/// by default, truncation on request, and a clear stop on any other value.
+#[test]
+fn the_virtual_cublas_rounds_tf32_as_told() {
+    if !built_or_skip("the_virtual_cublas_rounds_tf32_as_told") {
+        return;
+    }
+    let nearest = (1.0f32 + 2f32.powi(-10)).to_bits();
+    let truncated = 1.0f32.to_bits();
+    for (mode, want) in [("", nearest), ("nearest", nearest), ("truncate", truncated)] {
+        let out = run_child_with("tf32-gemm", None, None, &[("INVASPREAD_VGPU_TF32", mode)]);
+        let err = stderr_of(&out);
+        assert!(
+            err.contains(&format!("child result: {want}")),
+            "INVASPREAD_VGPU_TF32={mode:?}: expected bits {want}:\n{err}"
+        );
+    }
+    let err = stderr_of(&run_child_with(
+        "tf32-gemm",
+        None,
+        None,
+        &[("INVASPREAD_VGPU_TF32", "stochastic")],
+    ));
+    assert!(
+        err.contains("INVASPREAD_VGPU_TF32=stochastic is invalid: expected nearest or truncate"),
+        "{err}"
     );
 }

@@ -117,6 +117,12 @@ impl Queue for Emulator {
                     kernel.name
                 )))
             }
+            3 => {
+                return Err(Error::invalid(format!(
+                    "{}: a block of {} threads exceeds its __launch_bounds__",
+                    kernel.name, geometry.block
+                )))
+            }
             _ => {
                 return Err(Error::invalid(format!(
                     "{}: the emulator's racecheck failed (see stderr)",

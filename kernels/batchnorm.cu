@@ -270,7 +270,10 @@ extern "C" __global__ void __launch_bounds__(256)
 batchnorm_apply_v2(const float* __restrict__ x, const float* __restrict__ gamma, const float* __restrict__ beta,
                    const float* __restrict__ saved, int n, int c, int hw, float* __restrict__ y) {
     const int total = n * c * hw;
-    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+    // The counter in 64 bits: e + the grid's stride passes 2^31 when total is near it.
+    for (long long e64 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e64 < total;
+         e64 += (long long)gridDim.x * blockDim.x) {
+        const int e = (int)e64;  // < total < 2^31 (the launcher's guard)
         const int ch = (e / hw) % c;
         const float scale = gamma[ch] * saved[c + ch];
         const float shift = beta[ch] - saved[ch] * scale;
@@ -284,7 +287,10 @@ batchnorm_bwd_dx_v2(const float* __restrict__ x, const float* __restrict__ dy, c
                     int accumulate) {
     const int total = n * c * hw;
     const float m = (float)(n * hw);
-    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+    // The counter in 64 bits: e + the grid's stride passes 2^31 when total is near it.
+    for (long long e64 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e64 < total;
+         e64 += (long long)gridDim.x * blockDim.x) {
+        const int e = (int)e64;  // < total < 2^31 (the launcher's guard)
         const int ch = (e / hw) % c;
         const float inv = saved[c + ch];
         float v;

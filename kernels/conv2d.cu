@@ -95,14 +95,18 @@ cbp_to_bcp_v1(const float* __restrict__ src, float* __restrict__ dst, int b, int
 // ---- v2: v1's kernels with 32-bit index math ------------------------------------------------
 //
 // v1 divides 64-bit indices per element (a 64-bit division is a long software sequence on a
-// GPU, several times a 32-bit one). v2 is v1 with int indices and one grid-stride loop of int:
-// the launcher runs it when the group's element count is below 2^31 (always, with the default
+// GPU, several times a 32-bit one). v2 is v1 with int indices (its grid-stride counter is 64-bit:
+// e + stride would wrap for totals within one stride of 2^31, about 1.88e9 to 2.15e9): the
+// launcher runs it when the group's element count is below 2^31 (always, with the default
 // workspace cap), else v1's. Same math, same summation order: results identical to v1's.
 
 extern "C" __global__ void __launch_bounds__(256) im2col_v2(const float* __restrict__ x, ConvGeom g, float* __restrict__ col) {
     const int p = g.h_out * g.w_out, ld = g.images * p, kk = g.k * g.k;
     const int total = g.c_in * kk * ld;
-    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+    // The counter in 64 bits: e + the grid's stride passes 2^31 when total is near it.
+    for (long long e64 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e64 < total;
+         e64 += (long long)gridDim.x * blockDim.x) {
+        const int e = (int)e64;  // < total < 2^31 (the launcher's guard)
         const int r = e / ld, j = e - r * ld;
         const int img = j / p, q = j - img * p;
         const int oy = q / g.w_out, ox = q - oy * g.w_out;
@@ -118,7 +122,10 @@ extern "C" __global__ void __launch_bounds__(256)
 col2im_v2(const float* __restrict__ col, ConvGeom g, float* __restrict__ dx, int accumulate) {
     const int p = g.h_out * g.w_out, ld = g.images * p, hw = g.h * g.w;
     const int total = g.images * g.c_in * hw;
-    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+    // The counter in 64 bits: e + the grid's stride passes 2^31 when total is near it.
+    for (long long e64 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e64 < total;
+         e64 += (long long)gridDim.x * blockDim.x) {
+        const int e = (int)e64;  // < total < 2^31 (the launcher's guard)
         const int plane = e / hw, at = e - plane * hw;
         const int iy = at / g.w, ix = at - iy * g.w;
         const int img = plane / g.c_in, c = plane - img * g.c_in;
@@ -144,7 +151,10 @@ col2im_v2(const float* __restrict__ col, ConvGeom g, float* __restrict__ dx, int
 extern "C" __global__ void __launch_bounds__(256)
 bcp_to_cbp_v2(const float* __restrict__ src, float* __restrict__ dst, int b, int c, int p) {
     const int total = b * c * p, bp = b * p;
-    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+    // The counter in 64 bits: e + the grid's stride passes 2^31 when total is near it.
+    for (long long e64 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e64 < total;
+         e64 += (long long)gridDim.x * blockDim.x) {
+        const int e = (int)e64;  // < total < 2^31 (the launcher's guard)
         const int ch = e / bp, rest = e - ch * bp, img = rest / p, q = rest - img * p;  // dst = [C][B][P]
         dst[e] = src[(img * c + ch) * p + q];
     }
@@ -153,7 +163,10 @@ bcp_to_cbp_v2(const float* __restrict__ src, float* __restrict__ dst, int b, int
 extern "C" __global__ void __launch_bounds__(256)
 cbp_to_bcp_v2(const float* __restrict__ src, float* __restrict__ dst, int b, int c, int p) {
     const int total = b * c * p, cp = c * p;
-    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
+    // The counter in 64 bits: e + the grid's stride passes 2^31 when total is near it.
+    for (long long e64 = (long long)blockIdx.x * blockDim.x + threadIdx.x; e64 < total;
+         e64 += (long long)gridDim.x * blockDim.x) {
+        const int e = (int)e64;  // < total < 2^31 (the launcher's guard)
         const int img = e / cp, rest = e - img * cp, ch = rest / p, q = rest - ch * p;  // dst = [B][C][P]
         dst[e] = src[(ch * b + img) * p + q];
     }

@@ -449,3 +449,70 @@ fn backends_tape_and_ops_know_nothing_of_ranks() {
         assert!(!body.contains(word), "the Backend trait mentions {word}");
     }
 }
+
+/// The headers `for (...)` in `text`, each as its text between the parentheses.
+fn for_headers(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, _) in text.match_indices("for (") {
+        let mut depth = 0usize;
+        let body = &text[i + 4..];
+        for (j, c) in body.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        out.push(body[1..j].to_string());
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// A grid-stride loop (`e += gridDim.x * blockDim.x`) with a 32-bit counter wraps when the
+/// total is within one stride of 2^31 (for a total below it, which the launchers' guards let
+/// through): every such loop of kernels/ counts in 64 bits.
+#[test]
+fn every_grid_stride_loop_counts_in_64_bits() {
+    let kernels = common::repo().join("kernels");
+    let mut loops = 0;
+    for entry in std::fs::read_dir(&kernels).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.extension().is_some_and(|e| e == "cu" || e == "cuh") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for header in for_headers(&text) {
+            // The step clause adds the grid's stride (not a loop over the blocks themselves).
+            let step = header.rsplit(';').next().unwrap_or("");
+            if !(step.contains("+=") && step.contains("gridDim")) {
+                continue;
+            }
+            loops += 1;
+            let init = header.trim_start();
+            assert!(
+                [
+                    "long long ",
+                    "size_t ",
+                    "unsigned long long ",
+                    "std::size_t "
+                ]
+                .iter()
+                .any(|t| init.starts_with(t)),
+                "{}: a grid-stride loop with a 32-bit counter: for ({header})",
+                path.display()
+            );
+        }
+    }
+    assert!(loops >= 10, "only {loops} grid-stride loops found");
+}
+
+#[test]
+fn the_for_scanner_reads_nested_parentheses() {
+    let headers = for_headers("for (int i = f(a, (b)); i < n; ++i) { for (x : y) {} }");
+    assert_eq!(headers, ["int i = f(a, (b)); i < n; ++i", "x : y"]);
+}

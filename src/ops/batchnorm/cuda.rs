@@ -384,3 +384,19 @@ pub fn sync_dx(
     // grid-stride over N C H W, lengths checked above.
     unsafe { q.launch(SYNC_BWD_DX_V1, Geometry::grid_stride(xs.len()), &mut args) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// v2's 32-bit indices: N C H W of 2^31 - 1 or more, or more than 65,535 channels, run v1.
+    #[test]
+    fn v2_runs_only_below_2_pow_31_values() {
+        let xs = |n, c| Shape4 { n, c, h: 32, w: 32 };
+        // 64 channels of 32 x 32: 65,536 values an image, so 2^31 at N = 32,768.
+        assert_eq!(effective(Version::V2, xs(32_767, 64)), Version::V2);
+        assert_eq!(effective(Version::V2, xs(32_768, 64)), Version::V1);
+        assert_eq!(effective(Version::V2, xs(1, 65_536)), Version::V1);
+        assert_eq!(effective(Version::V1, xs(2, 64)), Version::V1);
+    }
+}

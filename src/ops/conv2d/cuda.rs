@@ -308,3 +308,45 @@ fn permute(
     // SAFETY: (const float* src, float* dst, int b, int c, int p); both hold B C P floats.
     unsafe { q.launch(kernel, Geometry::grid_stride(total), &mut args) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host's guard for v2's 32-bit indices: a group of 2^31 - 1 values or more runs v1's
+    /// kernels. (Their grid-stride counters are 64-bit, tests/cpu/layout.rs checks, so a total
+    /// just below the guard, within one stride of 2^31, cannot wrap either.)
+    #[test]
+    fn v2_runs_only_below_2_pow_31_values() {
+        let below = (i32::MAX - 1) as usize;
+        assert_eq!(kernels(Version::V2, below).im2col, IM2COL_V2);
+        for at_or_above in [i32::MAX as usize, 1 << 31, 3 << 31] {
+            assert_eq!(kernels(Version::V2, at_or_above).im2col, IM2COL_V1);
+            assert_eq!(kernels(Version::V2, at_or_above).col2im, COL2IM_V1);
+        }
+        assert_eq!(kernels(Version::V1, 10).im2col, IM2COL_V1);
+        // ResNet18-CIFAR's first 3x3 layer (64 channels at 32 x 32): col = 576 x B x 1024 floats
+        // passes 2^31 - 1 at B = 3,641; one group of that batch takes v1, one image less v2.
+        let xs = |n| Shape4 {
+            n,
+            c: 64,
+            h: 32,
+            w: 32,
+        };
+        let conv = Conv {
+            c_in: 64,
+            c_out: 64,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        };
+        assert_eq!(
+            kernels(Version::V2, group_values(xs(3641), &conv, 3641)).im2col,
+            IM2COL_V1
+        );
+        assert_eq!(
+            kernels(Version::V2, group_values(xs(3640), &conv, 3640)).im2col,
+            IM2COL_V2
+        );
+    }
+}

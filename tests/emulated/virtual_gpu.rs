@@ -440,3 +440,37 @@ fn the_virtual_cublas_rounds_tf32_as_told() {
         "{err}"
     );
 }
+
+/// compute-sanitizer's filter (scripts/kernel-names, written by scripts/device-bundle) lists
+/// every kernel that kernels/*.cu defines: the virtual GPU's table, read by its own parser.
+#[test]
+fn the_sanitizer_filter_lists_every_kernel() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(root.join("scripts/kernel-names"))
+        .arg(root.join("kernels"))
+        .output();
+    let Ok(out) = out else {
+        eprintln!("SKIPPED (no python3): the_sanitizer_filter_lists_every_kernel");
+        return;
+    };
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let listed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut defined: Vec<String> = vgpu_build::kernel_files(&root.join("kernels"))
+        .unwrap()
+        .iter()
+        .flat_map(|f| vgpu_build::kernel_names(&std::fs::read_to_string(f).unwrap()))
+        .collect();
+    defined.sort();
+    defined.dedup();
+    assert_eq!(listed, defined);
+    for v3 in [
+        "instance_loss_query_v3_tf32",
+        "instance_loss_key_v3_bf16_select",
+    ] {
+        assert!(listed.iter().any(|k| k == v3), "{v3} missing");
+    }
+}

@@ -5,7 +5,7 @@ in the same table format, so that both run on the same machine and card in one s
 
 usage: python3 benches/torch_reference.py [--device cpu|cuda] [--n 256 1024 4096 ...] [--d 128]
            [--grad-semantics query-only|both-sides] [--min-seconds 1] [--modes eager compile]
-           [--check-max-n 16384]
+           [--check-max-n 16384] [--deadline-s S]
 Each mode's output is checked against the same loss in float64 before it is timed, with the
 measure `invaspread bench-loss` uses (the loss relative; dL/dz scaled by row norms), printed in
 the last column.
@@ -110,18 +110,34 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["eager", "compile"])
     ap.add_argument("--check-max-n", type=int, default=16384,
                     help="check against float64 up to this N (its N x N float64 matrices)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="start no measurement after this many seconds (a short GPU lease): "
+                         "each mode runs every size before the next mode starts, so eager comes whole")
     args = ap.parse_args()
+    start = time.perf_counter()
     sizes = args.n or ([256, 1024, 4096, 16384, 65536] if args.device == "cuda" else [256, 1024, 4096])
     both = args.grad_semantics == "both-sides"
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (%d threads)" % torch.get_num_threads()
     compiled = torch.compile(reference_loss)
-    rows = []
-    for n in sizes:
-        gen = torch.Generator().manual_seed(n * 31 + args.d)
-        z0 = torch.randn(n, args.d, generator=gen).to(args.device)
-        for with_grad in (False, True):
-            truth = float64_truth(z0, args.tau, both, with_grad) if n <= args.check_max_n else None
-            for mode in args.modes:
+    # Every row is printed and flushed as soon as it is measured: a run cut short keeps them all.
+    print("| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs torch-eager | error vs f64 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    eager = {}
+    truths = {}
+    for mode in args.modes:
+        for n in sizes:
+            gen = torch.Generator().manual_seed(n * 31 + args.d)
+            z0 = torch.randn(n, args.d, generator=gen).to(args.device)
+            for with_grad in (False, True):
+                pas = "fwd+bwd" if with_grad else "fwd"
+                version = "torch-" + mode
+                if args.deadline_s is not None and time.perf_counter() - start > args.deadline_s:
+                    print("| %s | %s | %d | %d | %s | not run: past --deadline-s %g | 0 | - | - | - | - |"
+                          % (dev_name, version, n, args.d, pas, args.deadline_s), flush=True)
+                    continue
+                if (n, with_grad) not in truths:
+                    truths[(n, with_grad)] = float64_truth(z0, args.tau, both, with_grad) if n <= args.check_max_n else None
+                truth = truths[(n, with_grad)]
                 fn_loss = reference_loss if mode == "eager" else compiled
                 z = z0.clone().requires_grad_(with_grad)
 
@@ -132,8 +148,6 @@ def main():
                         loss.backward()
                     return loss
 
-                version = "torch-" + mode
-                extra = None
                 try:
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
@@ -144,29 +158,23 @@ def main():
                         loss = step()
                         checked = error_vs_truth(loss.item(), z.grad if with_grad else None, truth, z0)
                     median, runs = measure(step, args.device, args.min_seconds)
-                    if args.device == "cuda":
-                        extra = torch.cuda.max_memory_allocated() - base
-                    passes = 1 if not with_grad else (3 if both else 2)
-                    tflops = passes * 2.0 * n * n * args.d / median / 1e12
-                    rows.append((version, n, "fwd+bwd" if with_grad else "fwd", median, runs, tflops, extra, checked))
+                    extra = torch.cuda.max_memory_allocated() - base if args.device == "cuda" else None
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     msg = "OOM" if "out of memory" in str(e).lower() else type(e).__name__
-                    rows.append((version, n, "fwd+bwd" if with_grad else "fwd", None, 0, None, msg, None))
+                    print("| %s | %s | %d | %d | %s | %s | 0 | - | - | - | - |" % (dev_name, version, n, args.d, pas, msg),
+                          flush=True)
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
-                print("measured %s N=%d %s" % (version, n, rows[-1][2]), flush=True)
-    base = {(r[1], r[2]): r[3] for r in rows if r[0] == "torch-eager" and r[3]}
-    print("\n| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs torch-eager | error vs f64 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for version, n, pas, median, runs, tflops, extra, checked in rows:
-        if median is None:
-            print("| %s | %s | %d | %d | %s | %s | 0 | - | - | - | - |" % (dev_name, version, n, args.d, pas, extra))
-            continue
-        sp = base.get((n, pas))
-        print("| %s | %s | %d | %d | %s | %s | %d | %.3f | %s | %s | %s |" % (
-            dev_name, version, n, args.d, pas, human_time(median), runs, tflops,
-            extra if isinstance(extra, str) else human_bytes(extra), "%.2fx" % (sp / median) if sp else "-",
-            "unchecked" if checked is None else "%.1e" % checked))
+                    continue
+                if mode == "eager":
+                    eager[(n, pas)] = median
+                passes = 1 if not with_grad else (3 if both else 2)
+                tflops = passes * 2.0 * n * n * args.d / median / 1e12
+                sp = eager.get((n, pas))
+                print("| %s | %s | %d | %d | %s | %s | %d | %.3f | %s | %s | %s |" % (
+                    dev_name, version, n, args.d, pas, human_time(median), runs, tflops, human_bytes(extra),
+                    "%.2fx" % (sp / median) if sp else "-", "unchecked" if checked is None else "%.1e" % checked),
+                    flush=True)
     print("\ntorch %s; semantics %s, tau %s" % (torch.__version__, args.grad_semantics, args.tau))
 
 

@@ -354,36 +354,46 @@ pub fn human_time(s: f64) -> String {
 
 /// The markdown table `bench-loss` prints (the same columns as benches/torch_reference.py).
 pub fn markdown_table(rows: &[BenchRow], baseline: &str) -> String {
-    let mut out = format!(
-        "| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs {baseline} | error vs f64 | floor | vs floor |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    );
+    let mut out = markdown_header(baseline);
     for r in rows {
-        let speedup = r.speedup.map_or("-".to_string(), |s| format!("{s:.2}x"));
-        let checked = r
-            .check_error
-            .map_or("unchecked".to_string(), |e| format!("{e:.1e}"));
-        let (floor, ratio) = match r.floor_s {
-            Some(f) => (human_time(f), format!("{:.2}x", r.median_s / f)),
-            None => ("-".to_string(), "-".to_string()),
-        };
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} | {} |\n",
-            r.device,
-            r.version,
-            r.n,
-            r.d,
-            r.pass,
-            human_time(r.median_s),
-            r.runs,
-            r.tflops,
-            human_bytes(r.extra_bytes),
-            speedup,
-            checked,
-            floor,
-            ratio
-        ));
+        out.push_str(&markdown_row(r));
     }
     out
+}
+
+/// The table's header lines (what `bench-loss` prints before its first measurement).
+pub fn markdown_header(baseline: &str) -> String {
+    format!(
+        "| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs {baseline} | error vs f64 | floor | vs floor |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+}
+
+/// One row of the table, its line break included.
+pub fn markdown_row(r: &BenchRow) -> String {
+    let speedup = r.speedup.map_or("-".to_string(), |s| format!("{s:.2}x"));
+    let checked = r
+        .check_error
+        .map_or("unchecked".to_string(), |e| format!("{e:.1e}"));
+    let (floor, ratio) = match r.floor_s {
+        Some(f) => (human_time(f), format!("{:.2}x", r.median_s / f)),
+        None => ("-".to_string(), "-".to_string()),
+    };
+    format!(
+        "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} | {} |\n",
+        r.device,
+        r.version,
+        r.n,
+        r.d,
+        r.pass,
+        human_time(r.median_s),
+        r.runs,
+        r.tflops,
+        human_bytes(r.extra_bytes),
+        speedup,
+        checked,
+        floor,
+        ratio
+    )
 }
 
 /// The rows as a JSON array.

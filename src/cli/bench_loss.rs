@@ -75,6 +75,16 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
             .map(|v| v.for_device(args.device, "--loss"));
         given.collect::<invaspread::Result<_>>()?
     };
+    let baseline = match args.device {
+        Device::Cpu => CpuLossVersion::Reference.name(),
+        Device::Cuda => CudaLossVersion::Unfused.name(),
+    };
+    // The markdown table goes out a row at a time, flushed as each is measured (a run cut short
+    // keeps every row so far); the baseline of each case is measured first, so its speed-up is
+    // known then. JSON is one document, written at the end.
+    let mut versions = versions;
+    versions.sort_by_key(|v| v.name() != baseline);
+    let mut table = (!args.json).then(|| TableOut::start(&baseline));
     let mut rows: Vec<BenchRow> = Vec::new();
     let mut rates = bench::floor::Rates::default();
     let gpu = match args.device {
@@ -125,6 +135,7 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
             };
             for &version in &versions {
                 progress(&version.name());
+                let measured = rows.len();
                 match (version, &gpu) {
                     (LossVersion::Cpu(v), _) => {
                         rows.extend(bench::bench_cpu(v, &case, args.min_seconds, &mut rates)?)
@@ -137,21 +148,41 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
                     }
                     (LossVersion::Cuda(_), None) => {}
                 }
+                if let Some(table) = &mut table {
+                    bench::fill_speedups(&mut rows, &baseline);
+                    table.rows(&rows[measured..])?;
+                }
             }
         }
     }
-    let baseline = match args.device {
-        Device::Cpu => CpuLossVersion::Reference.name(),
-        Device::Cuda => CudaLossVersion::Unfused.name(),
-    };
     bench::fill_speedups(&mut rows, &baseline);
     if args.json {
         println!("{}", bench::json(&rows)?);
     } else {
-        print!("{}", bench::markdown_table(&rows, &baseline));
         print_notes(&cfg, &args, gpu.is_none());
     }
     Ok(())
+}
+
+/// The markdown table on stdout, flushed line by line.
+struct TableOut(std::io::Stdout);
+
+impl TableOut {
+    fn start(baseline: &str) -> TableOut {
+        let out = TableOut(std::io::stdout());
+        print!("{}", bench::markdown_header(baseline));
+        out
+    }
+
+    fn rows(&mut self, rows: &[BenchRow]) -> invaspread::Result<()> {
+        use std::io::Write;
+        for row in rows {
+            print!("{}", bench::markdown_row(row));
+        }
+        self.0
+            .flush()
+            .map_err(|e| invaspread::Error::io(std::path::Path::new("stdout"), e))
+    }
 }
 
 /// The table's footnotes: what the columns mean and how each row was checked.

@@ -17,7 +17,8 @@ use super::numerical_gradient;
 /// The fractions the formula is held at.
 pub const FRACTIONS: [f64; 5] = [0.1, 0.25, 0.5, 0.7, 1.0];
 
-fn unit_rows(z: &[f64], d: usize) -> Vec<f64> {
+/// The rows of `z` (N x d) divided by their norms.
+pub fn unit_rows(z: &[f64], d: usize) -> Vec<f64> {
     z.chunks_exact(d)
         .flat_map(|row| {
             let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();

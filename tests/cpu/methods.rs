@@ -8,14 +8,7 @@ use invaspread::methods::exemplar::Classifier;
 use invaspread::methods::memory_bank::{MemoryBank, Objective, NOISE, TEMPERATURE};
 use invaspread::testing::{random_matrix, rng};
 
-fn normalized(z: &[f64], d: usize) -> Vec<f64> {
-    z.chunks_exact(d)
-        .flat_map(|r| {
-            let n = r.iter().map(|x| x * x).sum::<f64>().sqrt();
-            r.iter().map(move |x| x / n)
-        })
-        .collect()
-}
+use crate::common::negatives::unit_rows as normalized;
 
 fn dot(a: &[f64], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, &y)| x * f64::from(y)).sum()

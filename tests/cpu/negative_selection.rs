@@ -8,15 +8,6 @@ use crate::common::numerical_gradient;
 use invaspread::loss::{cpu, reference, GradSemantics, LossConfig, NegativeScale, Negatives};
 use invaspread::testing::{adversarial_matrix, random_matrix, rng, scaled_grad_error};
 
-fn normalized(z: &[f64], d: usize) -> Vec<f64> {
-    z.chunks_exact(d)
-        .flat_map(|row| {
-            let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
-            row.iter().map(move |x| x / norm)
-        })
-        .collect()
-}
-
 /// The `mean` scale written out from its words, sharing no code with the crate: for each row
 /// sort its negatives by similarity, keep the first K = round(F (N - 2)), divide the row by
 /// K + 1, and take the mean over rows.
@@ -29,7 +20,7 @@ fn mean_brute_force(
     hard: bool,
     fraction: f64,
 ) -> f64 {
-    let f = normalized(z, d);
+    let f = negatives::unit_rows(z, d);
     let dot = |a: usize, b: usize| (0..d).map(|k| f[a * d + k] * f[b * d + k]).sum::<f64>();
     let k = ((fraction * (n - 2) as f64).round() as usize).clamp(1, n - 2);
     let mut total = 0.0;
@@ -60,6 +51,12 @@ fn config(tau: f64, mu: f64, semantics: GradSemantics, negatives: Negatives) -> 
         semantics,
         negatives,
     }
+}
+
+/// The reference's loss at tau 0.1, mu 1, query-only.
+fn query_only_loss(z: &[f64], n: usize, d: usize, negatives: Negatives) -> f64 {
+    let cfg = config(0.1, 1.0, GradSemantics::QueryOnly, negatives);
+    reference::instance_loss(z, n, d, &cfg, false).unwrap().loss
 }
 
 fn as_f64(z: &[f32]) -> Vec<f64> {
@@ -174,17 +171,7 @@ fn keeping_every_negative_is_the_plain_loss_rescaled() {
             }
         }
     }
-    let loss_of = |negatives| {
-        reference::instance_loss(
-            &z,
-            n,
-            d,
-            &config(0.1, 1.0, GradSemantics::QueryOnly, negatives),
-            false,
-        )
-        .unwrap()
-        .loss
-    };
+    let loss_of = |negatives| query_only_loss(&z, n, d, negatives);
     let (hard, easy) = (loss_of(Negatives::hard(0.5)), loss_of(Negatives::easy(0.5)));
     assert!(
         hard > easy,
@@ -212,17 +199,7 @@ fn the_two_scales_differ_as_documented() {
     );
     let (n, d) = (256, 16);
     let z = as_f64(&random_matrix(&mut rng(40), n, d));
-    let loss_of = |negatives| {
-        reference::instance_loss(
-            &z,
-            n,
-            d,
-            &config(0.1, 1.0, GradSemantics::QueryOnly, negatives),
-            false,
-        )
-        .unwrap()
-        .loss
-    };
+    let loss_of = |negatives| query_only_loss(&z, n, d, negatives);
     let official = loss_of(Negatives::hard(0.5));
     let mean = loss_of(Negatives::hard(0.5).with_scale(NegativeScale::Mean));
     let ratio = official / mean;

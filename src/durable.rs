@@ -18,6 +18,8 @@ use crate::error::{Error, Result};
 /// Writes `bytes` to a temporary sibling of `path`, syncs it, renames it over `path` and syncs
 /// the directory. On an error (a full disk) the temporary is removed and `path` is untouched.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    // Never renamed over a device node, FIFO, socket or folder (`--out /dev/null` as root).
+    crate::files::check_output(path)?;
     let file_name = path
         .file_name()
         .ok_or_else(|| Error::invalid(format!("{} is not a file path", path.display())))?;

@@ -28,6 +28,7 @@
 //! | [`npy`] | `.npy` reading and writing with clear errors |
 //! | [`plot`] | charts as PNG with axes, ticks, labels and legends: `metrics.png`, `invaspread plot`, `embed --png` |
 //! | [`durable`] | atomic, synced file writes; leftovers of killed writers |
+//! | [`files`] | the one guarded read of a user's file (regular files only, bounded, never blocking on a FIFO) and the check of an output's target |
 //! | [`limits`] | the range of every numeric setting (flags, config files, library calls) and the memory check before large allocations |
 //! | [`names`] | one spelling for every named choice (clap's `ValueEnum` names, also in config files) |
 //! | [`rng`] | seeded generators |
@@ -45,6 +46,7 @@ pub mod dist;
 pub mod durable;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod limits;
 pub mod linalg;
 pub mod loss;

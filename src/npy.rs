@@ -4,7 +4,6 @@
 //! malformed, truncated or unsupported file is an error naming the file, what was found and what
 //! was expected; nothing here panics on input.
 
-use std::fs;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -69,7 +68,7 @@ pub fn read_matrix(path: &Path) -> Result<(usize, usize, NpyArray)> {
 
 /// Reads a float32 or float64 `.npy` file of any rank.
 pub fn read(path: &Path) -> Result<NpyArray> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::files::read_input(path, ".npy input", crate::files::max_bytes::ARRAY)?;
     parse(&bytes).map_err(|msg| Error::bad_file(path, msg))
 }
 
@@ -276,6 +275,7 @@ use crate::durable::write_atomically;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn round_trip_f32_and_f64() {

@@ -21,7 +21,11 @@ pub fn load_with_metadata<B: Encoder>(
     path: &Path,
     backend: B,
 ) -> invaspread::Result<(Graph<B>, Model, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = invaspread::files::read_input(
+        path,
+        "checkpoint",
+        invaspread::files::max_bytes::CHECKPOINT,
+    )?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| Error::bad_file(path, format!("not a safetensors file: {e}")))?;
     let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
@@ -54,7 +58,23 @@ pub fn dataset_for(
     };
     let mut cfg = args.config();
     if cfg.image_size.is_none() {
-        cfg.image_size = number("image_size")?.map(|s| s as usize);
+        // The flag's range: a checkpoint's metadata is input like a flag (0 would divide by
+        // zero, 100000 allocate terabytes).
+        cfg.image_size = number("image_size")?
+            .map(|s| {
+                let range = &invaspread::limits::IMAGE_SIZE;
+                range.check(s).map_err(|_| {
+                    Error::bad_file(
+                        path,
+                        format!(
+                            "metadata image_size = {s} is out of range: expected {} (or give --image-size)",
+                            range.describe()
+                        ),
+                    )
+                })
+            })
+            .transpose()?
+            .map(|s| s as usize);
     }
     let seed = number("seed")?.unwrap_or(0);
     let ds = super::data::load(&cfg, seed)?;

@@ -206,7 +206,7 @@ fn f32_values(bytes: &[u8]) -> Vec<f64> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::io(path, e))
+    crate::files::read_input(path, "checkpoint", crate::files::max_bytes::CHECKPOINT)
 }
 
 fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {

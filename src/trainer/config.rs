@@ -52,7 +52,7 @@ pub fn write(cfg: &TrainConfig, ds: &Dataset, out: &Path) -> Result<()> {
 /// ([`validate`]). `recorded` is kept for the caller to compare with; a run writes its own in
 /// its place.
 pub fn read(path: &Path) -> Result<TrainConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_input_text(path, "configuration", crate::files::max_bytes::TEXT)?;
     let cfg = parse(&text).map_err(|message| Error::bad_file(path, message))?;
     validate(&cfg).map_err(|e| Error::bad_file(path, e.to_string()))?;
     Ok(cfg)

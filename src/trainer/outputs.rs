@@ -162,11 +162,10 @@ pub fn metrics_png(rows: &[EpochMetrics], path: &Path) -> Result<()> {
 /// Reads metrics.csv, in either layout ([`METRICS_HEADER`] or the legacy one); a missing
 /// file is no rows.
 pub fn parse_metrics_csv(path: &Path) -> Result<Vec<EpochMetrics>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(path, e)),
-    };
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = crate::files::read_input_text(path, "metrics.csv", crate::files::max_bytes::TEXT)?;
     let mut lines = text.lines();
     let legacy = match lines.next().map(str::trim) {
         Some(h) if h == METRICS_HEADER => false,

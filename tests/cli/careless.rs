@@ -4,6 +4,7 @@
 
 use crate::common;
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -521,4 +522,100 @@ fn train_over_ranks_refuses_what_it_cannot_split() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `path`'s safetensors file with metadata `key` set to `value` (the header rewritten; the
+/// tensors' bytes unchanged).
+fn with_metadata(path: &Path, key: &str, value: &str, to: &Path) {
+    let bytes = std::fs::read(path).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    header["__metadata__"][key] = serde_json::Value::String(value.into());
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + len..]);
+    std::fs::write(to, out).unwrap();
+}
+
+/// A checkpoint's metadata is input like a flag: an image size of 0 divided by zero in `eval`
+/// and `embed`, and 1025 .. 100000 skipped the flag's range into a terabyte allocation.
+#[test]
+fn checkpoint_metadata_is_held_to_the_flags_ranges() {
+    let dir = common::scratch_dir("careless-meta");
+    let run = dir.join("run");
+    let out = invaspread(&[
+        "train",
+        "--steps",
+        "0",
+        "--k",
+        "5",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let hostile = dir.join("hostile.safetensors");
+    for size in ["0", "1025", "4096", "100000"] {
+        with_metadata(&run.join("last.safetensors"), "image_size", size, &hostile);
+        let h = hostile.to_str().unwrap();
+        let emb = dir.join("e.npy");
+        for args in [
+            vec!["eval", "--checkpoint", h],
+            vec!["embed", "--checkpoint", h, "--out", emb.to_str().unwrap()],
+        ] {
+            assert_refused(
+                &args,
+                1,
+                &[
+                    "hostile.safetensors",
+                    &format!("image_size = {size}"),
+                    "1 <= image_size <= 1024",
+                ],
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Inputs that are not regular files: /dev/zero was read until memory ran out, a FIFO blocked
+/// forever; outputs onto a FIFO or a device node were renamed over it (as root, /dev/null).
+#[test]
+fn devices_and_fifos_are_neither_read_nor_written() {
+    let dir = common::scratch_dir("careless-fifo");
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo of a NUL-terminated path in the test's scratch folder.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let f = fifo.to_str().unwrap();
+    let out_dir = dir.join("out");
+    let o = out_dir.to_str().unwrap();
+    for (input, kind) in [("/dev/zero", "a character device"), (f, "a FIFO")] {
+        assert_refused(
+            &["eval", "--checkpoint", input],
+            1,
+            &[input, kind, "expected a regular file"],
+        );
+        assert_refused(
+            &["train", "--config", input, "--out", o],
+            1,
+            &[input, kind, "expected a regular file"],
+        );
+        assert_refused(&["loss", "--input", input], 1, &[input, kind]);
+    }
+    assert_refused(
+        &["random", "--n", "4", "--d", "2", "--out", f],
+        1,
+        &[f, "is a FIFO", "an output must be a new or a regular file"],
+    );
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo(),
+        "the FIFO was replaced"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

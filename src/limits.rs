@@ -254,13 +254,86 @@ real!(MIN_SECONDS, "min_seconds", None, 0.0 <= x <= 3600.0, "seconds each measur
 real!(BUCKET_MB, "bucket_mb", None, 0.0 < x <= 4096.0,
       "MiB of parameter gradients per all-reduce; 25 as PyTorch DDP's bucket_cap_mb");
 
-/// The memory the machine can give now (MemAvailable of /proc/meminfo), or `None` where that
-/// cannot be read.
+/// The memory this process can be given now: the least of the machine's MemAvailable
+/// (/proc/meminfo), its cgroup's limit less its usage (cgroup v2 `memory.max`, v1
+/// `memory.limit_in_bytes`), and its address-space limit (`ulimit -v`, RLIMIT_AS) less its
+/// size; `None` where none of them can be read.
 pub fn available_memory() -> Option<u64> {
+    [
+        meminfo_available(),
+        cgroup_headroom(),
+        address_space_headroom(),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+}
+
+fn meminfo_available() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
+}
+
+fn read_number(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Limit less usage of the process's cgroup (v2, else v1), or of the namespace's root one;
+/// `max` (v2) and v1's "no limit" (about 2^63) are no limit.
+fn cgroup_headroom() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut candidates: Vec<(String, &str, &str)> = Vec::new();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if id == "0" && controllers.is_empty() {
+            candidates.push((
+                format!("/sys/fs/cgroup{path}"),
+                "memory.max",
+                "memory.current",
+            ));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            candidates.push((
+                format!("/sys/fs/cgroup/memory{path}"),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            ));
+        }
+    }
+    candidates.push(("/sys/fs/cgroup".into(), "memory.max", "memory.current"));
+    candidates.push((
+        "/sys/fs/cgroup/memory".into(),
+        "memory.limit_in_bytes",
+        "memory.usage_in_bytes",
+    ));
+    candidates.into_iter().find_map(|(dir, limit, usage)| {
+        let limit = read_number(&format!("{dir}/{limit}"))?;
+        if limit >= 1 << 62 {
+            return None;
+        }
+        let usage = read_number(&format!("{dir}/{usage}")).unwrap_or(0);
+        Some(limit.saturating_sub(usage))
+    })
+}
+
+/// RLIMIT_AS less the process's virtual size (VmSize), when a limit is set.
+fn address_space_headroom() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmSize:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((limit.rlim_cur as u64).saturating_sub(kib.saturating_mul(1024)))
 }
 
 /// An error naming `what` when `bytes` (None: the size overflowed) is more than the machine

@@ -141,6 +141,22 @@ fn sizes_beyond_memory_are_refused_before_allocating() {
         1,
         &["bench-loss --n 16777216 --d 65536: needs"],
     );
+    // Under an address-space limit (`ulimit -v`, 2 GiB here) far below the machine's memory:
+    // 4 GB of output is refused clearly, not aborted in the allocator after it starts.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 2097152 && exec {} random --n 1048576 --d 1024 --out /tmp/never.npy",
+            common::exe()
+        ))
+        .output()
+        .unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("random --n 1048576 --d 1024: needs") && !err.contains("memory allocation"),
+        "{err}"
+    );
 }
 
 #[test]

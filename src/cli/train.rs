@@ -313,6 +313,23 @@ fn resume_config(
 ) -> invaspread::Result<TrainConfig> {
     let path = args.out.join("config.json");
     if !path.exists() {
+        // A folder that holds a run but not its configuration: the flags' defaults would train
+        // another run on top of it (another method, other data) without a word.
+        use invaspread::trainer::outputs::{LAST, STATE};
+        if let Some(held) = [STATE, LAST, "metrics.csv", "steps.csv"]
+            .into_iter()
+            .map(|f| args.out.join(f))
+            .find(|p| p.exists())
+        {
+            return Err(Error::bad_file(
+                &path,
+                format!(
+                    "is missing, but {} holds a run ({}): its configuration is unknown, so --resume cannot continue it; restore config.json or start a new run in another --out",
+                    args.out.display(),
+                    held.display()
+                ),
+            ));
+        }
         return train_config(args, matches);
     }
     let saved = config::read(&path)?;
@@ -351,12 +368,52 @@ fn resume_config(
     Ok(cfg)
 }
 
+/// Flags the run's configuration would record but never use: the loss's settings with a
+/// baseline method (only the instance loss reads them), a fraction or scale without a
+/// selection. Refused, naming the method, rather than recorded as if they mattered.
+fn refuse_ignored_flags(cfg: &TrainConfig, matches: Option<&ArgMatches>) -> invaspread::Result<()> {
+    let given =
+        |id: &str| matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine));
+    let flag = |id: &str| format!("--{}", id.replace('_', "-"));
+    if cfg.method != MethodKind::Invaspread {
+        let method = invaspread::names::Named::name(&cfg.method);
+        for id in [
+            "tau",
+            "mu",
+            "grad_semantics",
+            "negatives",
+            "negative_fraction",
+            "negative_scale",
+            "loss",
+        ] {
+            if given(id) {
+                return Err(Error::invalid(format!(
+                    "{} has no effect with --method {method}: only the instance loss (--method invaspread) uses it; leave it out",
+                    flag(id)
+                )));
+            }
+        }
+    }
+    if cfg.loss.negatives == invaspread::loss::Negatives::All {
+        for id in ["negative_fraction", "negative_scale"] {
+            if given(id) {
+                return Err(Error::invalid(format!(
+                    "{} has no effect without --negatives hard|easy (all negatives are kept)",
+                    flag(id)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<()> {
     let mut cfg = if args.resume {
         resume_config(&args, matches)?
     } else {
         train_config(&args, matches)?
     };
+    refuse_ignored_flags(&cfg, matches)?;
     let group = DistEnv::from_env()?.filter(|env| env.world_size > 1);
     set_ranks(&mut cfg, &args, group.as_ref())?;
     config::validate(&cfg)?; // a group's settings, before any rank waits for the others

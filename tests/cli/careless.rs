@@ -635,3 +635,105 @@ fn devices_and_fifos_are_neither_read_nor_written() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Flags the method never reads were recorded as if they mattered: refused, naming it.
+#[test]
+fn flags_the_method_ignores_are_refused() {
+    let dir = common::scratch_dir("careless-ignored");
+    let o = dir.join("run");
+    let o = o.to_str().unwrap();
+    for (flags, needle) in [
+        (
+            &["--method", "npid", "--tau", "0.2"][..],
+            "--tau has no effect with --method npid",
+        ),
+        (
+            &["--method", "npid", "--negatives", "hard"],
+            "--negatives has no effect with --method npid",
+        ),
+        (
+            &["--method", "exemplar", "--mu", "2"],
+            "--mu has no effect with --method exemplar",
+        ),
+        (
+            &["--method", "nce", "--loss", "reference"],
+            "--loss has no effect with --method nce",
+        ),
+        (
+            &["--negative-fraction", "0.3"],
+            "--negative-fraction has no effect without --negatives hard|easy",
+        ),
+        (
+            &["--negative-scale", "mean"],
+            "--negative-scale has no effect without --negatives hard|easy",
+        ),
+    ] {
+        let mut args = vec!["train", "--steps", "0", "--k", "5", "--out", o];
+        args.extend_from_slice(flags);
+        assert_refused(&args, 1, &[needle]);
+        assert!(
+            !dir.join("run").join("config.json").exists(),
+            "{flags:?} recorded a run"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A resume never falls back silently: a run folder without its config.json (the flags'
+/// defaults would train another method on other data over it), or a method with state but
+/// without state.safetensors (its memory bank would be lost), is an error naming the file.
+#[test]
+fn a_resume_without_its_config_or_its_state_is_refused() {
+    let dir = common::scratch_dir("careless-resume-files");
+    let run = dir.join("run");
+    let r = run.to_str().unwrap();
+    let out = invaspread(&[
+        "--threads",
+        "2",
+        "train",
+        "--method",
+        "npid",
+        "--steps",
+        "3",
+        "--k",
+        "5",
+        "--out",
+        r,
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let (cfg, state) = (run.join("config.json"), run.join("state.safetensors"));
+    let aside = dir.join("aside");
+    std::fs::rename(&cfg, &aside).unwrap();
+    assert_refused(
+        &["train", "--steps", "5", "--out", r, "--resume"],
+        1,
+        &[
+            "config.json: is missing",
+            "holds a run",
+            "restore config.json",
+        ],
+    );
+    std::fs::rename(&aside, &cfg).unwrap();
+    std::fs::rename(&state, &aside).unwrap();
+    assert_refused(
+        &["train", "--steps", "5", "--out", r, "--resume"],
+        1,
+        &[
+            "state.safetensors: is missing",
+            "--method npid keeps its state",
+        ],
+    );
+    std::fs::rename(&aside, &state).unwrap();
+    let out = invaspread(&[
+        "--threads",
+        "2",
+        "train",
+        "--steps",
+        "5",
+        "--out",
+        r,
+        "--resume",
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}

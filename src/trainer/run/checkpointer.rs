@@ -134,6 +134,19 @@ impl Checkpointer {
         learner: &mut Learner<B>,
         at: &mut Position,
     ) -> Result<()> {
+        // Those files hold the encoder and SGD only: a method's own state (a memory bank, a
+        // classifier) lives in state.safetensors alone, so without it the run cannot go on.
+        if !learner.method.tensors().is_empty() {
+            return Err(Error::bad_file(
+                &self.out.join(STATE),
+                format!(
+                    "is missing, and --method {} keeps its state (its memory bank or classifier) there: {} cannot be resumed from {} alone; restore the file or start a new run",
+                    crate::names::Named::name(&cfg.method),
+                    self.out.display(),
+                    last.display()
+                ),
+            ));
+        }
         let g = &mut learner.graph;
         let m = checkpoint::load_model(&mut g.params, &g.backend, last)?;
         let opt = self.out.join(LAST_OPT);

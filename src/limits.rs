@@ -333,7 +333,7 @@ fn address_space_headroom() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmSize:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some((limit.rlim_cur as u64).saturating_sub(kib.saturating_mul(1024)))
+    Some(limit.rlim_cur.saturating_sub(kib.saturating_mul(1024)))
 }
 
 /// An error naming `what` when `bytes` (None: the size overflowed) is more than the machine

@@ -56,8 +56,13 @@ fn safetensors_bytes(
     });
     // serde_json's Map is a BTreeMap (no preserve_order feature): its keys come out sorted.
     let mut header = serde_json::Map::new();
-    let metadata: serde_json::Map<String, serde_json::Value> =
+    let mut metadata: serde_json::Map<String, serde_json::Value> =
         metadata.into_iter().map(|(k, v)| (k, v.into())).collect();
+    let mut sum = Fnv1a::new();
+    for (_, _, _, bytes) in &tensors {
+        sum.update(bytes);
+    }
+    metadata.insert(CHECKSUM.into(), sum.hex().into());
     header.insert("__metadata__".into(), metadata.into());
     let mut offset = 0usize;
     for (name, dtype, shape, bytes) in &tensors {
@@ -205,6 +210,22 @@ fn f32_values(bytes: &[u8]) -> Vec<f64> {
         .collect()
 }
 
+/// Tensor `name`'s float32 values, or an error naming the file and the first value that is
+/// not finite (this crate never writes one: the file is corrupt, or not a trained network).
+fn finite_values(path: &Path, name: &str, bytes: &[u8]) -> Result<Vec<f64>> {
+    let values = f32_values(bytes);
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(Error::bad_file(
+            path,
+            format!(
+                "tensor {name}[{i}] = {} is not finite: the file is corrupt or its network diverged",
+                values[i]
+            ),
+        )),
+        None => Ok(values),
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>> {
     crate::files::read_input(path, "checkpoint", crate::files::max_bytes::CHECKPOINT)
 }
@@ -212,9 +233,49 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::bad_file(path, format!("not a safetensors file: {e}")))?;
-    let (_, meta) =
+    let (header_len, meta) =
         SafeTensors::read_metadata(bytes).map_err(|e| Error::bad_file(path, e.to_string()))?;
-    Ok((st, meta.metadata().clone().unwrap_or_default()))
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    // Files this crate wrote carry the checksum of their data (older ones and other writers'
+    // do not, and are read as they are).
+    if let Some(want) = metadata.get(CHECKSUM) {
+        let mut sum = Fnv1a::new();
+        sum.update(bytes.get(8 + header_len..).unwrap_or_default());
+        if sum.hex() != *want {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "its tensors' checksum is {}, but the file records {want}: the file is corrupt \
+                     (a changed or truncated byte); restore it from a copy",
+                    sum.hex()
+                ),
+            ));
+        }
+    }
+    Ok((st, metadata))
+}
+
+/// The metadata key of the data's checksum (64-bit FNV-1a of every tensor byte, in file order).
+pub const CHECKSUM: &str = "invaspread.data_fnv1a64";
+
+/// 64-bit FNV-1a: a cheap checksum against a changed or truncated byte (not against an
+/// adversary, who can rewrite it).
+struct Fnv1a(u64);
+
+impl Fnv1a {
+    fn new() -> Fnv1a {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
 }
 
 /// Loads a model file into `store`, which must have the same architecture: every name,
@@ -258,26 +319,18 @@ fn restore_model<B: Backend>(
     }
     for p in &mut store.params {
         let data = expect(st, path, &p.name, Dtype::F32, &p.shape)?;
-        backend.upload_f64(&f32_values(data), &mut p.value)?;
+        backend.upload_f64(&finite_values(path, &p.name, data)?, &mut p.value)?;
     }
     for bn in &mut store.bns {
         let c = backend.len(&bn.running_mean);
-        let mean = expect(
-            st,
-            path,
-            &format!("{}.running_mean", bn.prefix),
-            Dtype::F32,
-            &[c],
-        )?;
-        backend.upload_f64(&f32_values(mean), &mut bn.running_mean)?;
-        let var = expect(
-            st,
-            path,
-            &format!("{}.running_var", bn.prefix),
-            Dtype::F32,
-            &[c],
-        )?;
-        backend.upload_f64(&f32_values(var), &mut bn.running_var)?;
+        for (suffix, buffer) in [
+            ("running_mean", &mut bn.running_mean),
+            ("running_var", &mut bn.running_var),
+        ] {
+            let name = format!("{}.{suffix}", bn.prefix);
+            let data = expect(st, path, &name, Dtype::F32, &[c])?;
+            backend.upload_f64(&finite_values(path, &name, data)?, buffer)?;
+        }
         let count = expect(
             st,
             path,
@@ -329,7 +382,7 @@ fn restore_optimizer<B: Backend>(
     for p in &mut store.params {
         let name = format!("{}.momentum_buffer", p.name);
         let data = expect(st, path, &name, Dtype::F32, &p.shape)?;
-        backend.upload_f64(&f32_values(data), &mut p.momentum)?;
+        backend.upload_f64(&finite_values(path, &name, data)?, &mut p.momentum)?;
     }
     Ok(())
 }

@@ -737,3 +737,73 @@ fn a_resume_without_its_config_or_its_state_is_refused() {
     assert!(out.status.success(), "{}", stderr_of(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A changed byte in a run's files was resumed or evaluated without a word, and a checkpoint of
+/// NaN evaluated as normal: the checksum this crate writes catches the first, the finite check
+/// on load the second (in a file without a checksum, as older or other writers' files are).
+#[test]
+fn a_corrupt_state_or_a_nan_checkpoint_is_refused() {
+    let dir = common::scratch_dir("careless-corrupt");
+    let run = dir.join("run");
+    let r = run.to_str().unwrap();
+    let out = invaspread(&[
+        "--threads",
+        "2",
+        "train",
+        "--steps",
+        "3",
+        "--k",
+        "5",
+        "--out",
+        r,
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let state = run.join("state.safetensors");
+    let good = std::fs::read(&state).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 100;
+    bad[last] ^= 0x01;
+    std::fs::write(&state, &bad).unwrap();
+    assert_refused(
+        &["train", "--steps", "5", "--out", r, "--resume"],
+        1,
+        &["state.safetensors", "checksum", "the file is corrupt"],
+    );
+    std::fs::write(&state, &good).unwrap();
+    // NaN in the first float32 tensor of last.safetensors, with the checksum key removed.
+    let ckpt = run.join("last.safetensors");
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    header["__metadata__"]
+        .as_object_mut()
+        .unwrap()
+        .remove("invaspread.data_fnv1a64");
+    let (name, start) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, v)| *k != "__metadata__" && v["dtype"] == "F32")
+        .map(|(k, v)| (k.clone(), v["data_offsets"][0].as_u64().unwrap() as usize))
+        .unwrap();
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut data = bytes[8 + len..].to_vec();
+    data[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&data);
+    let nan = dir.join("nan.safetensors");
+    std::fs::write(&nan, out).unwrap();
+    assert_refused(
+        &["eval", "--checkpoint", nan.to_str().unwrap()],
+        1,
+        &[
+            "nan.safetensors",
+            &format!("tensor {name}[0] = NaN is not finite"),
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

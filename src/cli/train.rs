@@ -74,7 +74,8 @@ pub struct TrainArgs {
     /// The step schedule's milestones: the epochs at which the learning rate is multiplied by
     /// 0.1, in increasing order (the paper's 120,160 suit 200 epochs; scale them for short
     /// runs, e.g. 6,8 for 10 epochs).
-    #[arg(long, value_name = "E1,E2,...", value_parser = ranges::milestones, conflicts_with = "schedule")]
+    /// With --schedule step (the default) or alone; refused with --schedule cosine.
+    #[arg(long, value_name = "E1,E2,...", value_parser = ranges::milestones)]
     milestones: Option<ranges::Milestones>,
     /// Linear learning-rate warm-up over this many steps [0 <= warmup_steps <= 1000000000].
     #[arg(long, default_value_t = defaults().warmup_steps, value_parser = ranges::warmup_steps)]
@@ -225,6 +226,11 @@ fn apply_flags(
     // --epochs and --steps replace each other.
     if given("epochs") || given("steps") {
         (cfg.epochs, cfg.steps) = (args.epochs, args.steps);
+    }
+    if args.milestones.is_some() && matches!(args.schedule, ScheduleArg::Cosine) {
+        return Err(Error::invalid(
+            "--milestones sets the step schedule's epochs: --schedule cosine has none; give one of the two",
+        ));
     }
     if given("schedule") {
         cfg.schedule = match args.schedule {

@@ -807,3 +807,47 @@ fn a_corrupt_state_or_a_nan_checkpoint_is_refused() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--schedule step --milestones 6,8` says one thing twice and was refused; with cosine the
+/// milestones would be dropped.
+#[test]
+fn milestones_go_with_the_step_schedule_only() {
+    let dir = common::scratch_dir("careless-milestones");
+    let run = dir.join("run");
+    let r = run.to_str().unwrap();
+    let out = invaspread(&[
+        "train",
+        "--steps",
+        "0",
+        "--k",
+        "5",
+        "--schedule",
+        "step",
+        "--milestones",
+        "6,8",
+        "--out",
+        r,
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["schedule"]["milestones"], serde_json::json!([6, 8]));
+    assert_refused(
+        &[
+            "train",
+            "--steps",
+            "0",
+            "--k",
+            "5",
+            "--schedule",
+            "cosine",
+            "--milestones",
+            "6,8",
+            "--out",
+            r,
+        ],
+        1,
+        &["--milestones", "--schedule cosine has none"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -561,18 +561,7 @@ fn with_metadata(path: &Path, key: &str, value: &str, to: &Path) {
 /// and `embed`, and 1025 .. 100000 skipped the flag's range into a terabyte allocation.
 #[test]
 fn checkpoint_metadata_is_held_to_the_flags_ranges() {
-    let dir = common::scratch_dir("careless-meta");
-    let run = dir.join("run");
-    let out = invaspread(&[
-        "train",
-        "--steps",
-        "0",
-        "--k",
-        "5",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", stderr_of(&out));
+    let (dir, run) = small_run("careless-meta", &["--steps", "0"]);
     let hostile = dir.join("hostile.safetensors");
     for size in ["0", "1025", "4096", "100000"] {
         with_metadata(&run.join("last.safetensors"), "image_size", size, &hostile);
@@ -684,23 +673,11 @@ fn flags_the_method_ignores_are_refused() {
 /// without state.safetensors (its memory bank would be lost), is an error naming the file.
 #[test]
 fn a_resume_without_its_config_or_its_state_is_refused() {
-    let dir = common::scratch_dir("careless-resume-files");
-    let run = dir.join("run");
+    let (dir, run) = small_run(
+        "careless-resume-files",
+        &["--method", "npid", "--steps", "3"],
+    );
     let r = run.to_str().unwrap();
-    let out = invaspread(&[
-        "--threads",
-        "2",
-        "train",
-        "--method",
-        "npid",
-        "--steps",
-        "3",
-        "--k",
-        "5",
-        "--out",
-        r,
-    ]);
-    assert!(out.status.success(), "{}", stderr_of(&out));
     let (cfg, state) = (run.join("config.json"), run.join("state.safetensors"));
     let aside = dir.join("aside");
     std::fs::rename(&cfg, &aside).unwrap();
@@ -743,21 +720,8 @@ fn a_resume_without_its_config_or_its_state_is_refused() {
 /// on load the second (in a file without a checksum, as older or other writers' files are).
 #[test]
 fn a_corrupt_state_or_a_nan_checkpoint_is_refused() {
-    let dir = common::scratch_dir("careless-corrupt");
-    let run = dir.join("run");
+    let (dir, run) = small_run("careless-corrupt", &["--steps", "3"]);
     let r = run.to_str().unwrap();
-    let out = invaspread(&[
-        "--threads",
-        "2",
-        "train",
-        "--steps",
-        "3",
-        "--k",
-        "5",
-        "--out",
-        r,
-    ]);
-    assert!(out.status.success(), "{}", stderr_of(&out));
     let state = run.join("state.safetensors");
     let good = std::fs::read(&state).unwrap();
     let mut bad = good.clone();
@@ -850,4 +814,24 @@ fn milestones_go_with_the_step_schedule_only() {
         &["--milestones", "--schedule cosine has none"],
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A scratch folder with a small finished run in `run/` (`extra` flags after `train`'s
+/// `--k 5 --threads 2`); returns (the folder, the run).
+fn small_run(tag: &str, extra: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = common::scratch_dir(tag);
+    let run = dir.join("run");
+    let mut args = vec![
+        "--threads",
+        "2",
+        "train",
+        "--k",
+        "5",
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = invaspread(&args);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    (dir, run)
 }

@@ -30,7 +30,36 @@ pub struct LaunchArgs {
     command: Vec<OsString>,
 }
 
+/// The commands whose ranks form one data-parallel group; any other would run N copies that
+/// write the same files.
+const GROUP_COMMANDS: [&str; 2] = ["train", "bench-loss"];
+
+/// The subcommand of `command` (after the global `--threads T`), when it is one of
+/// [`GROUP_COMMANDS`]; an error naming it otherwise.
+fn group_command(command: &[OsString]) -> invaspread::Result<()> {
+    let mut words = command.iter().map(|w| w.to_string_lossy());
+    let mut name = None;
+    while let Some(word) = words.next() {
+        if word == "--threads" {
+            words.next();
+        } else if !word.starts_with("--threads=") {
+            name = Some(word.into_owned());
+            break;
+        }
+    }
+    let name = name.unwrap_or_default();
+    if GROUP_COMMANDS.contains(&name.as_str()) {
+        return Ok(());
+    }
+    Err(invaspread::Error::invalid(format!(
+        "launch runs a command whose ranks form one data-parallel group ({}); `{name}` would \
+         run one copy per rank, each writing the same files: run it without launch",
+        GROUP_COMMANDS.join(", ")
+    )))
+}
+
 pub fn run(args: LaunchArgs) -> invaspread::Result<()> {
+    group_command(&args.command)?;
     let exe = std::env::current_exe()
         .map_err(|e| invaspread::Error::invalid(format!("finding this program's path: {e}")))?;
     let plan = LaunchPlan {

@@ -428,9 +428,11 @@ fn launch_fails_naming_the_rank_that_failed() {
         "--master-port",
         "0",
         "--",
-        "loss",
-        "--input",
-        "/nonexistent/z.npy",
+        "train",
+        "--config",
+        "/nonexistent/z.json",
+        "--out",
+        "/nonexistent/run",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
@@ -449,7 +451,7 @@ fn launch_fails_naming_the_rank_that_failed() {
         stderr.contains(&format!("[rank {named}] ")),
         "rank {named}'s lines are not prefixed:\n{stderr}"
     );
-    assert!(stderr.contains("/nonexistent/z.npy"), "{stderr}");
+    assert!(stderr.contains("/nonexistent/z.json"), "{stderr}");
 }
 
 #[test]
@@ -463,7 +465,7 @@ fn launch_refuses_a_node_rank_beyond_the_nodes() {
         "--node-rank",
         "2",
         "--",
-        "info",
+        "train",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -834,4 +836,42 @@ fn small_run(tag: &str, extra: &[&str]) -> (std::path::PathBuf, std::path::PathB
     let out = invaspread(&args);
     assert!(out.status.success(), "{}", stderr_of(&out));
     (dir, run)
+}
+
+/// `launch` of a command that is not a group (or a nested launch) ran N copies writing the same
+/// files: refused, naming it, before any rank starts.
+#[test]
+fn launch_runs_only_commands_that_form_a_group() {
+    let dir = common::scratch_dir("careless-launch");
+    let out = dir.join("z.npy");
+    for command in [
+        &[
+            "random",
+            "--n",
+            "4",
+            "--d",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ][..],
+        &["--threads", "2", "eval", "--checkpoint", "x.safetensors"],
+        &["launch", "--gpus", "2", "--", "train"],
+    ] {
+        let name = command
+            .iter()
+            .find(|w| !w.starts_with("--") && **w != "2")
+            .unwrap();
+        let mut args = vec!["launch", "--gpus", "2", "--master-port", "0", "--"];
+        args.extend_from_slice(command);
+        assert_refused(
+            &args,
+            1,
+            &[
+                &format!("`{name}` would run one copy per rank"),
+                "train, bench-loss",
+            ],
+        );
+    }
+    assert!(!out.exists(), "a rank ran");
+    let _ = std::fs::remove_dir_all(&dir);
 }

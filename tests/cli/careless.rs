@@ -875,3 +875,41 @@ fn launch_runs_only_commands_that_form_a_group() {
     assert!(!out.exists(), "a rank ran");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--out` that is a file, a dangling link or a link loop said only "File exists".
+#[test]
+fn an_out_that_is_not_a_folder_says_what_it_is() {
+    let dir = common::scratch_dir("careless-out");
+    let file = dir.join("file");
+    std::fs::write(&file, "mine").unwrap();
+    let dangling = dir.join("dangling");
+    std::os::unix::fs::symlink(dir.join("nowhere"), &dangling).unwrap();
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    std::os::unix::fs::symlink(&b, &a).unwrap();
+    std::os::unix::fs::symlink(&a, &b).unwrap();
+    for (out, what) in [
+        (&file, "is a file, not a folder"),
+        (&dangling, "which does not exist"),
+        (&a, "is a symbolic link that loops"),
+    ] {
+        assert_refused(
+            &[
+                "train",
+                "--steps",
+                "0",
+                "--k",
+                "5",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            1,
+            &[
+                &format!("--out {}", out.display()),
+                what,
+                "expected a folder for the run",
+            ],
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -35,6 +35,7 @@ impl Checkpointer {
         if !writes {
             return Ok(Checkpointer { out, lock: None });
         }
+        check_out_folder(&out)?;
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let lock = RunLock::acquire(&out)?;
         let leftovers = crate::durable::remove_leftovers(&out)?;
@@ -280,4 +281,37 @@ fn position(
         count: checkpoint::integer(path, m, "epoch_loss_count")?,
     };
     Ok(())
+}
+
+/// `--out` must be a folder or not exist: a file, a dangling link or a link loop gets an error
+/// that says which (creating the folder only says "File exists").
+fn check_out_folder(out: &Path) -> Result<()> {
+    let Ok(link) = std::fs::symlink_metadata(out) else {
+        return Ok(()); // nothing there: created next
+    };
+    let problem = match std::fs::metadata(out) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(_) => "is a file, not a folder".to_string(),
+        Err(_) if link.file_type().is_symlink() => match std::fs::read_link(out) {
+            Ok(target) if target.as_os_str().is_empty() => "is an empty symbolic link".into(),
+            Ok(target) => match std::fs::symlink_metadata(
+                out.parent().unwrap_or(Path::new(".")).join(&target),
+            ) {
+                Ok(_) => format!(
+                    "is a symbolic link that loops (through {})",
+                    target.display()
+                ),
+                Err(_) => format!(
+                    "is a symbolic link to {}, which does not exist",
+                    target.display()
+                ),
+            },
+            Err(e) => format!("is a symbolic link that cannot be read ({e})"),
+        },
+        Err(e) => format!("cannot be read ({e})"),
+    };
+    Err(Error::invalid(format!(
+        "--out {} {problem}: expected a folder for the run (a new one, or the run's own to resume)",
+        out.display()
+    )))
 }

@@ -336,6 +336,13 @@ fn resume_config(
                 ),
             ));
         }
+        // Nothing to resume: a new run, which needs its length like any other.
+        if args.epochs.is_none() && args.steps.is_none() && args.config.is_none() {
+            return Err(Error::invalid(format!(
+                "--resume: {} holds no run (no config.json) to continue; to start one there, give --epochs E or --steps S",
+                args.out.display()
+            )));
+        }
         return train_config(args, matches);
     }
     let saved = config::read(&path)?;

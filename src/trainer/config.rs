@@ -64,6 +64,9 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
     use crate::limits;
     limits::TAU.check(cfg.loss.tau)?;
     limits::MU.check(cfg.loss.mu)?;
+    if let Some((fraction, _)) = cfg.loss.negatives.selection() {
+        limits::NEGATIVE_FRACTION.check(fraction)?;
+    }
     limits::LR.check(cfg.sgd.lr)?;
     limits::MOMENTUM.check(cfg.sgd.momentum)?;
     limits::WEIGHT_DECAY.check(cfg.sgd.weight_decay)?;

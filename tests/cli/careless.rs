@@ -913,3 +913,44 @@ fn an_out_that_is_not_a_folder_says_what_it_is() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A config's negatives.fraction out of range named neither the file nor the field, and a
+/// --resume of a folder with no run said only "give --epochs E or --steps S".
+#[test]
+fn errors_name_the_file_the_field_and_the_missing_run() {
+    let (dir, run) = small_run("careless-names", &["--steps", "0"]);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    cfg["loss"]["negatives"] = serde_json::json!({"kind": "hard", "fraction": 1.5});
+    let file = dir.join("c.json");
+    std::fs::write(&file, cfg.to_string()).unwrap();
+    let out = dir.join("o");
+    assert_refused(
+        &[
+            "train",
+            "--config",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        1,
+        &[
+            "c.json",
+            "loss.negatives.fraction",
+            "= 1.5",
+            "0 < negative_fraction <= 1",
+        ],
+    );
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_refused(
+        &["train", "--resume", "--out", empty.to_str().unwrap()],
+        1,
+        &[
+            "--resume",
+            "holds no run (no config.json)",
+            "give --epochs E or --steps S",
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -197,20 +197,32 @@ fn line_chart(
         .x_desc(x_desc)
         .y_desc(y_desc)
         .x_labels(epochs.clamp(2, 11) + 1)
-        .x_label_formatter(&|v| format!("{v:.0}"))
+        .x_label_formatter(&epoch_tick)
         .y_label_formatter(&|v| format!("{v:.decimals$}"))
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 15))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(|e| err(&e))?;
+    let labels = legend_labels(series.len());
     for (i, s) in series.iter().enumerate() {
         let c = colour(i);
-        chart
+        let drawn = chart
             .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(s.label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+            .map_err(|e| err(&e))?;
+        match labels.get(i) {
+            Some(Legend::Series) => {
+                drawn.label(s.label.clone()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                });
+            }
+            Some(Legend::More(more)) => {
+                drawn
+                    .label(format!("... and {more} more runs"))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], WHITE));
+            }
+            None => {}
+        }
         chart
             .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, c.filled())))
             .map_err(|e| err(&e))?;
@@ -235,6 +247,38 @@ fn line_chart(
             .map_err(|e| err(&e))?;
     }
     Ok(())
+}
+
+/// At most this many legend lines fit a 420-pixel panel (14-point text).
+const LEGEND_LINES: usize = 14;
+
+/// What the legend shows of series `i`.
+#[derive(Debug, PartialEq)]
+enum Legend {
+    Series,
+    /// The last line, in place of this and the remaining `usize` series.
+    More(usize),
+}
+
+/// The legend lines of `n` series: every series while they fit, else the first
+/// `LEGEND_LINES - 1` and a line counting the rest (50 runs cut the legend at 35 before).
+fn legend_labels(n: usize) -> Vec<Legend> {
+    if n <= LEGEND_LINES {
+        return (0..n).map(|_| Legend::Series).collect();
+    }
+    let mut labels: Vec<Legend> = (0..LEGEND_LINES - 1).map(|_| Legend::Series).collect();
+    labels.push(Legend::More(n - (LEGEND_LINES - 1)));
+    labels
+}
+
+/// An epoch axis's tick: whole epochs only (a 1-epoch chart put a tick at 0.5 and read it
+/// "0, 0, 1").
+fn epoch_tick(v: &f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{v:.0}")
+    } else {
+        String::new()
+    }
 }
 
 /// How a panel's y axis is scaled.
@@ -393,6 +437,22 @@ mod tests {
             (tick(-0.01, 1), tick(-0.25, 1), tick(3.0, 0)),
             ("0.0".into(), "-0.2".into(), "3".into())
         );
+    }
+
+    #[test]
+    fn legends_fit_and_epoch_ticks_are_whole() {
+        assert_eq!(
+            legend_labels(3),
+            [Legend::Series, Legend::Series, Legend::Series]
+        );
+        let fifty = legend_labels(50);
+        assert_eq!(fifty.len(), LEGEND_LINES);
+        assert_eq!(
+            fifty[LEGEND_LINES - 1],
+            Legend::More(50 - (LEGEND_LINES - 1))
+        );
+        let ticks: Vec<String> = [0.0, 0.5, 1.0].iter().map(epoch_tick).collect();
+        assert_eq!(ticks, ["0", "", "1"]);
     }
 
     /// Dark pixels (text, axes, ticks) in a rectangle of a decoded PNG.

@@ -163,31 +163,43 @@ fn sizes_beyond_memory_are_refused_before_allocating() {
 fn a_replayed_configuration_out_of_range_names_the_field() {
     let dir = std::env::temp_dir().join(format!("invaspread-careless-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut cfg = serde_json::to_value(invaspread::trainer::TrainConfig::default()).unwrap();
-    cfg["sgd"]["momentum"] = serde_json::json!(1.5);
     let path = dir.join("config.json");
-    std::fs::write(&path, cfg.to_string()).unwrap();
     let out = dir.join("run");
-    assert_refused(
-        &[
+    let default = serde_json::to_value(invaspread::trainer::TrainConfig::default()).unwrap();
+    for (field, value, needles) in [
+        (
+            "/sgd/momentum",
+            serde_json::json!(1.5),
+            ["sgd.momentum in config.json", "= 1.5", "0 <= momentum < 1"],
+        ),
+        (
+            "/loss/negatives",
+            serde_json::json!({"kind": "hard", "fraction": 1.5}),
+            [
+                "loss.negatives.fraction in config.json",
+                "= 1.5",
+                "0 < negative_fraction <= 1",
+            ],
+        ),
+    ] {
+        let mut cfg = default.clone();
+        *cfg.pointer_mut(field).unwrap() = value;
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let args = [
             "train",
             "--config",
             path.to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
-        ],
-        1,
-        &[
-            "config.json",
-            "sgd.momentum in config.json",
-            "1.5",
-            "0 <= momentum < 1",
-        ],
-    );
-    assert!(
-        !out.join("config.json").exists(),
-        "a refused run wrote its configuration"
-    );
+        ];
+        let mut all = vec![path.to_str().unwrap()];
+        all.extend(needles);
+        assert_refused(&args, 1, &all);
+        assert!(
+            !out.join("config.json").exists(),
+            "a refused run wrote its configuration"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -914,33 +926,11 @@ fn an_out_that_is_not_a_folder_says_what_it_is() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A config's negatives.fraction out of range named neither the file nor the field, and a
-/// --resume of a folder with no run said only "give --epochs E or --steps S".
+/// A --resume of a folder with no run said only "give --epochs E or --steps S" (a config's
+/// negatives.fraction out of range: a_replayed_configuration_out_of_range_names_the_field).
 #[test]
-fn errors_name_the_file_the_field_and_the_missing_run() {
-    let (dir, run) = small_run("careless-names", &["--steps", "0"]);
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
-    cfg["loss"]["negatives"] = serde_json::json!({"kind": "hard", "fraction": 1.5});
-    let file = dir.join("c.json");
-    std::fs::write(&file, cfg.to_string()).unwrap();
-    let out = dir.join("o");
-    assert_refused(
-        &[
-            "train",
-            "--config",
-            file.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        1,
-        &[
-            "c.json",
-            "loss.negatives.fraction",
-            "= 1.5",
-            "0 < negative_fraction <= 1",
-        ],
-    );
+fn a_resume_of_no_run_says_so() {
+    let dir = common::scratch_dir("careless-names");
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     assert_refused(

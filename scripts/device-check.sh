@@ -98,7 +98,8 @@ pack() {
 step_pid="" follow_pid="" step_name="" step_log="" summary_mark=0
 
 # Rows a log contributes to the summary: the tables' lines and a few named results.
-rows_of() { grep -E '^\||^(error vs|checked|torch |kNN|epoch )|initialisation' "$1" 2>/dev/null | sed 's/^/    /'; }
+row_pattern='^\||^(error vs|checked|torch |kNN|epoch )|initialisation'
+rows_of() { grep -E "$row_pattern" "$1" 2>/dev/null | sed 's/^/    /'; }
 
 # Stops following and rewrites the summary's rows of the command from its whole log (the live
 # copy may lack a last line).
@@ -158,7 +159,7 @@ run_cmd() {
   summary_mark=$(wc -l < "$summary")
   step_log=$log
   ( tail -n +1 -F "$logs/$log" 2> /dev/null \
-      | grep --line-buffered -E '^\||^(error vs|checked|torch |kNN|epoch )|initialisation' \
+      | grep --line-buffered -E "$row_pattern" \
       | sed -u 's/^/    /' >> "$summary" ) &
   follow_pid=$!
   # In the background with `wait`, so that a signal reaches the trap at once (bash runs a trap

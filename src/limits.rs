@@ -287,7 +287,11 @@ fn cgroup_headroom() -> Option<u64> {
     let mut candidates: Vec<(String, &str, &str)> = Vec::new();
     for line in own.lines() {
         let mut parts = line.splitn(3, ':');
-        let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        // A line of another shape is skipped, not the whole file (the root fallbacks below).
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
         if id == "0" && controllers.is_empty() {
             candidates.push((
                 format!("/sys/fs/cgroup{path}"),

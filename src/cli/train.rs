@@ -255,6 +255,11 @@ fn apply_flags(
     Ok(())
 }
 
+/// Whether flag `id` was given on the command line (not a default).
+fn on_command_line(matches: Option<&ArgMatches>, id: &str) -> bool {
+    matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
+}
+
 /// The run's configuration: every flag, or the file's fields overridden by the flags given.
 fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<TrainConfig> {
     let Some(path) = &args.config else {
@@ -263,8 +268,7 @@ fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::R
         return Ok(cfg);
     };
     let mut cfg = config::read(path)?;
-    let given =
-        |id: &str| matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine));
+    let given = |id: &str| on_command_line(matches, id);
     apply_flags(&mut cfg, args, &given)?;
     Ok(cfg)
 }
@@ -346,8 +350,7 @@ fn resume_config(
         return train_config(args, matches);
     }
     let saved = config::read(&path)?;
-    let given =
-        |id: &str| matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine));
+    let given = |id: &str| on_command_line(matches, id);
     let mut cfg = saved.clone();
     apply_flags(&mut cfg, args, &given)?;
     let as_json = |c: &TrainConfig| {
@@ -385,8 +388,7 @@ fn resume_config(
 /// baseline method (only the instance loss reads them), a fraction or scale without a
 /// selection. Refused, naming the method, rather than recorded as if they mattered.
 fn refuse_ignored_flags(cfg: &TrainConfig, matches: Option<&ArgMatches>) -> invaspread::Result<()> {
-    let given =
-        |id: &str| matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine));
+    let given = |id: &str| on_command_line(matches, id);
     let flag = |id: &str| format!("--{}", id.replace('_', "-"));
     if cfg.method != MethodKind::Invaspread {
         let method = invaspread::names::Named::name(&cfg.method);

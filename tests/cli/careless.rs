@@ -554,21 +554,33 @@ fn train_over_ranks_refuses_what_it_cannot_split() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `path`'s safetensors file with metadata `key` set to `value` (the header rewritten; the
-/// tensors' bytes unchanged).
-fn with_metadata(path: &Path, key: &str, value: &str, to: &Path) {
+/// `path`'s safetensors file written to `to` after `edit` changed its JSON header and its data
+/// bytes (the header re-padded to a multiple of 8, as the format's writers do).
+fn rewrite_safetensors(
+    path: &Path,
+    to: &Path,
+    edit: impl FnOnce(&mut serde_json::Value, &mut Vec<u8>),
+) {
     let bytes = std::fs::read(path).unwrap();
     let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
-    header["__metadata__"][key] = serde_json::Value::String(value.into());
+    let mut data = bytes[8 + len..].to_vec();
+    edit(&mut header, &mut data);
     let mut text = serde_json::to_vec(&header).unwrap();
     while text.len() % 8 != 0 {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&text);
-    out.extend_from_slice(&bytes[8 + len..]);
+    out.extend_from_slice(&data);
     std::fs::write(to, out).unwrap();
+}
+
+/// `path`'s safetensors file with metadata `key` set to `value` (the tensors unchanged).
+fn with_metadata(path: &Path, key: &str, value: &str, to: &Path) {
+    rewrite_safetensors(path, to, |header, _| {
+        header["__metadata__"][key] = serde_json::Value::String(value.into());
+    });
 }
 
 /// A checkpoint's metadata is input like a flag: an image size of 0 divided by zero in `eval`
@@ -749,32 +761,23 @@ fn a_corrupt_state_or_a_nan_checkpoint_is_refused() {
     );
     std::fs::write(&state, &good).unwrap();
     // NaN in the first float32 tensor of last.safetensors, with the checksum key removed.
-    let ckpt = run.join("last.safetensors");
-    let bytes = std::fs::read(&ckpt).unwrap();
-    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
-    header["__metadata__"]
-        .as_object_mut()
-        .unwrap()
-        .remove("invaspread.data_fnv1a64");
-    let (name, start) = header
-        .as_object()
-        .unwrap()
-        .iter()
-        .find(|(k, v)| *k != "__metadata__" && v["dtype"] == "F32")
-        .map(|(k, v)| (k.clone(), v["data_offsets"][0].as_u64().unwrap() as usize))
-        .unwrap();
-    let mut text = serde_json::to_vec(&header).unwrap();
-    while text.len() % 8 != 0 {
-        text.push(b' ');
-    }
-    let mut data = bytes[8 + len..].to_vec();
-    data[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
-    let mut out = (text.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&text);
-    out.extend_from_slice(&data);
     let nan = dir.join("nan.safetensors");
-    std::fs::write(&nan, out).unwrap();
+    let mut name = String::new();
+    rewrite_safetensors(&run.join("last.safetensors"), &nan, |header, data| {
+        header["__metadata__"]
+            .as_object_mut()
+            .unwrap()
+            .remove("invaspread.data_fnv1a64");
+        let (first, start) = header
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(k, v)| *k != "__metadata__" && v["dtype"] == "F32")
+            .map(|(k, v)| (k.clone(), v["data_offsets"][0].as_u64().unwrap() as usize))
+            .unwrap();
+        data[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        name = first;
+    });
     assert_refused(
         &["eval", "--checkpoint", nan.to_str().unwrap()],
         1,
@@ -790,23 +793,11 @@ fn a_corrupt_state_or_a_nan_checkpoint_is_refused() {
 /// milestones would be dropped.
 #[test]
 fn milestones_go_with_the_step_schedule_only() {
-    let dir = common::scratch_dir("careless-milestones");
-    let run = dir.join("run");
+    let (dir, run) = small_run(
+        "careless-milestones",
+        &["--steps", "0", "--schedule", "step", "--milestones", "6,8"],
+    );
     let r = run.to_str().unwrap();
-    let out = invaspread(&[
-        "train",
-        "--steps",
-        "0",
-        "--k",
-        "5",
-        "--schedule",
-        "step",
-        "--milestones",
-        "6,8",
-        "--out",
-        r,
-    ]);
-    assert!(out.status.success(), "{}", stderr_of(&out));
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["schedule"]["milestones"], serde_json::json!([6, 8]));

@@ -2,8 +2,10 @@
 //! renamed over its name and the directory synced, so a reader sees the old file or the new
 //! one and never a part (a crash, a kill or a full disk in between leaves the old file).
 //!
-//! Temporaries are named `.<name>.tmp<pid>`; a run removes those left by a killed writer
-//! ([`remove_leftovers`]) when it takes its folder.
+//! Temporaries are named `.invaspread-tmp-<name>-<pid>-<random>`: created new (never through a
+//! link or over a file someone planted), their name unguessable, and a run removes only names
+//! with that prefix when it takes its folder ([`remove_leftovers`]), never a user's own
+//! `notes.tmp1` or `.draft.tmp2`.
 //!
 //! Each write has two events for the crash-consistency test's fault injection
 //! ([`crate::test_hooks`], only in builds with the `test-hooks` feature): after the temporary
@@ -18,17 +20,22 @@ use crate::error::{Error, Result};
 /// Writes `bytes` to a temporary sibling of `path`, syncs it, renames it over `path` and syncs
 /// the directory. On an error (a full disk) the temporary is removed and `path` is untouched.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    // Never renamed over a device node, FIFO, socket or folder (`--out /dev/null` as root).
+    // Never renamed over a device node, FIFO, socket or folder (`--out /dev/null` as root),
+    // over an input of this command, or over a file of another kind.
     crate::files::check_output(path)?;
+    crate::files::check_replaces(path, bytes)?;
     let file_name = path
         .file_name()
         .ok_or_else(|| Error::invalid(format!("{} is not a file path", path.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
+    let mut tmp_name = std::ffi::OsString::from(TMP_PREFIX);
     tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
+    tmp_name.push(format!("-{}-{:016x}", std::process::id(), unguessable()));
     let tmp = path.with_file_name(tmp_name);
     let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         crate::test_hooks::write_event();
@@ -43,6 +50,20 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The start of every temporary's name.
+const TMP_PREFIX: &str = ".invaspread-tmp-";
+
+/// 64 bits no other process can predict: std's per-process random hash keys (seeded from the
+/// operating system), mixed with a counter so two writes of one process differ.
+fn unguessable() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}
+
 /// Syncs the directory holding `path`, so that a rename into it is on disk too.
 fn sync_dir(path: &Path) -> std::io::Result<()> {
     let dir = match path.parent() {
@@ -52,19 +73,16 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
-/// Removes the temporaries of writes that a killed process left in `dir` (`.<name>.tmp<pid>`);
-/// the caller holds the folder (its run lock), so no live writer owns them. Returns how many.
+/// Removes the temporaries of writes that a killed process left in `dir` (names that start
+/// with [`TMP_PREFIX`], regular files only); the caller holds the folder (its run lock), so no
+/// live writer owns them. Returns how many.
 pub fn remove_leftovers(dir: &Path) -> Result<usize> {
     let mut removed = 0;
     let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let is_tmp = name.starts_with('.')
-            && name
-                .rsplit_once(".tmp")
-                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
-        if is_tmp && entry.file_type().is_ok_and(|t| t.is_file()) {
+        if name.starts_with(TMP_PREFIX) && entry.file_type().is_ok_and(|t| t.is_file()) {
             fs::remove_file(entry.path()).map_err(|e| Error::io(&entry.path(), e))?;
             removed += 1;
         }
@@ -84,13 +102,19 @@ mod tests {
         write_atomically(&path, b"first").unwrap();
         write_atomically(&path, b"second").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"second");
-        // A killed writer's temporary, and files that only look alike.
-        fs::write(dir.join(".a.json.tmp12345"), b"half").unwrap();
-        fs::write(dir.join(".lock"), b"1").unwrap();
-        fs::write(dir.join("notes.tmp1"), b"mine").unwrap();
+        // A killed writer's temporary, and files that only look alike (the names of the
+        // temporaries before they had a prefix of their own included).
+        let killed = dir.join(".invaspread-tmp-a.json-12345-0123456789abcdef");
+        fs::write(&killed, b"half").unwrap();
+        let mine = [".lock", "notes.tmp1", ".a.json.tmp12345", ".draft.tmp2"];
+        for name in mine {
+            fs::write(dir.join(name), b"mine").unwrap();
+        }
         assert_eq!(remove_leftovers(&dir).unwrap(), 1);
-        assert!(!dir.join(".a.json.tmp12345").exists());
-        assert!(dir.join(".lock").exists() && dir.join("notes.tmp1").exists());
+        assert!(!killed.exists());
+        assert!(mine.iter().all(|name| dir.join(name).exists()));
+        // Two writes of one process use different temporaries.
+        assert_ne!(unguessable(), unguessable());
         // A write into a missing folder fails and leaves no temporary behind.
         assert!(write_atomically(&dir.join("no/such/dir.json"), b"x").is_err());
         fs::remove_dir_all(&dir).unwrap();

@@ -19,6 +19,8 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => e.exit(),
     };
+    // Every file the command reads is an input no output of it may replace.
+    let _inputs = invaspread::files::InputScope::begin();
     match cli::run(args, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         // Stopped by SIGINT or SIGTERM with its state saved: 128 + the signal, as shells do.

@@ -39,7 +39,6 @@ pub struct EmbedArgs {
 }
 
 pub fn run(args: EmbedArgs) -> invaspread::Result<()> {
-    refuse_to_overwrite(&args)?;
     match args.device {
         Device::Cpu => embed_on(args, Cpu::<f32>::new()),
         Device::Cuda => embed_on(args, cuda_backend()?),
@@ -49,6 +48,14 @@ pub fn run(args: EmbedArgs) -> invaspread::Result<()> {
 fn embed_on<B: Encoder>(args: EmbedArgs, backend: B) -> invaspread::Result<()> {
     let (mut graph, model, meta) = checkpoint::load_with_metadata(&args.checkpoint, backend)?;
     let ds = checkpoint::dataset_for(&args.data, &meta, &args.checkpoint)?;
+    // Before the work: no output may be the checkpoint just read (the writes check again).
+    let labels_path = args.out.with_extension("labels.npy");
+    for out in [Some(&args.out), Some(&labels_path), args.png.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        invaspread::files::check_output(out)?;
+    }
     let split = if args.split == SplitArg::Train {
         &ds.train
     } else {
@@ -56,7 +63,6 @@ fn embed_on<B: Encoder>(args: EmbedArgs, backend: B) -> invaspread::Result<()> {
     };
     let emb = embed_split_host(&mut graph, &model, split, ds.size)?;
     npy::write(&args.out, &[split.len(), EMBED_DIM], &emb)?;
-    let labels_path = args.out.with_extension("labels.npy");
     npy::write(&labels_path, &[split.len()], &split.labels)?;
     eprintln!("wrote {} and {}", args.out.display(), labels_path.display());
     if let Some(png) = &args.png {
@@ -84,29 +90,6 @@ fn embed_on<B: Encoder>(args: EmbedArgs, backend: B) -> invaspread::Result<()> {
             png,
         )?;
         eprintln!("wrote {}", png.display());
-    }
-    Ok(())
-}
-
-/// The outputs (the embeddings and the labels beside them) must not be the checkpoint read,
-/// nor its optimizer file: compared by canonical path, so `./x` and a symbolic link count too.
-fn refuse_to_overwrite(args: &EmbedArgs) -> invaspread::Result<()> {
-    let same = |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize())
-    {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    let optimizer = args.checkpoint.with_extension("optimizer.safetensors");
-    for out in [args.out.clone(), args.out.with_extension("labels.npy")] {
-        for input in [&args.checkpoint, &optimizer] {
-            if same(&out, input) {
-                return Err(invaspread::Error::invalid(format!(
-                    "--out {}: writing there would overwrite {}, which embed reads; choose another --out",
-                    args.out.display(),
-                    input.display()
-                )));
-            }
-        }
     }
     Ok(())
 }

@@ -127,10 +127,14 @@ pub struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Continue the run in --out from its saved state. Its config.json gives every setting;
-    /// only --epochs, --steps (to extend the run) and --threads may differ from it, and any other
+    /// only --epochs, --steps (to extend the run), --threads and, with --allow-moved-data, --data-dir may differ from it, and any other
     /// flag given must agree with it.
     #[arg(long, conflicts_with = "config")]
     resume: bool,
+    /// With --resume: the run's dataset now lies at another path, given by --data-dir (the
+    /// same classes, image counts and fingerprint are still required).
+    #[arg(long, requires = "resume")]
+    allow_moved_data: bool,
     /// kNN neighbours of the per-epoch evaluation [1 <= k <= 100000].
     #[arg(long, default_value_t = defaults().knn.k, value_parser = ranges::k)]
     k: usize,
@@ -359,7 +363,9 @@ fn resume_config(
     let (was, now) = (as_json(&saved)?, as_json(&cfg)?);
     for (flag, field) in FIELDS {
         let (a, b) = (was.pointer(field), now.pointer(field));
-        if given(flag) && a != b {
+        // A moved dataset is found at its new path (its identity is checked in the trainer).
+        let may_change = flag == "data_dir" && args.allow_moved_data;
+        if given(flag) && a != b && !may_change {
             let show = |v: Option<&serde_json::Value>| v.map_or("none".into(), |v| v.to_string());
             return Err(Error::invalid(format!(
                 "--{} gives {} = {}, but the run in {} was started with {}; a resumed run keeps \
@@ -453,6 +459,7 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<
         progress: lead,
         group,
         bucket_mb: args.bucket_mb,
+        allow_moved_data: args.allow_moved_data,
     };
     let summary = trainer::train(&cfg, &opts, ds)?;
     let state = if summary.interrupted {

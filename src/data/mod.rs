@@ -95,6 +95,37 @@ pub enum OnBadImage {
 }
 crate::serde_by_name!(OnBadImage);
 
+impl Dataset {
+    /// A cheap fingerprint of the decoded data (64-bit FNV-1a over the size, the class names,
+    /// and every split's labels and pixels, 8 bytes a step): a resumed run checks with it that
+    /// its dataset is the one it started on. Not a defence against an adversary.
+    pub fn fingerprint(&self) -> String {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut mix = |bytes: &[u8]| {
+            let mut words = bytes.chunks_exact(8);
+            for w in &mut words {
+                let word = u64::from_le_bytes(w.try_into().unwrap_or_default());
+                h = (h ^ word).wrapping_mul(PRIME);
+            }
+            for &b in words.remainder() {
+                h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+            }
+            // The length too, so that [ab][c] and [a][bc] differ.
+            h = (h ^ bytes.len() as u64).wrapping_mul(PRIME);
+        };
+        mix(&(self.size as u64).to_le_bytes());
+        for class in &self.classes {
+            mix(class.as_bytes());
+        }
+        for split in [&self.train, &self.test, &self.unlabeled] {
+            mix(bytemuck::cast_slice(&split.labels));
+            mix(&split.images);
+        }
+        format!("{h:016x}")
+    }
+}
+
 /// Which dataset a run reads and how (the `data` object of config.json).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -2,7 +2,7 @@
 //! beside it. `train --config FILE` reads it back; an error names the file, the field (its
 //! path, e.g. `sgd.lr`) and the value serde rejected.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -12,8 +12,8 @@ use crate::durable::write_atomically;
 use crate::error::{Error, Result};
 use crate::names::Named;
 
-/// Facts of a run that are not configuration: what the dataset turned out to be, and the
-/// thread count (results reproduce only with the same one).
+/// Facts of a run that are not configuration: what the dataset turned out to be (its identity,
+/// which a resume checks), and the thread count (results reproduce only with the same one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recorded {
@@ -23,10 +23,21 @@ pub struct Recorded {
     pub test_images: usize,
     pub threads: usize,
     pub invaspread_version: String,
+    /// The dataset's folder or file as an absolute path (None: the built-in data, or a run
+    /// from before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// The class names, in label order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
+    /// [`Dataset::fingerprint`] of the data trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 impl Recorded {
-    pub fn of(ds: &Dataset) -> Recorded {
+    /// The facts of `ds`, loaded from `cfg.data`.
+    pub fn of(cfg: &TrainConfig, ds: &Dataset) -> Recorded {
         Recorded {
             dataset: ds.name.clone(),
             image_size: ds.size,
@@ -34,14 +45,69 @@ impl Recorded {
             test_images: ds.test.len(),
             threads: rayon::current_num_threads(),
             invaspread_version: env!("CARGO_PKG_VERSION").into(),
+            data_dir: cfg.data.data_dir.as_ref().map(|d| absolute(d)),
+            classes: Some(ds.classes.clone()),
+            fingerprint: Some(ds.fingerprint()),
         }
+    }
+
+    /// What differs between the dataset a run started on (`self`) and the one it resumes on
+    /// (`now`), one line each; a different path is allowed when `moved` (the same data in a new
+    /// place: every other fact still has to agree). A fact a run from before it was recorded
+    /// lacks is not compared.
+    pub fn changes(&self, now: &Recorded, moved: bool) -> Vec<String> {
+        let mut changes = Vec::new();
+        let mut differ = |what: &str, was: String, is: String| {
+            if was != is {
+                changes.push(format!("{what}: the run started on {was}, now {is}"));
+            }
+        };
+        // The path, and the name an image folder takes from it.
+        if !moved {
+            differ("dataset", self.dataset.clone(), now.dataset.clone());
+            if let Some(was) = &self.data_dir {
+                let show =
+                    |d: Option<&PathBuf>| d.map_or("none".into(), |d| d.display().to_string());
+                differ("data_dir", show(Some(was)), show(now.data_dir.as_ref()));
+            }
+        }
+        if let (Some(was), Some(is)) = (&self.classes, &now.classes) {
+            differ("classes", was.join(", "), is.join(", "));
+        }
+        differ(
+            "image size",
+            self.image_size.to_string(),
+            now.image_size.to_string(),
+        );
+        differ(
+            "training images",
+            self.train_images.to_string(),
+            now.train_images.to_string(),
+        );
+        differ(
+            "test images",
+            self.test_images.to_string(),
+            now.test_images.to_string(),
+        );
+        if let (Some(was), Some(is)) = (&self.fingerprint, &now.fingerprint) {
+            differ("fingerprint of the images", was.clone(), is.clone());
+        }
+        changes
     }
 }
 
-/// Writes `cfg` with the facts of `ds` to `out/config.json`.
-pub fn write(cfg: &TrainConfig, ds: &Dataset, out: &Path) -> Result<()> {
+/// `path` made absolute (resolved when it exists), so that a run resumed from another working
+/// directory can tell that a relative `data_dir` now leads elsewhere.
+fn absolute(path: &Path) -> PathBuf {
+    path.canonicalize()
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Writes `cfg` with the facts `recorded` to `out/config.json`.
+pub fn write(cfg: &TrainConfig, recorded: Recorded, out: &Path) -> Result<()> {
     let mut cfg = cfg.clone();
-    cfg.recorded = Some(Recorded::of(ds));
+    cfg.recorded = Some(recorded);
     let mut text = serde_json::to_string_pretty(&cfg)
         .map_err(|e| Error::invalid(format!("serialising config.json: {e}")))?;
     text.push('\n');

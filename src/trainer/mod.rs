@@ -200,6 +200,9 @@ pub struct RunOptions {
     pub group: Option<crate::dist::DistEnv>,
     /// A data-parallel run's MiB of parameter gradients per all-reduce (`--bucket-mb`).
     pub bucket_mb: f64,
+    /// `--resume` accepts the run's dataset at another path (`--allow-moved-data`); its
+    /// classes, counts and fingerprint are still checked.
+    pub allow_moved_data: bool,
 }
 
 /// The device a run trains on and its loss implementation (a CPU or a CUDA version of the

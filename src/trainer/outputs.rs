@@ -24,6 +24,21 @@ pub const LAST: &str = "last.safetensors";
 pub const LAST_OPT: &str = "last.optimizer.safetensors";
 pub const BEST: &str = "best.safetensors";
 
+/// Every file a run writes into its folder: a new run refuses a folder that holds any of them
+/// (they would be replaced), whoever wrote them.
+pub const RUN_FILES: [&str; 10] = [
+    "config.json",
+    "metrics.csv",
+    "metrics.json",
+    "metrics.png",
+    "steps.csv",
+    STATE,
+    LAST,
+    LAST_OPT,
+    BEST,
+    "best.optimizer.safetensors",
+];
+
 /// One line of metrics: the initialised network (epoch 0, no loss), then one per epoch; kNN is
 /// empty for the epochs `--eval-every` skips.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -230,9 +230,8 @@ fn embed_refuses_to_overwrite_the_checkpoint_it_reads() {
             ],
             1,
             &[
-                "would overwrite",
-                "last.safetensors",
-                "choose another --out",
+                "is the checkpoint this command reads",
+                "choose another output path",
             ],
         );
     }
@@ -933,5 +932,301 @@ fn a_resume_of_no_run_says_so() {
             "give --epochs E or --steps S",
         ],
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `embed --png` onto the checkpoint it reads, `plot --out` onto the metrics.csv it reads or
+/// onto a run's state.safetensors, and outputs onto a user's own file of another kind replaced
+/// them: refused, naming the file, with every file intact.
+#[test]
+fn outputs_never_replace_an_input_or_a_file_of_another_kind() {
+    let (dir, run) = small_run("careless-outputs", &["--steps", "0"]);
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let (ckpt, state, csv) = (
+        run.join("last.safetensors"),
+        run.join("state.safetensors"),
+        run.join("metrics.csv"),
+    );
+    let notes = dir.join("notes.txt");
+    std::fs::write(&notes, "mine\n").unwrap();
+    let user_npy = dir.join("mine.npy");
+    std::fs::write(&user_npy, "not an array\n").unwrap();
+    let keep: Vec<(std::path::PathBuf, Vec<u8>)> = [&ckpt, &state, &csv, &notes, &user_npy]
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read(p).unwrap()))
+        .collect();
+    let embed = |out: &Path, png: &Path| {
+        vec![
+            "embed".to_string(),
+            "--checkpoint".into(),
+            path(&ckpt),
+            "--out".into(),
+            path(out),
+            "--png".into(),
+            path(png),
+        ]
+    };
+    let plot = |out: &Path| vec!["plot".to_string(), path(&run), "--out".into(), path(out)];
+    let cases: Vec<(Vec<String>, Vec<String>)> = vec![
+        (
+            embed(&dir.join("e.npy"), &ckpt),
+            vec![
+                format!("{} is the checkpoint this command reads", ckpt.display()),
+                "choose another output path".into(),
+            ],
+        ),
+        (
+            plot(&csv),
+            vec![format!(
+                "{} is the metrics.csv this command reads",
+                csv.display()
+            )],
+        ),
+        (
+            plot(&state),
+            vec![format!(
+                "{} holds a safetensors checkpoint, and this would replace it with a PNG image",
+                state.display()
+            )],
+        ),
+        (
+            plot(&notes),
+            vec!["holds text, and this would replace it with a PNG image".into()],
+        ),
+        (
+            embed(&user_npy, &dir.join("e.png")),
+            vec!["mine.npy holds text, and this would replace it with a .npy array".into()],
+        ),
+    ];
+    for (args, needles) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        assert_refused(&args, 1, &needles);
+    }
+    for (p, bytes) in &keep {
+        assert_eq!(&std::fs::read(p).unwrap(), bytes, "{} changed", p.display());
+    }
+    // A file of the output's own kind is replaced, as before.
+    let png = dir.join("curves.png");
+    for _ in 0..2 {
+        let out = invaspread(&["plot", &path(&run), "--out", &path(&png)]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A new run into a folder holding the user's own config.json and metrics.csv replaced them,
+/// and a run deleted the user's files that looked like its temporaries.
+#[test]
+fn a_new_run_keeps_the_files_it_did_not_write() {
+    let dir = common::scratch_dir("careless-own-files");
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let mine = [
+        ("config.json", "{\"my\": \"settings\"}\n"),
+        ("metrics.csv", "my,own\n1,2\n"),
+    ];
+    for (name, text) in mine {
+        std::fs::write(run.join(name), text).unwrap();
+    }
+    let train = [
+        "train",
+        "--steps",
+        "0",
+        "--k",
+        "5",
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    assert_refused(
+        &train,
+        1,
+        &[
+            "already holds files a new run would replace (config.json, metrics.csv)",
+            "pass --resume",
+            "choose another --out",
+        ],
+    );
+    for (name, text) in mine {
+        assert_eq!(std::fs::read_to_string(run.join(name)).unwrap(), text);
+        std::fs::remove_file(run.join(name)).unwrap();
+    }
+    // Names that only look like temporaries (the tool's own have a prefix of their own).
+    let look_alikes = [".config.json.tmp123", "notes.tmp1", ".draft.tmp2"];
+    for name in look_alikes {
+        std::fs::write(run.join(name), "mine").unwrap();
+    }
+    let out = invaspread(&train);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let out = invaspread(&[
+        "train",
+        "--resume",
+        "--steps",
+        "2",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    for name in look_alikes {
+        assert_eq!(std::fs::read_to_string(run.join(name)).unwrap(), "mine");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An image folder of two classes (`a`, `b`): 6 training and 2 test images each, 8 x 8, each
+/// of its own colour.
+fn two_class_folder(root: &Path) {
+    for (split, n) in [("train", 6u8), ("test", 2)] {
+        for (c, class) in ["a", "b"].into_iter().enumerate() {
+            let folder = root.join(split).join(class);
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..n {
+                let colour = image::Rgb([40 * i, 120 * c as u8, 7 * i + 3]);
+                image::RgbImage::from_pixel(8, 8, colour)
+                    .save(folder.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// Resume trusted that the data did not change: images added, a class removed or an image
+/// altered, and a relative data_dir resumed from another working directory, all continued on
+/// other data. Each is refused naming what changed; a moved dataset resumes with
+/// --allow-moved-data, at its new --data-dir.
+#[test]
+fn a_resume_on_changed_data_is_refused_naming_the_change() {
+    let dir = common::scratch_dir("careless-data");
+    let data = dir.join("data");
+    two_class_folder(&data);
+    let run = dir.join("run");
+    let in_dir = |cwd: &Path, args: &[&str]| {
+        Command::new(common::exe())
+            .current_dir(cwd)
+            .args(["--threads", "2"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let start = [
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        "data",
+        "--batch",
+        "4",
+        "--k",
+        "3",
+        "--no-pixel-baseline",
+        "--steps",
+        "2",
+        "--out",
+        "run",
+    ];
+    let out = in_dir(&dir, &start);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let config = std::fs::read(run.join("config.json")).unwrap();
+    let resume = ["train", "--resume", "--steps", "4", "--out", "run"];
+    let refused = |cwd: &Path, args: &[&str], needles: &[&str]| {
+        let out = in_dir(cwd, args);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        for needle in needles {
+            assert!(err.contains(needle), "expected {needle:?} in\n{err}");
+        }
+        assert_eq!(std::fs::read(run.join("config.json")).unwrap(), config);
+    };
+    let changed = "--resume: the dataset of the run in run has changed";
+    // An image added, then an image altered (same count), then a class removed.
+    let extra = data.join("train/a/new.png");
+    std::fs::copy(data.join("train/a/0.png"), &extra).unwrap();
+    refused(
+        &dir,
+        &resume,
+        &[changed, "training images: the run started on 12, now 13"],
+    );
+    std::fs::remove_file(&extra).unwrap();
+    let one = data.join("train/b/1.png");
+    image::RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3]))
+        .save(&one)
+        .unwrap();
+    refused(
+        &dir,
+        &resume,
+        &[
+            changed,
+            "fingerprint of the images",
+            "resume with the data the run started on",
+        ],
+    );
+    let whole = dir.join("whole");
+    std::fs::rename(&data, &whole).unwrap();
+    two_class_folder(&data);
+    for split in ["train", "test"] {
+        std::fs::remove_dir_all(data.join(split).join("b")).unwrap();
+    }
+    refused(
+        &dir,
+        &resume,
+        &[changed, "classes: the run started on a, b, now a"],
+    );
+    std::fs::remove_dir_all(&data).unwrap();
+    two_class_folder(&data);
+    std::fs::remove_dir_all(&whole).unwrap();
+    // Resumed from another working directory, the relative data_dir finds a copy elsewhere.
+    let elsewhere = dir.join("elsewhere");
+    two_class_folder(&elsewhere.join("data"));
+    let elsewhere_resume = ["train", "--resume", "--steps", "4", "--out", "../run"];
+    refused(
+        &elsewhere,
+        &elsewhere_resume,
+        &[
+            &format!(
+                "data_dir: the run started on {}",
+                data.canonicalize().unwrap().display()
+            ),
+            "pass --allow-moved-data",
+        ],
+    );
+    // Moved: refused as a changed --data-dir without the flag, resumed with it.
+    let moved = dir.join("moved");
+    std::fs::rename(&data, &moved).unwrap();
+    let mut moved_resume = resume.to_vec();
+    moved_resume.extend(["--data-dir", "moved"]);
+    refused(
+        &dir,
+        &moved_resume,
+        &["--data-dir gives data.data_dir = \"moved\""],
+    );
+    moved_resume.push("--allow-moved-data");
+    let out = in_dir(&dir, &moved_resume);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    // The run stopped by --steps 2 inside epoch 1 and extended to 4 has the rows of a run that
+    // went to step 4 at once (epoch 1's row was written twice, its loss from step 3 alone).
+    let mut straight = start.to_vec();
+    let n = straight.len();
+    straight[n - 3] = "4";
+    straight[n - 1] = "straight";
+    straight[4] = "moved";
+    let out = in_dir(&dir, &straight);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let rows = |run: &str| -> Vec<String> {
+        let csv = std::fs::read_to_string(dir.join(run).join("metrics.csv")).unwrap();
+        csv.lines()
+            .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+            .collect()
+    };
+    assert_eq!(
+        rows("run"),
+        rows("straight"),
+        "metrics.csv of the extended run"
+    );
+    assert_eq!(rows("run").len(), 4, "{:?}", rows("run"));
+    // Resumed again with nothing left to do, the run adds no row.
+    let out = in_dir(&dir, &moved_resume);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(rows("run"), rows("straight"));
     let _ = std::fs::remove_dir_all(&dir);
 }

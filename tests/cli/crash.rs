@@ -112,7 +112,11 @@ fn assert_same_end(got: &Path, want: &Path, what: &str) {
     let leftovers: Vec<_> = std::fs::read_dir(got)
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".invaspread-tmp-")
+        })
         .collect();
     assert!(
         leftovers.is_empty(),

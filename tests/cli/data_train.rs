@@ -219,6 +219,7 @@ fn train(
         progress: false,
         group: None,
         bucket_mb: invaspread::dist::gradient_buckets::DEFAULT_BUCKET_MB,
+        allow_moved_data: false,
     };
     trainer::train(cfg, &opts, ds)
 }

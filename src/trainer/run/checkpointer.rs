@@ -56,17 +56,26 @@ impl Checkpointer {
         self.lock.is_some()
     }
 
-    /// For a new run: `--out` must hold no run yet.
+    /// For a new run: `--out` must hold none of the files a run writes (an earlier run's, or
+    /// the user's own `config.json` or `metrics.csv`, which the run would replace).
     pub fn check_new(&self) -> Result<()> {
-        let (state, last) = (self.out.join(STATE), self.out.join(LAST));
-        if let Some(held) = [&state, &last].into_iter().find(|p| p.exists()) {
-            return Err(Error::invalid(format!(
-                "{} already holds a run ({}); pass --resume to continue it or choose another --out",
-                self.out.display(),
-                held.display()
-            )));
+        let held: Vec<&str> = outputs::RUN_FILES
+            .into_iter()
+            .filter(|f| std::fs::symlink_metadata(self.out.join(f)).is_ok())
+            .collect();
+        if held.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let what = if held.contains(&STATE) || held.contains(&LAST) {
+            "a run"
+        } else {
+            "files a new run would replace"
+        };
+        Err(Error::invalid(format!(
+            "{} already holds {what} ({}); pass --resume to continue the run there, or choose another --out",
+            self.out.display(),
+            held.join(", ")
+        )))
     }
 
     /// `--resume`: the model, the optimizer, the method's state, the position, the metrics and
@@ -166,7 +175,12 @@ impl Checkpointer {
             ));
         }
         at.metrics = outputs::parse_metrics_csv(&self.out.join("metrics.csv"))?;
-        let log = std::fs::read_to_string(self.out.join("steps.csv")).unwrap_or_default();
+        let steps = self.out.join("steps.csv");
+        let log = if steps.exists() {
+            crate::files::read_input_text(&steps, "step log", crate::files::max_bytes::TEXT)?
+        } else {
+            String::new()
+        };
         at.history = log
             .lines()
             .skip(1)

@@ -99,8 +99,13 @@ impl<B: Encoder> Run<'_, B> {
         let is_best = evaluation.is_some_and(|e| e.headline() > best);
         self.at.metrics.push(row.clone());
         self.summary.metrics.push(row);
-        self.at.epoch = EpochLoss::default();
-        self.commit(step + 1, EpochLoss::default(), is_best)?;
+        // A run that --steps ends inside an epoch records that epoch's row so far, and keeps
+        // its running loss: extended by a resume, the epoch is finished and its row replaced
+        // (Run::open_outputs), as in a run that never stopped there.
+        if (step + 1) % self.steps_per_epoch == 0 {
+            self.at.epoch = EpochLoss::default();
+        }
+        self.commit(step + 1, self.at.epoch, is_best)?;
         Ok(true)
     }
 

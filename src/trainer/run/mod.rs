@@ -154,9 +154,19 @@ impl<'a, B: Encoder> Run<'a, B> {
     /// `--out` or checks that it holds none, then writes config.json.
     fn open_outputs(&mut self) -> Result<()> {
         let (cfg, opts) = (self.cfg, self.opts);
+        let recorded = config::Recorded::of(cfg, &self.ds);
         if opts.resume {
+            self.check_same_data(&recorded)?;
             self.files
                 .resume(cfg, &mut self.learner, &mut self.at, &self.report)?;
+            // The run's own files, read to resume, are rewritten from here on.
+            crate::files::forget_inputs_in(&opts.out);
+            // Extended past the end of a run that stopped inside an epoch: that epoch's row
+            // was of its steps so far; the epoch finishes now and writes its row then.
+            if self.at.start < self.total_steps {
+                let per_epoch = self.steps_per_epoch;
+                self.at.metrics.retain(|m| m.step % per_epoch == 0);
+            }
         } else {
             self.files.check_new()?;
         }
@@ -169,7 +179,32 @@ impl<'a, B: Encoder> Run<'a, B> {
                 self.total_steps
             )));
         }
-        config::write(cfg, &self.ds, &opts.out)
+        config::write(cfg, recorded, &opts.out)
+    }
+
+    /// A resume continues on the data the run started on: the dataset its config.json records
+    /// (name, absolute path, classes, size, image counts, fingerprint) must be the one loaded,
+    /// or the saved steps and epochs would mean other images. `--allow-moved-data` accepts
+    /// another path to the same data.
+    fn check_same_data(&self, now: &config::Recorded) -> Result<()> {
+        let Some(was) = &self.cfg.recorded else {
+            return Ok(()); // no config.json yet: nothing was trained
+        };
+        let changes = was.changes(now, self.opts.allow_moved_data);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let moved_only = was.changes(now, true).is_empty();
+        let advice = if moved_only {
+            "if it is the same data in a new place, pass --allow-moved-data"
+        } else {
+            "resume with the data the run started on, or start a new run in another --out"
+        };
+        Err(Error::invalid(format!(
+            "--resume: the dataset of the run in {} has changed ({}): {advice}",
+            self.opts.out.display(),
+            changes.join("; ")
+        )))
     }
 
     /// In a data-parallel group, rank 0's position and state on every rank (ranks::share_state);

@@ -87,9 +87,11 @@ impl<B: Encoder> Run<'_, B> {
             false => StepLog::discard(),
         };
         // A run stopped during an epoch's evaluation saved the epoch with its loss still open
-        // (count > 0 at the epoch's boundary): that evaluation comes first.
+        // (count > 0 at the epoch's boundary, no row for it yet): that evaluation comes first.
+        // (A run that --steps ended inside an epoch keeps its loss open too, with its row.)
         let boundary = start % self.steps_per_epoch == 0 || start == total;
-        if start > 0 && self.at.epoch.count > 0 && boundary {
+        let has_row = self.at.metrics.iter().any(|m| m.step == start);
+        if start > 0 && self.at.epoch.count > 0 && boundary && !has_row {
             let step = start - 1;
             if !self.end_of_epoch(step, self.lr_at(step), run_start)? {
                 self.report.finish_steps();

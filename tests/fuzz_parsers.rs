@@ -192,6 +192,106 @@ fn png_bytes(seed: u8) -> Vec<u8> {
 
 const MB: usize = 1 << 20;
 
+/// `path`'s safetensors file with metadata `key` set to `value`, written to `to`.
+fn with_metadata(path: &Path, key: &str, value: &str, to: &Path) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"][key] = serde_json::Value::String(value.to_string());
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(to, out).unwrap();
+}
+
+/// Checkpoints whose metadata holds hostile values, for every key a command reads (the model
+/// to build, the image size and seed of eval and embed, the run's position, its checksum),
+/// read by the functions the commands use. Each must return (Ok or Err), never panic, hold at
+/// most the bound, and never accept an image size outside the flag's range.
+fn hostile_metadata(model: &Path, state: &Path, backend: &Cpu<f32>) -> Vec<String> {
+    let long = "9".repeat(1 << 20);
+    let values = [
+        "",
+        "0",
+        "-1",
+        "1",
+        "1024",
+        "1025",
+        "4096",
+        "100000",
+        "18446744073709551616",
+        "NaN",
+        "inf",
+        "1e9",
+        " 32",
+        "abc",
+        "resnet18\0",
+        "convnet-small ",
+        "RESNET18",
+        &long,
+    ];
+    let keys = [
+        "model",
+        "image_size",
+        "seed",
+        "step",
+        "sgd_step",
+        "epoch_loss_sum",
+        "metrics",
+        checkpoint::CHECKSUM,
+    ];
+    let hostile = model.with_file_name("hostile.safetensors");
+    let mut failures = Vec::new();
+    let (mut cases, mut refused, mut worst) = (0, 0, 0);
+    for (sample, kind) in [(model, "model"), (state, "run state")] {
+        for key in keys {
+            for value in values {
+                with_metadata(sample, key, value, &hostile);
+                cases += 1;
+                let mut outcome = Ok(());
+                let run = &mut || {
+                    outcome = (|| {
+                        let mut store = ParamStore::default();
+                        let mut sgd = Sgd::new(SgdConfig::default());
+                        let meta = if kind == "model" {
+                            checkpoint::load_any_model(&hostile, backend)?.2
+                        } else {
+                            let _ = Model::new(ModelKind::ConvnetSmall, &mut store, backend, 0)?;
+                            checkpoint::load_run_state(&mut store, &mut sgd, backend, &hostile)?.0
+                        };
+                        if let Some(size) = checkpoint::image_size(&hostile, &meta)? {
+                            assert!((1..=1024).contains(&size), "image size {size} accepted");
+                        }
+                        checkpoint::seed(&hostile, &meta)?;
+                        checkpoint::integer::<usize>(&hostile, &meta, "step")?;
+                        Ok::<(), invaspread::Error>(())
+                    })();
+                };
+                match measured(run) {
+                    Ok(peak) => {
+                        worst = worst.max(peak);
+                        refused += usize::from(outcome.is_err());
+                        if peak > 24 * MB {
+                            failures.push(format!(
+                                "{kind} metadata {key} = {value:.20}: held {peak} bytes"
+                            ));
+                        }
+                    }
+                    Err(panic) => failures.push(format!(
+                        "{kind} metadata {key} = {value:.20}: panicked: {panic}"
+                    )),
+                }
+            }
+        }
+    }
+    eprintln!(
+        "hostile checkpoint metadata: {cases} files, {refused} refused, largest allocation {:.1} MB",
+        worst as f64 / 1e6
+    );
+    failures
+}
+
 #[test]
 fn no_parser_panics_or_overallocates_on_mutated_files() {
     let dir = scratch("all");
@@ -233,6 +333,8 @@ fn no_parser_panics_or_overallocates_on_mutated_files() {
     failures.extend(fuzz("run state", &state, bound, &mut || {
         checkpoint::load_run_state(&mut store, &mut sgd, &backend, &state).is_ok()
     }));
+
+    failures.extend(hostile_metadata(&model, &state, &backend));
 
     // config.json
     let cfg = dir.join("config.json");

@@ -4,11 +4,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use invaspread::nn::checkpoint;
-use invaspread::nn::models::{Model, ModelKind};
+use invaspread::nn::models::Model;
 use invaspread::nn::Encoder;
-use invaspread::tape::params::ParamStore;
 use invaspread::tape::Graph;
-use invaspread::{names, Error};
 
 /// The model a checkpoint names, on `backend`, with the checkpoint's values.
 pub fn load<B: Encoder>(path: &Path, backend: B) -> invaspread::Result<(Graph<B>, Model)> {
@@ -21,21 +19,7 @@ pub fn load_with_metadata<B: Encoder>(
     path: &Path,
     backend: B,
 ) -> invaspread::Result<(Graph<B>, Model, HashMap<String, String>)> {
-    let bytes = invaspread::files::read_input(
-        path,
-        "checkpoint",
-        invaspread::files::max_bytes::CHECKPOINT,
-    )?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::bad_file(path, format!("not a safetensors file: {e}")))?;
-    let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
-    let name = meta
-        .get("model")
-        .ok_or_else(|| Error::bad_file(path, "metadata names no model"))?;
-    let kind: ModelKind = names::parse("metadata model", name).map_err(|e| e.in_file(path))?;
-    let mut store = ParamStore::default();
-    let model = Model::new(kind, &mut store, &backend, 0)?;
-    checkpoint::load_model(&mut store, &backend, path)?;
+    let (store, model, meta) = checkpoint::load_any_model(path, &backend)?;
     Ok((Graph::new(backend, store), model, meta))
 }
 
@@ -47,36 +31,11 @@ pub fn dataset_for(
     meta: &HashMap<String, String>,
     path: &Path,
 ) -> invaspread::Result<invaspread::data::Dataset> {
-    let number = |key: &str| -> invaspread::Result<Option<u64>> {
-        meta.get(key)
-            .map(|v| {
-                v.parse::<u64>().map_err(|_| {
-                    Error::bad_file(path, format!("metadata {key} = {v:?} is not a number"))
-                })
-            })
-            .transpose()
-    };
     let mut cfg = args.config();
     if cfg.image_size.is_none() {
-        // The flag's range: a checkpoint's metadata is input like a flag (0 would divide by
-        // zero, 100000 allocate terabytes).
-        cfg.image_size = number("image_size")?
-            .map(|s| {
-                let range = &invaspread::limits::IMAGE_SIZE;
-                range.check(s).map_err(|_| {
-                    Error::bad_file(
-                        path,
-                        format!(
-                            "metadata image_size = {s} is out of range: expected {} (or give --image-size)",
-                            range.describe()
-                        ),
-                    )
-                })
-            })
-            .transpose()?
-            .map(|s| s as usize);
+        cfg.image_size = checkpoint::image_size(path, meta)?;
     }
-    let seed = number("seed")?.unwrap_or(0);
+    let seed = checkpoint::seed(path, meta)?;
     let ds = super::data::load(&cfg, seed)?;
     match &cfg.classes {
         Some(spec) => {

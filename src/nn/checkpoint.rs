@@ -9,6 +9,7 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors};
 
+use super::models::{Model, ModelKind};
 use super::optim::Sgd;
 use crate::backend::Backend;
 use crate::durable::write_atomically;
@@ -385,6 +386,61 @@ fn restore_optimizer<B: Backend>(
         backend.upload_f64(&finite_values(path, &name, data)?, &mut p.momentum)?;
     }
     Ok(())
+}
+
+/// A model checkpoint of any architecture: the model its metadata names, built on `backend`
+/// with the file's values (every name, shape and dtype checked), and the metadata. For `eval`,
+/// `embed` and `step`, which take the model from the file.
+pub fn load_any_model<B: Backend>(
+    path: &Path,
+    backend: &B,
+) -> Result<(ParamStore<B>, Model, HashMap<String, String>)> {
+    let bytes = read(path)?;
+    let (st, meta) = parse(path, &bytes)?;
+    let name = meta
+        .get("model")
+        .ok_or_else(|| Error::bad_file(path, "metadata names no model"))?;
+    let kind: ModelKind =
+        crate::names::parse("metadata model", name).map_err(|e| e.in_file(path))?;
+    let mut store = ParamStore::default();
+    let model = Model::new(kind, &mut store, backend, 0)?;
+    restore_model(&st, path, &mut store, backend, &|_| false)?;
+    Ok((store, model, meta))
+}
+
+/// The image size a checkpoint's run trained at (its metadata `image_size`), held to the
+/// range of `--image-size`: a file's metadata is input like a flag (0 would divide by zero,
+/// 100000 allocate terabytes). None when the file does not say.
+pub fn image_size(path: &Path, meta: &HashMap<String, String>) -> Result<Option<usize>> {
+    let Some(text) = meta.get("image_size") else {
+        return Ok(None);
+    };
+    let range = &crate::limits::IMAGE_SIZE;
+    match text.parse::<u64>() {
+        Ok(s) if range.check(s).is_ok() => Ok(Some(s as usize)),
+        _ => Err(Error::bad_file(
+            path,
+            format!(
+                "metadata image_size = {text:?} is out of range: expected {} (or give --image-size)",
+                range.describe()
+            ),
+        )),
+    }
+}
+
+/// The seed of a checkpoint's run (metadata `seed`, 0 when absent): the synthetic dataset is
+/// generated from it.
+pub fn seed(path: &Path, meta: &HashMap<String, String>) -> Result<u64> {
+    meta.get("seed").map_or(Ok(0), |v| {
+        v.parse::<u64>().map_err(|_| {
+            Error::bad_file(
+                path,
+                format!(
+                    "metadata seed = {v:?} is not a number: expected an integer from 0 to 2^64 - 1"
+                ),
+            )
+        })
+    })
 }
 
 /// An integer field of a file's metadata, or an error naming the file and the field.

@@ -601,7 +601,7 @@ fn checkpoint_metadata_is_held_to_the_flags_ranges() {
                 1,
                 &[
                     "hostile.safetensors",
-                    &format!("image_size = {size}"),
+                    &format!("image_size = \"{size}\""),
                     "1 <= image_size <= 1024",
                 ],
             );

@@ -37,7 +37,7 @@ pub const ROW_BLOCK: usize = 64;
 pub struct CpuLossOutput<T> {
     /// L = (1/N) sum_a l_a, accumulated in f64.
     pub loss: f64,
-    /// dL/dz (N x d) when asked for.
+    /// dL/dz (N x d) when asked for ([`instance_loss_normalized`]: dL/df).
     pub grad_z: Option<Vec<T>>,
 }
 
@@ -64,7 +64,41 @@ pub fn instance_loss<T: CpuFloat>(
     cfg.validate()?;
     validate_input(z, n, d)?;
     let (f, norms) = normalize_rows::cpu::forward(z, n, d)?;
+    let out = loss_of_rows(&f, n, d, cfg, with_grad)?;
+    let grad_z = match out.grad_z {
+        Some(grad_f) => Some(normalize_rows::cpu::backward(&f, &norms, &grad_f, n, d)?),
+        None => None,
+    };
+    Ok(CpuLossOutput {
+        loss: out.loss,
+        grad_z,
+    })
+}
 
+/// The loss of embeddings `f` (N x d) that the caller has already normalised (each row of
+/// unit length: the similarities are f_a . f_b as given, no row is rescaled), and, when
+/// `with_grad`, dL/df. For a model whose last layer normalises, so that the rows are not
+/// normalised twice.
+pub fn instance_loss_normalized<T: CpuFloat>(
+    f: &[T],
+    n: usize,
+    d: usize,
+    cfg: &LossConfig,
+    with_grad: bool,
+) -> Result<CpuLossOutput<T>> {
+    cfg.validate()?;
+    validate_input(f, n, d)?;
+    loss_of_rows(f, n, d, cfg, with_grad)
+}
+
+/// The two sweeps over the rows `f` (see the module documentation); the gradient is dL/df.
+fn loss_of_rows<T: CpuFloat>(
+    f: &[T],
+    n: usize,
+    d: usize,
+    cfg: &LossConfig,
+    with_grad: bool,
+) -> Result<CpuLossOutput<T>> {
     let mut grad_f = vec![T::ZERO; if with_grad { n * d } else { 0 }];
     let mut row_loss = vec![0.0f64; n];
     let mut scalars = vec![RowScalars::<T>::default(); n];
@@ -91,7 +125,7 @@ pub fn instance_loss<T: CpuFloat>(
                 let r0 = block * ROW_BLOCK;
                 let rows = loss_block.len();
                 let s = &mut buf[..rows * n];
-                similarity_rows(&f, r0, rows, n, d, s)?;
+                similarity_rows(f, r0, rows, n, d, s)?;
                 for (i, row) in s.chunks_exact_mut(n).enumerate() {
                     let (loss, sc) = query_row(row, r0 + i, cfg, with_grad, &mut bits[i]);
                     loss_block[i] = loss;
@@ -100,7 +134,7 @@ pub fn instance_loss<T: CpuFloat>(
                 if with_grad {
                     matmul(
                         MatRef::row_major(s, rows, n),
-                        MatRef::row_major(&f, n, d),
+                        MatRef::row_major(f, n, d),
                         grad_block,
                         d,
                         grad_scale,
@@ -137,7 +171,7 @@ pub fn instance_loss<T: CpuFloat>(
                     let r0 = block * ROW_BLOCK;
                     let rows = grad_block.len() / d;
                     let s = &mut buf[..rows * n];
-                    similarity_rows(&f, r0, rows, n, d, s)?;
+                    similarity_rows(f, r0, rows, n, d, s)?;
                     for (i, row) in s.chunks_exact_mut(n).enumerate() {
                         let pairs = selecting.then_some(&dropped);
                         key_row(row, r0 + i, cfg, [&shift, &inv_denom, &r], pairs);
@@ -151,7 +185,7 @@ pub fn instance_loss<T: CpuFloat>(
                     }
                     matmul(
                         MatRef::row_major(s, rows, n),
-                        MatRef::row_major(&f, n, d),
+                        MatRef::row_major(f, n, d),
                         grad_block,
                         d,
                         grad_scale,
@@ -160,10 +194,9 @@ pub fn instance_loss<T: CpuFloat>(
                 },
             )?;
     }
-    let grad_z = normalize_rows::cpu::backward(&f, &norms, &grad_f, n, d)?;
     Ok(CpuLossOutput {
         loss,
-        grad_z: Some(grad_z),
+        grad_z: Some(grad_f),
     })
 }
 

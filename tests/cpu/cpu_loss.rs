@@ -164,3 +164,69 @@ fn invalid_input_is_rejected_like_the_reference() {
     let bad_mu = LossConfig { mu: 0.9, ..cfg };
     assert!(cpu::instance_loss(&z[..12], 4, 3, &bad_mu, true).is_err());
 }
+
+/// Rows already normalised: the loss is the loss of z, and dL/df, projected on each row's
+/// tangent (dL/dz = (I - f f^T) dL/df for unit rows), is the reference's dL/dz; both
+/// semantics, all and hard negatives, N not a multiple of the row block, d not of 4.
+#[test]
+fn normalized_rows_give_the_loss_and_the_gradient_before_the_projection() {
+    let hard = invaspread::loss::Negatives::hard(0.5);
+    for (i, (n, d)) in [(6usize, 3usize), (70, 5), (130, 128)]
+        .into_iter()
+        .enumerate()
+    {
+        let z = random_matrix(&mut rng(700 + i as u64), n, d);
+        let f: Vec<f64> = z
+            .chunks_exact(d)
+            .flat_map(|row| {
+                let norm = row
+                    .iter()
+                    .map(|&x| f64::from(x).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                row.iter().map(move |&x| f64::from(x) / norm)
+            })
+            .collect();
+        let f32s: Vec<f32> = f.iter().map(|&x| x as f32).collect();
+        for semantics in SEMANTICS {
+            for negatives in [invaspread::loss::Negatives::All, hard] {
+                let cfg = LossConfig {
+                    semantics,
+                    negatives,
+                    ..LossConfig::default()
+                };
+                let want = reference::instance_loss(&f32s, n, d, &cfg, true).unwrap();
+                let got = cpu::instance_loss_normalized(&f, n, d, &cfg, true).unwrap();
+                let case = format!("n {n} d {d} {semantics} {negatives:?}");
+                assert!(
+                    (got.loss - want.loss).abs() < 1e-6 * want.loss.abs(),
+                    "{case}: loss {} vs {}",
+                    got.loss,
+                    want.loss
+                );
+                let grad_f = got.grad_z.unwrap();
+                let mut projected = vec![0.0; n * d];
+                for a in 0..n {
+                    let (fa, ga) = (&f[a * d..(a + 1) * d], &grad_f[a * d..(a + 1) * d]);
+                    let along: f64 = fa.iter().zip(ga).map(|(x, g)| x * g).sum();
+                    for k in 0..d {
+                        projected[a * d + k] = ga[k] - along * fa[k];
+                    }
+                }
+                let err = scaled_grad_error(&projected, want.grad_z.as_ref().unwrap(), &f32s, d);
+                assert!(err < 1e-6, "{case}: gradient error {err:e}");
+                // The gradient before the projection has a radial part the projection removes.
+                let radial: f64 = (0..n)
+                    .map(|a| {
+                        let (fa, ga) = (&f[a * d..(a + 1) * d], &grad_f[a * d..(a + 1) * d]);
+                        fa.iter().zip(ga).map(|(x, g)| x * g).sum::<f64>().abs()
+                    })
+                    .sum();
+                assert!(
+                    radial > 1e-6,
+                    "{case}: dL/df has no radial part: {radial:e}"
+                );
+            }
+        }
+    }
+}

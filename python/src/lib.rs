@@ -279,27 +279,28 @@ fn instance_loss(
         }
         None => None,
     };
-    let (n, d) = (input.rows, input.cols);
     match input.dtype {
-        Dtype::F32 => {
-            // SAFETY: checked above: n x d float32 elements, aligned, alive while the capsules
-            // are, and the gradient does not overlap the input.
-            let z = unsafe { std::slice::from_raw_parts(input.data as *const f32, n * d) };
-            let g = output
-                .as_ref()
-                .map(|o| unsafe { std::slice::from_raw_parts_mut(o.data as *mut f32, n * d) });
-            py.detach(|| run(z, g, n, d, &cfg, normalized, version))
-        }
-        Dtype::F64 => {
-            // SAFETY: as above, float64.
-            let z = unsafe { std::slice::from_raw_parts(input.data as *const f64, n * d) };
-            let g = output
-                .as_ref()
-                .map(|o| unsafe { std::slice::from_raw_parts_mut(o.data as *mut f64, n * d) });
-            py.detach(|| run(z, g, n, d, &cfg, normalized, version))
-        }
+        Dtype::F32 => in_place::<f32>(py, &input, output.as_ref(), &cfg, normalized, version),
+        Dtype::F64 => in_place::<f64>(py, &input, output.as_ref(), &cfg, normalized, version),
     }
     .map_err(value_error)
+}
+
+/// [`run`] on the matrices where they lie, with the GIL released.
+fn in_place<T: invaspread::simd::CpuFloat>(
+    py: Python<'_>,
+    input: &Matrix,
+    output: Option<&Matrix>,
+    cfg: &LossConfig,
+    normalized: bool,
+    version: loss::CpuLossVersion,
+) -> invaspread::Result<f64> {
+    let (n, d) = (input.rows, input.cols);
+    // SAFETY: checked by `matrix` and the caller: n x d elements of T, aligned, alive while the
+    // capsules are (the caller holds them), and the gradient does not overlap the input.
+    let z = unsafe { std::slice::from_raw_parts(input.data as *const T, n * d) };
+    let g = output.map(|o| unsafe { std::slice::from_raw_parts_mut(o.data as *mut T, n * d) });
+    py.detach(|| run(z, g, n, d, cfg, normalized, version))
 }
 
 /// The loss of `z` in the chosen version, its gradient into `grad`.

@@ -56,7 +56,12 @@ impl std::fmt::Display for GradSemantics {
 /// code's `BatchCriterion` (K = floor(N F), L = -(A + F B) / (K + 1)); the crate's earlier
 /// normalised form stays selectable as `mean`.
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(
+    tag = "kind",
+    rename_all = "kebab-case",
+    deny_unknown_fields,
+    try_from = "NegativesFile"
+)]
 pub enum Negatives {
     #[default]
     All,
@@ -71,6 +76,47 @@ pub enum Negatives {
         #[serde(default = "NegativeScale::before_the_choice")]
         scale: NegativeScale,
     },
+}
+
+/// The `negatives` object of a configuration as written, read field by field: serde's
+/// internally tagged enums let an unknown field of the unit variant (`{"kind": "all",
+/// "fraction": 0.5}`) pass silently, so the fields are checked here against the kind.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NegativesFile {
+    kind: String,
+    fraction: Option<f64>,
+    scale: Option<NegativeScale>,
+}
+
+impl TryFrom<NegativesFile> for Negatives {
+    type Error = String;
+
+    fn try_from(file: NegativesFile) -> std::result::Result<Self, String> {
+        let scale = file.scale.unwrap_or_else(NegativeScale::before_the_choice);
+        let fraction = |kind: &str| {
+            file.fraction
+                .ok_or_else(|| format!("negatives of kind \"{kind}\" need a `fraction`"))
+        };
+        match file.kind.as_str() {
+            "all" if file.fraction.is_some() || file.scale.is_some() => Err(
+                "negatives of kind \"all\" take no `fraction` or `scale` (they select hard or easy negatives)"
+                    .into(),
+            ),
+            "all" => Ok(Negatives::All),
+            "hard" => Ok(Negatives::Hard {
+                fraction: fraction("hard")?,
+                scale,
+            }),
+            "easy" => Ok(Negatives::Easy {
+                fraction: fraction("easy")?,
+                scale,
+            }),
+            other => Err(format!(
+                "unknown negatives kind `{other}`, expected `all`, `hard` or `easy`"
+            )),
+        }
+    }
 }
 
 /// How a hard/easy selection's loss is formed (both keep the loss.md row term's shape).

@@ -181,6 +181,25 @@ fn a_replayed_configuration_out_of_range_names_the_field() {
                 "0 < negative_fraction <= 1",
             ],
         ),
+        // Unknown fields of the unit variant passed silently.
+        (
+            "/loss/negatives",
+            serde_json::json!({"kind": "all", "bogus": 1}),
+            [
+                "field `loss.negatives.bogus`",
+                "unknown field `bogus`",
+                "`kind`, `fraction`, `scale`",
+            ],
+        ),
+        (
+            "/loss/negatives",
+            serde_json::json!({"kind": "all", "fraction": 0.5}),
+            [
+                "field `loss.negatives`",
+                "\"all\" take no `fraction` or `scale`",
+                "hard or easy",
+            ],
+        ),
     ] {
         let mut cfg = default.clone();
         *cfg.pointer_mut(field).unwrap() = value;

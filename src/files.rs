@@ -148,10 +148,12 @@ impl Drop for InputScope {
 }
 
 fn remember_input(path: &Path, meta: &fs::Metadata, what: &str) {
-    let folder = path
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf));
+    // The folder the name lies in (a link's own folder, not its target's): a run folder whose
+    // config.json links to a shared file still owns that name.
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.canonicalize().ok(),
+        _ => Path::new(".").canonicalize().ok(),
+    };
     let mut guard = inputs();
     let Some(list) = guard.as_mut() else {
         return;

@@ -42,7 +42,17 @@ pub struct LossArgs {
     negatives: NegativeArgs,
 }
 
-pub fn run(args: LossArgs) -> invaspread::Result<()> {
+pub fn run(args: LossArgs, matches: Option<&clap::ArgMatches>) -> invaspread::Result<()> {
+    if args.negatives.negatives == NegativesArg::All {
+        for id in ["negative_fraction", "negative_scale"] {
+            if super::on_command_line(matches, id) {
+                return Err(invaspread::Error::invalid(format!(
+                    "--{} has no effect without --negatives hard|easy (all negatives are kept)",
+                    id.replace('_', "-")
+                )));
+            }
+        }
+    }
     let cfg = LossConfig {
         tau: args.tau,
         mu: args.mu,

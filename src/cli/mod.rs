@@ -67,7 +67,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> invaspread::Result<()> {
     }
     match cli.command {
         Command::Info(args) => info::run(args),
-        Command::Loss(args) => loss::run(args),
+        Command::Loss(args) => loss::run(args, matches.subcommand_matches("loss")),
         Command::Random(args) => random::run(args),
         Command::BenchLoss(args) => bench_loss::run(args),
         Command::BenchTrain(args) => bench_train::run(args),
@@ -81,3 +81,9 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> invaspread::Result<()> {
 }
 
 pub use invaspread::names::Device;
+
+/// Whether the flag `id` was given on the command line (not a default, not a config file's).
+pub(crate) fn on_command_line(matches: Option<&ArgMatches>, id: &str) -> bool {
+    use clap::parser::ValueSource;
+    matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
+}

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::parser::ValueSource;
 use clap::ArgMatches;
 use invaspread::cuda::GemmPrecision;
 use invaspread::cuda::Gpu;
@@ -21,8 +20,8 @@ use invaspread::trainer::{self, config, BackendChoice, RunOptions, TrainConfig};
 use invaspread::Error;
 
 use super::data::{self, DataArgs};
-use super::ranges;
 use super::Device;
+use super::{on_command_line, ranges};
 
 /// The recipe's defaults, the one source of the flags' defaults.
 fn defaults() -> TrainConfig {
@@ -239,7 +238,7 @@ fn apply_flags(
     if given("schedule") {
         cfg.schedule = match args.schedule {
             ScheduleArg::Step => Schedule::paper_step(),
-            ScheduleArg::Cosine => Schedule::Cosine,
+            ScheduleArg::Cosine => Schedule::Cosine {},
         };
     }
     if given("milestones") {
@@ -260,9 +259,6 @@ fn apply_flags(
 }
 
 /// Whether flag `id` was given on the command line (not a default).
-fn on_command_line(matches: Option<&ArgMatches>, id: &str) -> bool {
-    matches.is_some_and(|m| m.value_source(id) == Some(ValueSource::CommandLine))
-}
 
 /// The run's configuration: every flag, or the file's fields overridden by the flags given.
 fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<TrainConfig> {
@@ -415,6 +411,53 @@ fn refuse_ignored_flags(cfg: &TrainConfig, matches: Option<&ArgMatches>) -> inva
             }
         }
     }
+    // Flags of one device, or of one kind of dataset.
+    let on_cuda = matches!(cfg.backend, BackendChoice::Cuda { .. });
+    let (device_only, device) = if on_cuda {
+        (&["cpu_conv"][..], "--device cuda")
+    } else {
+        (&["precision", "kernels"][..], "--device cpu")
+    };
+    for id in device_only {
+        if given(id) {
+            return Err(Error::invalid(format!(
+                "{} has no effect with {device}: it chooses how the other device computes; leave it out",
+                flag(id)
+            )));
+        }
+    }
+    use invaspread::data::DatasetKind;
+    let dataset = cfg.data.dataset;
+    for (id, used_by, which) in [
+        (
+            "data_dir",
+            dataset != DatasetKind::Synthetic,
+            "every dataset but synthetic",
+        ),
+        (
+            "stl10_unlabeled",
+            dataset == DatasetKind::Stl10,
+            "--dataset stl10",
+        ),
+        (
+            "follow_links",
+            dataset == DatasetKind::Folder,
+            "--dataset folder",
+        ),
+        (
+            "on_bad_image",
+            dataset == DatasetKind::Folder,
+            "--dataset folder (the only one decoding image files)",
+        ),
+    ] {
+        if given(id) && !used_by {
+            return Err(Error::invalid(format!(
+                "{} has no effect with --dataset {}: only {which} reads it; leave it out",
+                flag(id),
+                invaspread::names::Named::name(&dataset)
+            )));
+        }
+    }
     if cfg.loss.negatives == invaspread::loss::Negatives::All {
         for id in ["negative_fraction", "negative_scale"] {
             if given(id) {
@@ -436,6 +479,11 @@ pub fn run(args: TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<
     };
     refuse_ignored_flags(&cfg, matches)?;
     let group = DistEnv::from_env()?.filter(|env| env.world_size > 1);
+    if group.is_none() && on_command_line(matches, "sync_bn") && !args.resume {
+        return Err(Error::invalid(
+            "--sync-bn has no effect on one process: it syncs BatchNorm across the ranks of `invaspread launch --gpus N -- train ...`; leave it out or launch a group",
+        ));
+    }
     set_ranks(&mut cfg, &args, group.as_ref())?;
     config::validate(&cfg)?; // a group's settings, before any rank waits for the others
     if matches!(cfg.backend, BackendChoice::Cuda { .. }) {

@@ -313,9 +313,14 @@ fn restore_model<B: Backend>(
         .into_iter()
         .find(|n| !expected.iter().any(|e| e == n) && !also_expected(n))
     {
+        let hint = if extra.ends_with(".momentum_buffer") {
+            "this is a run's state or optimizer file, not a model checkpoint: give the run's last.safetensors or best.safetensors"
+        } else {
+            "is this checkpoint from another model?"
+        };
         return Err(Error::bad_file(
             path,
-            format!("unexpected tensor {extra} (is this checkpoint from another model?)"),
+            format!("unexpected tensor {extra} ({hint})"),
         ));
     }
     for p in &mut store.params {

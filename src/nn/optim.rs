@@ -36,8 +36,10 @@ impl Default for SgdConfig {
 pub enum Schedule {
     /// lr x gamma^(number of milestones passed); the paper's: x0.1 at epoch 120, x0.01 at 160.
     Step { milestones: Vec<usize>, gamma: f64 },
-    /// lr x (1 + cos(pi t / T)) / 2 over the whole run.
-    Cosine,
+    /// lr x (1 + cos(pi t / T)) / 2 over the whole run. (A struct variant with no fields, so
+    /// that serde refuses `{"kind": "cosine", "milestones": [...]}`: a unit variant of a tagged
+    /// enum lets unknown fields pass.)
+    Cosine {},
 }
 
 impl Schedule {
@@ -64,7 +66,7 @@ pub fn learning_rate(
             let epoch = step / steps_per_epoch.max(1);
             base * gamma.powi(milestones.iter().filter(|&&m| epoch >= m).count() as i32)
         }
-        Schedule::Cosine => {
+        Schedule::Cosine {} => {
             let t = step as f64 / total_steps.max(1) as f64;
             base * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
         }

@@ -141,6 +141,11 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
     limits::EVAL_EVERY.check_usize(cfg.knn.every)?;
     limits::BATCH.check_usize(cfg.batch)?;
     limits::WARMUP_STEPS.check_usize(cfg.warmup_steps)?;
+    if let (Some(e), Some(s)) = (cfg.epochs, cfg.steps) {
+        return Err(Error::invalid(format!(
+            "epochs = {e} and steps = {s} are both set: expected one of the two (as --epochs and --steps)"
+        )));
+    }
     if let Some(e) = cfg.epochs {
         limits::EPOCHS.check_usize(e)?;
     }

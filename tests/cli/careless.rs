@@ -1249,3 +1249,144 @@ fn a_resume_on_changed_data_is_refused_naming_the_change() {
     assert_eq!(rows("run"), rows("straight"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A state copied in from another run (another seed), a state whose sgd_step disagrees with
+/// its step, and a resume that failed on a bad metrics.csv after rewriting config.json (the
+/// probe's data loss): each refused, the run's files as they were.
+#[test]
+fn a_resume_refuses_another_runs_state_and_changes_nothing_when_it_fails() {
+    let (dir, run) = small_run("careless-state", &["--steps", "2", "--batch", "16"]);
+    let (_, other) = small_run(
+        "careless-state-other",
+        &["--steps", "2", "--batch", "16", "--seed", "7"],
+    );
+    let state = run.join("state.safetensors");
+    let resume = [
+        "train",
+        "--resume",
+        "--steps",
+        "4",
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    let config = std::fs::read(run.join("config.json")).unwrap();
+    let saved = std::fs::read(&state).unwrap();
+    let cases: Vec<(Box<dyn Fn()>, Vec<&str>)> = vec![
+        (
+            Box::new(|| {
+                std::fs::copy(other.join("state.safetensors"), &state).unwrap();
+            }),
+            vec![
+                "was trained with seed 7",
+                "gives seed 0",
+                "the state is another run's",
+            ],
+        ),
+        (
+            Box::new(|| with_metadata(&state, "sgd_step", "1", &state)),
+            vec!["metadata sgd_step = 1 disagrees with step = 2"],
+        ),
+        (
+            Box::new(|| std::fs::write(run.join("metrics.csv"), [0u8, 1, 2, 3]).unwrap()),
+            vec!["metrics.csv"],
+        ),
+    ];
+    for (spoil, needles) in cases {
+        std::fs::write(&state, &saved).unwrap();
+        spoil();
+        assert_refused(&resume, 1, &needles);
+        assert_eq!(
+            std::fs::read(run.join("config.json")).unwrap(),
+            config,
+            "{needles:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(other.parent().unwrap());
+}
+
+/// Flags and config fields that had no effect were accepted without a word (the probe's
+/// accepted-silently cases): CUDA-only flags on the CPU, --sync-bn on one process, dataset
+/// flags the dataset does not read, `loss --negative-fraction` with all negatives, a config
+/// with both epochs and steps or a cosine schedule with milestones.
+#[test]
+fn flags_and_fields_that_would_do_nothing_are_refused() {
+    let dir = common::scratch_dir("careless-nothing");
+    let out = dir.join("run");
+    let out = out.to_str().unwrap();
+    let z = dir.join("z.npy");
+    let made = invaspread(&[
+        "random",
+        "--n",
+        "8",
+        "--d",
+        "4",
+        "--out",
+        z.to_str().unwrap(),
+    ]);
+    assert!(made.status.success(), "{}", stderr_of(&made));
+    let train = |extra: &[&'static str]| {
+        let mut args = vec!["train", "--steps", "0", "--k", "5", "--out", out];
+        args.extend_from_slice(extra);
+        args
+    };
+    for (args, needles) in [
+        (
+            train(&["--precision", "bf16"]),
+            vec!["--precision has no effect with --device cpu"],
+        ),
+        (
+            train(&["--sync-bn"]),
+            vec!["--sync-bn has no effect on one process", "launch"],
+        ),
+        (
+            train(&["--data-dir", "/tmp"]),
+            vec!["--data-dir has no effect with --dataset synthetic"],
+        ),
+        (
+            train(&["--follow-links"]),
+            vec!["--follow-links has no effect", "--dataset folder"],
+        ),
+        (
+            train(&["--on-bad-image", "skip"]),
+            vec!["--on-bad-image has no effect"],
+        ),
+        (
+            vec![
+                "loss",
+                "--input",
+                z.to_str().unwrap(),
+                "--negative-fraction",
+                "0.3",
+            ],
+            vec!["--negative-fraction has no effect without --negatives hard|easy"],
+        ),
+    ] {
+        assert_refused(&args, 1, &needles);
+    }
+    let default = serde_json::to_value(invaspread::trainer::TrainConfig::default()).unwrap();
+    let path = dir.join("config.json");
+    for (edit, needle) in [
+        (
+            serde_json::json!({"epochs": 2, "steps": 3}),
+            "epochs = 2 and steps = 3 are both set",
+        ),
+        (
+            serde_json::json!({"steps": 1, "schedule": {"kind": "cosine", "milestones": [1]}}),
+            "unknown field `milestones`",
+        ),
+    ] {
+        let mut cfg = default.clone();
+        for (k, v) in edit.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        assert_refused(
+            &["train", "--config", path.to_str().unwrap(), "--out", out],
+            1,
+            &[needle],
+        );
+    }
+    assert!(!Path::new(out).exists(), "a refused run wrote its folder");
+    let _ = std::fs::remove_dir_all(&dir);
+}

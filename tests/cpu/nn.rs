@@ -580,8 +580,8 @@ fn learning_rate_schedules() {
     assert_eq!(learning_rate(0.03, &step, 0, 200, 1, 0), 0.03);
     assert!((learning_rate(0.03, &step, 120, 200, 1, 0) - 0.003).abs() < 1e-12);
     assert!((learning_rate(0.03, &step, 160, 200, 1, 0) - 0.0003).abs() < 1e-12);
-    assert!((learning_rate(0.1, &Schedule::Cosine, 50, 100, 10, 0) - 0.05).abs() < 1e-12);
-    assert!((learning_rate(0.1, &Schedule::Cosine, 0, 100, 10, 10) - 0.01).abs() < 1e-12);
+    assert!((learning_rate(0.1, &Schedule::Cosine {}, 50, 100, 10, 0) - 0.05).abs() < 1e-12);
+    assert!((learning_rate(0.1, &Schedule::Cosine {}, 0, 100, 10, 10) - 0.01).abs() < 1e-12);
 }
 
 #[test]

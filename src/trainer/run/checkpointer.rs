@@ -112,10 +112,23 @@ impl Checkpointer {
         let (g, sgd) = (&mut learner.graph, &mut learner.sgd);
         let (m, losses) = checkpoint::load_run_state(&mut g.params, sgd, &g.backend, state)?;
         position(cfg, state, &m, at)?;
+        if sgd.step != at.start as u64 {
+            return Err(Error::bad_file(
+                state,
+                format!(
+                    "metadata sgd_step = {} disagrees with step = {}: the file is inconsistent; restore it from a copy",
+                    sgd.step, at.start
+                ),
+            ));
+        }
         if losses.len() != at.start {
             return Err(Error::bad_file(
                 state,
-                format!("holds {} step losses for step {}", losses.len(), at.start),
+                format!(
+                    "holds {} step losses for step {}: the file is inconsistent; restore it from a copy",
+                    losses.len(),
+                    at.start
+                ),
             ));
         }
         at.history = losses;
@@ -283,6 +296,29 @@ fn position(
         return Err(Error::bad_file(
             path,
             format!("holds model {:?}, not {model}", m.get("model")),
+        ));
+    }
+    // A state copied from another run: its dataset or seed is not this configuration's.
+    let kind = cfg.data.dataset.name();
+    let saved_kind = m
+        .get("dataset")
+        .map(|d| d.split(':').next().unwrap_or_default());
+    if saved_kind.is_some_and(|k| k != kind) {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "was trained on dataset {:?}, but the run's config.json names {kind}: the state is another run's; restore this run's state or start a new run",
+                m.get("dataset").map_or("", String::as_str)
+            ),
+        ));
+    }
+    if let Some(seed) = m.get("seed").filter(|s| **s != cfg.seed.to_string()) {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "was trained with seed {seed}, but the run's config.json gives seed {}: the state is another run's; restore this run's state or start a new run",
+                cfg.seed
+            ),
         ));
     }
     at.start = checkpoint::integer(path, m, "step")?;

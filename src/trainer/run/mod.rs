@@ -147,11 +147,17 @@ impl<'a, B: Encoder> Run<'a, B> {
         if run.files.writes() && run.at.start > 0 {
             run.write_derived()?; // whatever a crash after the last commit left unwritten
         }
+        if run.files.writes() && opts.resume {
+            // Only now: a resume that fails before this point (a full disk, a bad file) leaves
+            // the run's config.json as it was.
+            config::write(cfg, config::Recorded::of(cfg, &run.ds), &opts.out)?;
+        }
         Ok(run)
     }
 
     /// Rank 0's part of the start (the whole of it on one device): resumes the state in
-    /// `--out` or checks that it holds none, then writes config.json.
+    /// `--out` or checks that it holds none and writes config.json (a resume writes it at the
+    /// end of [`Run::start`]).
     fn open_outputs(&mut self) -> Result<()> {
         let (cfg, opts) = (self.cfg, self.opts);
         let recorded = config::Recorded::of(cfg, &self.ds);
@@ -179,7 +185,10 @@ impl<'a, B: Encoder> Run<'a, B> {
                 self.total_steps
             )));
         }
-        config::write(cfg, recorded, &opts.out)
+        if !opts.resume {
+            config::write(cfg, recorded, &opts.out)?;
+        }
+        Ok(())
     }
 
     /// A resume continues on the data the run started on: the dataset its config.json records

@@ -258,8 +258,6 @@ fn apply_flags(
     Ok(())
 }
 
-/// Whether flag `id` was given on the command line (not a default).
-
 /// The run's configuration: every flag, or the file's fields overridden by the flags given.
 fn train_config(args: &TrainArgs, matches: Option<&ArgMatches>) -> invaspread::Result<TrainConfig> {
     let Some(path) = &args.config else {

@@ -1271,7 +1271,8 @@ fn a_resume_refuses_another_runs_state_and_changes_nothing_when_it_fails() {
     ];
     let config = std::fs::read(run.join("config.json")).unwrap();
     let saved = std::fs::read(&state).unwrap();
-    let cases: Vec<(Box<dyn Fn()>, Vec<&str>)> = vec![
+    type Spoil<'a> = Box<dyn Fn() + 'a>;
+    let cases: Vec<(Spoil, Vec<&str>)> = vec![
         (
             Box::new(|| {
                 std::fs::copy(other.join("state.safetensors"), &state).unwrap();

@@ -138,27 +138,29 @@ impl<'a, B: Encoder> Run<'a, B> {
                 unseen: false,
             },
         };
-        if run.files.writes() {
-            run.open_outputs()?;
-        }
+        let deferred_config = match run.files.writes() {
+            true => run.open_outputs()?,
+            false => None,
+        };
         let at = &mut run.at;
         at.initial_evaluation_due = at.start == 0 && !at.metrics.iter().any(|m| m.epoch == 0);
         run.share_with_ranks()?;
         if run.files.writes() && run.at.start > 0 {
             run.write_derived()?; // whatever a crash after the last commit left unwritten
         }
-        if run.files.writes() && opts.resume {
+        if let Some(recorded) = deferred_config {
             // Only now: a resume that fails before this point (a full disk, a bad file) leaves
             // the run's config.json as it was.
-            config::write(cfg, config::Recorded::of(cfg, &run.ds), &opts.out)?;
+            config::write(cfg, recorded, &opts.out)?;
         }
         Ok(run)
     }
 
     /// Rank 0's part of the start (the whole of it on one device): resumes the state in
-    /// `--out` or checks that it holds none and writes config.json (a resume writes it at the
-    /// end of [`Run::start`]).
-    fn open_outputs(&mut self) -> Result<()> {
+    /// `--out` or checks that it holds none and writes config.json. A resume returns the
+    /// facts for config.json instead, which [`Run::start`] writes at its end (the dataset's
+    /// fingerprint is computed once).
+    fn open_outputs(&mut self) -> Result<Option<config::Recorded>> {
         let (cfg, opts) = (self.cfg, self.opts);
         let recorded = config::Recorded::of(cfg, &self.ds);
         if opts.resume {
@@ -185,10 +187,11 @@ impl<'a, B: Encoder> Run<'a, B> {
                 self.total_steps
             )));
         }
-        if !opts.resume {
-            config::write(cfg, recorded, &opts.out)?;
+        if opts.resume {
+            return Ok(Some(recorded));
         }
-        Ok(())
+        config::write(cfg, recorded, &opts.out)?;
+        Ok(None)
     }
 
     /// A resume continues on the data the run started on: the dataset its config.json records

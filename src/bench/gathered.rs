@@ -46,7 +46,7 @@ pub fn rank_rows(
 
 /// n rows (n / 2 images) split evenly over `ranks`.
 fn even_layout(n: usize, ranks: usize) -> Result<RankLayout> {
-    if ranks == 0 || n % (2 * ranks) != 0 {
+    if ranks == 0 || !n.is_multiple_of(2 * ranks) {
         return Err(Error::invalid(format!(
             "bench-loss --ranks {ranks}: N = {n} is not a multiple of 2 x ranks (each rank takes \
              both views of N / (2 x ranks) images)"

@@ -136,7 +136,7 @@ pub struct Clustering {
 /// lowest inertia is returned. Seeded: the same `seed` gives the same clusters on any thread
 /// count (the parallel loops only compute per-row values; every sum runs in row order).
 pub fn kmeans(x: &[f32], d: usize, k: usize, starts: usize, seed: u64) -> Result<Clustering> {
-    if d == 0 || x.len() % d != 0 {
+    if d == 0 || !x.len().is_multiple_of(d) {
         return Err(crate::error::Error::invalid(format!(
             "k-means: {} values are not rows of {d}",
             x.len()

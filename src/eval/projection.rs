@@ -45,7 +45,7 @@ fn top_eigenvector(c: &[f64], d: usize) -> (Vec<f64>, f64) {
 
 /// Projects the rows of `x` (`d` wide) on their first two principal components.
 pub fn pca_2d(x: &[f32], d: usize) -> Result<Projection> {
-    if d < 2 || x.len() % d != 0 || x.len() < 2 * d {
+    if d < 2 || !x.len().is_multiple_of(d) || x.len() < 2 * d {
         return Err(Error::invalid(format!(
             "PCA: {} values are not 2 rows or more of {d} (at least 2 wide)",
             x.len()

@@ -339,7 +339,7 @@ impl LossConfig {
 /// Checks an N x d input: the shape (N even and >= 4, d >= 1, `z.len() == N d`), every entry
 /// finite, and no row all zeros (its direction, and so the loss, would be undefined).
 pub fn validate_input<T: Copy + Into<f64>>(z: &[T], n: usize, d: usize) -> Result<()> {
-    if n < 4 || n % 2 != 0 {
+    if n < 4 || !n.is_multiple_of(2) {
         return Err(Error::invalid(format!(
             "N = {n} rows is invalid: expected an even N >= 4 (two views of m >= 2 images)"
         )));

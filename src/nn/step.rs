@@ -38,7 +38,7 @@ pub fn queue_train_step<B: Encoder>(
     loss_cfg: &LossConfig,
     lr: f64,
 ) -> Result<Var> {
-    if shape.n % 2 != 0 || shape.n < 4 || shape.c != 3 || shape.h == 0 || shape.w == 0 {
+    if !shape.n.is_multiple_of(2) || shape.n < 4 || shape.c != 3 || shape.h == 0 || shape.w == 0 {
         return Err(Error::invalid(format!(
             "a training batch is 2m x 3 x H x W with m >= 2 and H, W >= 1, got {shape:?}"
         )));

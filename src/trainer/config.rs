@@ -232,7 +232,7 @@ fn validate_ranks(cfg: &TrainConfig) -> Result<()> {
             cfg.method.name()
         )));
     }
-    if cfg.batch % ranks != 0 {
+    if !cfg.batch.is_multiple_of(ranks) {
         return Err(Error::invalid(format!(
             "--batch {} over WORLD_SIZE={ranks} ranks: the global batch must be a multiple of the \
              ranks (each takes batch / ranks images); try --batch {}",

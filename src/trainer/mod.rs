@@ -171,7 +171,7 @@ impl KnnConfig {
 
     /// Whether the epoch `epoch` (1-based) is evaluated in a run of `epochs` (rounded up).
     pub fn evaluates(&self, epoch: usize, last: bool) -> bool {
-        last || epoch % self.every.max(1) == 0
+        last || epoch.is_multiple_of(self.every.max(1))
     }
 }
 

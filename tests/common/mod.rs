@@ -69,7 +69,7 @@ pub fn write_stripes(root: &Path, per_class: usize) {
                 let colour = [(40 * seed % 200) as u8, 90, (255 - 30 * seed % 200) as u8];
                 let img = image::RgbImage::from_fn(16, 16, |x, y| {
                     let t = if vertical { x } else { y } as usize + seed;
-                    if (t / period) % 2 == 0 {
+                    if (t / period).is_multiple_of(2) {
                         image::Rgb(colour)
                     } else {
                         image::Rgb([250, 250, 250])

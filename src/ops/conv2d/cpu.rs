@@ -68,7 +68,7 @@ fn valid_columns(conv: &Conv, kj: usize, w: usize, w_out: usize) -> std::ops::Ra
 /// (every stride-2 3 x 3 layer of both encoders): output column `ox` then reads input columns
 /// `2 ox - 1, 2 ox, 2 ox + 1`, so one pass over an input row's pairs serves all three taps.
 fn is_k3_s2_even(conv: &Conv, w: usize, w_out: usize) -> bool {
-    conv.k == 3 && conv.stride == 2 && conv.pad == 1 && w % 2 == 0 && w_out * 2 == w
+    conv.k == 3 && conv.stride == 2 && conv.pad == 1 && w.is_multiple_of(2) && w_out * 2 == w
 }
 
 /// The three taps of one input row for [`is_k3_s2_even`]: `taps[kj][ox] = src[2 ox + kj - 1]`

@@ -7,7 +7,7 @@ use crate::simd::CpuFloat;
 
 /// Input features: W's columns.
 fn in_features(w_len: usize, out: usize) -> Result<usize> {
-    if out == 0 || w_len % out != 0 {
+    if out == 0 || !w_len.is_multiple_of(out) {
         return Err(Error::invalid(format!(
             "linear: {w_len} weights are not rows of {out} outputs"
         )));

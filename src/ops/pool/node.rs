@@ -103,7 +103,7 @@ impl<B: PoolDevice> Graph<B> {
     /// k x k average pooling with stride k; `k = H = W` is global pooling.
     pub fn avgpool(&mut self, x: Var, k: usize) -> Result<Var> {
         let xs = self.shape(x);
-        if k == 0 || xs.h % k != 0 || xs.w % k != 0 {
+        if k == 0 || !xs.h.is_multiple_of(k) || !xs.w.is_multiple_of(k) {
             return Err(Error::invalid(format!(
                 "avgpool: {}x{} is not divisible into {k}x{k} windows",
                 xs.h, xs.w

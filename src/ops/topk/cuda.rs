@@ -39,7 +39,7 @@ pub fn nearest(
     s: &mut Scratch<'_>,
 ) -> Result<Neighbours> {
     let Version::V1 = version;
-    if d == 0 || queries.len() % d != 0 || keys.len() % d != 0 {
+    if d == 0 || !queries.len().is_multiple_of(d) || !keys.len().is_multiple_of(d) {
         return Err(Error::invalid(format!(
             "kNN: {} query and {} key values are not rows of {d}",
             queries.len(),

@@ -102,7 +102,7 @@ impl<B: Encoder> Run<'_, B> {
         // A run that --steps ends inside an epoch records that epoch's row so far, and keeps
         // its running loss: extended by a resume, the epoch is finished and its row replaced
         // (Run::open_outputs), as in a run that never stopped there.
-        if (step + 1) % self.steps_per_epoch == 0 {
+        if (step + 1).is_multiple_of(self.steps_per_epoch) {
             self.at.epoch = EpochLoss::default();
         }
         self.commit(step + 1, self.at.epoch, is_best)?;

@@ -7,14 +7,17 @@
 #   step         budget  what
 #   mma            15 s  the tensor cores' fragment layouts (test-gpu loss::mma_fragment_layouts)
 #   loss-tests     60 s  every loss kernel against the float64 reference (test-gpu loss::)
-#   loss-table    140 s  bench-loss, every version at N = 4,096 .. 262,144, d = 128, with its
+#   torch-op       40 s  the PyTorch op's CUDA path: the bundle's wheel installed beside the
+#                        machine's torch, then python/tests/test_torch_cuda.py (a skip fails)
+#                        and benches/torch_op.py --device cuda at N = 4,096 and 16,384
+#   loss-table    120 s  bench-loss, every version at N = 4,096 .. 262,144, d = 128, with its
 #                        floor and ratio; PyTorch eager beside it, torch.compile where time is left
 #   train-step    110 s  bench-train's images/s, both encoders, f32/tf32/bf16, with floors;
 #                        PyTorch eager and bf16 autocast
-#   cifar          70 s  resnet18-cifar on CIFAR-10, 2 epochs, kNN printed per epoch
-#   gpu-tests      90 s  the other GPU tests (normalize, nn, cli, dist, train_ranks)
+#   cifar          65 s  resnet18-cifar on CIFAR-10, 2 epochs, kNN printed per epoch
+#   gpu-tests      80 s  the other GPU tests (normalize, nn, cli, dist, train_ranks)
 #   bench-checks   20 s  the criterion benches once per case (--test: their checks)
-#   sanitizer      35 s  compute-sanitizer memcheck, racecheck (skipped, with the reason, where
+#   sanitizer      30 s  compute-sanitizer memcheck, racecheck (skipped, with the reason, where
 #                        it cannot run); last, with what is left
 #                 ----
 #                 540 s  (the budgets are estimates from the floors until a lease measures them)
@@ -59,17 +62,17 @@ summary="$out/summary.txt"
 : > "$summary"
 status=0
 
-all_steps="mma loss-tests loss-table train-step cifar gpu-tests bench-checks sanitizer"
-declare -A budget=([mma]=15 [loss-tests]=60 [loss-table]=140 [train-step]=110 [cifar]=70
-                   [gpu-tests]=90 [bench-checks]=20 [sanitizer]=35)
+all_steps="mma loss-tests torch-op loss-table train-step cifar gpu-tests bench-checks sanitizer"
+declare -A budget=([mma]=15 [loss-tests]=60 [torch-op]=40 [loss-table]=120 [train-step]=110
+                   [cifar]=65 [gpu-tests]=80 [bench-checks]=20 [sanitizer]=30)
 asked=${STEPS:-${PHASES:-all}}
 wanted=" "
 for p in $asked; do
   case "$p" in
     all) wanted+="$all_steps " ;;
-    check) wanted+="mma loss-tests gpu-tests bench-checks sanitizer " ;;
+    check) wanted+="mma loss-tests torch-op gpu-tests bench-checks sanitizer " ;;
     bench) wanted+="loss-table train-step cifar " ;;
-    tests) wanted+="mma loss-tests gpu-tests bench-checks " ;;
+    tests) wanted+="mma loss-tests torch-op gpu-tests bench-checks " ;;
     bench-loss) wanted+="loss-table " ;;
     bench-train) wanted+="train-step " ;;
     *) if [[ -n "${budget[$p]:-}" ]]; then wanted+="$p "; else
@@ -297,6 +300,43 @@ step_loss_tests() {
     run_tests "test-gpu loss" 600 "$bin/test-gpu" loss::sanitizer_sized_cases
   else
     run_tests "test-gpu loss" 600 "$bin/test-gpu" loss:: --skip loss::mma_fragment_layouts
+  fi
+}
+
+step_torch_op() {
+  # The wheel goes to a folder of its own on PYTHONPATH, beside the machine's torch (nothing is
+  # fetched there; pytest is in its image).
+  local wheel
+  wheel=$(ls "$bundle"/wheels/invaspread-*.whl 2> /dev/null | head -1)
+  if [[ -z "$wheel" ]]; then
+    fail "torch-op: no invaspread wheel in $bundle/wheels (scripts/device-bundle builds it)"
+    return
+  fi
+  if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" "$wheel" \
+      > "$logs/torch-op-install.log" 2>&1; then
+    fail "torch-op: pip could not install $(basename "$wheel") (logs/torch-op-install.log)"
+    tail -n 5 "$logs/torch-op-install.log" | sed 's/^/    /' | tee -a "$summary"
+    return
+  fi
+  if ! ((have_torch)); then
+    torch_missing "torch-op"
+    return
+  fi
+  # From outside the checkout, so that the wheel's package (not python/invaspread) is imported.
+  # The CPU files ran in CI; this machine's time goes to the CUDA path.
+  if run_cmd "pytest test_torch_cuda.py" 600 torch-op-pytest.log env PYTHONPATH="$work/site" REQUIRE_GPU=1 \
+      python3 -m pytest -q -rs -p no:cacheprovider --rootdir "$work" "$root/python/tests/test_torch_cuda.py"; then
+    note "PASS pytest python/tests/test_torch_cuda.py (the op on CUDA tensors): $(grep -E '[0-9]+ passed' "$logs/torch-op-pytest.log" | tail -1) [${STEP_SECONDS} s]"
+    local skipped
+    skipped=$(grep -c "SKIPPED (no GPU)" "$logs/torch-op-pytest.log")
+    ((skipped > 0)) && fail "pytest test_torch_cuda.py: $skipped test(s) SKIPPED although REQUIRE_GPU=1"
+  fi
+  local n=(--n 4096 16384)
+  ((smoke)) && n=(--n 64)
+  if run_cmd "benches/torch_op.py --device cuda" 600 torch-op-bench.log env PYTHONPATH="$work/site" \
+      PYTHONUNBUFFERED=1 python3 "$root/benches/torch_op.py" --device cuda "${n[@]}" --min-seconds 0.2 \
+      --modes op op-fused-v3-tf32 op-fused-v3-bf16 eager; then
+    note "PASS benches/torch_op.py --device cuda [${STEP_SECONDS} s]"
   fi
 }
 

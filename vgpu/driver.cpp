@@ -377,7 +377,16 @@ std::uint64_t seed = 1;
 Stream* resolve(CUstream s) {
     if (s == nullptr || s == reinterpret_cast<CUstream>(0x1) || s == reinterpret_cast<CUstream>(0x2))
         return streams[0];
-    return reinterpret_cast<Stream*>(s);
+    auto* st = reinterpret_cast<Stream*>(s);
+    {
+        // A handle that is no live stream (a caller's stale or made-up value, such as a stream
+        // handed in from another runtime) is an error here rather than a wild pointer: a real
+        // driver may crash or answer CUDA_ERROR_INVALID_HANDLE.
+        std::lock_guard<std::mutex> g(streams_lock);
+        if (std::find(streams.begin(), streams.end(), st) != streams.end()) return st;
+    }
+    fail(CUDA_ERROR_INVALID_HANDLE, format("stream %p is not a live stream of the virtual GPU", static_cast<void*>(s)));
+    return streams[0];
 }
 
 // Queues `run` on stream `s`, with the legacy default stream's implicit ordering.

@@ -9,6 +9,6 @@ The loss itself lives in the Rust crate of the same name; this package makes it 
 `invaspread.torch` imports torch; this module does not.
 """
 
-from ._native import CPU_VERSIONS, __version__
+from ._native import CPU_VERSIONS, CUDA_VERSIONS, __version__
 
-__all__ = ["CPU_VERSIONS", "__version__"]
+__all__ = ["CPU_VERSIONS", "CUDA_VERSIONS", "__version__"]

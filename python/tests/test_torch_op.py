@@ -187,13 +187,6 @@ def test_bad_input_raises_the_crates_message(call, error, needle):
     assert needle in str(info.value), str(info.value)
 
 
-def test_a_cuda_tensor_says_what_runs():
-    if not torch.cuda.is_available():
-        pytest.skip("SKIPPED (no GPU): the CUDA path")
-    with pytest.raises(NotImplementedError, match="CPU tensors only"):
-        ist.instance_loss(torch.randn(8, 3, device="cuda"))
-
-
 class Encoder(torch.nn.Module):
     """A small model of the recipe's shape (features, then a linear embedding), no torchvision."""
 
@@ -231,3 +224,44 @@ def test_a_training_loop_matches_the_pure_pytorch_loop(dtype):
     for step, (a, b) in enumerate(zip(ours, plain)):
         assert abs(a - b) <= tol * abs(b), f"step {step}: {a} vs {b}"
     assert ours[-1] < ours[0], "the loss went down"
+
+
+def test_the_cuda_plan_is_checked_without_a_gpu():
+    # The CUDA path's choices and checks before anything is allocated (python/src/lib.rs
+    # cuda_plan): they run on any machine; the launches themselves only on a GPU
+    # (test_torch_cuda.py).
+    from invaspread import _native
+
+    settings = dict(tau=0.1, mu=1.0, semantics="query-only", negatives="all", fraction=1.0, scale="official")
+    plan = lambda **kw: _native.cuda_plan(4096, 128, **{**settings, "version": None, "capability": (9, 0), "precision": "highest", **kw})
+    assert plan()[0] == "fused-v2" and plan()[1] > 0
+    assert plan(precision="high")[0] == "fused-v3-tf32"
+    assert plan(precision="medium")[0] == "fused-v3-bf16"
+    assert plan(precision="high", capability=(7, 5))[0] == "fused-v2"
+    assert plan(negatives="hard", fraction=0.5)[0] == "unfused"
+    assert plan(version="fused-v1")[0] == "fused-v1"
+    # fused-v2 keeps O(N) scratch; unfused stores N x N.
+    assert plan(version="unfused")[1] > 4096 * 4096 * 4 > plan()[1]
+    for kw, needle in [
+        (dict(version="unfused-cublas"), "own stream"),
+        (dict(version="fused"), "runs on CPU tensors"),
+        (dict(tau=0.01), "tau"),
+        (dict(precision="low"), "highest, high or medium"),
+        (dict(negatives="hard", fraction=0.5, version="fused-v2"), "hard"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            plan(**kw)
+    with pytest.raises(ValueError, match="N = 7"):
+        _native.cuda_plan(7, 3, **settings, version=None, capability=(9, 0), precision="highest")
+
+
+def test_the_cuda_entry_point_refuses_cpu_tensors():
+    from invaspread import _native
+
+    z = torch.randn(8, 3)
+    with pytest.raises(ValueError, match="takes CUDA tensors"):
+        _native.instance_loss_cuda(
+            z.__dlpack__(), None, torch.zeros(4096, dtype=torch.uint8).__dlpack__(),
+            torch.zeros((), dtype=torch.float64).__dlpack__(), stream=0, tau=0.1, mu=1.0,
+            semantics="query-only", negatives="all", fraction=1.0, scale="official", version="fused-v2",
+        )

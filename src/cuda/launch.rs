@@ -63,6 +63,15 @@ impl<'a, T> DevPtr<'a, T> {
         }
     }
 
+    /// Memory handed in as a raw address (checked by [`super::foreign`]).
+    pub(super) fn from_raw(addr: u64, len: usize) -> Self {
+        DevPtr {
+            addr,
+            len,
+            _mem: PhantomData,
+        }
+    }
+
     /// Host memory as the emulator's device memory (its device addresses are host addresses).
     pub fn host(mem: &'a [T]) -> Self {
         DevPtr {
@@ -103,6 +112,15 @@ impl<'a, T> DevPtr<'a, T> {
 }
 
 impl<'a, T> DevPtrMut<'a, T> {
+    /// Memory handed in as a raw address (checked by [`super::foreign`]).
+    pub(super) fn from_raw(addr: u64, len: usize) -> Self {
+        DevPtrMut {
+            addr,
+            len,
+            _mem: PhantomData,
+        }
+    }
+
     /// The memory of a cudarc slice (see [`DevPtr::of`]).
     pub fn of(slice: &'a mut CudaSlice<T>) -> Self {
         use cudarc::driver::DevicePtrMut;
@@ -196,7 +214,9 @@ impl<'a, T> DevPtrMut<'a, T> {
     /// address. Kernels see an address only, so no value is reinterpreted on the host.
     pub fn cast<U>(self) -> Result<DevPtrMut<'a, U>> {
         let bytes = self.len * size_of::<T>();
-        if bytes % size_of::<U>() != 0 || self.addr % align_of::<U>() as u64 != 0 {
+        if !bytes.is_multiple_of(size_of::<U>())
+            || !self.addr.is_multiple_of(align_of::<U>() as u64)
+        {
             return Err(Error::invalid(format!(
                 "DevPtrMut::cast: {bytes} bytes at {:#x} are not whole elements of {} bytes",
                 self.addr,

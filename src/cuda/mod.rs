@@ -5,6 +5,7 @@
 //! |---|---|
 //! | this file | [`Gpu`]: a device handle that never panics when CUDA is missing, its stream, a lazily filled cache of the kernel modules build.rs compiled and embedded, and its [`Queue`] implementation |
 //! | [`launch`] | [`DevPtr`]/[`DevPtrMut`], [`KernelArgs`], [`Geometry`], a row-major [`Gemm`] in a [`GemmPrecision`], the [`Queue`] trait (a GPU or the tests' emulator), size checks, NVTX phases |
+//! | [`foreign`] | [`ForeignStream`]: launches on a stream and memory another runtime owns (PyTorch's current stream, for the Python op) |
 //! | [`blas`] | the cuBLAS front: one handle per GPU, the tested row-major to column-major mapping, bf16 operand conversion |
 //! | [`staging`] | pinned staged uploads on a copy stream, asynchronous read-backs |
 //! | [`virtual_gpu`] | `INVASPREAD_GPU`: a real GPU, the virtual one (vgpu/, the CUDA path on the CPU), or none |
@@ -13,6 +14,7 @@
 //! link or run on a machine without a GPU; [`Gpu::try_new`] then answers `Ok(None)`.
 
 pub mod blas;
+pub mod foreign;
 pub mod launch;
 pub mod staging;
 pub mod virtual_gpu;
@@ -23,6 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
+pub use foreign::ForeignStream;
 pub use launch::{
     check_len, phase, to_i32, Carve, DevPtr, DevPtrMut, Gemm, GemmPrecision, Geometry, Kernel,
     KernelArgs, Queue, BLOCK,
@@ -255,9 +258,15 @@ impl Gpu {
     }
 }
 
-impl Queue for Gpu {
-    unsafe fn launch(
+impl Gpu {
+    /// Queues `kernel` on `stream`, a stream of this GPU's context (its own, or a
+    /// [`ForeignStream`]'s).
+    ///
+    /// # Safety
+    /// As [`Queue::launch`]; `stream` is a live stream of this context.
+    unsafe fn launch_on(
         &self,
+        stream: cudarc::driver::sys::CUstream,
         kernel: Kernel,
         geometry: Geometry,
         args: &mut KernelArgs,
@@ -265,19 +274,31 @@ impl Queue for Gpu {
         let f = self.function(kernel.module, kernel.name)?;
         self.ctx.bind_to_thread()?;
         let mut params = args.pointers();
-        // SAFETY: the caller guarantees that `args` matches the kernel's signature and that
-        // the memory it addresses is live; the stream belongs to this context.
+        // SAFETY: the caller guarantees that `args` matches the kernel's signature, that the
+        // memory it addresses is live and that the stream belongs to this context.
         unsafe {
             cudarc::driver::result::launch_kernel(
                 f.cu_function(),
                 geometry.grid,
                 (geometry.block, 1, 1),
                 geometry.shared_bytes,
-                self.stream.cu_stream(),
+                stream,
                 &mut params,
             )
         }
         .map_err(|e| Error::Cuda(format!("launching {}: {e}", kernel.name)))
+    }
+}
+
+impl Queue for Gpu {
+    unsafe fn launch(
+        &self,
+        kernel: Kernel,
+        geometry: Geometry,
+        args: &mut KernelArgs,
+    ) -> Result<()> {
+        // SAFETY: the caller's guarantees; the stream is this GPU's own.
+        unsafe { self.launch_on(self.stream.cu_stream(), kernel, geometry, args) }
     }
 
     fn gemm(&self, gemm: &Gemm<'_>) -> Result<()> {

@@ -494,3 +494,184 @@ fn mma_fragment_layouts() {
         }
     }
 }
+
+/// The PyTorch op's path (`loss::cuda::foreign`): buffers handed in as raw device addresses and
+/// the launches on a stream the caller made (here a second stream of the context, as
+/// PyTorch's current stream is), against the reference; and what it refuses.
+#[test]
+fn a_stream_and_memory_handed_in_match_the_reference() {
+    use invaspread::cuda::DevPtr;
+    use invaspread::loss::cuda::foreign::{enqueue_on_stream, scratch_bytes, ForeignBuffers};
+    use invaspread::loss::Negatives;
+    let Some(gpu) = gpu_or_skip("a_stream_and_memory_handed_in_match_the_reference") else {
+        return;
+    };
+    let own = gpu.stream().clone();
+    let theirs = gpu.context().new_stream().unwrap();
+    let addr = |s: &cudarc::driver::CudaSlice<f32>| DevPtr::of(s).addr();
+    let cases = [(6usize, 3usize, false), (70, 5, false), (66, 130, true)];
+    for (i, &(n, d, adversarial)) in cases.iter().enumerate() {
+        let z = if adversarial {
+            adversarial_matrix(&mut rng(900 + i as u64), n, d)
+        } else {
+            random_matrix(&mut rng(900 + i as u64), n, d)
+        };
+        for version in CudaLossVersion::all().filter(|v| *v != CudaLossVersion::UnfusedCublas) {
+            for (k, semantics) in SEMANTICS.into_iter().enumerate() {
+                let negatives = if version.version().entry().selects && k == 1 {
+                    Negatives::hard(0.5)
+                } else {
+                    Negatives::All
+                };
+                let cfg = LossConfig {
+                    tau: 0.1,
+                    semantics,
+                    negatives,
+                    ..LossConfig::default()
+                };
+                let case = format!("{} N={n} d={d} {cfg:?}", version.name());
+                let want = reference::instance_loss(&z, n, d, &cfg, true).unwrap();
+                let z_dev = own.clone_htod(&z).unwrap();
+                let dz_dev = own.clone_htod(&vec![f32::NAN; n * d]).unwrap();
+                let bytes = scratch_bytes(version, n, d).unwrap();
+                let scratch = own.alloc_zeros::<u8>(bytes).unwrap();
+                let loss_dev = own.alloc_zeros::<f64>(1).unwrap();
+                own.synchronize().unwrap();
+                let bufs = ForeignBuffers {
+                    z: addr(&z_dev),
+                    dz: Some(DevPtr::of(&dz_dev).addr()),
+                    scratch: DevPtr::of(&scratch).addr(),
+                    scratch_len: bytes,
+                    loss: DevPtr::of(&loss_dev).addr(),
+                };
+                // SAFETY: every buffer is live on this context until the stream is synchronised.
+                unsafe {
+                    enqueue_on_stream(&gpu, theirs.cu_stream() as u64, version, (n, d), &cfg, bufs)
+                }
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+                theirs.synchronize().unwrap();
+                let loss = own.clone_dtoh(&loss_dev).unwrap()[0];
+                let grad: Vec<f64> = own
+                    .clone_dtoh(&dz_dev)
+                    .unwrap()
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect();
+                let tolerance = version.tolerance(cfg.tau, d, adversarial);
+                let rel = (loss - want.loss).abs() / want.loss.abs();
+                assert!(
+                    rel < tolerance.loss,
+                    "{case}: loss {loss} vs {} (rel {rel:e})",
+                    want.loss
+                );
+                // TF32/bf16 similarities may keep another hard negative than the float64 truth
+                // (negative_selection_in_fused_v3 checks their gradients on exact inputs).
+                let selection_may_differ =
+                    negatives != Negatives::All && version != CudaLossVersion::Unfused;
+                assert!(
+                    grad.iter().all(|g| g.is_finite()),
+                    "{case}: gradient not finite"
+                );
+                if let (Some(grad_tol), false) = (tolerance.grad, selection_may_differ) {
+                    let err = scaled_grad_error(&grad, want.grad_z.as_ref().unwrap(), &z, d);
+                    assert!(err < grad_tol, "{case}: gradient error {err:e}");
+                }
+                // The loss alone, on the same scratch (its counter left at zero by the call).
+                let bufs = ForeignBuffers { dz: None, ..bufs };
+                // SAFETY: as above.
+                unsafe {
+                    enqueue_on_stream(&gpu, theirs.cu_stream() as u64, version, (n, d), &cfg, bufs)
+                }
+                .unwrap();
+                theirs.synchronize().unwrap();
+                let again = own.clone_dtoh(&loss_dev).unwrap()[0];
+                assert_eq!(
+                    again.to_bits(),
+                    loss.to_bits(),
+                    "{case}: loss depends on with_grad"
+                );
+            }
+        }
+    }
+
+    // What is refused, each before anything is queued.
+    let (n, d) = (8, 4);
+    let cfg = LossConfig::default();
+    let z_dev = own.clone_htod(&random_matrix(&mut rng(950), n, d)).unwrap();
+    let bytes = scratch_bytes(CudaLossVersion::FusedV2, n, d).unwrap();
+    let scratch = own.alloc_zeros::<u8>(bytes).unwrap();
+    let loss_dev = own.alloc_zeros::<f64>(1).unwrap();
+    let host = vec![0f32; n * d];
+    let good = ForeignBuffers {
+        z: addr(&z_dev),
+        dz: None,
+        scratch: DevPtr::of(&scratch).addr(),
+        scratch_len: bytes,
+        loss: DevPtr::of(&loss_dev).addr(),
+    };
+    let refused = [
+        (
+            CudaLossVersion::FusedV2,
+            ForeignBuffers {
+                scratch_len: bytes - 1,
+                ..good
+            },
+            "expected at least",
+        ),
+        (
+            CudaLossVersion::FusedV2,
+            ForeignBuffers {
+                z: host.as_ptr() as u64,
+                ..good
+            },
+            "not device memory",
+        ),
+        (
+            CudaLossVersion::FusedV2,
+            ForeignBuffers { z: 0, ..good },
+            "null device address",
+        ),
+        (
+            CudaLossVersion::FusedV2,
+            ForeignBuffers {
+                loss: good.loss + 4,
+                ..good
+            },
+            "not aligned",
+        ),
+        (CudaLossVersion::UnfusedCublas, good, "unfused-cublas"),
+    ];
+    for (version, bufs, needle) in refused {
+        // SAFETY: refused before any launch (the case's point); the good buffers are live.
+        let err = unsafe {
+            enqueue_on_stream(&gpu, theirs.cu_stream() as u64, version, (n, d), &cfg, bufs)
+        }
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    let hard = LossConfig {
+        negatives: Negatives::hard(0.5),
+        ..LossConfig::default()
+    };
+    // SAFETY: as above.
+    let err = unsafe {
+        enqueue_on_stream(
+            &gpu,
+            theirs.cu_stream() as u64,
+            CudaLossVersion::FusedV2,
+            (n, d),
+            &hard,
+            good,
+        )
+    }
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("hard"), "{err}");
+    if gpu.is_virtual() {
+        invaspread::testing::virtual_gpu_note(
+            "a_stream_and_memory_handed_in_match_the_reference",
+            "ran on the virtual GPU; a real one runs it again in the device check",
+        );
+    }
+}

@@ -9,6 +9,9 @@
 //! | `fused-v3-tf32`, `fused-v3-bf16` | [`fused_v3`] | instance_loss_norms_v2, instance_loss_query_v3_*, (instance_loss_key_v3_* both-sides): v2's sweeps on tensor cores | no, O(N) extra | 2-3 |
 //! | (a data-parallel rank's `fused-v2`) | [`ranks_v1`] | instance_loss_norms_v2 x2, instance_loss_query_ranks_v1, (instance_loss_key_ranks_v1, a reduce-scatter, instance_loss_finish_ranks_v1 both-sides), an all-gather, instance_loss_sum_ranks_v1: the rank's own query rows only | no, O(N) extra | 4-6 |
 //!
+//! [`foreign`] runs any of them but `unfused-cublas` on memory and a stream another runtime owns
+//! (the PyTorch op's CUDA path).
+//!
 //! Each version lays out its scratch in a [`Scratch`] cut from one allocation, and queues its
 //! launches with [`enqueue`], generic over the [`Queue`] (a GPU, or the tests' emulator). A
 //! [`CudaLoss`] owns the allocation of one version for one shape, so repeated calls (training
@@ -16,6 +19,7 @@
 //! [`CudaLossVersion`] and its row in
 //! the registry (`loss::versions`).
 
+pub mod foreign;
 pub mod fused_v1;
 pub mod fused_v2;
 pub mod fused_v3;
@@ -188,7 +192,7 @@ impl<'a> Scratch<'a> {
 
 /// Checks a shape the kernels take: an even N >= 4, d >= 1, both within `int`.
 pub fn check_shape(n: usize, d: usize) -> Result<()> {
-    if n < 4 || n % 2 != 0 || d == 0 {
+    if n < 4 || !n.is_multiple_of(2) || d == 0 {
         return Err(Error::invalid(format!(
             "N = {n}, d = {d}: expected an even N >= 4 and d >= 1"
         )));

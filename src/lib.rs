@@ -12,7 +12,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`trainer`] | `invaspread train`: configuration as data (`config.json`), the run in parts (`trainer::run`: checkpointer, reporter, step loop, epoch end), the batch worker, loss read-back, outputs, evaluation, data-parallel runs (`trainer::ranks`) |
-//! | [`bench`](mod@bench) | timing of the loss implementations for `bench-loss` and criterion, each checked against the float64 truth first; floors from rates measured on the machine ([`bench::floor`]) |
+//! | [`bench`](mod@bench) | timing of the loss implementations for `bench-loss` and criterion, each checked against the float64 truth first; floors from rates measured on the machine ([`bench::floor`]) and its measured FMA peak ([`bench::peak`]) |
 //! | [`testing`] | adversarial inputs, error measures, the `SKIPPED (no GPU)` guard and the virtual GPU's notes for tests and benches |
 //! | [`methods`] | how a run learns: the [`methods::Method`] trait, the instance loss and the paper's baselines (`--method npid\|nce\|exemplar`: memory bank, NCE, exemplar classifier), their state |
 //! | [`dist`] | collectives as a layer above the backends ([`dist::collectives`]: one device, or a data-parallel group), the launcher's variables, the rendezvous, NCCL with a watchdog, the data-parallel hooks of a CUDA rank ([`dist::data_parallel`]), `invaspread launch` |
@@ -24,7 +24,7 @@
 //! | [`backend`] | where buffers live: the `Backend` trait (storage and copies only), `Cpu` and `CudaBackend` with their options and per-op state |
 //! | [`cuda`] | the GPU runtime only: [`cuda::Gpu`] and its module cache, launches ([`cuda::Queue`]), the one cuBLAS front, staged copies, the choice of device and the virtual GPU ([`cuda::virtual_gpu`]) |
 //! | [`data`] | datasets, one file each (synthetic default, digits, CIFAR-10, STL-10, image folders), and the recipe's augmentation |
-//! | [`linalg`], [`simd`], [`scratch`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors for the CPU paths; scratch buffers kept between calls |
+//! | [`linalg`], [`simd`], [`scratch`] | a bounds-checked front to the `gemm` crate; f32/f64 SIMD vectors with exp/ln for the CPU paths, compiled for AVX-512, AVX2+FMA or SSE2 as the CPU has ([`simd::dispatch`]); scratch buffers kept between calls |
 //! | [`npy`] | `.npy` reading and writing with clear errors |
 //! | [`plot`] | charts as PNG with axes, ticks, labels and legends: `metrics.png`, `invaspread plot`, `embed --png` |
 //! | [`durable`] | atomic, synced file writes; leftovers of killed writers |

@@ -22,6 +22,8 @@ pub struct Rates {
     gemm: HashMap<(usize, usize, usize, &'static str), f64>,
     /// (function, element type) -> elements per second.
     simd: HashMap<(&'static str, &'static str), f64>,
+    /// The machine's FMA peak, measured on first use.
+    peak: Option<super::peak::FmaPeak>,
 }
 
 /// At least this long per measurement, and the best of [`REPEATS`].
@@ -52,6 +54,11 @@ fn parallel_rate(work: f64, f: impl Fn() -> Result<()> + Sync) -> Result<f64> {
 }
 
 impl Rates {
+    /// The machine's FMA peak per precision, every thread busy ([`super::peak`]).
+    pub fn fma_peak(&mut self) -> super::peak::FmaPeak {
+        *self.peak.get_or_insert_with(super::peak::FmaPeak::measure)
+    }
+
     /// FLOP/s of `gemm` on `m x k` times `k x n` in T, all threads each running one product.
     /// Both operands are row-major here: a version whose operands are transposed or strided
     /// (the loss's F^T, Winograd's kernels) pays the difference in packing, and it shows in
@@ -103,7 +110,11 @@ impl Rates {
         const LEN: usize = 4096;
         let rate = parallel_rate(LEN as f64, || {
             let mut row: Vec<T> = (0..LEN).map(|i| T::of(input(i))).collect();
-            crate::simd::map_row(&mut row, T::ZERO, &f);
+            // At the level the loss runs at (simd::dispatch), as the loss's rows are.
+            crate::simd::dispatch(
+                #[inline(always)]
+                || crate::simd::map_row(&mut row, T::ZERO, &f),
+            );
             std::hint::black_box(&row);
             Ok(())
         })?;

@@ -13,6 +13,7 @@
 pub mod floor;
 pub mod gathered;
 pub mod gpu_floor;
+pub mod peak;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -51,6 +52,9 @@ pub struct BenchRow {
     /// The least time on this machine ([`floor`], [`gpu_floor`]); `None` where none is known
     /// (a GPU architecture without known per-SM rates).
     pub floor_s: Option<f64>,
+    /// The useful FLOP rate's share of the machine's measured FMA peak in the version's
+    /// precision ([`peak`]); CPU rows only.
+    pub peak_share: Option<f64>,
 }
 
 impl BenchRow {
@@ -80,6 +84,7 @@ impl BenchRow {
             speedup: None,
             check_error: None,
             floor_s: None,
+            peak_share: None,
         }
     }
 }
@@ -256,6 +261,11 @@ pub fn bench_cpu(
             rates.loss_seconds::<f64>(shape, with_grad, cfg.semantics)?
         }
     });
+    let dtype = match version {
+        CpuLossVersion::Fused => "float32",
+        CpuLossVersion::Reference | CpuLossVersion::FusedF64 => "float64",
+    };
+    row.peak_share = Some(row.tflops * 1e12 / rates.fma_peak().of(dtype).flops);
     Ok(Some(row))
 }
 
@@ -364,7 +374,7 @@ pub fn markdown_table(rows: &[BenchRow], baseline: &str) -> String {
 /// The table's header lines (what `bench-loss` prints before its first measurement).
 pub fn markdown_header(baseline: &str) -> String {
     format!(
-        "| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs {baseline} | error vs f64 | floor | vs floor |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| device | version | N | d | pass | median | runs | useful TFLOP/s | extra memory | vs {baseline} | error vs f64 | floor | vs floor | of FMA peak |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
 }
 
@@ -378,8 +388,11 @@ pub fn markdown_row(r: &BenchRow) -> String {
         Some(f) => (human_time(f), format!("{:.2}x", r.median_s / f)),
         None => ("-".to_string(), "-".to_string()),
     };
+    let share = r
+        .peak_share
+        .map_or("-".to_string(), |p| format!("{:.1}%", 100.0 * p));
     format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} | {} | {} |\n",
         r.device,
         r.version,
         r.n,
@@ -392,7 +405,8 @@ pub fn markdown_row(r: &BenchRow) -> String {
         speedup,
         checked,
         floor,
-        ratio
+        ratio,
+        share
     )
 }
 

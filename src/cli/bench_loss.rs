@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use invaspread::bench::peak::FmaPeak;
 use invaspread::bench::{self, BenchRow, Case};
 use invaspread::cuda::Gpu;
 use invaspread::loss::check::Truth;
@@ -159,7 +160,8 @@ pub fn run(args: BenchLossArgs) -> invaspread::Result<()> {
     if args.json {
         println!("{}", bench::json(&rows)?);
     } else {
-        print_notes(&cfg, &args, gpu.is_none());
+        let peak = gpu.is_none().then(|| rates.fma_peak());
+        print_notes(&cfg, &args, peak);
     }
     Ok(())
 }
@@ -186,7 +188,8 @@ impl TableOut {
 }
 
 /// The table's footnotes: what the columns mean and how each row was checked.
-fn print_notes(cfg: &LossConfig, args: &BenchLossArgs, on_cpu: bool) {
+fn print_notes(cfg: &LossConfig, args: &BenchLossArgs, cpu_peak: Option<FmaPeak>) {
+    let on_cpu = cpu_peak.is_some();
     println!(
         "\nuseful FLOPs: 2N^2d forward, x2 query-only fwd+bwd, x3 both-sides; semantics {}, tau {}",
         cfg.semantics, cfg.tau
@@ -223,6 +226,13 @@ fn print_notes(cfg: &LossConfig, args: &BenchLossArgs, on_cpu: bool) {
              the SIMD exp's and ln's rates, all measured on this machine with every thread \
              busy; vs floor: median / floor",
             invaspread::loss::cpu::ROW_BLOCK
+        );
+    }
+    if let Some(peak) = cpu_peak {
+        println!(
+            "of FMA peak: the useful FLOP rate over the {}; the loss also spends time on exp and \
+             ln, which no FMA counts",
+            peak.describe()
         );
     }
 }

@@ -102,6 +102,21 @@ fn cpu_step_floor(
     Ok(s + rates.loss_seconds::<f32>(shape, true, cfg.semantics)?)
 }
 
+/// Useful FLOPs of a training step: every convolution's forward, dW and dx as direct
+/// convolutions count them (im2col's products: what PyTorch's profilers count too; Winograd
+/// does fewer multiplications for the same work), and the loss's products (forward and the
+/// query-only backward). The same count for every version, so that shares of the FMA peak
+/// compare.
+fn useful_step_flops(convs: &[ConvUse], rows: usize) -> f64 {
+    let convs: f64 = convs
+        .iter()
+        .flat_map(|c| conv2d::cpu::gemm_shapes(CpuVersion::Im2col, &c.conv, c.input, c.with_dx))
+        .map(|g| g.flops())
+        .sum();
+    let cfg = LossConfig::default();
+    convs + invaspread::bench::useful_flops(rows, EMBED_DIM, true, cfg.semantics)
+}
+
 /// The floor of a CUDA training step on a card of `peaks` ([`gpu_floor`]).
 fn cuda_step_floor(
     peaks: &gpu_floor::CardPeaks,
@@ -138,8 +153,10 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
         eprintln!("bench-train: on the virtual GPU the times are the CPU emulator's, not a GPU's");
     }
     let mut rates = floor::Rates::default();
-    println!("| model | framework | device | mean step | images/s | floor | vs floor |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| model | framework | device | mean step | images/s | floor | vs floor | useful GFLOP/s | of FMA peak |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &kind in &args.models {
         match &gpu {
             None => {
@@ -148,14 +165,18 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
                     let backend = Cpu::<f32>::new().with_option(conv).with_option(cpu_loss);
                     let (s, convs) = time_steps(kind, backend, (shape, &views), args.steps)?;
                     let floor = cpu_step_floor(&mut rates, conv, &convs, shape.n)?;
+                    let rate = useful_step_flops(&convs, shape.n) / s;
+                    let share = rate / rates.fma_peak().f32.flops;
                     println!(
-                        "| {} | invaspread {version} cpu f32 {} | {threads} threads | {:.4} s | {:.1} | {:.4} s | {:.2}x |",
+                        "| {} | invaspread {version} cpu f32 {} | {threads} threads | {:.4} s | {:.1} | {:.4} s | {:.2}x | {:.1} | {:.1}% |",
                         kind.name(),
                         conv.name(),
                         s,
                         args.batch as f64 / s,
                         floor,
-                        s / floor
+                        s / floor,
+                        rate / 1e9,
+                        100.0 * share
                     );
                 }
             }
@@ -183,7 +204,7 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
                         None => ("-".into(), "-".into()),
                     };
                     println!(
-                        "| {} | invaspread {version} cuda {} | {} | {:.4} s | {:.1} | {floor} | {ratio} |",
+                        "| {} | invaspread {version} cuda {} | {} | {:.4} s | {:.1} | {floor} | {ratio} | - | - |",
                         kind.name(),
                         precision.name(),
                         gpu.name()?,
@@ -210,6 +231,12 @@ pub fn run(args: BenchTrainArgs) -> invaspread::Result<()> {
              version runs them, and the loss's) at the gemm crate's rate on each shape, plus the \
              loss's exponentials and logarithms, measured on this machine with every thread busy; the rest \
              (im2col, Winograd transforms, batchnorm, SGD) is what vs floor shows"
+        );
+        println!(
+            "useful GFLOP/s: the step's convolutions as direct convolutions count them (forward, \
+             dW, dx; the same count whatever the version) and the loss's products, over the mean \
+             step; of FMA peak: that rate over the float32 {}",
+            rates.fma_peak().describe()
         );
     }
     if !checks.is_empty() {

@@ -16,6 +16,15 @@ pub struct InfoArgs {
 pub fn run(args: InfoArgs) -> invaspread::Result<()> {
     println!("invaspread {}", env!("CARGO_PKG_VERSION"));
     println!("cpu threads:   {}", rayon::current_num_threads());
+    let levels: Vec<&str> = invaspread::simd::Level::available()
+        .into_iter()
+        .map(|l| l.name())
+        .collect();
+    println!(
+        "cpu simd:      {} (this CPU runs {}; chosen at run time)",
+        invaspread::simd::current_level().name(),
+        levels.join(", ")
+    );
     if kernels::BUILT {
         let names: Vec<&str> = kernels::MODULES.iter().map(|(name, _)| *name).collect();
         println!("cuda kernels:  built by nvcc ({})", kernels::NVCC_VERSION);

@@ -63,7 +63,7 @@ impl<'a, T> DevPtr<'a, T> {
         }
     }
 
-    /// Memory handed in as a raw address (checked by [`super::foreign`]).
+    /// Memory handed in as a raw address (checked by `cuda::foreign`).
     pub(super) fn from_raw(addr: u64, len: usize) -> Self {
         DevPtr {
             addr,
@@ -112,7 +112,7 @@ impl<'a, T> DevPtr<'a, T> {
 }
 
 impl<'a, T> DevPtrMut<'a, T> {
-    /// Memory handed in as a raw address (checked by [`super::foreign`]).
+    /// Memory handed in as a raw address (checked by `cuda::foreign`).
     pub(super) fn from_raw(addr: u64, len: usize) -> Self {
         DevPtrMut {
             addr,

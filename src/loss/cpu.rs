@@ -13,8 +13,8 @@
 //! output row is written by one thread in a fixed order, so results are deterministic.
 //!
 //! Numerics: each row is offset by its own maximum similarity (not the fixed 1/tau of the
-//! kernels), so the largest term is exp(0) = 1 and D_a >= 1 for every tau; exp and ln are the
-//! `wide` crate's SIMD versions; row sums accumulate in f64. 1 - Q_ab is formed as 1 - q in
+//! kernels), so the largest term is exp(0) = 1 and D_a >= 1 for every tau; exp and ln are
+//! `simd`'s vector versions (compiled for the CPU's widest vectors at run time); row sums accumulate in f64. 1 - Q_ab is formed as 1 - q in
 //! the working precision except for the row's largest negative b*: when one negative is far
 //! closer than the partner, Q_ab* -> 1 and 1 - q would cancel (PyTorch's float32 reference
 //! then returns garbage or inf); there it is (D_a - e_ab*) / D_a with D_a - e_ab* summed from
@@ -126,11 +126,17 @@ fn loss_of_rows<T: CpuFloat>(
                 let rows = loss_block.len();
                 let s = &mut buf[..rows * n];
                 similarity_rows(f, r0, rows, n, d, s)?;
-                for (i, row) in s.chunks_exact_mut(n).enumerate() {
-                    let (loss, sc) = query_row(row, r0 + i, cfg, with_grad, &mut bits[i]);
-                    loss_block[i] = loss;
-                    scalar_block[i] = sc;
-                }
+                // Compiled for the CPU's widest vectors (simd::dispatch), once per block.
+                crate::simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        for (i, row) in s.chunks_exact_mut(n).enumerate() {
+                            let (loss, sc) = query_row(row, r0 + i, cfg, with_grad, &mut bits[i]);
+                            loss_block[i] = loss;
+                            scalar_block[i] = sc;
+                        }
+                    },
+                );
                 if with_grad {
                     matmul(
                         MatRef::row_major(s, rows, n),
@@ -172,10 +178,15 @@ fn loss_of_rows<T: CpuFloat>(
                     let rows = grad_block.len() / d;
                     let s = &mut buf[..rows * n];
                     similarity_rows(f, r0, rows, n, d, s)?;
-                    for (i, row) in s.chunks_exact_mut(n).enumerate() {
-                        let pairs = selecting.then_some(&dropped);
-                        key_row(row, r0 + i, cfg, [&shift, &inv_denom, &r], pairs);
-                    }
+                    crate::simd::dispatch(
+                        #[inline(always)]
+                        || {
+                            for (i, row) in s.chunks_exact_mut(n).enumerate() {
+                                let pairs = selecting.then_some(&dropped);
+                                key_row(row, r0 + i, cfg, [&shift, &inv_denom, &r], pairs);
+                            }
+                        },
+                    );
                     let first = dominant.partition_point(|&(b, _, _)| b < r0);
                     for &(b, a, g) in dominant[first..]
                         .iter()
@@ -221,6 +232,7 @@ fn similarity_rows<T: CpuFloat>(
 
 /// Row `a` as a query. On entry `row` holds s_ab = f_a . f_b (b = 0..N); on exit, when
 /// `with_grad`, it holds g_ab (zero at b = a). Returns l_a and the row's scalars.
+#[inline(always)] // into simd::dispatch's function for the CPU's vectors
 fn query_row<T: CpuFloat>(
     row: &mut [T],
     a: usize,
@@ -328,6 +340,7 @@ fn query_row<T: CpuFloat>(
 /// Row `b` as a key. On entry `row` holds s_ab over all queries a; on exit g_ab, rebuilt from
 /// each query's scalars (shift_a, 1/D_a, R_a). Entries where b is query a's largest negative
 /// are overwritten by the caller with the exact values of the first sweep.
+#[inline(always)] // into simd::dispatch's function for the CPU's vectors
 fn key_row<T: CpuFloat>(
     row: &mut [T],
     b: usize,

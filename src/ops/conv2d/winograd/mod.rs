@@ -217,33 +217,40 @@ fn forward_group<T: CpuFloat>(
         s.y_tiles
             .push((origin, (ys.h - oy).min(TILE), (ys.w - ox).min(TILE)));
     }
-    for c in 0..co {
-        for t0 in (0..tp).step_by(T::LANES) {
-            let m: [[T::V; PATCH]; PATCH] = std::array::from_fn(|i| {
-                std::array::from_fn(|j| T::load(&s.m[((i * PATCH + j) * co + c) * tp + t0..]))
-            });
-            let mut cols = [[T::splat(T::ZERO); PATCH]; TILE];
-            for j in 0..PATCH {
-                let col = output_1d::<T>(std::array::from_fn(|i| m[i][j]));
-                for a in 0..TILE {
-                    cols[a][j] = col[a];
-                }
-            }
-            let lane_tiles = &s.y_tiles[t0.min(tiles)..(t0 + T::LANES).min(tiles)];
-            for (a, row) in cols.into_iter().enumerate() {
-                for (b, value) in output_1d::<T>(row).into_iter().enumerate() {
-                    let mut buf = [T::ZERO; 8];
-                    T::store(value, &mut buf);
-                    for (&v, &(origin, rows, cols)) in buf.iter().zip(lane_tiles) {
-                        if a < rows && b < cols {
-                            let at = &mut out[origin + c * hw + a * ys.w + b];
-                            *at = if accumulate { *at + v } else { v };
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            for c in 0..co {
+                for t0 in (0..tp).step_by(T::LANES) {
+                    let m: [[T::V; PATCH]; PATCH] = std::array::from_fn(|i| {
+                        std::array::from_fn(|j| {
+                            T::load(&s.m[((i * PATCH + j) * co + c) * tp + t0..])
+                        })
+                    });
+                    let mut cols = [[T::splat(T::ZERO); PATCH]; TILE];
+                    for j in 0..PATCH {
+                        let col = output_1d::<T>(std::array::from_fn(|i| m[i][j]));
+                        for a in 0..TILE {
+                            cols[a][j] = col[a];
+                        }
+                    }
+                    let lane_tiles = &s.y_tiles[t0.min(tiles)..(t0 + T::LANES).min(tiles)];
+                    for (a, row) in cols.into_iter().enumerate() {
+                        for (b, value) in output_1d::<T>(row).into_iter().enumerate() {
+                            let mut buf = [T::ZERO; 8];
+                            T::store(value, &mut buf);
+                            for (&v, &(origin, rows, cols)) in buf.iter().zip(lane_tiles) {
+                                if a < rows && b < cols {
+                                    let at = &mut out[origin + c * hw + a * ys.w + b];
+                                    *at = if accumulate { *at + v } else { v };
+                                }
+                            }
                         }
                     }
                 }
             }
-        }
-    }
+        },
+    );
     Ok(())
 }
 

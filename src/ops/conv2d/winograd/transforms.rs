@@ -173,27 +173,32 @@ fn transform_tiles<T: CpuFloat, const N: usize>(
 ) {
     let tp = offsets.len();
     scratch::ensure_len(out, POINTS * channels * tp);
-    for c in 0..channels {
-        let channel = &planes[c * plane..][..plane];
-        for t0 in (0..tp).step_by(T::LANES) {
-            let p = gather::<T, N>(channel, &offsets[t0..], stride);
-            let mut cols = [[T::splat(T::ZERO); N]; PATCH];
-            for k in 0..N {
-                let col = one_d(std::array::from_fn(|r| p[r][k]));
-                for i in 0..PATCH {
-                    cols[i][k] = col[i];
+    crate::simd::dispatch(
+        #[inline(always)]
+        || {
+            for c in 0..channels {
+                let channel = &planes[c * plane..][..plane];
+                for t0 in (0..tp).step_by(T::LANES) {
+                    let p = gather::<T, N>(channel, &offsets[t0..], stride);
+                    let mut cols = [[T::splat(T::ZERO); N]; PATCH];
+                    for k in 0..N {
+                        let col = one_d(std::array::from_fn(|r| p[r][k]));
+                        for i in 0..PATCH {
+                            cols[i][k] = col[i];
+                        }
+                    }
+                    for (i, row) in cols.into_iter().enumerate() {
+                        for (j, value) in one_d(row).into_iter().enumerate() {
+                            T::store(
+                                value,
+                                &mut out[((i * PATCH + j) * channels + c) * tp + t0..],
+                            );
+                        }
+                    }
                 }
             }
-            for (i, row) in cols.into_iter().enumerate() {
-                for (j, value) in one_d(row).into_iter().enumerate() {
-                    T::store(
-                        value,
-                        &mut out[((i * PATCH + j) * channels + c) * tp + t0..],
-                    );
-                }
-            }
-        }
-    }
+        },
+    );
 }
 
 /// U = G k G^T for the 3 x 3 kernel k of every channel pair (row, col), laid out
@@ -210,35 +215,41 @@ pub(super) fn transform_kernels<T: CpuFloat>(w: &[T], conv: &Conv, flipped: bool
     u.par_chunks_mut(POINTS * cols)
         .enumerate()
         .for_each(|(r, u_r)| {
-            let g = g_vectors::<T>();
-            for c0 in (0..cols).step_by(T::LANES) {
-                let lanes = (cols - c0).min(T::LANES);
-                let mut buf = [[T::ZERO; 8]; 9];
-                // `l` is the lane in each of the nine kernel positions' vectors.
-                #[allow(clippy::needless_range_loop)]
-                for l in 0..lanes {
-                    let (co, ci) = if flipped { (c0 + l, r) } else { (r, c0 + l) };
-                    let kernel = &w[(co * conv.c_in + ci) * 9..][..9];
-                    for (ab, &v) in kernel.iter().enumerate() {
-                        // A flipped kernel's (a, b) is the original's (2 - a, 2 - b).
-                        buf[if flipped { 8 - ab } else { ab }][l] = v;
+            crate::simd::dispatch(
+                #[inline(always)]
+                || {
+                    let g = g_vectors::<T>();
+                    for c0 in (0..cols).step_by(T::LANES) {
+                        let lanes = (cols - c0).min(T::LANES);
+                        let mut buf = [[T::ZERO; 8]; 9];
+                        // `l` is the lane in each of the nine kernel positions' vectors.
+                        #[allow(clippy::needless_range_loop)]
+                        for l in 0..lanes {
+                            let (co, ci) = if flipped { (c0 + l, r) } else { (r, c0 + l) };
+                            let kernel = &w[(co * conv.c_in + ci) * 9..][..9];
+                            for (ab, &v) in kernel.iter().enumerate() {
+                                // A flipped kernel's (a, b) is the original's (2 - a, 2 - b).
+                                buf[if flipped { 8 - ab } else { ab }][l] = v;
+                            }
+                        }
+                        let k: [[T::V; 3]; 3] = std::array::from_fn(|a| {
+                            std::array::from_fn(|b| T::load(&buf[a * 3 + b]))
+                        });
+                        // t = G k (6 x 3), then U = t G^T (6 x 6).
+                        let t: [[T::V; 3]; PATCH] = std::array::from_fn(|i| {
+                            std::array::from_fn(|b| {
+                                g[i][0] * k[0][b] + g[i][1] * k[1][b] + g[i][2] * k[2][b]
+                            })
+                        });
+                        for i in 0..PATCH {
+                            for j in 0..PATCH {
+                                let v = t[i][0] * g[j][0] + t[i][1] * g[j][1] + t[i][2] * g[j][2];
+                                store_lanes::<T>(v, &mut u_r[(i * PATCH + j) * cols + c0..], lanes);
+                            }
+                        }
                     }
-                }
-                let k: [[T::V; 3]; 3] =
-                    std::array::from_fn(|a| std::array::from_fn(|b| T::load(&buf[a * 3 + b])));
-                // t = G k (6 x 3), then U = t G^T (6 x 6).
-                let t: [[T::V; 3]; PATCH] = std::array::from_fn(|i| {
-                    std::array::from_fn(|b| {
-                        g[i][0] * k[0][b] + g[i][1] * k[1][b] + g[i][2] * k[2][b]
-                    })
-                });
-                for i in 0..PATCH {
-                    for j in 0..PATCH {
-                        let v = t[i][0] * g[j][0] + t[i][1] * g[j][1] + t[i][2] * g[j][2];
-                        store_lanes::<T>(v, &mut u_r[(i * PATCH + j) * cols + c0..], lanes);
-                    }
-                }
-            }
+                },
+            )
         });
 }
 
@@ -247,33 +258,38 @@ pub(super) fn add_kernel_grads<T: CpuFloat>(sum: &[T], ci: usize, dw: &mut [T]) 
     dw.par_chunks_mut(ci * 9)
         .zip(sum.par_chunks(POINTS * ci))
         .for_each(|(dw_o, s_o)| {
-            let g = g_vectors::<T>();
-            for c0 in (0..ci).step_by(T::LANES) {
-                let lanes = (ci - c0).min(T::LANES);
-                let s: [[T::V; PATCH]; PATCH] = std::array::from_fn(|i| {
-                    std::array::from_fn(|j| {
-                        load_lanes::<T>(&s_o[(i * PATCH + j) * ci + c0..], lanes)
-                    })
-                });
-                // t = G^T s (3 x 6), then d = t G (3 x 3).
-                let t: [[T::V; PATCH]; 3] = std::array::from_fn(|k| {
-                    std::array::from_fn(|j| {
-                        (1..PATCH).fold(g[0][k] * s[0][j], |acc, i| acc + g[i][k] * s[i][j])
-                    })
-                });
-                for k in 0..3 {
-                    for l in 0..3 {
-                        let d =
-                            (1..PATCH).fold(t[k][0] * g[0][l], |acc, j| acc + t[k][j] * g[j][l]);
-                        let mut buf = [T::ZERO; 8];
-                        T::store(d, &mut buf);
-                        for (lane, &v) in buf.iter().enumerate().take(lanes) {
-                            let slot = &mut dw_o[(c0 + lane) * 9 + k * 3 + l];
-                            *slot = *slot + v;
+            crate::simd::dispatch(
+                #[inline(always)]
+                || {
+                    let g = g_vectors::<T>();
+                    for c0 in (0..ci).step_by(T::LANES) {
+                        let lanes = (ci - c0).min(T::LANES);
+                        let s: [[T::V; PATCH]; PATCH] = std::array::from_fn(|i| {
+                            std::array::from_fn(|j| {
+                                load_lanes::<T>(&s_o[(i * PATCH + j) * ci + c0..], lanes)
+                            })
+                        });
+                        // t = G^T s (3 x 6), then d = t G (3 x 3).
+                        let t: [[T::V; PATCH]; 3] = std::array::from_fn(|k| {
+                            std::array::from_fn(|j| {
+                                (1..PATCH).fold(g[0][k] * s[0][j], |acc, i| acc + g[i][k] * s[i][j])
+                            })
+                        });
+                        for k in 0..3 {
+                            for l in 0..3 {
+                                let d = (1..PATCH)
+                                    .fold(t[k][0] * g[0][l], |acc, j| acc + t[k][j] * g[j][l]);
+                                let mut buf = [T::ZERO; 8];
+                                T::store(d, &mut buf);
+                                for (lane, &v) in buf.iter().enumerate().take(lanes) {
+                                    let slot = &mut dw_o[(c0 + lane) * 9 + k * 3 + l];
+                                    *slot = *slot + v;
+                                }
+                            }
                         }
                     }
-                }
-            }
+                },
+            )
         });
 }
 
